@@ -1,0 +1,171 @@
+//! imgsvc-server: the daemon. See `imgsvc-server --help` and the README.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use imgsvc::{
+    config::{ConfigSource, Settings},
+    pki::PkiPaths,
+    server::{self, Server},
+    telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
+};
+
+const EXAMPLES: &str = "\
+Examples:
+  imgsvc-server                                   # embedded dev config, dev certificates in certs/dev/
+  imgsvc-server --config /etc/imgsvc/imgsvc.toml
+  imgsvc-server --config config/dev.toml --host :: --port 6000
+  imgsvc-server --check-config --config /etc/imgsvc/imgsvc.toml
+
+Environment variables IMGSVC_<SECTION>__<KEY> override the file (IMGSVC_SERVER__PORT=6000).
+Exit codes: 0 ok, 1 runtime failure, 64 usage error, 78 configuration error.";
+
+/// Multi-tenant gRPC image service (NLImageService + imgsvc.v1) over mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "imgsvc-server", version, after_help = EXAMPLES)]
+struct Args {
+    /// TOML config file. Without it, the embedded development config
+    /// (config/dev.toml) is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address or name to listen on; overrides server.host. A name binds
+    /// every address it resolves to; 0.0.0.0 or :: for all interfaces.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on; overrides server.port (0 picks a free port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Validate the config (values, files readable, certificates parse)
+    /// without binding anything, then exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
+        }
+    };
+    let source = match &args.config {
+        Some(path) => ConfigSource::File(path.clone()),
+        None => ConfigSource::embedded_dev(),
+    };
+    let mut settings = match Settings::load(&source) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e)),
+    };
+    if let Some(host) = args.host {
+        settings.host = host;
+    }
+    if let Some(port) = args.port {
+        settings.port = port;
+    }
+    telemetry::init(&settings.log);
+    if args.config.is_none() {
+        tracing::warn!("no --config given: running the embedded development config (never use it in production)");
+    }
+    if args.check_config {
+        return check_config(&settings);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("imgsvc-io").build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    runtime.block_on(run(settings))
+}
+
+fn check_config(settings: &Settings) -> ExitCode {
+    let tls = &settings.tls;
+    let missing = [&tls.cert, &tls.key, &tls.client_ca].into_iter().any(|p| !p.exists());
+    if tls.dev_auto_certs && missing {
+        println!("config OK: {} (development certificates will be generated at start)", settings.origin);
+        return ExitCode::SUCCESS;
+    }
+    match tls::ServerTls::load(tls) {
+        Ok(loaded) => {
+            println!("config OK: {} (client CA: {})", settings.origin, loaded.client_ca_subject);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
+    }
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let dev_hint = settings.tls.dev_auto_certs.then(|| dev_client_command(&settings));
+    let (host, port, origin) = (settings.host.clone(), settings.port, settings.origin.clone());
+    let server = match Server::new(settings) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {origin}"))),
+    };
+    let listeners = match server::bind(&host, port).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, anyhow::Error::new(e)),
+    };
+    if let Some(hint) = dev_hint {
+        let port = listeners.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
+        tracing::info!("development mode: try\n  {}", hint.replace("{port}", &port.to_string()));
+    }
+    match server.serve(listeners, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(1, anyhow::Error::new(e)),
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+/// SIGHUP is logged and otherwise ignored until config reload exists.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break }
+            _ = int.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break }
+            _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart to apply changes"),
+        }
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("imgsvc-server: second signal during drain: exiting now");
+        std::process::exit(1);
+    });
+}
+
+fn dev_client_command(settings: &Settings) -> String {
+    let dir = settings.tls.client_ca.parent().unwrap_or(std::path::Path::new("."));
+    let paths = PkiPaths::new(dir);
+    let tenant = server::dev_tenant();
+    let host = match settings.host.as_str() {
+        "0.0.0.0" => "127.0.0.1",
+        "::" => "::1",
+        h => h,
+    };
+    format!(
+        "cargo run --release --bin imgsvc-client -- --host {host} --port {{port}} --ca {} --cert {} --key {} \
+         --input tests/fixtures/astronaut.png --output /tmp/astronaut-out.png --rotate NINETY_DEG --mean",
+        paths.ca_cert().display(),
+        paths.client_cert(&tenant).display(),
+        paths.client_key(&tenant).display(),
+    )
+}
+
+fn fail(code: i32, err: anyhow::Error) -> ExitCode {
+    // Tracing may not be installed yet: report on stderr directly, causes included.
+    eprintln!("imgsvc-server: error: {err:#}");
+    ExitCode::from(code as u8)
+}

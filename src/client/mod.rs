@@ -1,0 +1,211 @@
+//! What `imgsvc-client` uses: credentials, a connection, one call per API,
+//! and the translation of transport failures into messages that say which
+//! side refused what.
+
+pub mod credentials;
+pub mod image_io;
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    imaging::QuarterTurns,
+    proto::{
+        nlimage::{nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient, NlImageRotateRequest},
+        v1::{self, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount},
+    },
+    service::PixelBuffer,
+    tls::ClientCredentials,
+};
+
+pub use image_io::RawImage;
+
+/// Default limit for messages the client sends and receives (as the server).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid server address {address:?}")]
+    Address { address: String, #[source] source: tonic::transport::Error },
+    #[error("cannot connect to {address}: {explanation}")]
+    Connect { address: String, explanation: String },
+    #[error("the server answered {code:?}: {message}{hint}")]
+    Status { code: tonic::Code, message: String, hint: String },
+    #[error("the server returned an invalid image: {0}")]
+    BadResponse(String),
+}
+
+impl ClientError {
+    /// The gRPC status code, if the server answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// An operation the client asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Rotate(QuarterTurns),
+    MeanFilter,
+}
+
+/// Which protocol to speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Api {
+    /// imgsvc.v1.ImageService/Process: all operations in one round trip.
+    #[default]
+    V1,
+    /// NLImageService: one call per operation (mean, then rotate); works
+    /// against any server of that protocol.
+    Legacy,
+}
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// Name to verify in the server certificate; defaults to `host`.
+    pub server_name: Option<String>,
+    pub connect_timeout: Duration,
+    /// Deadline of each call.
+    pub timeout: Duration,
+}
+
+impl Target {
+    pub fn address(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Opens a mutual-TLS connection to `target`.
+pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result<Channel, ClientError> {
+    let address = target.address();
+    let server_name = target.server_name.clone().unwrap_or_else(|| target.host.trim_matches(['[', ']']).to_string());
+    let endpoint = Endpoint::from_shared(format!("https://{address}"))
+        .and_then(|e| e.tls_config(credentials.tonic_config(&server_name)))
+        .map_err(|source| ClientError::Address { address: address.clone(), source })?
+        .connect_timeout(target.connect_timeout)
+        .timeout(target.timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024));
+    endpoint.connect().await.map_err(|e| ClientError::Connect {
+        explanation: explain(&e, &server_name).unwrap_or_else(|| error_chain(&e)),
+        address,
+    })
+}
+
+/// Applies `ops` to `image` through `api`.
+pub async fn process(channel: Channel, api: Api, image: RawImage, ops: &[Op], server_name: &str) -> Result<RawImage, ClientError> {
+    let status_err = |s: tonic::Status| status_error(s, server_name);
+    match api {
+        Api::V1 => {
+            let mut client = ImageServiceClient::new(channel)
+                .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
+            let operations = ops
+                .iter()
+                .map(|op| v1::Operation {
+                    kind: Some(match *op {
+                        Op::Rotate(t) => Kind::Rotate(v1::Rotate { amount: Some(Amount::QuarterTurns(t.count())) }),
+                        Op::MeanFilter => Kind::MeanFilter(v1::MeanFilter {}),
+                    }),
+                })
+                .collect();
+            let request = v1::ProcessRequest { image: Some(image.into_v1()), operations };
+            let response = client.process(request).await.map_err(status_err)?.into_inner();
+            let image = PixelBuffer::from_v1(response.image, u64::MAX).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+            Ok(RawImage::from_v1(image.into_v1()))
+        }
+        Api::Legacy => {
+            let mut client = NlImageServiceClient::new(channel)
+                .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
+            let mut current = image.into_legacy();
+            for op in ops {
+                current = match *op {
+                    Op::MeanFilter => client.mean_filter(current).await,
+                    Op::Rotate(t) => {
+                        let rotation = match t {
+                            QuarterTurns::Zero => Rotation::None,
+                            QuarterTurns::One => Rotation::NinetyDeg,
+                            QuarterTurns::Two => Rotation::OneEightyDeg,
+                            QuarterTurns::Three => Rotation::TwoSeventyDeg,
+                        };
+                        client.rotate_image(NlImageRotateRequest { rotation: rotation as i32, image: Some(current) }).await
+                    }
+                }
+                .map_err(status_err)?
+                .into_inner();
+            }
+            let image = PixelBuffer::from_legacy(Some(current), u64::MAX).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+            Ok(RawImage::from_v1(image.into_v1()))
+        }
+    }
+}
+
+fn status_error(status: tonic::Status, server_name: &str) -> ClientError {
+    let explanation = explain(&status, server_name);
+    let hint = match status.code() {
+        tonic::Code::Unauthenticated => " (the client certificate was accepted by TLS but names no tenant of this server)".into(),
+        _ => String::new(),
+    };
+    match explanation {
+        // Transport failures surface as UNKNOWN/UNAVAILABLE statuses whose
+        // message is opaque; the cause chain says what happened.
+        Some(text) if matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal) => {
+            ClientError::Status { code: status.code(), message: text, hint }
+        }
+        _ => ClientError::Status { code: status.code(), message: status.message().to_string(), hint },
+    }
+}
+
+/// All messages in an error's source chain, joined.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Says in words which side refused what, from an error's cause chain.
+pub fn explain(err: &(dyn std::error::Error + 'static), server_name: &str) -> Option<String> {
+    let chain = error_chain(err);
+    let lower = chain.to_ascii_lowercase();
+    let text = if lower.contains("certificaterequired") {
+        "the server requires a client certificate, and refused the connection without one".to_string()
+    } else if lower.contains("unknownissuer") {
+        "the server's certificate is not signed by the CA given with --ca (or the client config)".to_string()
+    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        format!("the server's certificate is not valid for the name {server_name:?}: pass the name it was issued for with --server-name")
+    } else if lower.contains("unknownca") || lower.contains("badcertificate") || lower.contains("decrypterror") {
+        "the server refused the client certificate: it is not signed by a CA the server trusts".to_string()
+    } else if lower.contains("certificaterevoked") {
+        "the server refused the client certificate: it has been revoked".to_string()
+    } else if lower.contains("certificateexpired") || lower.contains("expired") {
+        "a certificate has expired (the server's, or ours as the server says)".to_string()
+    } else if lower.contains("connection refused") {
+        "nothing accepts connections at that address (is the server running?)".to_string()
+    } else if lower.contains("timed out") || lower.contains("deadline") {
+        "timed out".to_string()
+    } else {
+        return None;
+    };
+    Some(format!("{text} [{chain}]"))
+}

@@ -1,0 +1,402 @@
+//! Server configuration, in two stages.
+//!
+//! 1. [`RawConfig`]: what the sources say, layered defaults < TOML file <
+//!    `IMGSVC_*` environment variables (`__` separates nesting levels:
+//!    `IMGSVC_SERVER__PORT=6000`). Unknown keys are errors.
+//! 2. [`Settings`]: validated, resolved values with units (durations,
+//!    parsed trust domain, log filter). Validation checks values and ranges
+//!    only; certificates are loaded and checked by [`crate::tls`], which
+//!    `--check-config` runs too. Nothing here binds a port.
+//!
+//! Relative paths in the config are relative to the working directory.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::identity::{TenantIdError, TrustDomain};
+
+/// The development config, embedded so that `imgsvc-server` with no
+/// `--config` runs out of the box (it is `config/dev.toml`).
+pub const DEV_CONFIG_TOML: &str = include_str!("../config/dev.toml");
+
+/// Prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "IMGSVC";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config {origin}: {source}")]
+    Parse { origin: String, #[source] source: config::ConfigError },
+    #[error("config {origin}: key `{key}`: {problem}")]
+    Invalid { origin: String, key: &'static str, problem: String },
+}
+
+/// Where the config comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// TOML text, named for messages (tests, the embedded dev config).
+    Inline { name: String, toml: String },
+}
+
+impl ConfigSource {
+    pub fn embedded_dev() -> Self {
+        Self::Inline { name: "embedded dev config (config/dev.toml)".into(), toml: DEV_CONFIG_TOML.into() }
+    }
+    fn name(&self) -> String {
+        match self {
+            Self::File(p) => p.display().to_string(),
+            Self::Inline { name, .. } => name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub tls: RawTls,
+    pub limits: RawLimits,
+    pub log: RawLog,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub host: String,
+    pub port: u16,
+    pub worker_threads: usize,
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 50051, worker_threads: 0, drain_timeout_secs: 30 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub trust_domain: String,
+    pub dev_auto_certs: bool,
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: PathBuf::new(),
+            trust_domain: "imgsvc.local".into(),
+            dev_auto_certs: false,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_image_pixels: u64,
+    pub max_message_bytes: usize,
+    pub max_operations: usize,
+    pub max_queued_jobs: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_image_pixels: 100_000_000,
+            max_message_bytes: 256 * 1024 * 1024,
+            max_operations: 16,
+            max_queued_jobs: 256,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Pretty }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for terminals.
+    Pretty,
+    /// One JSON object per line, for journald and log collectors.
+    Json,
+}
+
+/// Validated server settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where these settings came from, for messages.
+    pub origin: String,
+    pub host: String,
+    pub port: u16,
+    /// Threads for pixel work; resolved from 0 to the number of cores.
+    pub worker_threads: usize,
+    pub drain_timeout: Duration,
+    pub tls: TlsSettings,
+    pub limits: Limits,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub dev_auto_certs: bool,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_image_pixels: u64,
+    pub max_message_bytes: usize,
+    pub max_operations: usize,
+    pub max_queued_jobs: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Settings {
+    /// Reads `source` layered over the defaults and under the `IMGSVC_*`
+    /// variables of the process environment, then validates.
+    pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
+        Self::load_with_env(source, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        source: &ConfigSource,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let origin = source.name();
+        let raw = read_raw(source, env).map_err(|source| ConfigError::Parse { origin: origin.clone(), source })?;
+        Self::validate(raw, origin)
+    }
+
+    /// Stage 2: values and ranges.
+    pub fn validate(raw: RawConfig, origin: String) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, problem: String| ConfigError::Invalid { origin: origin.clone(), key, problem };
+        if raw.server.host.trim().is_empty() {
+            return Err(invalid("server.host", "must not be empty (use 0.0.0.0 or :: for all interfaces)".into()));
+        }
+        if raw.server.worker_threads > 1024 {
+            return Err(invalid("server.worker_threads", format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.worker_threads)));
+        }
+        let worker_threads = match raw.server.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        if raw.server.drain_timeout_secs > 3600 {
+            return Err(invalid("server.drain_timeout_secs", format!("{} is out of range 0..=3600", raw.server.drain_timeout_secs)));
+        }
+        for (key, path) in [("tls.cert", &raw.tls.cert), ("tls.key", &raw.tls.key), ("tls.client_ca", &raw.tls.client_ca)] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(key, "is required: the server serves mutual TLS only".into()));
+            }
+        }
+        let trust_domain = TrustDomain::parse(&raw.tls.trust_domain)
+            .map_err(|e: TenantIdError| invalid("tls.trust_domain", e.to_string()))?;
+        if !(1..=300).contains(&raw.tls.handshake_timeout_secs) {
+            return Err(invalid("tls.handshake_timeout_secs", format!("{} is out of range 1..=300", raw.tls.handshake_timeout_secs)));
+        }
+        let l = &raw.limits;
+        if l.max_image_pixels == 0 || l.max_image_pixels > 1 << 40 {
+            return Err(invalid("limits.max_image_pixels", format!("{} is out of range 1..=2^40", l.max_image_pixels)));
+        }
+        // gRPC frames carry a 32-bit length; tonic refuses anything larger.
+        if l.max_message_bytes < 1024 || l.max_message_bytes > u32::MAX as usize {
+            return Err(invalid("limits.max_message_bytes", format!("{} is out of range 1024..=4294967295", l.max_message_bytes)));
+        }
+        if !(1..=1024).contains(&l.max_operations) {
+            return Err(invalid("limits.max_operations", format!("{} is out of range 1..=1024", l.max_operations)));
+        }
+        if !(1..=1_000_000).contains(&l.max_queued_jobs) {
+            return Err(invalid("limits.max_queued_jobs", format!("{} is out of range 1..=1000000", l.max_queued_jobs)));
+        }
+        tracing_subscriber::EnvFilter::try_new(&raw.log.level)
+            .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
+
+        Ok(Settings {
+            origin: origin.clone(),
+            host: raw.server.host,
+            port: raw.server.port,
+            worker_threads,
+            drain_timeout: Duration::from_secs(raw.server.drain_timeout_secs),
+            tls: TlsSettings {
+                cert: raw.tls.cert,
+                key: raw.tls.key,
+                client_ca: raw.tls.client_ca,
+                trust_domain,
+                dev_auto_certs: raw.tls.dev_auto_certs,
+                handshake_timeout: Duration::from_secs(raw.tls.handshake_timeout_secs),
+            },
+            limits: Limits {
+                max_image_pixels: l.max_image_pixels,
+                max_message_bytes: l.max_message_bytes,
+                max_operations: l.max_operations,
+                max_queued_jobs: l.max_queued_jobs,
+            },
+            log: LogSettings { level: raw.log.level, format: raw.log.format },
+        })
+    }
+}
+
+/// Stage 1: layered sources into the raw struct.
+fn read_raw(
+    source: &ConfigSource,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<RawConfig, config::ConfigError> {
+    let builder = config::Config::builder();
+    let builder = match source {
+        ConfigSource::File(path) => {
+            builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true))
+        }
+        ConfigSource::Inline { toml, .. } => builder.add_source(config::File::from_str(toml, config::FileFormat::Toml)),
+    };
+    // Every config key is nested in a section, so only variables with a `__`
+    // after the prefix are config overrides; the client's IMGSVC_CA,
+    // IMGSVC_CERT and IMGSVC_KEY are not and must not trip the
+    // unknown-key check when both run in one environment.
+    let overrides: HashMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.strip_prefix("IMGSVC_").is_some_and(|rest| rest.contains("__")))
+        .collect();
+    builder
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides.into_iter().collect())),
+        )
+        .build()?
+        .try_deserialize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inline(toml: &str) -> ConfigSource {
+        ConfigSource::Inline { name: "test.toml".into(), toml: toml.into() }
+    }
+
+    const MINIMAL: &str = r#"
+        [tls]
+        cert = "s.pem"
+        key = "s-key.pem"
+        client_ca = "ca.pem"
+    "#;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_with_env(&inline(toml), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_apply_under_a_minimal_file() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("127.0.0.1", 50051));
+        assert_eq!(s.limits.max_image_pixels, 100_000_000);
+        assert_eq!(s.limits.max_message_bytes, 256 * 1024 * 1024);
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert!(s.worker_threads >= 1);
+    }
+
+    #[test]
+    fn env_overrides_file_with_double_underscore_nesting() {
+        let toml = format!("{MINIMAL}\n[server]\nport = 7000\n");
+        let s = load(&toml, &[("IMGSVC_SERVER__PORT", "6000"), ("IMGSVC_LIMITS__MAX_IMAGE_PIXELS", "42")]).unwrap();
+        assert_eq!(s.port, 6000);
+        assert_eq!(s.limits.max_image_pixels, 42);
+    }
+
+    #[test]
+    fn client_credential_variables_are_not_config_keys() {
+        let s = load(MINIMAL, &[("IMGSVC_CA", "x"), ("IMGSVC_CERT", "y"), ("IMGSVC_KEY", "z")]);
+        assert!(s.is_ok(), "{:?}", s.err());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_origin_and_key() {
+        let err = load(&format!("{MINIMAL}\n[server]\nprot = 1\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_an_error_naming_it() {
+        let err = load(MINIMAL, &[("IMGSVC_SERVER__PROT", "1")]).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = load(&format!("{MINIMAL}\n[server]\nport = \"high\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("server.port"), "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_range() {
+        let cases = [
+            ("[limits]\nmax_image_pixels = 0", "limits.max_image_pixels", "out of range"),
+            ("[limits]\nmax_message_bytes = 10", "limits.max_message_bytes", "1024..=4294967295"),
+            ("[tls]\ntrust_domain = \"Bad Domain\"", "tls.trust_domain", "Bad Domain"),
+            ("[log]\nlevel = \"info,,=[\"", "log.level", "not a valid filter"),
+        ];
+        for (extra, key, problem) in cases {
+            // Merge the extra section into MINIMAL's [tls] via env-free TOML.
+            let toml = if extra.starts_with("[tls]") {
+                format!("[tls]\ncert = \"s\"\nkey = \"k\"\nclient_ca = \"c\"\n{}", extra.trim_start_matches("[tls]\n"))
+            } else {
+                format!("{MINIMAL}\n{extra}\n")
+            };
+            let err = load(&toml, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(problem) && err.contains("test.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_paths_are_required() {
+        let err = load("", &[]).unwrap_err().to_string();
+        assert!(err.contains("tls.cert") && err.contains("required"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let err = Settings::load_with_env(&ConfigSource::File("/nonexistent/imgsvc.toml".into()), []).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/imgsvc.toml"), "{err}");
+    }
+
+    #[test]
+    fn embedded_dev_config_is_valid() {
+        let s = Settings::load_with_env(&ConfigSource::embedded_dev(), []).unwrap();
+        assert!(s.tls.dev_auto_certs);
+        assert_eq!(s.port, 50051);
+    }
+}

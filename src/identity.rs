@@ -1,0 +1,251 @@
+//! Client identity: which tenant a client certificate speaks for.
+//!
+//! A tenant is named by the certificate's URI SAN
+//! `spiffe://<trust-domain>/tenant/<name>`. [`tenant_from_cert`] is the one
+//! pure function that turns a verified leaf certificate into a [`TenantId`];
+//! [`TenantInterceptor`] applies it once per request and puts the tenant in
+//! the request's extensions. Handlers read the tenant from there and never
+//! look at certificates. Anything that does not name exactly one tenant of
+//! our trust domain is refused (deny by default).
+//!
+//! This module does not verify certificate chains: rustls has done that
+//! during the handshake, before any request reaches the interceptor.
+
+use std::{fmt, sync::Arc};
+
+use thiserror::Error;
+use x509_parser::{extensions::GeneralName, prelude::FromDer, certificate::X509Certificate};
+
+/// Longest accepted tenant name, in bytes.
+pub const MAX_TENANT_LEN: usize = 63;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TenantIdError {
+    #[error("invalid tenant name {0:?}: use 1 to 63 characters from a-z, 0-9, '-' and '_', starting with a letter or digit")]
+    InvalidTenant(String),
+    #[error("invalid trust domain {0:?}: use a lowercase DNS-style name (a-z, 0-9, '-', '.')")]
+    InvalidTrustDomain(String),
+}
+
+/// A tenant's name, as it appears in its certificate and in config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(Arc<str>);
+
+impl TenantId {
+    pub fn parse(name: &str) -> Result<Self, TenantIdError> {
+        let ok = (1..=MAX_TENANT_LEN).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && name.as_bytes()[0].is_ascii_alphanumeric();
+        if ok { Ok(Self(name.into())) } else { Err(TenantIdError::InvalidTenant(name.into())) }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A SPIFFE trust domain, e.g. `imgsvc.local`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TrustDomain(Arc<str>);
+
+impl TrustDomain {
+    pub fn parse(name: &str) -> Result<Self, TenantIdError> {
+        let ok = (1..=255).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !name.starts_with(['.', '-'])
+            && !name.ends_with(['.', '-']);
+        if ok { Ok(Self(name.into())) } else { Err(TenantIdError::InvalidTrustDomain(name.into())) }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The URI SAN that names `tenant` in this trust domain.
+    pub fn tenant_uri(&self, tenant: &TenantId) -> String {
+        format!("spiffe://{}/tenant/{}", self.0, tenant)
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a certificate names no tenant. Every variant becomes UNAUTHENTICATED.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("the client certificate cannot be parsed: {0}")]
+    Malformed(String),
+    #[error("the client certificate has no URI SAN of the form spiffe://{trust_domain}/tenant/<name>")]
+    NoTenantUri { trust_domain: String },
+    #[error("the client certificate names tenant URI {uri:?}, which is not in trust domain {trust_domain:?}")]
+    ForeignTrustDomain { uri: String, trust_domain: String },
+    #[error("the client certificate names more than one tenant ({first} and {second})")]
+    Ambiguous { first: String, second: String },
+    #[error("the client certificate names an invalid tenant: {0}")]
+    InvalidTenant(#[from] TenantIdError),
+}
+
+/// Maps a (chain-verified) leaf certificate, DER-encoded, to its tenant.
+pub fn tenant_from_cert(der: &[u8], trust_domain: &TrustDomain) -> Result<TenantId, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let san = cert.subject_alternative_name().map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let prefix = format!("spiffe://{trust_domain}/tenant/");
+    let mut found: Option<TenantId> = None;
+    let mut foreign: Option<String> = None;
+    for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+        let GeneralName::URI(uri) = name else { continue };
+        if let Some(tenant) = uri.strip_prefix(&prefix) {
+            let tenant = TenantId::parse(tenant)?;
+            if let Some(first) = &found {
+                if *first != tenant {
+                    return Err(IdentityError::Ambiguous { first: first.to_string(), second: tenant.to_string() });
+                }
+            }
+            found = Some(tenant);
+        } else if uri.starts_with("spiffe://") {
+            foreign.get_or_insert_with(|| uri.to_string());
+        }
+    }
+    match (found, foreign) {
+        (Some(t), _) => Ok(t),
+        (None, Some(uri)) => Err(IdentityError::ForeignTrustDomain { uri, trust_domain: trust_domain.to_string() }),
+        (None, None) => Err(IdentityError::NoTenantUri { trust_domain: trust_domain.to_string() }),
+    }
+}
+
+/// The authenticated tenant of a request, put in its extensions by
+/// [`TenantInterceptor`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant(pub TenantId);
+
+/// Applies [`tenant_from_cert`] to every request's peer certificate and
+/// refuses requests without a tenant with UNAUTHENTICATED.
+#[derive(Clone, Debug)]
+pub struct TenantInterceptor {
+    trust_domain: TrustDomain,
+}
+
+impl TenantInterceptor {
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        Self { trust_domain }
+    }
+}
+
+impl tonic::service::Interceptor for TenantInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let certs = request.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first()).ok_or(IdentityError::NoCertificate);
+        let tenant = leaf.and_then(|der| tenant_from_cert(der, &self.trust_domain)).map_err(|e| {
+            tracing::warn!(remote = ?request.remote_addr(), error = %e, "refused request: no tenant");
+            tonic::Status::unauthenticated(e.to_string())
+        })?;
+        request.extensions_mut().insert(Tenant(tenant));
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    fn cert_with_sans(sans: Vec<SanType>) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn maps_tenant_uri_to_tenant() {
+        let der = cert_with_sans(vec![uri("spiffe://example.org/tenant/team-a")]);
+        assert_eq!(tenant_from_cert(&der, &td()).unwrap().as_str(), "team-a");
+    }
+
+    #[test]
+    fn ignores_other_sans_beside_the_tenant_uri() {
+        let der = cert_with_sans(vec![
+            SanType::DnsName("client.example.org".try_into().unwrap()),
+            uri("https://example.org/whatever"),
+            uri("spiffe://example.org/tenant/b"),
+        ]);
+        assert_eq!(tenant_from_cert(&der, &td()).unwrap().as_str(), "b");
+    }
+
+    #[test]
+    fn refuses_certificate_without_uri_san() {
+        let der = cert_with_sans(vec![SanType::DnsName("localhost".try_into().unwrap())]);
+        assert_eq!(
+            tenant_from_cert(&der, &td()),
+            Err(IdentityError::NoTenantUri { trust_domain: "example.org".into() })
+        );
+    }
+
+    #[test]
+    fn refuses_tenant_of_another_trust_domain() {
+        let der = cert_with_sans(vec![uri("spiffe://evil.org/tenant/a")]);
+        assert_eq!(
+            tenant_from_cert(&der, &td()),
+            Err(IdentityError::ForeignTrustDomain {
+                uri: "spiffe://evil.org/tenant/a".into(),
+                trust_domain: "example.org".into()
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_trust_domain_that_only_shares_a_prefix() {
+        let der = cert_with_sans(vec![uri("spiffe://example.org.evil/tenant/a")]);
+        assert!(matches!(tenant_from_cert(&der, &td()), Err(IdentityError::ForeignTrustDomain { .. })));
+    }
+
+    #[test]
+    fn refuses_two_different_tenants() {
+        let der = cert_with_sans(vec![uri("spiffe://example.org/tenant/a"), uri("spiffe://example.org/tenant/b")]);
+        assert_eq!(
+            tenant_from_cert(&der, &td()),
+            Err(IdentityError::Ambiguous { first: "a".into(), second: "b".into() })
+        );
+    }
+
+    #[test]
+    fn refuses_invalid_tenant_names() {
+        for bad in ["", "A", "a/b", "-a", "a b", &"x".repeat(64)] {
+            let der = cert_with_sans(vec![uri(&format!("spiffe://example.org/tenant/{bad}"))]);
+            assert_eq!(
+                tenant_from_cert(&der, &td()),
+                Err(IdentityError::InvalidTenant(TenantIdError::InvalidTenant(bad.into()))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_garbage_der() {
+        assert!(matches!(tenant_from_cert(b"not a certificate", &td()), Err(IdentityError::Malformed(_))));
+    }
+
+    #[test]
+    fn trust_domain_validation() {
+        assert!(TrustDomain::parse("imgsvc.local").is_ok());
+        for bad in ["", "Upper.case", "a/b", ".lead", "trail-"] {
+            assert_eq!(TrustDomain::parse(bad), Err(TenantIdError::InvalidTrustDomain(bad.into())));
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! imgsvc: a multi-tenant gRPC image service over mutual TLS.
+//!
+//! Layers, each in its own module:
+//! - [`imaging`]: pure kernels over pixel slices (no I/O, no gRPC).
+//! - [`proto`]: generated protobuf/gRPC types for both APIs.
+//! - [`service`]: protobuf → validated image → kernel → protobuf, and the
+//!   single mapping of domain errors to gRPC statuses.
+//! - [`identity`]: client certificate → tenant, applied once per request.
+//! - [`tls`]: rustls configuration for the server and the client.
+//! - [`config`]: layered TOML/env configuration, validated in two stages.
+//! - [`pki`]: certificate authority and certificate issuing (`gen-certs`).
+//! - [`worker`]: the bounded pool that runs pixel work off the reactor.
+//! - [`server`]: binds, serves, and shuts down gracefully.
+//! - [`client`]: what `imgsvc-client` uses to talk to a server.
+//! - [`telemetry`]: tracing subscriber set-up.
+
+pub mod client;
+pub mod config;
+pub mod fsutil;
+pub mod identity;
+pub mod imaging;
+pub mod pki;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod tls;
+pub mod worker;
+
+/// Exit code for configuration errors (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 78;
+/// Exit code for command-line usage errors (`EX_USAGE` from sysexits.h).
+pub const EXIT_USAGE: i32 = 64;

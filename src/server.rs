@@ -1,0 +1,279 @@
+//! Binding, serving and graceful shutdown.
+//!
+//! [`Server::new`] does everything that can fail because of config (dev
+//! certificates, TLS files, the worker pool) without binding a port, so a
+//! bad config exits before anything listens. [`bind`] resolves the host and
+//! binds every address it names. [`Server::serve`] runs until `shutdown`
+//! completes, then: health NOT_SERVING → stop accepting → drain in-flight
+//! requests within `drain_timeout` → return (warning if the drain was cut
+//! short).
+
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use thiserror::Error;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+    task::JoinSet,
+};
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::codec::CompressionEncoding;
+
+use crate::{
+    config::{Settings, TlsSettings},
+    identity::{TenantId, TenantInterceptor},
+    pki,
+    proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
+    service::{legacy::LegacyService, v1::V1Service, Processor},
+    tls::{ServerTls, TlsError},
+    worker::{WorkerError, WorkerPool},
+};
+
+/// Names under which health is reported, besides the overall "" entry.
+pub const SERVICE_NAMES: [&str; 2] = ["NLImageService", "imgsvc.v1.ImageService"];
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot generate development certificates in {dir}")]
+    DevCerts { dir: String, #[source] source: pki::PkiError },
+    #[error("tls.dev_auto_certs writes ca.pem, server.pem and server-key.pem into {dir}, but tls.{key} is {path}: point it there or create the file")]
+    DevCertsLayout { dir: String, key: &'static str, path: String },
+    #[error("cannot resolve listen host {host:?}")]
+    Resolve { host: String, #[source] source: std::io::Error },
+    #[error("cannot listen on {addr}")]
+    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    #[error("listen host {host:?} resolves to no address")]
+    NoAddress { host: String },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("cannot build the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("server failed")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Generates a development PKI where `tls.dev_auto_certs` asks for it and
+/// files are missing. Returns true if it wrote anything.
+pub fn ensure_dev_certs(tls: &TlsSettings) -> Result<bool, ServerError> {
+    if !tls.dev_auto_certs || [&tls.cert, &tls.key, &tls.client_ca].iter().all(|p| p.exists()) {
+        return Ok(false);
+    }
+    let dir = tls.client_ca.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let paths = pki::PkiPaths::new(dir);
+    for (key, configured, expected) in [
+        ("client_ca", &tls.client_ca, paths.ca_cert()),
+        ("cert", &tls.cert, paths.server_cert()),
+        ("key", &tls.key, paths.server_key()),
+    ] {
+        if *configured != expected {
+            return Err(ServerError::DevCertsLayout {
+                dir: dir.display().to_string(),
+                key,
+                path: configured.display().to_string(),
+            });
+        }
+    }
+    let dev = dev_tenant();
+    let mut req = pki::IssueRequest::new(dir, tls.trust_domain.clone());
+    if !paths.client_cert(&dev).exists() {
+        req.tenants.push(dev);
+    }
+    pki::issue(&req).map_err(|source| ServerError::DevCerts { dir: dir.display().to_string(), source })?;
+    Ok(true)
+}
+
+/// The tenant that development certificates are issued for.
+pub fn dev_tenant() -> TenantId {
+    TenantId::parse("dev").expect("\"dev\" is a valid tenant name")
+}
+
+/// Resolves `host` and binds every address it names on `port`.
+pub async fn bind(host: &str, port: u16) -> Result<Vec<TcpListener>, ServerError> {
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ServerError::Resolve { host: host.into(), source })?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(ServerError::NoAddress { host: host.into() });
+    }
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// A server whose configuration has been loaded and checked.
+pub struct Server {
+    settings: Settings,
+    tls: ServerTls,
+    pool: WorkerPool,
+}
+
+impl Server {
+    /// Loads TLS material (generating dev certificates if configured) and
+    /// starts the worker pool. Binds nothing.
+    pub fn new(settings: Settings) -> Result<Self, ServerError> {
+        ensure_dev_certs(&settings.tls)?;
+        let tls = ServerTls::load(&settings.tls)?;
+        let pool = WorkerPool::new(settings.worker_threads, settings.limits.max_queued_jobs)?;
+        Ok(Self { settings, tls, pool })
+    }
+
+    pub fn tls(&self) -> &ServerTls {
+        &self.tls
+    }
+
+    /// Serves on `listeners` until `shutdown` completes, then drains.
+    pub async fn serve(
+        self,
+        listeners: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Self { settings, tls, pool } = self;
+        let limits = settings.limits;
+        let addrs: Vec<String> =
+            listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in std::iter::once("").chain(SERVICE_NAMES) {
+            health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(ServerError::Reflection)?;
+
+        let processor = Processor::new(limits, pool.clone());
+        let legacy = NlImageServiceServer::new(LegacyService::new(processor.clone()))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd);
+        let v1 = ImageServiceServer::new(V1Service::new(processor))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd);
+
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen = ?addrs,
+            client_ca = %tls.client_ca_subject,
+            trust_domain = %settings.tls.trust_domain,
+            worker_threads = pool.threads(),
+            max_image_pixels = limits.max_image_pixels,
+            config = %settings.origin,
+            "imgsvc-server {} listening on {} (mutual TLS)",
+            env!("CARGO_PKG_VERSION"),
+            addrs.join(", "),
+        );
+
+        let (conn_tx, conn_rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
+        let mut accept_tasks = JoinSet::new();
+        let acceptor = TlsAcceptor::from(tls.config.clone());
+        for listener in listeners {
+            accept_tasks.spawn(accept_loop(listener, acceptor.clone(), settings.tls.handshake_timeout, conn_tx.clone()));
+        }
+        drop(conn_tx);
+        let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+
+        // The shutdown signal flips health first, then lets tonic stop
+        // accepting and drain; `draining` starts the drain deadline.
+        let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
+        let health_for_shutdown = health.clone();
+        let on_shutdown = async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new connections, draining in-flight requests");
+            for name in std::iter::once("").chain(SERVICE_NAMES) {
+                health_for_shutdown.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+            }
+            let _ = draining_tx.send(true);
+        };
+
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(60)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .layer(tonic::service::InterceptorLayer::new(TenantInterceptor::new(settings.tls.trust_domain.clone())))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(legacy)
+            .add_service(v1);
+        let serve = router.serve_with_incoming_shutdown(incoming, on_shutdown);
+        tokio::pin!(serve);
+
+        let drain_timeout = settings.drain_timeout;
+        let deadline = async move {
+            while !*draining_rx.borrow_and_update() {
+                if draining_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(drain_timeout).await;
+        };
+        let result = tokio::select! {
+            result = &mut serve => result.map_err(ServerError::Transport),
+            () = deadline => {
+                tracing::warn!(drain_timeout_secs = drain_timeout.as_secs(), "drain deadline passed: cutting remaining requests short");
+                Ok(())
+            }
+        };
+        accept_tasks.shutdown().await;
+        if result.is_ok() {
+            tracing::info!("shutdown complete");
+        }
+        result
+    }
+}
+
+/// Accepts TCP connections, runs each TLS handshake under a deadline on its
+/// own task, and hands finished handshakes to the server. Refused handshakes
+/// (no client certificate, wrong CA, expired…) are logged with the peer.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+    connections: mpsc::Sender<TlsStream<TcpStream>>,
+) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many TLS handshakes in progress: dropping connection");
+            continue;
+        };
+        let (acceptor, connections) = (acceptor.clone(), connections.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = connections.send(stream).await;
+                }
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => tracing::warn!(%peer, timeout_secs = handshake_timeout.as_secs(), "TLS handshake timed out"),
+            }
+        });
+    }
+}

@@ -1,0 +1,70 @@
+//! Errors of the service layer and the one place that turns them into gRPC
+//! statuses.
+
+use thiserror::Error;
+
+use crate::{imaging::ImagingError, worker::WorkerError};
+
+/// The request is well-formed protobuf but not a valid image or pipeline.
+/// Always INVALID_ARGUMENT.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InvalidRequest {
+    #[error("the request has no image")]
+    MissingImage,
+    #[error("image {field} must be at least 1, got {value}")]
+    NonPositiveDimension { field: &'static str, value: i64 },
+    #[error("image dimensions {width}x{height} with {bytes_per_pixel} bytes per pixel overflow {bits}-bit sizes")]
+    SizeOverflow { width: i64, height: i64, bytes_per_pixel: u64, bits: u32 },
+    #[error("image data is {actual} bytes, expected {expected} (= {width} x {height} x {bytes_per_pixel} bytes per pixel for {format})")]
+    LengthMismatch { actual: usize, expected: u64, width: i64, height: i64, bytes_per_pixel: u64, format: &'static str },
+    #[error("rotation {value} is not a known value (expected 0=NONE, 1=NINETY_DEG, 2=ONE_EIGHTY_DEG or 3=TWO_SEVENTY_DEG)")]
+    UnknownRotation { value: i32 },
+    #[error("pixel format is unspecified: set format to one of GRAY8, RGB8, GRAYA8, RGBA8, GRAY16, RGB16, RGBA16")]
+    UnspecifiedFormat,
+    #[error("pixel format {value} is not a known PixelFormat value (1..=7)")]
+    UnknownFormat { value: i32 },
+    #[error("operation {index} is empty: set rotate or mean_filter")]
+    EmptyOperation { index: usize },
+    #[error("operation {index} (rotate) has no amount: set quarter_turns or angle")]
+    MissingRotateAmount { index: usize },
+    #[error("operation {index} (rotate) has angle {value}, expected ANGLE_0, ANGLE_90, ANGLE_180 or ANGLE_270 (1..=4)")]
+    InvalidAngle { index: usize, value: i32 },
+}
+
+/// The request is valid but over a configured limit. Always RESOURCE_EXHAUSTED.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LimitExceeded {
+    #[error("image has {pixels} pixels ({width}x{height}), over the limit of {limit}")]
+    TooManyPixels { pixels: u64, width: i64, height: i64, limit: u64 },
+    #[error("request has {count} operations, over the limit of {limit}")]
+    TooManyOperations { count: usize, limit: usize },
+}
+
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    #[error(transparent)]
+    Limit(#[from] LimitExceeded),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// A kernel refused a buffer the service validated: a bug, not bad input.
+    #[error("internal error: {0}")]
+    Kernel(#[from] ImagingError),
+    #[error("request carries no tenant")]
+    NoTenant,
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(err: ServiceError) -> Self {
+        use tonic::Code;
+        let code = match &err {
+            ServiceError::Invalid(_) => Code::InvalidArgument,
+            ServiceError::Limit(_) => Code::ResourceExhausted,
+            ServiceError::Worker(WorkerError::Busy { .. }) => Code::ResourceExhausted,
+            ServiceError::Worker(_) | ServiceError::Kernel(_) => Code::Internal,
+            ServiceError::NoTenant => Code::Unauthenticated,
+        };
+        tonic::Status::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,190 @@
+//! The gRPC edge: protobuf in, validated [`PixelBuffer`] and [`Pipeline`],
+//! kernels on the worker pool, protobuf out.
+//!
+//! Both APIs ([`legacy::LegacyService`] for NLImageService and
+//! [`v1::V1Service`] for imgsvc.v1) share one [`Processor`], so they apply
+//! the same validation, limits and tracing. Errors are decided in
+//! [`error`] and mapped to `tonic::Status` in one `From` impl.
+
+pub mod error;
+pub mod legacy;
+pub mod pixels;
+pub mod v1;
+
+use std::{future::Future, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use tracing::{field::Empty, Instrument};
+
+pub use error::{InvalidRequest, LimitExceeded, ServiceError};
+pub use pixels::{Depth, PixelBuffer, RequestError};
+
+use crate::{
+    config::Limits,
+    identity::{Tenant, TenantId},
+    imaging::{self, Layout, QuarterTurns},
+    worker::WorkerPool,
+};
+
+/// One step of a pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Rotate(QuarterTurns),
+    MeanFilter,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Rotate(_) => "rotate",
+            Step::MeanFilter => "mean_filter",
+        }
+    }
+}
+
+/// An ordered list of steps, with consecutive rotations folded into one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pipeline {
+    steps: Vec<Step>,
+}
+
+impl Pipeline {
+    pub fn new(steps: impl IntoIterator<Item = Step>) -> Self {
+        let mut folded: Vec<Step> = Vec::new();
+        for step in steps {
+            match (folded.last_mut(), step) {
+                (Some(Step::Rotate(prev)), Step::Rotate(next)) => *prev = prev.then(next),
+                (_, step) => folded.push(step),
+            }
+        }
+        folded.retain(|s| *s != Step::Rotate(QuarterTurns::Zero));
+        Self { steps: folded }
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// Runs the pipeline. CPU-bound: call it on the worker pool.
+    pub fn run(&self, input: PixelBuffer) -> Result<PixelBuffer, imaging::ImagingError> {
+        let mut current = input;
+        for &step in &self.steps {
+            current = match current.depth() {
+                Depth::Eight => {
+                    let (layout, out) = apply(step, current.data(), current.layout())?;
+                    current.with_data(layout, Bytes::from(out))
+                }
+                Depth::Sixteen => {
+                    let samples: Vec<u16> =
+                        current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                    let (layout, out) = apply(step, &samples, current.layout())?;
+                    let bytes: Vec<u8> = out.iter().flat_map(|s| s.to_le_bytes()).collect();
+                    current.with_data(layout, Bytes::from(bytes))
+                }
+            };
+        }
+        Ok(current)
+    }
+}
+
+fn apply<T: imaging::Sample + Default>(
+    step: Step,
+    src: &[T],
+    layout: Layout,
+) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
+    Ok(match step {
+        Step::Rotate(turns) => (layout.rotated(turns), imaging::rotate(src, layout, turns)?),
+        Step::MeanFilter => (layout, imaging::mean_filter(src, layout)?),
+    })
+}
+
+/// What both APIs share: limits and the worker pool.
+#[derive(Clone, Debug)]
+pub struct Processor {
+    limits: Limits,
+    pool: WorkerPool,
+}
+
+impl Processor {
+    pub fn new(limits: Limits, pool: WorkerPool) -> Self {
+        Self { limits, pool }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Validates nothing itself: takes an already validated buffer and
+    /// pipeline, runs it off the reactor, and records the image in the span.
+    pub async fn process(&self, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
+        let span = tracing::Span::current();
+        span.record("width", input.layout().width());
+        span.record("height", input.layout().height());
+        span.record("format", input.format().as_str_name().trim_start_matches("PIXEL_FORMAT_"));
+        if pipeline.steps().is_empty() {
+            return Ok(input); // nothing to do: hand the request's bytes back
+        }
+        let pipeline = Arc::new(pipeline);
+        Ok(self.pool.run(move || pipeline.run(input)).await??)
+    }
+}
+
+/// The tenant the identity layer attached to a request.
+pub fn tenant_of<T>(request: &tonic::Request<T>) -> Result<TenantId, ServiceError> {
+    request.extensions().get::<Tenant>().map(|t| t.0.clone()).ok_or(ServiceError::NoTenant)
+}
+
+/// Runs one RPC inside its span: method, tenant, image facts, status and
+/// duration, and one log event when it ends.
+pub async fn traced<T, F>(method: &'static str, tenant: Result<TenantId, ServiceError>, call: F) -> Result<T, tonic::Status>
+where
+    F: FnOnce(TenantId) -> std::pin::Pin<Box<dyn Future<Output = Result<T, ServiceError>> + Send>>,
+{
+    let span = tracing::info_span!(
+        "rpc",
+        method,
+        tenant = Empty,
+        width = Empty,
+        height = Empty,
+        format = Empty,
+        status = Empty,
+        duration_ms = Empty,
+    );
+    let started = Instant::now();
+    let result = async {
+        let tenant = tenant?;
+        tracing::Span::current().record("tenant", tenant.as_str());
+        call(tenant).await
+    }
+    .instrument(span.clone())
+    .await;
+    let result = result.map_err(tonic::Status::from);
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    span.record("status", format!("{code:?}"));
+    span.record("duration_ms", started.elapsed().as_secs_f64() * 1e3);
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::info!("request finished"),
+        Err(status) => tracing::info!(message = status.message(), "request refused"),
+    });
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_folds_consecutive_rotations_and_drops_identity() {
+        let p = Pipeline::new([
+            Step::Rotate(QuarterTurns::One),
+            Step::Rotate(QuarterTurns::Three),
+            Step::MeanFilter,
+            Step::Rotate(QuarterTurns::Two),
+            Step::Rotate(QuarterTurns::One),
+        ]);
+        assert_eq!(p.steps(), &[Step::MeanFilter, Step::Rotate(QuarterTurns::Three)]);
+    }
+}

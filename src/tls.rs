@@ -1,0 +1,156 @@
+//! TLS configuration: mutual TLS only, TLS 1.2 and 1.3, ring as the crypto
+//! provider.
+//!
+//! The server owns a [`rustls::ServerConfig`] (instead of tonic's
+//! `ServerTlsConfig`) so that the accept loop in [`crate::server`] controls
+//! handshake timeouts and logs refused handshakes; client certificates must
+//! chain to the configured client CA, and there is no way to switch that
+//! off. The client side builds tonic's `ClientTlsConfig` from PEM files.
+
+use std::{path::{Path, PathBuf}, sync::Arc};
+
+use rustls::{
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+    RootCertStore, ServerConfig,
+};
+use thiserror::Error;
+use x509_parser::prelude::FromDer;
+
+use crate::config::TlsSettings;
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {what} {path}")]
+    Read { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    #[error("{what} {path} holds no usable PEM {expected}: {reason}")]
+    Pem { what: &'static str, path: PathBuf, expected: &'static str, reason: String },
+    #[error("client CA {path} is not usable as a trust anchor")]
+    ClientCa { path: PathBuf, #[source] source: rustls::Error },
+    #[error("cannot build the client certificate verifier from {path}")]
+    Verifier { path: PathBuf, #[source] source: rustls::server::VerifierBuilderError },
+    #[error("server certificate {cert} and key {key} do not form a usable identity")]
+    Identity { cert: PathBuf, key: PathBuf, #[source] source: rustls::Error },
+}
+
+/// The process-wide crypto provider. Installed once so that every rustls
+/// user in the process (ours and tonic's) agrees on it.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    CryptoProvider::get_default().cloned().unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// A loaded server TLS configuration, plus facts for the startup log.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// Subject of the client CA, for the startup summary.
+    pub client_ca_subject: String,
+}
+
+impl std::fmt::Debug for ServerTls {
+    // ServerConfig holds the private key: print none of it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("client_ca_subject", &self.client_ca_subject).finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads and checks the server identity and the client CA.
+    pub fn load(settings: &TlsSettings) -> Result<Self, TlsError> {
+        let chain = read_certs("server certificate", &settings.cert)?;
+        let key = read_key("server key", &settings.key)?;
+        let ca_certs = read_certs("client CA", &settings.client_ca)?;
+
+        let mut roots = RootCertStore::empty();
+        for ca in &ca_certs {
+            roots.add(ca.clone()).map_err(|source| TlsError::ClientCa { path: settings.client_ca.clone(), source })?;
+        }
+        let provider = crypto_provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|source| TlsError::Verifier { path: settings.client_ca.clone(), source })?;
+        let identity_err = |source| TlsError::Identity { cert: settings.cert.clone(), key: settings.key.clone(), source };
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(identity_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(identity_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]) })
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.into(), source })
+}
+
+/// All certificates in a PEM file; at least one.
+pub fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(what, path)?;
+    let pem_err = |reason: String| TlsError::Pem { what, path: path.into(), expected: "CERTIFICATE", reason };
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| pem_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_file(what, path)?;
+    // The parser's error never includes key bytes.
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        what,
+        path: path.into(),
+        expected: "PRIVATE KEY",
+        reason: e.to_string(),
+    })
+}
+
+/// The subject of a DER certificate as text, or a placeholder.
+pub fn subject_of(der: &CertificateDer<'_>) -> String {
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .map(|(_, c)| c.subject().to_string())
+        .unwrap_or_else(|_| "<unparsable subject>".into())
+}
+
+/// PEM material for a client: CA to trust, and the client's identity.
+#[derive(Clone)]
+pub struct ClientCredentials {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCredentials").finish_non_exhaustive()
+    }
+}
+
+impl ClientCredentials {
+    /// Reads and checks the three PEM files.
+    pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        read_certs("CA certificate", ca)?;
+        read_certs("client certificate", cert)?;
+        read_key("client key", key)?;
+        // Parsed above: keep the text for tonic, which takes PEM.
+        Ok(Self {
+            ca_pem: read_file("CA certificate", ca)?,
+            cert_pem: read_file("client certificate", cert)?,
+            key_pem: read_file("client key", key)?,
+        })
+    }
+
+    /// tonic's client TLS config for a server named `server_name`.
+    pub fn tonic_config(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
+        crypto_provider();
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .domain_name(server_name)
+    }
+}

@@ -1,0 +1,145 @@
+//! The pool that runs pixel work off the async reactor.
+//!
+//! A fixed set of rayon threads (one per core by default) runs the kernels,
+//! so a large image never stalls the tokio threads that serve connections.
+//! Kernels that split work across threads use the *current* rayon pool, so a
+//! request's parallelism and concurrent requests share these same threads
+//! and the process never runs more CPU-bound threads than configured.
+//!
+//! Admission is bounded: at most `threads + max_queued` jobs are accepted
+//! at once; the next one is refused at once with [`WorkerError::Busy`]. A job
+//! whose caller has gone away (cancelled RPC) before it starts is skipped.
+
+use std::{panic::AssertUnwindSafe, sync::Arc};
+
+use thiserror::Error;
+use tokio::sync::{oneshot, Semaphore};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WorkerError {
+    #[error("server is busy: {capacity} image jobs are already running or queued")]
+    Busy { capacity: usize },
+    #[error("image job failed unexpectedly: {0}")]
+    Panicked(String),
+    #[error("cannot start {threads} worker threads: {reason}")]
+    Start { threads: usize, reason: String },
+}
+
+#[derive(Clone)]
+pub struct WorkerPool {
+    pool: Arc<rayon::ThreadPool>,
+    admission: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("threads", &self.pool.current_num_threads())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl WorkerPool {
+    pub fn new(threads: usize, max_queued: usize) -> Result<Self, WorkerError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("imgsvc-worker-{i}"))
+            .build()
+            .map_err(|e| WorkerError::Start { threads, reason: e.to_string() })?;
+        let capacity = threads + max_queued;
+        Ok(Self { pool: Arc::new(pool), admission: Arc::new(Semaphore::new(capacity)), capacity })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Runs `job` on the pool and waits for its result.
+    pub async fn run<R, F>(&self, job: F) -> Result<R, WorkerError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::Busy { capacity: self.capacity })?;
+        let (tx, rx) = oneshot::channel();
+        self.pool.spawn(move || {
+            let _permit = permit;
+            if tx.is_closed() {
+                return; // the caller was cancelled while the job waited
+            }
+            let result = std::panic::catch_unwind(AssertUnwindSafe(job));
+            let _ = tx.send(result);
+        });
+        match rx.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(panic)) => Err(WorkerError::Panicked(panic_message(&panic))),
+            Err(_) => Err(WorkerError::Panicked("worker dropped the job".into())),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[tokio::test]
+    async fn runs_job_and_returns_value() {
+        let pool = WorkerPool::new(1, 1).unwrap();
+        assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
+    }
+
+    #[tokio::test]
+    async fn refuses_jobs_beyond_threads_plus_queue() {
+        let pool = WorkerPool::new(1, 1).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel();
+        // Occupies the only thread until released.
+        let blocker = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.run(move || {
+                    let _ = started_tx.send(());
+                    release_rx.recv().unwrap();
+                })
+                .await
+            }
+        });
+        started_rx.await.unwrap();
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| 1).await }
+        });
+        // Wait until the queued job holds its permit.
+        while pool.admission.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.run(|| 2).await, Err(WorkerError::Busy { capacity: 2 }));
+        release_tx.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        assert_eq!(queued.await.unwrap(), Ok(1));
+        assert_eq!(pool.run(|| 3).await, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_reported_and_the_pool_keeps_working() {
+        let pool = WorkerPool::new(1, 0).unwrap();
+        let err = pool.run(|| -> u8 { panic!("kernel bug") }).await.unwrap_err();
+        assert_eq!(err, WorkerError::Panicked("kernel bug".into()));
+        assert_eq!(pool.run(|| 5).await, Ok(5));
+    }
+}
