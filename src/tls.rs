@@ -145,12 +145,28 @@ impl ClientCredentials {
         })
     }
 
-    /// tonic's client TLS config for a server named `server_name`.
-    pub fn tonic_config(&self, server_name: &str) -> tonic::transport::ClientTlsConfig {
-        crypto_provider();
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .domain_name(server_name)
+    /// A rustls client config: trusts only the given CA, presents the
+    /// client certificate, speaks HTTP/2.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let pem_err = |what, expected, reason: String| TlsError::Pem { what, path: PathBuf::from("(client credentials)"), expected, reason };
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
+            let ca = ca.map_err(|e| pem_err("CA certificate", "CERTIFICATE", e.to_string()))?;
+            roots.add(ca).map_err(|source| TlsError::ClientCa { path: PathBuf::from("(client --ca)"), source })?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err("client certificate", "CERTIFICATE", e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| pem_err("client key", "PRIVATE KEY", e.to_string()))?;
+        let identity_err = |source| TlsError::Identity { cert: "(client --cert)".into(), key: "(client --key)".into(), source };
+        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(identity_err)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(identity_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
     }
 }

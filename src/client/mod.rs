@@ -2,10 +2,11 @@
 //! and the translation of transport failures into messages that say which
 //! side refused what.
 
+pub mod connector;
 pub mod credentials;
 pub mod image_io;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tonic::transport::{Channel, Endpoint};
@@ -91,15 +92,20 @@ impl Target {
 pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result<Channel, ClientError> {
     let address = target.address();
     let server_name = target.server_name.clone().unwrap_or_else(|| target.host.trim_matches(['[', ']']).to_string());
-    let endpoint = Endpoint::from_shared(format!("https://{address}"))
-        .and_then(|e| e.tls_config(credentials.tonic_config(&server_name)))
+    let tls = credentials.rustls_config().map_err(|e| ClientError::Connect { address: address.clone(), explanation: error_chain(&e) })?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.clone()).map_err(|e| ClientError::Connect {
+        address: address.clone(),
+        explanation: format!("{server_name:?} is not a valid server name: {e}"),
+    })?;
+    let connector = connector::TlsConnector { config: Arc::new(tls), server_name: name, address: address.clone() };
+    // TLS is done by the connector, so tonic sees a plain "http" URI.
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|source| ClientError::Address { address: address.clone(), source })?
         .connect_timeout(target.connect_timeout)
         .timeout(target.timeout)
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024));
-    endpoint.connect().await.map_err(|e| ClientError::Connect {
+    endpoint.connect_with_connector(connector).await.map_err(|e| ClientError::Connect {
         explanation: explain(&e, &server_name).unwrap_or_else(|| error_chain(&e)),
         address,
     })
@@ -188,18 +194,30 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 pub fn explain(err: &(dyn std::error::Error + 'static), server_name: &str) -> Option<String> {
     let chain = error_chain(err);
     let lower = chain.to_ascii_lowercase();
-    let text = if lower.contains("certificaterequired") {
-        "the server requires a client certificate, and refused the connection without one".to_string()
-    } else if lower.contains("unknownissuer") {
-        "the server's certificate is not signed by the CA given with --ca (or the client config)".to_string()
-    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
-        format!("the server's certificate is not valid for the name {server_name:?}: pass the name it was issued for with --server-name")
-    } else if lower.contains("unknownca") || lower.contains("badcertificate") || lower.contains("decrypterror") {
-        "the server refused the client certificate: it is not signed by a CA the server trusts".to_string()
-    } else if lower.contains("certificaterevoked") {
+    // "invalid peer certificate" is this client refusing the server's
+    // certificate; "received fatal alert" is the server refusing ours.
+    let text = if lower.contains("invalid peer certificate") {
+        if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+            format!("this client refused the server's certificate: it is not valid for the name {server_name:?} (pass the name it was issued for with --server-name)")
+        } else if lower.contains("expired") {
+            "this client refused the server's certificate: it has expired".to_string()
+        } else if lower.contains("unknownissuer") || lower.contains("badsignature") {
+            "this client refused the server's certificate: it is not signed by the CA given with --ca".to_string()
+        } else {
+            "this client refused the server's certificate".to_string()
+        }
+    } else if lower.contains("certificaterequired") {
+        "the server requires a client certificate and refused the connection without one".to_string()
+    } else if lower.contains("alert") && (lower.contains("unknownca") || lower.contains("badcertificate") || lower.contains("decrypterror")) {
+        "the server refused the client certificate: it is not signed by a CA the server trusts, or not for client authentication".to_string()
+    } else if lower.contains("alert") && lower.contains("unsupportedcertificate") {
+        "the server refused the client certificate: it is not issued for client authentication (extended key usage)".to_string()
+    } else if lower.contains("alert") && lower.contains("certificaterevoked") {
         "the server refused the client certificate: it has been revoked".to_string()
-    } else if lower.contains("certificateexpired") || lower.contains("expired") {
-        "a certificate has expired (the server's, or ours as the server says)".to_string()
+    } else if lower.contains("alert") && lower.contains("certificateexpired") {
+        "the server refused the client certificate: it has expired or is not yet valid".to_string()
+    } else if lower.contains("closed the connection right after the tls handshake") {
+        "the server closed the connection right after the TLS handshake (it most likely refused the client certificate; its log says why)".to_string()
     } else if lower.contains("connection refused") {
         "nothing accepts connections at that address (is the server running?)".to_string()
     } else if lower.contains("timed out") || lower.contains("deadline") {
