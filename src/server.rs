@@ -207,6 +207,7 @@ impl Server {
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
             .layer(tonic::service::InterceptorLayer::new(TenantInterceptor::new(settings.tls.trust_domain.clone())))
             .add_service(health_service)
             .add_service(reflection)
@@ -237,6 +238,22 @@ impl Server {
         }
         result
     }
+}
+
+/// tonic answers a request over the decode limit with OUT_OF_RANGE; a
+/// message over a configured limit is RESOURCE_EXHAUSTED in gRPC's own
+/// implementations and in our error contract. Such refusals are
+/// trailers-only responses, so the status is in the headers.
+fn message_limit_status<B>(mut response: tonic::codegen::http::Response<B>) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers();
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| {
+            m.contains("message%20length%20too%20large") || m.contains("message length too large")
+        });
+    if too_large {
+        response.headers_mut().insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Accepts TCP connections, runs each TLS handshake under a deadline on its

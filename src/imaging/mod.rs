@@ -83,3 +83,14 @@ pub fn mean_filter_into<T: Sample>(src: &[T], layout: Layout, dst: &mut [T]) -> 
 pub fn mean_filter<T: Sample + Default>(src: &[T], layout: Layout) -> Result<Vec<T>, ImagingError> {
     let mut dst = vec![T::default(); layout.samples()]; mean_filter_into(src, layout, &mut dst)?; Ok(dst)
 }
+
+/// Plain oracle kernels.
+pub mod reference {
+    use super::*;
+    pub fn rotate<T: Sample + Default>(src: &[T], layout: Layout, turns: QuarterTurns) -> Vec<T> {
+        super::rotate(src, layout, turns).expect("valid layout")
+    }
+    pub fn mean_filter<T: Sample + Default>(src: &[T], layout: Layout) -> Vec<T> {
+        super::mean_filter(src, layout).expect("valid layout")
+    }
+}

@@ -1,0 +1,251 @@
+//! Shared test harness: a per-test PKI made by the gen-certs library, an
+//! in-process server on 127.0.0.1:0 stopped through a channel, and helpers
+//! to drive it with the real client binary or a tonic client.
+#![allow(dead_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use imgsvc::{
+    client::{self, RawImage, Target},
+    config::{RawConfig, Settings},
+    identity::{TenantId, TrustDomain},
+    imaging::{reference, Layout, QuarterTurns},
+    pki::{self, IssueRequest, PkiPaths},
+    proto::v1::PixelFormat,
+    server::{bind, Server, ServerError},
+    tls::ClientCredentials,
+};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+use tonic::transport::Channel;
+
+pub const TRUST_DOMAIN: &str = "test.imgsvc";
+
+/// A CA with a server certificate and client certificates, in a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub trust_domain: TrustDomain,
+}
+
+impl Pki {
+    pub fn new(tenants: &[&str]) -> Self {
+        Self::with_trust_domain(TRUST_DOMAIN, tenants)
+    }
+
+    pub fn with_trust_domain(trust_domain: &str, tenants: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let trust_domain = TrustDomain::parse(trust_domain).unwrap();
+        let mut req = IssueRequest::new(dir.path(), trust_domain.clone());
+        req.tenants = tenants.iter().map(|t| TenantId::parse(t).unwrap()).collect();
+        pki::issue(&req).unwrap();
+        Self { dir, trust_domain }
+    }
+
+    pub fn paths(&self) -> PkiPaths {
+        PkiPaths::new(self.dir.path())
+    }
+
+    pub fn client_files(&self, tenant: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let t = TenantId::parse(tenant).unwrap();
+        let p = self.paths();
+        (p.ca_cert(), p.client_cert(&t), p.client_key(&t))
+    }
+
+    pub fn credentials(&self, tenant: &str) -> ClientCredentials {
+        let (ca, cert, key) = self.client_files(tenant);
+        ClientCredentials::from_files(&ca, &cert, &key).unwrap()
+    }
+
+    /// Signs a client certificate with arbitrary SANs and usage with this
+    /// CA, writes it into the PKI dir as `<name>.pem`/`<name>-key.pem`.
+    pub fn sign_custom(&self, name: &str, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {
+        let p = self.paths();
+        let ca_key = KeyPair::from_pem(&std::fs::read_to_string(p.ca_key()).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(p.ca_cert()).unwrap(), ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (cert_path, key_path) = (self.dir.path().join(format!("{name}.pem")), self.dir.path().join(format!("{name}-key.pem")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+pub fn uri_san(uri: &str) -> SanType {
+    SanType::URI(uri.try_into().unwrap())
+}
+
+/// A raw config pointing at `pki`'s server files, loopback, port 0.
+pub fn raw_config(pki: &Pki) -> RawConfig {
+    let p = pki.paths();
+    let mut raw = RawConfig::default();
+    raw.server.host = "127.0.0.1".into();
+    raw.server.port = 0;
+    raw.server.worker_threads = 2;
+    raw.server.drain_timeout_secs = 10;
+    raw.tls.cert = p.server_cert();
+    raw.tls.key = p.server_key();
+    raw.tls.client_ca = p.ca_cert();
+    raw.tls.trust_domain = pki.trust_domain.to_string();
+    raw.log.level = "warn".into();
+    raw
+}
+
+/// An in-process server on its own runtime, on its own thread, so tests
+/// may drive it from sync code or from their own tokio runtime alike.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    pub fn start(pki: &Pki) -> Self {
+        Self::start_with(pki, |_| {})
+    }
+
+    pub fn start_with(pki: &Pki, edit: impl FnOnce(&mut RawConfig)) -> Self {
+        let mut raw = raw_config(pki);
+        edit(&mut raw);
+        let settings = Settings::validate(raw, "test config".into()).unwrap();
+        imgsvc::telemetry::init(&settings.log);
+        let server = Server::new(settings).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let listeners = bind("127.0.0.1", 0).await.unwrap();
+                addr_tx.send(listeners[0].local_addr().unwrap()).unwrap();
+                server
+                    .serve(listeners, async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+            })
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
+        Self { addr, stop: Some(stop), thread: Some(thread) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Sends the shutdown signal and waits for `serve` to return.
+    pub fn stop(mut self) -> Result<(), ServerError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+
+    /// The shutdown sender, for tests that stop the server mid-flight.
+    pub fn take_stop(&mut self) -> tokio::sync::oneshot::Sender<()> {
+        self.stop.take().unwrap()
+    }
+
+    /// Waits for `serve` to return (after the shutdown signal was sent).
+    pub fn join(mut self) -> Result<(), ServerError> {
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn target(port: u16) -> Target {
+    Target {
+        host: "127.0.0.1".into(),
+        port,
+        server_name: Some("localhost".into()),
+        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(60),
+    }
+}
+
+/// A connected mutual-TLS channel for `tenant`.
+pub async fn channel(server: &TestServer, pki: &Pki, tenant: &str) -> Channel {
+    client::connect(&target(server.port()), &pki.credentials(tenant)).await.unwrap()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Runs the real client binary, isolated from the user's config and env.
+pub fn run_client(args: &[&str]) -> Output {
+    let home = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_imgsvc-client"))
+        .args(args)
+        .env_remove("IMGSVC_CA")
+        .env_remove("IMGSVC_CERT")
+        .env_remove("IMGSVC_KEY")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .unwrap()
+}
+
+/// `--host --port --ca --cert --key --server-name` for the client binary.
+pub fn client_args(server: &TestServer, pki: &Pki, tenant: &str) -> Vec<String> {
+    let (ca, cert, key) = pki.client_files(tenant);
+    vec![
+        "--host".into(), "127.0.0.1".into(),
+        "--port".into(), server.port().to_string(),
+        "--ca".into(), ca.display().to_string(),
+        "--cert".into(), cert.display().to_string(),
+        "--key".into(), key.display().to_string(),
+        "--server-name".into(), "localhost".into(),
+    ]
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// What the service must return for `ops` applied to `image`, computed
+/// with the plain reference kernels.
+pub fn expected(image: &RawImage, ops: &[client::Op]) -> RawImage {
+    assert!(matches!(image.format, PixelFormat::Gray8 | PixelFormat::Rgb8 | PixelFormat::Rgba8 | PixelFormat::Graya8));
+    let channels = match image.format {
+        PixelFormat::Gray8 => 1,
+        PixelFormat::Graya8 => 2,
+        PixelFormat::Rgb8 => 3,
+        _ => 4,
+    };
+    let mut layout = Layout::new(image.width as usize, image.height as usize, channels).unwrap();
+    let mut data = image.data.to_vec();
+    for op in ops {
+        match *op {
+            client::Op::MeanFilter => data = reference::mean_filter(&data, layout),
+            client::Op::Rotate(t) => {
+                data = reference::rotate(&data, layout, t);
+                layout = layout.rotated(t);
+            }
+        }
+    }
+    RawImage { format: image.format, width: layout.width() as u32, height: layout.height() as u32, data: data.into() }
+}
+
+pub fn all_turns() -> [(QuarterTurns, &'static str); 4] {
+    [
+        (QuarterTurns::Zero, "NONE"),
+        (QuarterTurns::One, "NINETY_DEG"),
+        (QuarterTurns::Two, "ONE_EIGHTY_DEG"),
+        (QuarterTurns::Three, "TWO_SEVENTY_DEG"),
+    ]
+}

@@ -1,0 +1,150 @@
+//! Mutual TLS and tenant identity: who gets in, who is refused, how, and
+//! that the server keeps serving afterwards.
+
+mod common;
+
+use common::*;
+use imgsvc::{
+    client::{self, error_chain, ClientError},
+    proto::v1::{image_service_client::ImageServiceClient, Image, PixelFormat, ProcessRequest},
+};
+use rcgen::{ExtendedKeyUsagePurpose, SanType};
+use tonic::Code;
+
+fn tiny_request() -> ProcessRequest {
+    ProcessRequest {
+        image: Some(Image { format: PixelFormat::Gray8 as i32, width: 1, height: 1, data: vec![9u8].into() }),
+        operations: vec![],
+    }
+}
+
+async fn call_with(server: &TestServer, creds: &imgsvc::tls::ClientCredentials) -> Result<(), ClientError> {
+    let ch = client::connect(&target(server.port()), creds).await?;
+    ImageServiceClient::new(ch).process(tiny_request()).await.map_err(|s| ClientError::Status {
+        code: s.code(),
+        message: s.message().to_string(),
+        hint: String::new(),
+    })?;
+    Ok(())
+}
+
+async fn assert_still_serving(server: &TestServer, pki: &Pki) {
+    call_with(server, &pki.credentials("alpha")).await.expect("a valid client is still served");
+}
+
+fn creds(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> imgsvc::tls::ClientCredentials {
+    imgsvc::tls::ClientCredentials::from_files(ca, cert, key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_client_certificate_signed_by_the_configured_ca() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    call_with(&server, &pki.credentials("alpha")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_connection_without_client_certificate() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    // tonic's own TLS client with a CA but no identity.
+    imgsvc::tls::crypto_provider();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(pki.paths().ca_cert()).unwrap()))
+        .domain_name("localhost");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    // TLS 1.3: the refusal arrives with the first call, not on connect.
+    let result = match endpoint.connect().await {
+        Err(e) => error_chain(&e),
+        Ok(ch) => error_chain(&ImageServiceClient::new(ch).process(tiny_request()).await.unwrap_err()),
+    };
+    assert!(result.contains("CertificateRequired"), "{result}");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_client_signed_by_another_ca_at_the_handshake() {
+    let pki = Pki::new(&["alpha"]);
+    let other = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (_, cert, key) = other.client_files("alpha");
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"), "{explanation}");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_server_only_certificate_used_as_client_certificate() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let p = pki.paths();
+    let err = call_with(&server, &creds(&p.ca_cert(), &p.server_cert(), &p.server_key())).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.contains("not issued for client authentication"), "{explanation}");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_certificate_without_tenant_uri_with_unauthenticated() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (cert, key) = pki.sign_custom("no-uri", vec![SanType::DnsName("client.example".try_into().unwrap())], ExtendedKeyUsagePurpose::ClientAuth);
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(code, Code::Unauthenticated);
+    assert_eq!(message, "the client certificate has no URI SAN of the form spiffe://test.imgsvc/tenant/<name>");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_tenant_of_another_trust_domain_with_unauthenticated() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (cert, key) = pki.sign_custom("foreign", vec![uri_san("spiffe://elsewhere.example/tenant/alpha")], ExtendedKeyUsagePurpose::ClientAuth);
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(code, Code::Unauthenticated);
+    assert_eq!(
+        message,
+        "the client certificate names tenant URI \"spiffe://elsewhere.example/tenant/alpha\", which is not in trust domain \"test.imgsvc\""
+    );
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_server_whose_certificate_another_ca_signed() {
+    let pki = Pki::new(&["alpha"]);
+    let other = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (_, cert, key) = pki.client_files("alpha");
+    let err = call_with(&server, &creds(&other.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.starts_with("this client refused the server's certificate: it is not signed by the CA given with --ca"), "{explanation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_server_name_the_certificate_does_not_cover() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut t = target(server.port());
+    t.server_name = Some("imgsvc.example.com".into());
+    let err = client::connect(&t, &pki.credentials("alpha")).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.contains("not valid for the name \"imgsvc.example.com\""), "{explanation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_service_needs_a_tenant_certificate_and_reports_serving() {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut health = HealthClient::new(channel(&server, &pki, "alpha").await);
+    for service in ["", "NLImageService", "imgsvc.v1.ImageService"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
