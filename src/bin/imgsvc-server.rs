@@ -94,6 +94,12 @@ fn check_config(settings: &Settings) -> ExitCode {
 }
 
 async fn run(settings: Settings) -> ExitCode {
+    // Handlers go in before anything listens, so a SIGTERM that arrives the
+    // moment the port opens is a graceful stop, not the default kill.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot install signal handlers")),
+    };
     let dev_hint = settings.tls.dev_auto_certs.then(|| dev_client_command(&settings));
     let (host, port, origin) = (settings.host.clone(), settings.port, settings.origin.clone());
     let server = match Server::new(settings) {
@@ -108,38 +114,43 @@ async fn run(settings: Settings) -> ExitCode {
         let port = listeners.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
         tracing::info!("development mode: try\n  {}", hint.replace("{port}", &port.to_string()));
     }
-    match server.serve(listeners, shutdown_signal()).await {
+    match server.serve(listeners, shutdown_signal(signals)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, anyhow::Error::new(e)),
     }
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
 /// SIGHUP is logged and otherwise ignored until config reload exists.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
-            return std::future::pending().await;
-        }
-    };
+async fn shutdown_signal(mut signals: Signals) {
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break }
-            _ = int.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break }
-            _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart to apply changes"),
+            _ = signals.term.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break }
+            _ = signals.int.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break }
+            _ = signals.hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart to apply changes"),
         }
     }
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = signals.term.recv() => {}
+            _ = signals.int.recv() => {}
         }
         eprintln!("imgsvc-server: second signal during drain: exiting now");
         std::process::exit(1);
