@@ -69,11 +69,13 @@ impl WorkerPool {
             .map_err(|_| WorkerError::Busy { capacity: self.capacity })?;
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
-            let _permit = permit;
             if tx.is_closed() {
                 return; // the caller was cancelled while the job waited
             }
             let result = std::panic::catch_unwind(AssertUnwindSafe(job));
+            // Free the slot before answering, so a caller that submits its
+            // next job as soon as it has this result is not refused.
+            drop(permit);
             let _ = tx.send(result);
         });
         match rx.await {
