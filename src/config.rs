@@ -394,6 +394,14 @@ mod tests {
     }
 
     #[test]
+    fn production_example_is_valid() {
+        let source = ConfigSource::Inline { name: "config/imgsvc.toml".into(), toml: include_str!("../config/imgsvc.toml").into() };
+        let s = Settings::load_with_env(&source, []).unwrap();
+        assert!(!s.tls.dev_auto_certs);
+        assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
     fn embedded_dev_config_is_valid() {
         let s = Settings::load_with_env(&ConfigSource::embedded_dev(), []).unwrap();
         assert!(s.tls.dev_auto_certs);

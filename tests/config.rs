@@ -169,3 +169,20 @@ fn dev_quickstart_generates_certificates_and_serves_the_printed_client_command()
     assert!(status.success(), "{status:?}: {:?}", lines.try_iter().collect::<Vec<_>>());
     assert_eq!(std::fs::read(certs.join("ca.pem")).unwrap(), ca);
 }
+
+#[test]
+fn check_config_catches_a_key_that_does_not_match_the_certificate() {
+    let pki = Pki::new(&[]);
+    let other = Pki::new(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &pki, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &pki.paths().server_key().display().to_string(),
+        &other.paths().server_key().display().to_string(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = server_cmd(dir.path()).args(["--check-config", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not form a usable identity") && err.contains("KeyMismatch"), "{err}");
+}

@@ -45,23 +45,28 @@ async fn accepts_client_certificate_signed_by_the_configured_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_connection_without_client_certificate() {
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
-    // tonic's own TLS client with a CA but no identity.
-    imgsvc::tls::crypto_provider();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(pki.paths().ca_cert()).unwrap()))
-        .domain_name("localhost");
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", server.port()))
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(imgsvc::tls::read_certs("ca", &pki.paths().ca_cert()).unwrap().remove(0)).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
         .unwrap()
-        .tls_config(tls)
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // TLS 1.3: the client's side of the handshake completes; the server's
+    // refusal arrives as an alert on the first read.
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
         .unwrap();
-    // TLS 1.3: the refusal arrives with the first call, not on connect.
-    let result = match endpoint.connect().await {
-        Err(e) => error_chain(&e),
-        Ok(ch) => error_chain(&ImageServiceClient::new(ch).process(tiny_request()).await.unwrap_err()),
-    };
-    assert!(result.contains("CertificateRequired"), "{result}");
+    let mut buf = [0u8; 64];
+    let err = tls.read(&mut buf).await.unwrap_err();
+    assert!(err.to_string().contains("CertificateRequired"), "{err}");
     assert_still_serving(&server, &pki).await;
 }
 
@@ -146,5 +151,34 @@ async fn health_service_needs_a_tenant_certificate_and_reports_serving() {
     for service in ["", "NLImageService", "imgsvc.v1.ImageService"] {
         let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_tls12_clients_as_well_as_tls13() {
+    use std::sync::Arc;
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let creds = pki.credentials("alpha");
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let base = creds.rustls_config().unwrap();
+        // Same trust and identity, one protocol version only.
+        let (ca, cert, key) = pki.client_files("alpha");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(imgsvc::tls::read_certs("ca", &ca).unwrap().remove(0)).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(imgsvc::tls::read_certs("cert", &cert).unwrap(), imgsvc::tls::read_key("key", &key).unwrap())
+            .unwrap();
+        config.alpn_protocols = base.alpn_protocols.clone();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     }
 }
