@@ -10,12 +10,19 @@
 //!
 //! Relative paths in the config are relative to the working directory.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::identity::{TenantIdError, TrustDomain};
+use crate::{
+    identity::{TenantId, TenantIdError, TrustDomain},
+    tenancy::policy::{Operation, TenancyConfig, TenantPolicy, UnknownTenants},
+};
 
 /// The development config, embedded so that `imgsvc-server` with no
 /// `--config` runs out of the box (it is `config/dev.toml`).
@@ -29,7 +36,7 @@ pub enum ConfigError {
     #[error("config {origin}: {source}")]
     Parse { origin: String, #[source] source: config::ConfigError },
     #[error("config {origin}: key `{key}`: {problem}")]
-    Invalid { origin: String, key: &'static str, problem: String },
+    Invalid { origin: String, key: String, problem: String },
 }
 
 /// Where the config comes from.
@@ -59,6 +66,38 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub tenancy: RawTenancy,
+    pub tenant_defaults: RawTenantLimits,
+    pub tenants: BTreeMap<String, RawTenantLimits>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTenancy {
+    pub unknown_tenants: UnknownTenants,
+    pub memory_budget_bytes: u64,
+}
+
+impl Default for RawTenancy {
+    fn default() -> Self {
+        Self { unknown_tenants: UnknownTenants::Refuse, memory_budget_bytes: 2 << 30 }
+    }
+}
+
+/// A tenant's limits as written: every key optional. A `[tenants.<name>]`
+/// key overrides `[tenant_defaults]`, which overrides the built-in default.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenantLimits {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub max_concurrent_requests: Option<u32>,
+    pub max_queued_requests: Option<u32>,
+    pub max_image_pixels: Option<u64>,
+    pub max_request_bytes: Option<u64>,
+    pub allowed_operations: Option<Vec<String>>,
+    pub weight: Option<u32>,
+    pub enabled: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -85,6 +124,7 @@ pub struct RawTls {
     pub trust_domain: String,
     pub dev_auto_certs: bool,
     pub handshake_timeout_secs: u64,
+    pub crl_files: Vec<PathBuf>,
 }
 
 impl Default for RawTls {
@@ -96,6 +136,7 @@ impl Default for RawTls {
             trust_domain: "imgsvc.local".into(),
             dev_auto_certs: false,
             handshake_timeout_secs: 10,
+            crl_files: Vec::new(),
         }
     }
 }
@@ -155,6 +196,7 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
+    pub tenancy: TenancyConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +207,8 @@ pub struct TlsSettings {
     pub trust_domain: TrustDomain,
     pub dev_auto_certs: bool,
     pub handshake_timeout: Duration,
+    /// Certificate revocation lists (PEM) checked at every handshake.
+    pub crl_files: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,7 +244,7 @@ impl Settings {
 
     /// Stage 2: values and ranges.
     pub fn validate(raw: RawConfig, origin: String) -> Result<Self, ConfigError> {
-        let invalid = |key: &'static str, problem: String| ConfigError::Invalid { origin: origin.clone(), key, problem };
+        let invalid = |key: &str, problem: String| ConfigError::Invalid { origin: origin.clone(), key: key.into(), problem };
         if raw.server.host.trim().is_empty() {
             return Err(invalid("server.host", "must not be empty (use 0.0.0.0 or :: for all interfaces)".into()));
         }
@@ -240,6 +284,7 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
+        let tenancy = resolve_tenancy(&raw, &origin)?;
 
         Ok(Settings {
             origin: origin.clone(),
@@ -254,6 +299,7 @@ impl Settings {
                 trust_domain,
                 dev_auto_certs: raw.tls.dev_auto_certs,
                 handshake_timeout: Duration::from_secs(raw.tls.handshake_timeout_secs),
+                crl_files: raw.tls.crl_files,
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,
@@ -262,8 +308,107 @@ impl Settings {
                 max_queued_jobs: l.max_queued_jobs,
             },
             log: LogSettings { level: raw.log.level, format: raw.log.format },
+            tenancy,
         })
     }
+}
+
+/// Built-in tenant limits, under `[tenant_defaults]`.
+const DEFAULT_MAX_CONCURRENT: u32 = 32;
+const DEFAULT_MAX_QUEUED: u32 = 128;
+
+fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, ConfigError> {
+    let invalid = |key: String, problem: String| ConfigError::Invalid { origin: origin.into(), key, problem };
+    if raw.tenancy.memory_budget_bytes < 1 << 20 {
+        return Err(invalid("tenancy.memory_budget_bytes".into(), format!("{} is below the minimum of 1048576 (1 MiB)", raw.tenancy.memory_budget_bytes)));
+    }
+    let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, &invalid)?;
+    let mut tenants = HashMap::new();
+    for (name, limits) in &raw.tenants {
+        let section = format!("tenants.{name}");
+        let id = TenantId::parse(name).map_err(|e| invalid(section.clone(), e.to_string()))?;
+        tenants.insert(id, resolve_tenant(&section, limits, &raw.tenant_defaults, &raw.limits, &invalid)?);
+    }
+    Ok(TenancyConfig {
+        unknown_tenants: raw.tenancy.unknown_tenants,
+        memory_budget_bytes: raw.tenancy.memory_budget_bytes,
+        defaults,
+        tenants,
+    })
+}
+
+fn resolve_tenant(
+    section: &str,
+    own: &RawTenantLimits,
+    defaults: &RawTenantLimits,
+    global: &RawLimits,
+    invalid: &dyn Fn(String, String) -> ConfigError,
+) -> Result<TenantPolicy, ConfigError> {
+    let key = |k: &str| format!("{section}.{k}");
+    let rps = own.requests_per_second.or(defaults.requests_per_second).unwrap_or(0.0);
+    if !rps.is_finite() || !(0.0..=1e6).contains(&rps) {
+        return Err(invalid(key("requests_per_second"), format!("{rps} is out of range 0..=1000000 (0 = no rate limit)")));
+    }
+    let burst = own.burst.or(defaults.burst).unwrap_or_else(|| rps.ceil().max(1.0) as u32);
+    if rps > 0.0 && burst == 0 {
+        return Err(invalid(key("burst"), "must be at least 1 when requests_per_second is set".into()));
+    }
+    let in_range = |name: &str, value: u64, min: u64, max: u64, note: &str| {
+        if (min..=max).contains(&value) { Ok(value) } else { Err(invalid(key(name), format!("{value} is out of range {min}..={max}{note}"))) }
+    };
+    let max_concurrent_requests = in_range(
+        "max_concurrent_requests",
+        own.max_concurrent_requests.or(defaults.max_concurrent_requests).unwrap_or(DEFAULT_MAX_CONCURRENT).into(),
+        1,
+        100_000,
+        "",
+    )? as u32;
+    let max_queued_requests = in_range(
+        "max_queued_requests",
+        own.max_queued_requests.or(defaults.max_queued_requests).unwrap_or(DEFAULT_MAX_QUEUED).into(),
+        0,
+        1_000_000,
+        "",
+    )? as u32;
+    let max_image_pixels = in_range(
+        "max_image_pixels",
+        own.max_image_pixels.or(defaults.max_image_pixels).unwrap_or(global.max_image_pixels),
+        1,
+        global.max_image_pixels,
+        " (at most limits.max_image_pixels)",
+    )?;
+    let max_request_bytes = in_range(
+        "max_request_bytes",
+        own.max_request_bytes.or(defaults.max_request_bytes).unwrap_or(global.max_message_bytes as u64),
+        1,
+        global.max_message_bytes as u64,
+        " (at most limits.max_message_bytes)",
+    )?;
+    let weight = in_range("weight", own.weight.or(defaults.weight).unwrap_or(1).into(), 1, 1000, "")? as u32;
+    let mut allowed_operations = match own.allowed_operations.as_ref().or(defaults.allowed_operations.as_ref()) {
+        None => Operation::ALL.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                Operation::parse(n).ok_or_else(|| {
+                    let known: Vec<&str> = Operation::ALL.iter().map(|o| o.name()).collect();
+                    invalid(key("allowed_operations"), format!("unknown operation {n:?} (known: {})", known.join(", ")))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    allowed_operations.sort();
+    allowed_operations.dedup();
+    Ok(TenantPolicy {
+        enabled: own.enabled.or(defaults.enabled).unwrap_or(true),
+        rate: (rps > 0.0).then_some((rps, burst)),
+        max_concurrent_requests,
+        max_queued_requests,
+        max_image_pixels,
+        max_request_bytes,
+        allowed_operations,
+        weight,
+    })
 }
 
 /// Stage 1: layered sources into the raw struct.
@@ -391,6 +536,44 @@ mod tests {
     fn missing_file_is_an_error_naming_it() {
         let err = Settings::load_with_env(&ConfigSource::File("/nonexistent/imgsvc.toml".into()), []).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/imgsvc.toml"), "{err}");
+    }
+
+    #[test]
+    fn tenant_keys_override_defaults_which_override_built_ins() {
+        let toml = format!(
+            "{MINIMAL}\n[tenant_defaults]\nweight = 2\nrequests_per_second = 10\n[tenants.team-a]\nweight = 5\nallowed_operations = [\"rotate\"]\n[tenants.team-b]\nenabled = false\n"
+        );
+        let s = load(&toml, &[]).unwrap();
+        let a = &s.tenancy.tenants[&TenantId::parse("team-a").unwrap()];
+        assert_eq!((a.weight, a.rate, a.allowed_operations.as_slice()), (5, Some((10.0, 10)), &[Operation::Rotate][..]));
+        assert_eq!(a.max_concurrent_requests, DEFAULT_MAX_CONCURRENT);
+        let b = &s.tenancy.tenants[&TenantId::parse("team-b").unwrap()];
+        assert_eq!((b.enabled, b.weight, b.allowed_operations.len()), (false, 2, 2));
+        assert_eq!(s.tenancy.unknown_tenants, UnknownTenants::Refuse);
+        assert!(s.tenancy.policy(&TenantId::parse("nobody").unwrap()).is_none());
+    }
+
+    #[test]
+    fn tenant_errors_name_the_tenant_key() {
+        let cases = [
+            ("[tenants.a]\nallowed_operations = [\"blur\"]", "tenants.a.allowed_operations", "unknown operation \"blur\" (known: rotate, mean_filter)"),
+            ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
+            ("[tenants.a]\nmax_image_pixels = 200000000", "tenants.a.max_image_pixels", "(at most limits.max_image_pixels)"),
+            ("[tenants.Bad]\nweight = 1", "tenants.Bad", "invalid tenant name"),
+            ("[tenants.a]\nwieght = 1", "wieght", "unknown field"),
+            ("[tenant_defaults]\nrequests_per_second = -1", "tenant_defaults.requests_per_second", "out of range"),
+            ("[tenancy]\nmemory_budget_bytes = 5", "tenancy.memory_budget_bytes", "below the minimum"),
+        ];
+        for (extra, key, problem) in cases {
+            let err = load(&format!("{MINIMAL}\n{extra}\n"), &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(problem), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_tenants_switch_serves_them_with_the_defaults() {
+        let s = load(&format!("{MINIMAL}\n[tenancy]\nunknown_tenants = \"defaults\"\n"), &[]).unwrap();
+        assert_eq!(s.tenancy.policy(&TenantId::parse("anyone").unwrap()), Some(&s.tenancy.defaults));
     }
 
     #[test]

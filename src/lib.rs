@@ -9,6 +9,7 @@
 //! - [`tls`]: rustls configuration for the server and the client.
 //! - [`config`]: layered TOML/env configuration, validated in two stages.
 //! - [`pki`]: certificate authority and certificate issuing (`gen-certs`).
+//! - [`tenancy`]: per-tenant admission, limits and fair scheduling.
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
 //! - [`server`]: binds, serves, and shuts down gracefully.
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
@@ -24,6 +25,7 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tenancy;
 pub mod tls;
 pub mod worker;
 

@@ -8,12 +8,18 @@
 //! requests within `drain_timeout` → return (warning if the drain was cut
 //! short).
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use thiserror::Error;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinSet,
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
@@ -26,6 +32,7 @@ use crate::{
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
     service::{legacy::LegacyService, v1::V1Service, Processor},
+    tenancy::{RuntimePolicy, Tenancy},
     tls::{ServerTls, TlsError},
     worker::{WorkerError, WorkerPool},
 };
@@ -113,7 +120,9 @@ pub async fn bind(host: &str, port: u16) -> Result<Vec<TcpListener>, ServerError
 pub struct Server {
     settings: Settings,
     tls: ServerTls,
-    pool: WorkerPool,
+    tenancy: Tenancy,
+    tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
+    current: Arc<Mutex<Settings>>,
 }
 
 impl Server {
@@ -123,11 +132,23 @@ impl Server {
         ensure_dev_certs(&settings.tls)?;
         let tls = ServerTls::load(&settings.tls)?;
         let pool = WorkerPool::new(settings.worker_threads, settings.limits.max_queued_jobs)?;
-        Ok(Self { settings, tls, pool })
+        let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
+        let (tls_config, _) = watch::channel(tls.config.clone());
+        Ok(Self { current: Arc::new(Mutex::new(settings.clone())), settings, tls, tenancy, tls_config: Arc::new(tls_config) })
     }
 
     pub fn tls(&self) -> &ServerTls {
         &self.tls
+    }
+
+    /// The tenancy runtime (tests observe queues through it).
+    pub fn tenancy(&self) -> &Tenancy {
+        &self.tenancy
+    }
+
+    /// A handle that applies a new configuration to the running server.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle { tenancy: self.tenancy.clone(), tls_config: self.tls_config.clone(), current: self.current.clone() }
     }
 
     /// Serves on `listeners` until `shutdown` completes, then drains.
@@ -136,7 +157,7 @@ impl Server {
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let Self { settings, tls, pool } = self;
+        let Self { settings, tls, tenancy, tls_config, current: _ } = self;
         let limits = settings.limits;
         let addrs: Vec<String> =
             listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
@@ -151,7 +172,9 @@ impl Server {
             .build_v1()
             .map_err(ServerError::Reflection)?;
 
-        let processor = Processor::new(limits, pool.clone());
+        let worker_threads = settings.worker_threads;
+        let tenant_count = settings.tenancy.tenants.len();
+        let processor = Processor::new(tenancy);
         let legacy = NlImageServiceServer::new(LegacyService::new(processor.clone()))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
@@ -172,7 +195,9 @@ impl Server {
             listen = ?addrs,
             client_ca = %tls.client_ca_subject,
             trust_domain = %settings.tls.trust_domain,
-            worker_threads = pool.threads(),
+            worker_threads,
+            tenants = tenant_count,
+            unknown_tenants = ?settings.tenancy.unknown_tenants,
             max_image_pixels = limits.max_image_pixels,
             config = %settings.origin,
             "imgsvc-server {} listening on {} (mutual TLS)",
@@ -182,9 +207,8 @@ impl Server {
 
         let (conn_tx, conn_rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
         let mut accept_tasks = JoinSet::new();
-        let acceptor = TlsAcceptor::from(tls.config.clone());
         for listener in listeners {
-            accept_tasks.spawn(accept_loop(listener, acceptor.clone(), settings.tls.handshake_timeout, conn_tx.clone()));
+            accept_tasks.spawn(accept_loop(listener, tls_config.subscribe(), settings.tls.handshake_timeout, conn_tx.clone()));
         }
         drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
@@ -240,6 +264,64 @@ impl Server {
     }
 }
 
+/// Applies a new configuration to a running server: all or nothing.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    tenancy: Tenancy,
+    tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
+    current: Arc<Mutex<Settings>>,
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub tenants: usize,
+    pub client_ca_subject: String,
+    /// Changed keys that only take effect after a restart.
+    pub restart_needed: Vec<&'static str>,
+}
+
+impl ReloadHandle {
+    /// Loads and checks everything `settings` names first (TLS files, CRLs);
+    /// only then swaps the tenancy policy, limits and TLS configuration.
+    /// On error nothing changes. Established connections and in-flight
+    /// requests are untouched; new connections use the new certificates.
+    pub fn reload(&self, settings: Settings) -> Result<ReloadReport, ServerError> {
+        let tls = ServerTls::load(&settings.tls)?;
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let restart_needed = restart_only_changes(&current, &settings);
+        self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
+        self.tls_config.send_replace(tls.config.clone());
+        let report = ReloadReport {
+            tenants: settings.tenancy.tenants.len(),
+            client_ca_subject: tls.client_ca_subject.clone(),
+            restart_needed,
+        };
+        *current = settings;
+        Ok(report)
+    }
+}
+
+/// Keys whose new values a reload cannot apply to a running server.
+fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |key, differs: bool| {
+        if differs {
+            changed.push(key);
+        }
+    };
+    check("server.host", old.host != new.host);
+    check("server.port", old.port != new.port);
+    check("server.worker_threads", old.worker_threads != new.worker_threads);
+    check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
+    check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
+    check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
+    check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
+    check("log.level", old.log.level != new.log.level);
+    check("log.format", old.log.format != new.log.format);
+    changed
+}
+
 /// tonic answers a request over the decode limit with OUT_OF_RANGE; a
 /// message over a configured limit is RESOURCE_EXHAUSTED in gRPC's own
 /// implementations and in our error contract. Such refusals are
@@ -261,7 +343,7 @@ fn message_limit_status<B>(mut response: tonic::codegen::http::Response<B>) -> t
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
     connections: mpsc::Sender<TlsStream<TcpStream>>,
 ) {
@@ -281,7 +363,10 @@ async fn accept_loop(
             tracing::warn!(%peer, "too many TLS handshakes in progress: dropping connection");
             continue;
         };
-        let (acceptor, connections) = (acceptor.clone(), connections.clone());
+        // The newest TLS configuration (reloads take effect here);
+        // established connections keep theirs.
+        let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
+        let connections = connections.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {

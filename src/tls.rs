@@ -11,7 +11,7 @@ use std::{path::{Path, PathBuf}, sync::Arc};
 
 use rustls::{
     crypto::CryptoProvider,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
     RootCertStore, ServerConfig,
 };
@@ -68,7 +68,19 @@ impl ServerTls {
             roots.add(ca.clone()).map_err(|source| TlsError::ClientCa { path: settings.client_ca.clone(), source })?;
         }
         let provider = crypto_provider();
+        let mut crls = Vec::new();
+        for path in &settings.crl_files {
+            let pem = read_file("CRL", path)?;
+            let parsed = CertificateRevocationListDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Pem { what: "CRL", path: path.clone(), expected: "X509 CRL", reason: e.to_string() })?;
+            if parsed.is_empty() {
+                return Err(TlsError::Pem { what: "CRL", path: path.clone(), expected: "X509 CRL", reason: "no X509 CRL block found".into() });
+            }
+            crls.extend(parsed);
+        }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls)
             .build()
             .map_err(|source| TlsError::Verifier { path: settings.client_ca.clone(), source })?;
         let identity_err = |source| TlsError::Identity { cert: settings.cert.clone(), key: settings.key.clone(), source };

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use imgsvc::{
-    client::{self, error_chain, ClientError},
+    client::{self, ClientError},
     proto::v1::{image_service_client::ImageServiceClient, Image, PixelFormat, ProcessRequest},
 };
 use rcgen::{ExtendedKeyUsagePurpose, SanType};

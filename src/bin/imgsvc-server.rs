@@ -53,16 +53,11 @@ fn main() -> ExitCode {
         Some(path) => ConfigSource::File(path.clone()),
         None => ConfigSource::embedded_dev(),
     };
-    let mut settings = match Settings::load(&source) {
+    let overrides = Overrides { host: args.host.clone(), port: args.port };
+    let settings = match load_settings(&source, &overrides) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e)),
     };
-    if let Some(host) = args.host {
-        settings.host = host;
-    }
-    if let Some(port) = args.port {
-        settings.port = port;
-    }
     telemetry::init(&settings.log);
     if args.config.is_none() {
         tracing::warn!("no --config given: running the embedded development config (never use it in production)");
@@ -74,7 +69,26 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot start the async runtime")),
     };
-    runtime.block_on(run(settings))
+    runtime.block_on(run(settings, source, overrides))
+}
+
+/// Command-line values that override the config file, at start and on
+/// every reload.
+#[derive(Clone, Debug)]
+struct Overrides {
+    host: Option<String>,
+    port: Option<u16>,
+}
+
+fn load_settings(source: &ConfigSource, overrides: &Overrides) -> Result<Settings, imgsvc::config::ConfigError> {
+    let mut settings = Settings::load(source)?;
+    if let Some(host) = &overrides.host {
+        settings.host = host.clone();
+    }
+    if let Some(port) = overrides.port {
+        settings.port = port;
+    }
+    Ok(settings)
 }
 
 fn check_config(settings: &Settings) -> ExitCode {
@@ -93,7 +107,7 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> ExitCode {
+async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> ExitCode {
     // Handlers go in before anything listens, so a SIGTERM that arrives the
     // moment the port opens is a graceful stop, not the default kill.
     let signals = match Signals::install() {
@@ -106,6 +120,19 @@ async fn run(settings: Settings) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {origin}"))),
     };
+    let reload = server.reload_handle();
+    let on_reload = move || match load_settings(&source, &overrides) {
+        Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
+        Ok(settings) => match reload.reload(settings) {
+            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
+            Ok(report) => {
+                tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
+                if !report.restart_needed.is_empty() {
+                    tracing::warn!(keys = ?report.restart_needed, "changed keys take effect only after a restart");
+                }
+            }
+        },
+    };
     let listeners = match server::bind(&host, port).await {
         Ok(l) => l,
         Err(e) => return fail(1, anyhow::Error::new(e)),
@@ -114,7 +141,7 @@ async fn run(settings: Settings) -> ExitCode {
         let port = listeners.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
         tracing::info!("development mode: try\n  {}", hint.replace("{port}", &port.to_string()));
     }
-    match server.serve(listeners, shutdown_signal(signals)).await {
+    match server.serve(listeners, shutdown_signal(signals, on_reload)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, anyhow::Error::new(e)),
     }
@@ -138,13 +165,16 @@ impl Signals {
 }
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-/// SIGHUP is logged and otherwise ignored until config reload exists.
-async fn shutdown_signal(mut signals: Signals) {
+/// SIGHUP reloads the configuration.
+async fn shutdown_signal(mut signals: Signals, on_reload: impl Fn()) {
     loop {
         tokio::select! {
             _ = signals.term.recv() => { tracing::info!(signal = "SIGTERM", "shutdown requested"); break }
             _ = signals.int.recv() => { tracing::info!(signal = "SIGINT", "shutdown requested"); break }
-            _ = signals.hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart to apply changes"),
+            _ = signals.hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "reloading configuration");
+                on_reload();
+            }
         }
     }
     tokio::spawn(async move {

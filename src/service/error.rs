@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::{imaging::ImagingError, worker::WorkerError};
+use crate::{imaging::ImagingError, tenancy::TenancyError, worker::WorkerError};
 
 /// The request is well-formed protobuf but not a valid image or pipeline.
 /// Always INVALID_ARGUMENT.
@@ -47,7 +47,7 @@ pub enum ServiceError {
     #[error(transparent)]
     Limit(#[from] LimitExceeded),
     #[error(transparent)]
-    Worker(#[from] WorkerError),
+    Tenancy(#[from] TenancyError),
     /// A kernel refused a buffer the service validated: a bug, not bad input.
     #[error("internal error: {0}")]
     Kernel(#[from] ImagingError),
@@ -58,13 +58,32 @@ pub enum ServiceError {
 impl From<ServiceError> for tonic::Status {
     fn from(err: ServiceError) -> Self {
         use tonic::Code;
+        use TenancyError as T;
         let code = match &err {
             ServiceError::Invalid(_) => Code::InvalidArgument,
             ServiceError::Limit(_) => Code::ResourceExhausted,
-            ServiceError::Worker(WorkerError::Busy { .. }) => Code::ResourceExhausted,
-            ServiceError::Worker(_) | ServiceError::Kernel(_) => Code::Internal,
+            ServiceError::Tenancy(T::UnknownTenant { .. } | T::Disabled { .. } | T::OperationNotAllowed { .. }) => {
+                Code::PermissionDenied
+            }
+            ServiceError::Tenancy(
+                T::RateLimited { .. }
+                | T::RequestTooLarge { .. }
+                | T::TenantBusy { .. }
+                | T::ServerBusy { .. }
+                | T::MemoryBudget { .. }
+                | T::Worker(WorkerError::Busy { .. }),
+            ) => Code::ResourceExhausted,
+            ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
         };
-        tonic::Status::new(code, err.to_string())
+        let mut status = tonic::Status::new(code, err.to_string());
+        if let ServiceError::Tenancy(T::RateLimited { retry_after, .. }) = &err {
+            // gRPC's retry pushback: clients that implement retries wait this long.
+            let ms = retry_after.as_millis().max(1).to_string();
+            if let Ok(value) = ms.parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", value);
+            }
+        }
+        status
     }
 }

@@ -1,10 +1,12 @@
 //! NLImageService, wire-compatible with every existing client.
 
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{tenant_of, traced, InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use crate::{
     imaging::QuarterTurns,
+    tenancy::policy::Operation,
     proto::nlimage::{
         nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService, NlImage, NlImageRotateRequest,
     },
@@ -36,12 +38,14 @@ impl NlImageService for LegacyService {
     async fn rotate_image(&self, request: Request<NlImageRotateRequest>) -> Result<Response<NlImage>, Status> {
         let tenant = tenant_of(&request);
         let processor = self.processor.clone();
-        traced("NLImageService/RotateImage", tenant, move |_tenant| {
+        traced("NLImageService/RotateImage", tenant, move |tenant| {
             Box::pin(async move {
+                
                 let req = request.into_inner();
+                let admission = processor.admit(&tenant, &[Operation::Rotate], req.encoded_len())?;
                 let turns = quarter_turns(req.rotation)?;
-                let input = PixelBuffer::from_legacy(req.image, processor.limits().max_image_pixels)?;
-                let out = processor.process(input, Pipeline::new([Step::Rotate(turns)])).await?;
+                let input = PixelBuffer::from_legacy(req.image, admission.max_image_pixels)?;
+                let out = processor.process(&admission, input, Pipeline::new([Step::Rotate(turns)])).await?;
                 Ok::<_, ServiceError>(Response::new(out.into_legacy()))
             })
         })
@@ -51,10 +55,13 @@ impl NlImageService for LegacyService {
     async fn mean_filter(&self, request: Request<NlImage>) -> Result<Response<NlImage>, Status> {
         let tenant = tenant_of(&request);
         let processor = self.processor.clone();
-        traced("NLImageService/MeanFilter", tenant, move |_tenant| {
+        traced("NLImageService/MeanFilter", tenant, move |tenant| {
             Box::pin(async move {
-                let input = PixelBuffer::from_legacy(Some(request.into_inner()), processor.limits().max_image_pixels)?;
-                let out = processor.process(input, Pipeline::new([Step::MeanFilter])).await?;
+                
+                let image = request.into_inner();
+                let admission = processor.admit(&tenant, &[Operation::MeanFilter], image.encoded_len())?;
+                let input = PixelBuffer::from_legacy(Some(image), admission.max_image_pixels)?;
+                let out = processor.process(&admission, input, Pipeline::new([Step::MeanFilter])).await?;
                 Ok::<_, ServiceError>(Response::new(out.into_legacy()))
             })
         })

@@ -11,7 +11,7 @@ pub mod legacy;
 pub mod pixels;
 pub mod v1;
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{future::Future, time::Instant};
 
 use bytes::Bytes;
 use tracing::{field::Empty, Instrument};
@@ -20,10 +20,9 @@ pub use error::{InvalidRequest, LimitExceeded, ServiceError};
 pub use pixels::{Depth, PixelBuffer, RequestError};
 
 use crate::{
-    config::Limits,
     identity::{Tenant, TenantId},
     imaging::{self, Layout, QuarterTurns},
-    worker::WorkerPool,
+    tenancy::{policy::Operation, Admission, JobCost, RuntimePolicy, Tenancy},
 };
 
 /// One step of a pipeline.
@@ -34,10 +33,11 @@ pub enum Step {
 }
 
 impl Step {
-    pub fn name(self) -> &'static str {
+    /// The operation a tenant must be allowed to run this step.
+    pub fn operation(self) -> Operation {
         match self {
-            Step::Rotate(_) => "rotate",
-            Step::MeanFilter => "mean_filter",
+            Step::Rotate(_) => Operation::Rotate,
+            Step::MeanFilter => Operation::MeanFilter,
         }
     }
 }
@@ -98,25 +98,31 @@ fn apply<T: imaging::Sample + Default>(
     })
 }
 
-/// What both APIs share: limits and the worker pool.
+/// What both APIs share: tenancy (limits, admission, scheduling).
 #[derive(Clone, Debug)]
 pub struct Processor {
-    limits: Limits,
-    pool: WorkerPool,
+    tenancy: Tenancy,
 }
 
 impl Processor {
-    pub fn new(limits: Limits, pool: WorkerPool) -> Self {
-        Self { limits, pool }
+    pub fn new(tenancy: Tenancy) -> Self {
+        Self { tenancy }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The policy in force now (limits for request validation).
+    pub fn policy(&self) -> std::sync::Arc<RuntimePolicy> {
+        self.tenancy.policy()
     }
 
-    /// Validates nothing itself: takes an already validated buffer and
-    /// pipeline, runs it off the reactor, and records the image in the span.
-    pub async fn process(&self, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
+    /// Admission control for `tenant` running `operations` on a request of
+    /// `request_bytes` (see [`crate::tenancy`]).
+    pub fn admit(&self, tenant: &TenantId, operations: &[Operation], request_bytes: usize) -> Result<Admission, ServiceError> {
+        Ok(self.tenancy.admit(tenant, operations, request_bytes as u64)?)
+    }
+
+    /// Runs an admitted, validated pipeline on the worker pool through the
+    /// tenant's queue, and records the image in the span.
+    pub async fn process(&self, admission: &Admission, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
         let span = tracing::Span::current();
         span.record("width", input.layout().width());
         span.record("height", input.layout().height());
@@ -124,8 +130,13 @@ impl Processor {
         if pipeline.steps().is_empty() {
             return Ok(input); // nothing to do: hand the request's bytes back
         }
-        let pipeline = Arc::new(pipeline);
-        Ok(self.pool.run(move || pipeline.run(input)).await??)
+        let layout = input.layout();
+        let image_bytes = input.data().len() as u64;
+        // In flight: the input plus at most two buffers of the same size
+        // (a step's output, and the previous step's while it is read).
+        let live_buffers = 1 + pipeline.steps().len().min(2) as u64;
+        let cost = JobCost { pixels: (layout.width() * layout.height()) as u64, bytes: image_bytes * live_buffers };
+        Ok(self.tenancy.run(admission, cost, move || pipeline.run(input)).await??)
     }
 }
 

@@ -1,5 +1,6 @@
 //! imgsvc.v1.ImageService.
 
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
@@ -22,8 +23,9 @@ impl V1Service {
     }
 }
 
-/// Validates a v1 operation list into a pipeline.
-pub fn pipeline_from(operations: &[Operation], max_operations: usize) -> Result<Pipeline, ServiceError> {
+/// Validates a v1 operation list into steps, in order (not yet folded, so
+/// that every requested operation is checked against the tenant's rights).
+pub fn steps_from(operations: &[Operation], max_operations: usize) -> Result<Vec<Step>, ServiceError> {
     if operations.len() > max_operations {
         return Err(LimitExceeded::TooManyOperations { count: operations.len(), limit: max_operations }.into());
     }
@@ -46,7 +48,7 @@ pub fn pipeline_from(operations: &[Operation], max_operations: usize) -> Result<
             },
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Pipeline::new(steps))
+    Ok(steps)
 }
 
 #[tonic::async_trait]
@@ -54,12 +56,15 @@ impl ImageService for V1Service {
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let tenant = tenant_of(&request);
         let processor = self.processor.clone();
-        traced("imgsvc.v1.ImageService/Process", tenant, move |_tenant| {
+        traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
+                
                 let req = request.into_inner();
-                let pipeline = pipeline_from(&req.operations, processor.limits().max_operations)?;
-                let input = PixelBuffer::from_v1(req.image, processor.limits().max_image_pixels)?;
-                let out = processor.process(input, pipeline).await?;
+                let steps = steps_from(&req.operations, processor.policy().limits.max_operations)?;
+                let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
+                let admission = processor.admit(&tenant, &operations, req.encoded_len())?;
+                let input = PixelBuffer::from_v1(req.image, admission.max_image_pixels)?;
+                let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
                 Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(out.into_v1()) }))
             })
         })

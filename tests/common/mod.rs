@@ -29,6 +29,8 @@ pub const TRUST_DOMAIN: &str = "test.imgsvc";
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub trust_domain: TrustDomain,
+    /// Tenants issued certificates; [`raw_config`] configures each one.
+    pub tenants: Vec<String>,
 }
 
 impl Pki {
@@ -42,7 +44,7 @@ impl Pki {
         let mut req = IssueRequest::new(dir.path(), trust_domain.clone());
         req.tenants = tenants.iter().map(|t| TenantId::parse(t).unwrap()).collect();
         pki::issue(&req).unwrap();
-        Self { dir, trust_domain }
+        Self { dir, trust_domain, tenants: tenants.iter().map(|t| t.to_string()).collect() }
     }
 
     pub fn paths(&self) -> PkiPaths {
@@ -95,6 +97,9 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
     raw.tls.client_ca = p.ca_cert();
     raw.tls.trust_domain = pki.trust_domain.to_string();
     raw.log.level = "warn".into();
+    for tenant in &pki.tenants {
+        raw.tenants.insert(tenant.clone(), Default::default());
+    }
     raw
 }
 
@@ -102,6 +107,8 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
 /// may drive it from sync code or from their own tokio runtime alike.
 pub struct TestServer {
     pub addr: SocketAddr,
+    reload_handle: imgsvc::server::ReloadHandle,
+    tenancy: imgsvc::tenancy::Tenancy,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
 }
@@ -117,6 +124,7 @@ impl TestServer {
         let settings = Settings::validate(raw, "test config".into()).unwrap();
         imgsvc::telemetry::init(&settings.log);
         let server = Server::new(settings).unwrap();
+        let (reload_handle, tenancy) = (server.reload_handle(), server.tenancy().clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -132,11 +140,22 @@ impl TestServer {
             })
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
-        Self { addr, stop: Some(stop), thread: Some(thread) }
+        Self { addr, reload_handle, tenancy, stop: Some(stop), thread: Some(thread) }
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Applies an edited config to the running server, as SIGHUP does.
+    pub fn reload(&self, pki: &Pki, edit: impl FnOnce(&mut RawConfig)) -> Result<imgsvc::server::ReloadReport, ServerError> {
+        let mut raw = raw_config(pki);
+        edit(&mut raw);
+        self.reload_handle.reload(Settings::validate(raw, "test config (reloaded)".into()).unwrap())
+    }
+
+    pub fn tenancy(&self) -> &imgsvc::tenancy::Tenancy {
+        &self.tenancy
     }
 
     /// Sends the shutdown signal and waits for `serve` to return.

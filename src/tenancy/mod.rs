@@ -1,0 +1,390 @@
+//! Multi-tenancy at the service edge: who may do what, how often, how much
+//! at once, and in which order pixel work runs.
+//!
+//! Every request passes, in this order and before any pixel work:
+//! 1. [`Tenancy::admit`]: tenant known and enabled (PERMISSION_DENIED), the
+//!    operations allowed (PERMISSION_DENIED), the token bucket
+//!    (RESOURCE_EXHAUSTED with a retry hint), the request size
+//!    (RESOURCE_EXHAUSTED). The admission carries the tenant's effective
+//!    pixel limit for image validation.
+//! 2. [`Tenancy::run`]: the tenant's running + waiting requests against
+//!    `max_concurrent_requests + max_queued_requests`, the server-wide
+//!    queue, and the memory budget (all RESOURCE_EXHAUSTED at once); then
+//!    the job waits in its tenant's queue until the deficit-round-robin
+//!    [`scheduler`] picks it: at most `worker_threads` jobs run at once, a
+//!    tenant runs at most `max_concurrent_requests`, and the bytes of images
+//!    in flight stay within `tenancy.memory_budget_bytes`.
+//!
+//! A request cancelled while queued leaves the queue; resources of a running
+//! job are released when the job actually finishes (by a guard that travels
+//! with the job onto the worker thread), so the accounting never lies.
+//! [`Tenancy::reconfigure`] swaps the policy at once for new requests
+//! (config reload); admitted requests keep the terms they were admitted on.
+
+pub mod policy;
+pub mod rate;
+pub mod scheduler;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+use crate::{
+    config::Limits,
+    identity::TenantId,
+    worker::{WorkerError, WorkerPool},
+};
+use policy::{Operation, TenancyConfig, TenantPolicy};
+use rate::TokenBucket;
+use scheduler::DrrScheduler;
+
+/// Why a tenant's request was refused.
+#[derive(Debug, Error, PartialEq)]
+pub enum TenancyError {
+    #[error("tenant \"{tenant}\" is not configured on this server")]
+    UnknownTenant { tenant: TenantId },
+    #[error("tenant \"{tenant}\" is disabled on this server")]
+    Disabled { tenant: TenantId },
+    #[error("operation {operation} is not allowed for tenant \"{tenant}\" (allowed: {allowed})")]
+    OperationNotAllowed { tenant: TenantId, operation: Operation, allowed: String },
+    #[error("tenant \"{tenant}\" is over its rate limit of {rate} requests per second (burst {burst}); retry in {} ms", retry_after.as_millis())]
+    RateLimited { tenant: TenantId, rate: f64, burst: u32, retry_after: Duration },
+    #[error("request is {bytes} bytes, over tenant \"{tenant}\"'s limit of {limit} bytes")]
+    RequestTooLarge { tenant: TenantId, bytes: u64, limit: u64 },
+    #[error("tenant \"{tenant}\" already has {admitted} requests running or queued, its limit (max_concurrent_requests {max_concurrent} + max_queued_requests {max_queued})")]
+    TenantBusy { tenant: TenantId, admitted: u32, max_concurrent: u32, max_queued: u32 },
+    #[error("server queue is full: {queued} image jobs are waiting (limits.max_queued_jobs)")]
+    ServerBusy { queued: usize },
+    #[error("image needs {needed} bytes in flight, over the server's memory budget of {budget} bytes (tenancy.memory_budget_bytes)")]
+    MemoryBudget { needed: u64, budget: u64 },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+impl TenancyError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownTenant { .. } => "unknown_tenant",
+            Self::Disabled { .. } => "disabled",
+            Self::OperationNotAllowed { .. } => "operation_not_allowed",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::RequestTooLarge { .. } => "request_too_large",
+            Self::TenantBusy { .. } => "tenant_busy",
+            Self::ServerBusy { .. } => "server_busy",
+            Self::MemoryBudget { .. } => "memory_budget",
+            Self::Worker(_) => "worker",
+        }
+    }
+}
+
+/// The policy in force: tenants and the server-wide limits.
+#[derive(Clone, Debug)]
+pub struct RuntimePolicy {
+    pub limits: Limits,
+    pub tenancy: TenancyConfig,
+}
+
+/// A request that passed [`Tenancy::admit`], with the terms it runs under.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub tenant: TenantId,
+    pub policy: TenantPolicy,
+    /// The tenant's pixel limit (never above the server's).
+    pub max_image_pixels: u64,
+    pub max_operations: usize,
+}
+
+/// What a job costs the scheduler (pixels) and the memory budget (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobCost {
+    pub pixels: u64,
+    pub bytes: u64,
+}
+
+struct Pending {
+    start: oneshot::Sender<Reservation>,
+    bytes: u64,
+    max_concurrent: u32,
+    enqueued: Instant,
+}
+
+struct State {
+    policy: Arc<RuntimePolicy>,
+    buckets: HashMap<TenantId, TokenBucket>,
+    running: HashMap<TenantId, u32>,
+    running_total: usize,
+    memory_in_use: u64,
+    scheduler: DrrScheduler<Pending>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    pool: WorkerPool,
+    worker_slots: usize,
+}
+
+/// Per-tenant admission and fair scheduling of pixel work.
+#[derive(Clone)]
+pub struct Tenancy {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenancy").field("worker_slots", &self.shared.worker_slots).finish_non_exhaustive()
+    }
+}
+
+/// Counts for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantLoad {
+    pub running: u32,
+    pub queued: u32,
+}
+
+impl Tenancy {
+    pub fn new(policy: RuntimePolicy, pool: WorkerPool) -> Self {
+        let worker_slots = pool.threads();
+        let state = State {
+            policy: Arc::new(policy),
+            buckets: HashMap::new(),
+            running: HashMap::new(),
+            running_total: 0,
+            memory_in_use: 0,
+            scheduler: DrrScheduler::default(),
+        };
+        Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots }) }
+    }
+
+    pub fn policy(&self) -> Arc<RuntimePolicy> {
+        lock(&self.shared.state).policy.clone()
+    }
+
+    /// Adopts a new policy for requests admitted from now on.
+    pub fn reconfigure(&self, policy: RuntimePolicy) {
+        let now = Instant::now();
+        let mut state = lock(&self.shared.state);
+        let tenancy = &policy.tenancy;
+        state.buckets.retain(|tenant, bucket| match tenancy.policy(tenant).and_then(|p| p.rate) {
+            Some((rate, burst)) => {
+                if !bucket.matches(rate, burst) {
+                    bucket.reconfigure(rate, burst, now);
+                }
+                true
+            }
+            None => false,
+        });
+        state.policy = Arc::new(policy);
+    }
+
+    /// How many of `tenant`'s requests are running and queued right now.
+    pub fn load(&self, tenant: &TenantId) -> TenantLoad {
+        let state = lock(&self.shared.state);
+        TenantLoad {
+            running: state.running.get(tenant).copied().unwrap_or(0),
+            queued: state.scheduler.queued(tenant) as u32,
+        }
+    }
+
+    /// Step 1: is this tenant allowed these operations, now, at this size?
+    pub fn admit(&self, tenant: &TenantId, operations: &[Operation], request_bytes: u64) -> Result<Admission, TenancyError> {
+        self.admit_at(tenant, operations, request_bytes, Instant::now())
+    }
+
+    /// [`Tenancy::admit`] at a given instant (tests drive the clock).
+    pub fn admit_at(&self, tenant: &TenantId, operations: &[Operation], request_bytes: u64, now: Instant) -> Result<Admission, TenancyError> {
+        let result = self.check(tenant, operations, request_bytes, now);
+        if let Err(e) = &result {
+            metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => e.reason()).increment(1);
+        }
+        result
+    }
+
+    fn check(&self, tenant: &TenantId, operations: &[Operation], request_bytes: u64, now: Instant) -> Result<Admission, TenancyError> {
+        let mut state = lock(&self.shared.state);
+        let runtime = state.policy.clone();
+        let policy = runtime.tenancy.policy(tenant).ok_or_else(|| TenancyError::UnknownTenant { tenant: tenant.clone() })?;
+        if !policy.enabled {
+            return Err(TenancyError::Disabled { tenant: tenant.clone() });
+        }
+        if let Some(op) = operations.iter().find(|op| !policy.allows(**op)) {
+            return Err(TenancyError::OperationNotAllowed {
+                tenant: tenant.clone(),
+                operation: *op,
+                allowed: policy.allowed_list(),
+            });
+        }
+        if let Some((rate, burst)) = policy.rate {
+            let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
+            bucket
+                .try_take(now)
+                .map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
+        }
+        if request_bytes > policy.max_request_bytes {
+            return Err(TenancyError::RequestTooLarge { tenant: tenant.clone(), bytes: request_bytes, limit: policy.max_request_bytes });
+        }
+        Ok(Admission {
+            tenant: tenant.clone(),
+            policy: policy.clone(),
+            max_image_pixels: policy.max_image_pixels.min(runtime.limits.max_image_pixels),
+            max_operations: runtime.limits.max_operations,
+        })
+    }
+
+    /// Step 2: queues `job` for the admitted tenant and runs it on the
+    /// worker pool when the scheduler picks it.
+    pub async fn run<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, TenancyError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let result = self.run_inner(admission, cost, job).await;
+        if let Err(e) = &result {
+            metrics::counter!("imgsvc_refusals_total", "tenant" => admission.tenant.to_string(), "reason" => e.reason()).increment(1);
+        }
+        result
+    }
+
+    async fn run_inner<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, TenancyError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let tenant = &admission.tenant;
+        let (start, started) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
+            let budget = state.policy.tenancy.memory_budget_bytes;
+            if cost.bytes > budget {
+                return Err(TenancyError::MemoryBudget { needed: cost.bytes, budget });
+            }
+            let (max_concurrent, max_queued) = (admission.policy.max_concurrent_requests, admission.policy.max_queued_requests);
+            let admitted = state.running.get(tenant).copied().unwrap_or(0) + state.scheduler.queued(tenant) as u32;
+            if admitted >= max_concurrent.saturating_add(max_queued) {
+                return Err(TenancyError::TenantBusy { tenant: tenant.clone(), admitted, max_concurrent, max_queued });
+            }
+            let queued = state.scheduler.len();
+            if queued >= state.policy.limits.max_queued_jobs {
+                return Err(TenancyError::ServerBusy { queued });
+            }
+            let pending = Pending { start, bytes: cost.bytes, max_concurrent, enqueued: Instant::now() };
+            state.scheduler.push(tenant, admission.policy.weight, cost.pixels.max(1), pending);
+            gauge_queue_depth(&state, tenant);
+            self.dispatch(&mut state);
+        }
+        let mut waiting = Waiting { shared: &self.shared, started: Some(started) };
+        let reservation = match waiting.started.as_mut().expect("set above").await {
+            Ok(r) => r,
+            // The sender is only dropped unsent when the process is going away.
+            Err(_) => return Err(WorkerError::Panicked("scheduler dropped the job".into()).into()),
+        };
+        waiting.started = None;
+        // The reservation travels with the job: released when it finishes.
+        Ok(self.shared.pool.run(move || {
+            let _reservation = reservation;
+            job()
+        })
+        .await?)
+    }
+
+    /// Starts queued jobs while workers, tenant limits and memory allow.
+    fn dispatch(&self, state: &mut State) {
+        dispatch(&self.shared, state);
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, state: &mut State) {
+    while state.running_total < shared.worker_slots {
+        let budget_left = state.policy.tenancy.memory_budget_bytes.saturating_sub(state.memory_in_use);
+        let running = &state.running;
+        let picked = state.scheduler.pop(|tenant, p| {
+            p.start.is_closed() || (running.get(tenant).copied().unwrap_or(0) < p.max_concurrent && p.bytes <= budget_left)
+        });
+        let Some((tenant, pending)) = picked else { break };
+        gauge_queue_depth(state, &tenant);
+        if pending.start.is_closed() {
+            continue; // cancelled while queued
+        }
+        *state.running.entry(tenant.clone()).or_default() += 1;
+        state.running_total += 1;
+        state.memory_in_use += pending.bytes;
+        metrics::histogram!("imgsvc_queue_wait_seconds", "tenant" => tenant.to_string()).record(pending.enqueued.elapsed().as_secs_f64());
+        let reservation = Reservation { shared: Some(shared.clone()), tenant, bytes: pending.bytes };
+        if let Err(mut reservation) = pending.start.send(reservation) {
+            // Cancelled in between: undo here, under the lock we hold.
+            reservation.release(state);
+        }
+    }
+    metrics::gauge!("imgsvc_memory_in_flight_bytes").set(state.memory_in_use as f64);
+}
+
+fn gauge_queue_depth(state: &State, tenant: &TenantId) {
+    metrics::gauge!("imgsvc_queue_depth", "tenant" => tenant.to_string()).set(state.scheduler.queued(tenant) as f64);
+}
+
+/// A running slot: one worker, one of the tenant's concurrent requests and
+/// `bytes` of the memory budget. Released on drop.
+struct Reservation {
+    shared: Option<Arc<Shared>>,
+    tenant: TenantId,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn release(&mut self, state: &mut State) {
+        if self.shared.take().is_none() {
+            return;
+        }
+        if let Some(n) = state.running.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                state.running.remove(&self.tenant);
+            }
+        }
+        state.running_total -= 1;
+        state.memory_in_use -= self.bytes;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.clone() {
+            let mut state = lock(&shared.state);
+            self.release(&mut state);
+            dispatch(&shared, &mut state);
+        }
+    }
+}
+
+/// Removes a request from its queue if it is dropped (cancelled) before
+/// the scheduler starts it.
+struct Waiting<'a> {
+    shared: &'a Arc<Shared>,
+    started: Option<oneshot::Receiver<Reservation>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.started.take() {
+            drop(rx); // closes the channel: the scheduler sees the job as cancelled
+            let mut state = lock(&self.shared.state);
+            state.scheduler.retain(|p| !p.start.is_closed());
+            metrics::counter!("imgsvc_cancelled_while_queued_total").increment(1);
+        }
+    }
+}
+
+/// The state stays consistent across a panic elsewhere (every update is a
+/// few integer operations), so a poisoned lock is safe to keep using.
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;
