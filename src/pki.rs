@@ -19,8 +19,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
@@ -52,6 +53,8 @@ pub enum PkiError {
     Tenant(#[from] TenantIdError),
     #[error("cannot issue the {what} certificate")]
     Issue { what: String, #[source] source: rcgen::Error },
+    #[error("{path} is not a readable {what}: {reason}")]
+    Parse { what: &'static str, path: PathBuf, reason: String },
 }
 
 /// What to issue into a PKI directory.
@@ -108,6 +111,8 @@ impl PkiPaths {
     pub fn client_key(&self, tenant: &TenantId) -> PathBuf {
         self.dir.join(format!("client-{tenant}-key.pem"))
     }
+    /// The revocation list `revoke` maintains (add it to `tls.crl_files`).
+    pub fn crl(&self) -> PathBuf { self.dir.join("crl.pem") }
 }
 
 /// A CA that can sign certificates.
@@ -279,6 +284,80 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
         report.written.extend([cert, key]);
     }
     Ok(report)
+}
+
+/// Validity of each CRL `revoke` writes, in days: the server refuses every
+/// client once its CRL has expired, so re-run `revoke` (or re-issue) before.
+pub const CRL_DAYS: i64 = 30;
+
+/// What [`revoke`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokeReport {
+    pub crl: PathBuf,
+    /// Serial of the certificate revoked now, hex.
+    pub serial: String,
+    /// Certificates revoked in the CRL, this one included.
+    pub revoked_total: usize,
+}
+
+/// Revokes `tenant`'s current client certificate in `dir`: adds its serial
+/// to `dir/crl.pem` (keeping earlier entries) and signs the list with the
+/// CA. The server refuses the certificate at the handshake once it loads
+/// the CRL (`tls.crl_files`, then SIGHUP).
+pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let paths = PkiPaths::new(dir);
+    let ca = CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?;
+    let cert_path = paths.client_cert(tenant);
+    let parse_err = |what, path: &Path, reason: String| PkiError::Parse { what, path: path.into(), reason };
+    let cert_der = crate::tls::read_certs("client certificate", &cert_path)
+        .map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?
+        .remove(0);
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+        .map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?;
+    let serial = cert.raw_serial().to_vec();
+
+    let now = OffsetDateTime::now_utc();
+    let mut revoked: Vec<RevokedCertParams> = Vec::new();
+    let crl_path = paths.crl();
+    if crl_path.exists() {
+        let pem = std::fs::read(&crl_path).map_err(|source| PkiError::Io { action: "read", path: crl_path.clone(), source })?;
+        use rustls::pki_types::{pem::PemObject, CertificateRevocationListDer};
+        let der = CertificateRevocationListDer::from_pem_slice(&pem).map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
+        for entry in crl.iter_revoked_certificates() {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(entry.raw_serial()),
+                revocation_time: entry.revocation_date.to_datetime(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    if !revoked.iter().any(|r| r.serial_number.as_ref() == serial.as_slice()) {
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: Some(RevocationReason::CessationOfOperation),
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(CRL_DAYS),
+        // Seconds since the epoch: increases with every run, as CRL numbers must.
+        crl_number: SerialNumber::from(now.unix_timestamp().max(0) as u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let revoked_total = params.revoked_certs.len();
+    let crl = params.signed_by(&ca.issuer).map_err(|source| PkiError::Issue { what: "CRL".into(), source })?;
+    let pem = crl.pem().map_err(|source| PkiError::Issue { what: "CRL".into(), source })?;
+    write_file(&crl_path, pem.as_bytes(), 0o644)?;
+    let serial = serial.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(RevokeReport { crl: crl_path, serial, revoked_total })
 }
 
 fn name(common_name: &str) -> DistinguishedName {

@@ -134,3 +134,38 @@ fn refuses_invalid_tenant_names_as_usage_errors() {
     assert!(String::from_utf8_lossy(&result.stderr).contains("invalid tenant name \"Team A\""));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
 }
+
+#[test]
+fn revoke_adds_each_tenant_certificate_to_the_crl_and_keeps_earlier_entries() {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let pki = Pki::new(&["a", "b", "c"]);
+    let out = pki.dir.path().to_str().unwrap();
+    for tenant in ["a", "b"] {
+        let result = gen_certs(&["--out", out, "--revoke", tenant]);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    }
+    let pem = std::fs::read(pki.paths().crl()).unwrap();
+    use rustls::pki_types::{pem::PemObject, CertificateRevocationListDer};
+    let crl_der = CertificateRevocationListDer::from_pem_slice(&pem).unwrap();
+    let (_, crl) = CertificateRevocationList::from_der(&crl_der).unwrap();
+    let revoked: Vec<Vec<u8>> = crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect();
+    let serial = |t: &str| {
+        let d = der(&pki.client_files(t).1);
+        X509Certificate::from_der(&d).unwrap().1.raw_serial().to_vec()
+    };
+    assert_eq!(revoked, vec![serial("a"), serial("b")]);
+    assert!(!revoked.contains(&serial("c")));
+    // Signed by the CA.
+    let ca_der = der(&pki.paths().ca_cert());
+    let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+    assert!(crl.verify_signature(ca.public_key()).is_ok());
+}
+
+#[test]
+fn revoke_of_a_tenant_without_certificate_fails_naming_the_file() {
+    let pki = Pki::new(&["a"]);
+    let result = gen_certs(&["--out", pki.dir.path().to_str().unwrap(), "--revoke", "ghost"]);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("client-ghost.pem"));
+    assert!(!pki.paths().crl().exists());
+}

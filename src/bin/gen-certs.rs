@@ -16,7 +16,11 @@ Examples:
 
 Writes ca.pem, ca-key.pem, server.pem, server-key.pem and per tenant
 client-<tenant>.pem, client-<tenant>-key.pem. Keys are mode 0600.
-An existing CA in --out is reused; replacing it takes --force.";
+An existing CA in --out is reused; replacing it takes --force.
+
+Revocation:
+  gen-certs --out certs/prod --revoke team-a   # adds team-a's certificate to certs/prod/crl.pem
+Then list crl.pem in tls.crl_files and reload the server (SIGHUP).";
 
 /// Create a CA, server and per-tenant client certificates for imgsvc.
 #[derive(Parser, Debug)]
@@ -41,6 +45,10 @@ struct Args {
     /// Replace an existing CA (every certificate it issued stops working).
     #[arg(long)]
     force: bool,
+    /// Revoke this tenant's current client certificate: add it to
+    /// DIR/crl.pem, signed by the CA in DIR (repeatable).
+    #[arg(long = "revoke", value_name = "TENANT", conflicts_with_all = ["tenants", "server_names", "force"])]
+    revoke: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +77,19 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
         .map(|t| TenantId::parse(t))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| usage(e.into()))?;
+    if !args.revoke.is_empty() {
+        for name in &args.revoke {
+            let tenant = TenantId::parse(name).map_err(|e| usage(e.into()))?;
+            let report = pki::revoke(&args.out, &tenant).map_err(|e| (1, e.into()))?;
+            println!(
+                "revoked tenant {tenant} (serial {}); {} now lists {} certificate(s)",
+                report.serial,
+                report.crl.display(),
+                report.revoked_total
+            );
+        }
+        return Ok(());
+    }
     let mut req = pki::IssueRequest::new(&args.out, trust_domain);
     req.server_names = (!args.server_names.is_empty()).then_some(args.server_names);
     req.tenants = tenants;
