@@ -13,6 +13,7 @@
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
 //! - [`server`]: binds, serves, and shuts down gracefully.
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
+//! - [`loadgen`]: the bounded load generator behind `imgsvc-client bench`.
 //! - [`telemetry`]: tracing subscriber set-up.
 
 pub mod client;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod fsutil;
 pub mod identity;
 pub mod imaging;
+pub mod loadgen;
 pub mod pki;
 pub mod proto;
 pub mod server;

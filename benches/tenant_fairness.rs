@@ -1,0 +1,112 @@
+//! Tenant isolation benchmark (not a test): a light tenant's latency for
+//! 256×256 RGB mean-filter requests alone, then while a heavy tenant floods
+//! 3840×2160 RGB mean-filter requests. Goal: the light tenant's p99 under
+//! flood ≤ 3× its p99 alone.
+//!
+//!     cargo bench --bench tenant_fairness [-- --seconds 10 --flood-concurrency 16]
+//!
+//! Server, load generators and kernels share this machine's cores; the
+//! server runs in-process on 127.0.0.1 with mutual TLS, as in production.
+
+use std::time::Duration;
+
+use imgsvc::{
+    client::{connect, Target},
+    config::{RawConfig, Settings},
+    identity::{TenantId, TrustDomain},
+    loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
+    pki::{self, IssueRequest, PkiPaths},
+    server::{bind, Server},
+    tls::ClientCredentials,
+};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let seconds = arg("--seconds", 10);
+    let flood_concurrency = arg("--flood-concurrency", 16) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let trust_domain = TrustDomain::parse("bench.imgsvc").unwrap();
+    let mut req = IssueRequest::new(dir.path(), trust_domain.clone());
+    req.tenants = vec![TenantId::parse("light").unwrap(), TenantId::parse("heavy").unwrap()];
+    pki::issue(&req).unwrap();
+    let paths = PkiPaths::new(dir.path());
+
+    let mut raw = RawConfig::default();
+    raw.server.port = 0;
+    raw.tls.cert = paths.server_cert();
+    raw.tls.key = paths.server_key();
+    raw.tls.client_ca = paths.ca_cert();
+    raw.tls.trust_domain = trust_domain.to_string();
+    raw.log.level = "warn".into();
+    for t in ["light", "heavy"] {
+        raw.tenants.insert(t.into(), Default::default());
+    }
+    let settings = Settings::validate(raw, "fairness bench".into()).unwrap();
+    let threads = settings.worker_threads;
+    imgsvc::telemetry::init(&settings.log);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let server = Server::new(settings).unwrap();
+        let listeners = bind("127.0.0.1", 0).await.unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.serve(listeners, async move {
+            let _ = stopped.await;
+        }));
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+            server_name: Some("localhost".into()),
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(120),
+        };
+        let creds = |t: &str| {
+            let id = TenantId::parse(t).unwrap();
+            ClientCredentials::from_files(&paths.ca_cert(), &paths.client_cert(&id), &paths.client_key(&id)).unwrap()
+        };
+        let light_channel = connect(&target, &creds("light")).await.unwrap();
+        let heavy_channel = connect(&target, &creds("heavy")).await.unwrap();
+        let light = BenchConfig {
+            op: BenchOp::Mean,
+            width: 256,
+            height: 256,
+            format: BenchFormat::Rgb8,
+            concurrency: 2,
+            stop: StopAfter::Duration(Duration::from_secs(seconds)),
+            api: BenchApi::V1,
+        };
+        let heavy = BenchConfig {
+            width: 3840,
+            height: 2160,
+            concurrency: flood_concurrency,
+            stop: StopAfter::Duration(Duration::from_secs(seconds)),
+            ..light.clone()
+        };
+        // Warm up connections and kernels.
+        loadgen::run(light_channel.clone(), &BenchConfig { stop: StopAfter::Requests(50), ..light.clone() }).await;
+
+        let alone = loadgen::run(light_channel.clone(), &light).await;
+        let flood_task = tokio::spawn({
+            let (ch, cfg) = (heavy_channel.clone(), heavy.clone());
+            async move { loadgen::run(ch, &cfg).await }
+        });
+        let under_flood = loadgen::run(light_channel, &light).await;
+        let flood = flood_task.await.unwrap();
+
+        println!("tenant fairness, {threads} worker threads, {seconds} s per phase, mutual TLS on 127.0.0.1");
+        println!("| phase | tenant | requests | req/s | p50 ms | p99 ms | errors |");
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for (phase, tenant, r) in [("alone", "light 256x256", &alone), ("flood", "light 256x256", &under_flood), ("flood", &*format!("heavy 3840x2160 x{flood_concurrency}"), &flood)] {
+            println!("| {phase} | {tenant} | {} | {:.1} | {:.2} | {:.2} | {} |", r.ok, r.requests_per_s, r.p50_ms, r.p99_ms, r.error_count());
+        }
+        let ratio = under_flood.p99_ms / alone.p99_ms.max(1e-9);
+        println!("light p99 under flood / alone = {ratio:.2} (goal <= 3)");
+        let _ = stop.send(());
+        let _ = serving.await;
+    });
+}
