@@ -63,12 +63,22 @@ impl ConfigSource {
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     pub server: RawServer,
+    pub stream: RawStream,
     pub tls: RawTls,
     pub limits: RawLimits,
     pub log: RawLog,
     pub tenancy: RawTenancy,
     pub tenant_defaults: RawTenantLimits,
     pub tenants: BTreeMap<String, RawTenantLimits>,
+}
+
+/// ProcessStream chunk sizes. Unset: 4 MiB and 1 MiB, or less when
+/// `limits.max_message_bytes` requires.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStream {
+    pub max_chunk_bytes: Option<usize>,
+    pub response_chunk_bytes: Option<usize>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -217,6 +227,10 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_operations: usize,
     pub max_queued_jobs: usize,
+    /// Largest data chunk a ProcessStream client may send.
+    pub stream_max_chunk_bytes: usize,
+    /// Size of the data chunks ProcessStream answers with.
+    pub stream_response_chunk_bytes: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -282,6 +296,15 @@ impl Settings {
         if !(1..=1_000_000).contains(&l.max_queued_jobs) {
             return Err(invalid("limits.max_queued_jobs", format!("{} is out of range 1..=1000000", l.max_queued_jobs)));
         }
+        // A chunk plus its framing must fit in one message.
+        let max_chunk = l.max_message_bytes.saturating_sub(1024);
+        let stream_max_chunk_bytes = raw.stream.max_chunk_bytes.unwrap_or((4 << 20).min(max_chunk));
+        let stream_response_chunk_bytes = raw.stream.response_chunk_bytes.unwrap_or((1 << 20).min(max_chunk));
+        for (key, value) in [("stream.max_chunk_bytes", stream_max_chunk_bytes), ("stream.response_chunk_bytes", stream_response_chunk_bytes)] {
+            if !(1..=max_chunk).contains(&value) {
+                return Err(invalid(key, format!("{value} is out of range 1..={max_chunk} (limits.max_message_bytes - 1024)")));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
         let tenancy = resolve_tenancy(&raw, &origin)?;
@@ -306,6 +329,8 @@ impl Settings {
                 max_message_bytes: l.max_message_bytes,
                 max_operations: l.max_operations,
                 max_queued_jobs: l.max_queued_jobs,
+                stream_max_chunk_bytes,
+                stream_response_chunk_bytes,
             },
             log: LogSettings { level: raw.log.level, format: raw.log.format },
             tenancy,

@@ -7,7 +7,7 @@ use crate::{imaging::ImagingError, tenancy::TenancyError, worker::WorkerError};
 
 /// The request is well-formed protobuf but not a valid image or pipeline.
 /// Always INVALID_ARGUMENT.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum InvalidRequest {
     #[error("the request has no image")]
     MissingImage,
@@ -29,6 +29,29 @@ pub enum InvalidRequest {
     MissingRotateAmount { index: usize },
     #[error("operation {index} (rotate) has angle {value}, expected ANGLE_0, ANGLE_90, ANGLE_180 or ANGLE_270 (1..=4)")]
     InvalidAngle { index: usize, value: i32 },
+    #[error(transparent)]
+    Stream(#[from] StreamProtocolError),
+}
+
+/// A ProcessStream request that breaks the stream protocol.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum StreamProtocolError {
+    #[error("the stream ended before its header")]
+    NoHeader,
+    #[error("message {index} is a chunk, but the first message must be the header")]
+    ChunkBeforeHeader { index: u64 },
+    #[error("message {index} is a second header; a stream has exactly one")]
+    SecondHeader { index: u64 },
+    #[error("message {index} has neither header nor chunk")]
+    EmptyMessage { index: u64 },
+    #[error("message {index} is an empty chunk")]
+    EmptyChunk { index: u64 },
+    #[error("message {index} is a chunk of {len} bytes, over the limit of {limit} bytes per chunk")]
+    ChunkTooLarge { index: u64, len: usize, limit: usize },
+    #[error("message {index} brings the data to {received} bytes, past the {declared} bytes the header declared")]
+    PastDeclaredSize { index: u64, received: u64, declared: u64 },
+    #[error("the stream ended after {received} of the {declared} bytes the header declared")]
+    Truncated { received: u64, declared: u64 },
 }
 
 /// The request is valid but over a configured limit. Always RESOURCE_EXHAUSTED.
@@ -53,6 +76,10 @@ pub enum ServiceError {
     Kernel(#[from] ImagingError),
     #[error("request carries no tenant")]
     NoTenant,
+    /// Reading the request stream failed (client gone, transport error):
+    /// passed on as received.
+    #[error("{}", .0.message())]
+    Transport(tonic::Status),
 }
 
 impl From<ServiceError> for tonic::Status {
@@ -75,6 +102,7 @@ impl From<ServiceError> for tonic::Status {
             ) => Code::ResourceExhausted,
             ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
+            ServiceError::Transport(status) => return status.clone(),
         };
         let mut status = tonic::Status::new(code, err.to_string());
         if let ServiceError::Tenancy(T::RateLimited { retry_after, .. }) = &err {

@@ -9,6 +9,7 @@
 pub mod error;
 pub mod legacy;
 pub mod pixels;
+pub mod stream;
 pub mod v1;
 
 use std::{future::Future, time::Instant};
@@ -16,8 +17,8 @@ use std::{future::Future, time::Instant};
 use bytes::Bytes;
 use tracing::{field::Empty, Instrument};
 
-pub use error::{InvalidRequest, LimitExceeded, ServiceError};
-pub use pixels::{Depth, PixelBuffer, RequestError};
+pub use error::{InvalidRequest, LimitExceeded, ServiceError, StreamProtocolError};
+pub use pixels::{Depth, ImageShape, PixelBuffer, RequestError};
 
 use crate::{
     identity::{Tenant, TenantId},

@@ -60,12 +60,7 @@ impl PixelBuffer {
     /// Validates a v1 `Image`.
     pub fn from_v1(image: Option<v1::Image>, max_pixels: u64) -> Result<Self, RequestError> {
         let image = image.ok_or(InvalidRequest::MissingImage)?;
-        let format = match v1::PixelFormat::try_from(image.format) {
-            Ok(v1::PixelFormat::Unspecified) => return Err(InvalidRequest::UnspecifiedFormat.into()),
-            Ok(f) => f,
-            Err(_) => return Err(InvalidRequest::UnknownFormat { value: image.format }.into()),
-        };
-        Self::validate(image.width.into(), image.height.into(), format, image.data, max_pixels, u64::MAX, 64)
+        ImageShape::from_v1(image.format, image.width, image.height, max_pixels)?.with_data(image.data)
     }
 
     fn validate(
@@ -77,38 +72,7 @@ impl PixelBuffer {
         max_bytes: u64,
         bits: u32,
     ) -> Result<Self, RequestError> {
-        for (field, value) in [("width", width), ("height", height)] {
-            if value < 1 {
-                return Err(InvalidRequest::NonPositiveDimension { field, value }.into());
-            }
-        }
-        let (channels, depth) = format_shape(format);
-        let bytes_per_pixel = (channels * depth_bytes(depth)) as u64;
-        let (w, h) = (width as u64, height as u64);
-        let bytes = w
-            .checked_mul(h)
-            .and_then(|p| p.checked_mul(bytes_per_pixel))
-            .filter(|&b| b <= max_bytes)
-            .ok_or(InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits })?;
-        let pixels = w * h; // cannot overflow: bytes did not
-        if pixels > max_pixels {
-            return Err(LimitExceeded::TooManyPixels { pixels, width, height, limit: max_pixels }.into());
-        }
-        if data.len() as u64 != bytes {
-            return Err(InvalidRequest::LengthMismatch {
-                actual: data.len(),
-                expected: bytes,
-                width,
-                height,
-                bytes_per_pixel,
-                format: format.as_str_name().trim_start_matches("PIXEL_FORMAT_"),
-            }
-            .into());
-        }
-        // Fits in usize: data.len() == bytes.
-        let layout = Layout::new(w as usize, h as usize, channels)
-            .map_err(|_| InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits })?;
-        Ok(Self { layout, depth, format, data })
+        ImageShape::validate(width, height, format, max_pixels, max_bytes, bits)?.with_data(data)
     }
 
     /// As a legacy `NLImage`. Only GRAY8 and RGB8 come out of the legacy API.
@@ -128,6 +92,81 @@ impl PixelBuffer {
             height: self.layout.height() as u32,
             data: self.data,
         }
+    }
+}
+
+/// A validated image description without its data: a stream header, or an
+/// image whose data is about to be checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageShape {
+    layout: Layout,
+    depth: Depth,
+    format: v1::PixelFormat,
+    width: i64,
+    height: i64,
+    bytes: u64,
+}
+
+impl ImageShape {
+    /// Validates a v1 format and dimensions against `max_pixels`.
+    pub fn from_v1(format: i32, width: u32, height: u32, max_pixels: u64) -> Result<Self, RequestError> {
+        let format = match v1::PixelFormat::try_from(format) {
+            Ok(v1::PixelFormat::Unspecified) => return Err(InvalidRequest::UnspecifiedFormat.into()),
+            Ok(f) => f,
+            Err(_) => return Err(InvalidRequest::UnknownFormat { value: format }.into()),
+        };
+        Self::validate(width.into(), height.into(), format, max_pixels, u64::MAX, 64)
+    }
+
+    fn validate(width: i64, height: i64, format: v1::PixelFormat, max_pixels: u64, max_bytes: u64, bits: u32) -> Result<Self, RequestError> {
+        for (field, value) in [("width", width), ("height", height)] {
+            if value < 1 {
+                return Err(InvalidRequest::NonPositiveDimension { field, value }.into());
+            }
+        }
+        let (channels, depth) = format_shape(format);
+        let bytes_per_pixel = (channels * depth_bytes(depth)) as u64;
+        let (w, h) = (width as u64, height as u64);
+        let overflow = InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits };
+        let bytes = w
+            .checked_mul(h)
+            .and_then(|p| p.checked_mul(bytes_per_pixel))
+            .filter(|&b| b <= max_bytes)
+            .ok_or(overflow.clone())?;
+        let pixels = w * h; // cannot overflow: bytes did not
+        if pixels > max_pixels {
+            return Err(LimitExceeded::TooManyPixels { pixels, width, height, limit: max_pixels }.into());
+        }
+        let layout = usize::try_from(bytes)
+            .ok()
+            .and_then(|_| Layout::new(w as usize, h as usize, channels).ok())
+            .ok_or(overflow)?;
+        Ok(Self { layout, depth, format, width, height, bytes })
+    }
+
+    /// Bytes of pixel data this image has.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Attaches data, which must be exactly [`ImageShape::bytes`] long.
+    pub fn with_data(self, data: Bytes) -> Result<PixelBuffer, RequestError> {
+        if data.len() as u64 != self.bytes {
+            return Err(InvalidRequest::LengthMismatch {
+                actual: data.len(),
+                expected: self.bytes,
+                width: self.width,
+                height: self.height,
+                bytes_per_pixel: self.bytes / (self.width as u64 * self.height as u64),
+                format: self.format.as_str_name().trim_start_matches("PIXEL_FORMAT_"),
+            }
+            .into());
+        }
+        Ok(PixelBuffer { layout: self.layout, depth: self.depth, format: self.format, data })
     }
 }
 

@@ -4,13 +4,25 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::{tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+
+use super::{
+    stream::{chunks, Reassembly},
+    ImageShape, StreamProtocolError,
+};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
-        image_service_server::ImageService, operation::Kind, rotate::{Amount, Angle}, Operation, ProcessRequest,
-        ProcessResponse,
+        image_service_server::ImageService, operation::Kind, process_stream_request, process_stream_response,
+        rotate::{Amount, Angle}, Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse,
+        StreamHeader,
     },
 };
+
+/// The response stream of ProcessStream: a header, then data chunks.
+pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessStreamResponse, Status>> + Send>>;
 
 #[derive(Clone, Debug)]
 pub struct V1Service {
@@ -37,7 +49,7 @@ pub fn steps_from(operations: &[Operation], max_operations: usize) -> Result<Vec
             Some(Kind::MeanFilter(_)) => Ok(Step::MeanFilter),
             Some(Kind::Rotate(rotate)) => match rotate.amount {
                 None => Err(InvalidRequest::MissingRotateAmount { index }),
-                Some(Amount::QuarterTurns(n)) => Ok(Step::Rotate(QuarterTurns::from_count(n))),
+                Some(Amount::QuarterTurns(n)) => Ok(Step::Rotate(QuarterTurns::from_count(i64::from(n)))),
                 Some(Amount::Angle(value)) => match Angle::try_from(value) {
                     Ok(Angle::Angle0) => Ok(Step::Rotate(QuarterTurns::Zero)),
                     Ok(Angle::Angle90) => Ok(Step::Rotate(QuarterTurns::One)),
@@ -51,8 +63,76 @@ pub fn steps_from(operations: &[Operation], max_operations: usize) -> Result<Vec
     Ok(steps)
 }
 
+/// Receives a whole ProcessStream request: header first, then chunks.
+async fn receive_stream(
+    processor: &Processor,
+    tenant: &crate::identity::TenantId,
+    mut stream: tonic::Streaming<ProcessStreamRequest>,
+) -> Result<(crate::tenancy::Admission, PixelBuffer, Vec<Step>), ServiceError> {
+    let next = |m: Result<Option<ProcessStreamRequest>, Status>| m.map_err(ServiceError::Transport);
+    let refuse = |e: StreamProtocolError| Err(ServiceError::from(InvalidRequest::from(e)));
+    let header = match next(stream.message().await)? {
+        None => return refuse(StreamProtocolError::NoHeader),
+        Some(message) => match message.part {
+            Some(process_stream_request::Part::Header(h)) => h,
+            Some(process_stream_request::Part::Chunk(_)) => return refuse(StreamProtocolError::ChunkBeforeHeader { index: 0 }),
+            None => return refuse(StreamProtocolError::EmptyMessage { index: 0 }),
+        },
+    };
+    let policy = processor.policy();
+    let steps = steps_from(&header.operations, policy.limits.max_operations)?;
+    let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
+    // Shape first (cheap, no allocation), so the declared size is known and
+    // bounded before the tenant's byte limit and the buffer are applied.
+    let shape = ImageShape::from_v1(header.format, header.width, header.height, policy.limits.max_image_pixels)?;
+    let admission = processor.admit(tenant, &operations, shape.bytes() as usize)?;
+    let shape = ImageShape::from_v1(header.format, header.width, header.height, admission.max_image_pixels)?;
+    let mut reassembly = Reassembly::new(shape.bytes(), policy.limits.stream_max_chunk_bytes);
+    while let Some(message) = next(stream.message().await)? {
+        match message.part {
+            Some(process_stream_request::Part::Chunk(chunk)) => reassembly.push(&chunk).map_err(InvalidRequest::from)?,
+            Some(process_stream_request::Part::Header(_)) => return Err(InvalidRequest::from(reassembly.reject_header()).into()),
+            None => return Err(InvalidRequest::from(reassembly.reject_empty()).into()),
+        }
+    }
+    let data = reassembly.finish().map_err(InvalidRequest::from)?;
+    Ok((admission, shape.with_data(data)?, steps))
+}
+
 #[tonic::async_trait]
 impl ImageService for V1Service {
+    type ProcessStreamStream = ResponseStream;
+
+    async fn process_stream(
+        &self,
+        request: Request<tonic::Streaming<ProcessStreamRequest>>,
+    ) -> Result<Response<Self::ProcessStreamStream>, Status> {
+        let tenant = tenant_of(&request);
+        let processor = self.processor.clone();
+        traced("imgsvc.v1.ImageService/ProcessStream", tenant, move |tenant| {
+            Box::pin(async move {
+                let (admission, input, steps) = receive_stream(&processor, &tenant, request.into_inner()).await?;
+                let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
+                let chunk = processor.policy().limits.stream_response_chunk_bytes;
+                let image = out.into_v1();
+                let header = ProcessStreamResponse {
+                    part: Some(process_stream_response::Part::Header(StreamHeader {
+                        format: image.format,
+                        width: image.width,
+                        height: image.height,
+                        operations: vec![],
+                    })),
+                };
+                let parts = std::iter::once(header).chain(
+                    chunks(image.data, chunk).map(|c| ProcessStreamResponse { part: Some(process_stream_response::Part::Chunk(c)) }),
+                );
+                let stream: ResponseStream = Box::pin(tokio_stream::iter(parts.map(Ok)));
+                Ok::<_, ServiceError>(Response::new(stream))
+            })
+        })
+        .await
+    }
+
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let tenant = tenant_of(&request);
         let processor = self.processor.clone();

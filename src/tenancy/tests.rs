@@ -22,7 +22,14 @@ fn policy_with(max_concurrent: u32, max_queued: u32) -> TenantPolicy {
 
 fn runtime(tenants: &[(&str, TenantPolicy)], budget: u64) -> RuntimePolicy {
     RuntimePolicy {
-        limits: Limits { max_image_pixels: 5000, max_message_bytes: 1 << 20, max_operations: 16, max_queued_jobs: 100 },
+        limits: Limits {
+            max_image_pixels: 5000,
+            max_message_bytes: 1 << 20,
+            max_operations: 16,
+            max_queued_jobs: 100,
+            stream_max_chunk_bytes: 1 << 16,
+            stream_response_chunk_bytes: 1 << 16,
+        },
         tenancy: TenancyConfig {
             unknown_tenants: UnknownTenants::Refuse,
             memory_budget_bytes: budget,

@@ -1,0 +1,861 @@
+//! Instruction-set paths and run-time dispatch. All `unsafe` code of the
+//! imaging module is in this file.
+//!
+//! * [`KernelPath::Portable`]: the plain-Rust kernels compiled for the
+//!   target's baseline (SSE2 on x86_64).
+//! * [`KernelPath::Avx2`] / [`KernelPath::Avx512`] (x86_64 only): the same
+//!   kernels compiled with AVX2 (resp. AVX-512F+BW) enabled through
+//!   `#[target_feature]`, plus hand-written kernels (module `x86`):
+//!   256-bit transposes for 90°/270° rotation of 1-, 2-, 3-, 4- and 8-byte
+//!   pixels (streaming stores for outputs >= 16 MiB), `pshufb` row
+//!   reversal for 180° (512-bit for 1/2/4/8-byte pixels on `Avx512`), and
+//!   the u8 mean-filter interior (256- / 512-bit).
+//!
+//! A path is only run after `is_x86_feature_detected!` confirmed its
+//! features ([`KernelPath::check`]).
+
+use super::{ImagingError, Layout, QuarterTurns, Sample, mean, rotate};
+
+/// An instruction-set variant of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// Plain Rust, target baseline features only. Always available.
+    Portable,
+    /// x86_64 with AVX2.
+    Avx2,
+    /// x86_64 with AVX-512F and AVX-512BW.
+    Avx512,
+}
+
+impl KernelPath {
+    /// Every path, available or not.
+    pub const ALL: [KernelPath; 3] = [KernelPath::Portable, KernelPath::Avx2, KernelPath::Avx512];
+
+    /// Short name ("portable", "avx2", "avx512").
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Portable => "portable",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the path (detected at run time).
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelPath::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest available path; what the public kernels use.
+    pub fn best() -> KernelPath {
+        // `is_x86_feature_detected!` caches its answer; this is a few loads.
+        if KernelPath::Avx512.is_available() {
+            KernelPath::Avx512
+        } else if KernelPath::Avx2.is_available() {
+            KernelPath::Avx2
+        } else {
+            KernelPath::Portable
+        }
+    }
+
+    /// `Ok` if the path can run here, else [`ImagingError::PathUnavailable`].
+    pub fn check(self) -> Result<(), ImagingError> {
+        if self.is_available() {
+            Ok(())
+        } else {
+            Err(ImagingError::PathUnavailable {
+                path: self.name(),
+                available: available_paths()
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    }
+}
+
+/// The paths this CPU can run, slowest first (always starts with `Portable`).
+pub fn available_paths() -> Vec<KernelPath> {
+    KernelPath::ALL.into_iter().filter(|p| p.is_available()).collect()
+}
+
+/// Views samples as bytes (native endianness).
+pub(super) fn as_bytes<T: Sample>(s: &[T]) -> &[u8] {
+    // SAFETY: `Sample` is sealed and implemented only for u8 and u16, which
+    // have no padding and no invalid bit patterns; u8 has alignment 1 and the
+    // byte length is exactly `size_of_val(s)`, and the borrow is carried over.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), size_of_val(s)) }
+}
+
+/// Views samples as mutable bytes (native endianness).
+pub(super) fn as_bytes_mut<T: Sample>(s: &mut [T]) -> &mut [u8] {
+    let len = size_of_val(s);
+    // SAFETY: as in `as_bytes`; additionally every byte pattern written is a
+    // valid u8/u16, and the exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) }
+}
+
+// ---------------------------------------------------------------------------
+// Rotation dispatch.
+
+/// Rotation of the output band starting at row `row0`, on `path`, for
+/// pixels of `px` bytes (1, 2, 3, 4, 6 or 8). `path` must be available.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rotate_band(
+    path: KernelPath,
+    px: usize,
+    src: &[u8],
+    w: usize,
+    h: usize,
+    turns: QuarterTurns,
+    dst: &mut [u8],
+    row0: usize,
+) {
+    macro_rules! by_px {
+        ($f:ident) => {
+            match px {
+                1 => $f::<1>(src, w, h, turns, dst, row0),
+                2 => $f::<2>(src, w, h, turns, dst, row0),
+                3 => $f::<3>(src, w, h, turns, dst, row0),
+                4 => $f::<4>(src, w, h, turns, dst, row0),
+                6 => $f::<6>(src, w, h, turns, dst, row0),
+                8 => $f::<8>(src, w, h, turns, dst, row0),
+                _ => unreachable!("pixel size {px}"),
+            }
+        };
+    }
+    match path {
+        KernelPath::Portable => by_px!(rotate_portable),
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => by_px!(rotate_avx2),
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => by_px!(rotate_avx512),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("path {path:?} checked as available"),
+    }
+}
+
+fn rotate_portable<const B: usize>(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    turns: QuarterTurns,
+    dst: &mut [u8],
+    row0: usize,
+) {
+    let (src, _) = src.as_chunks::<B>();
+    let (dst, _) = dst.as_chunks_mut::<B>();
+    rotate::rotate_band::<[u8; B]>(src, w, h, turns, dst, row0)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn rotate_avx2<const B: usize>(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    turns: QuarterTurns,
+    dst: &mut [u8],
+    row0: usize,
+) {
+    #[target_feature(enable = "avx2")]
+    fn inner<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [u8],
+        row0: usize,
+    ) {
+        x86::rotate_band::<B>(src, w, h, turns, dst, row0)
+    }
+    // SAFETY: only reached through `rotate_band` with `KernelPath::Avx2`,
+    // whose availability (AVX2 detected at run time) was checked by the caller.
+    unsafe { inner::<B>(src, w, h, turns, dst, row0) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn rotate_avx512<const B: usize>(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    turns: QuarterTurns,
+    dst: &mut [u8],
+    row0: usize,
+) {
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn inner<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [u8],
+        row0: usize,
+    ) {
+        x86::rotate_band512::<B>(src, w, h, turns, dst, row0)
+    }
+    // SAFETY: only reached through `rotate_band` with `KernelPath::Avx512`,
+    // whose availability (AVX-512F and AVX-512BW detected) the caller checked.
+    unsafe { inner::<B>(src, w, h, turns, dst, row0) }
+}
+
+// ---------------------------------------------------------------------------
+// Mean filter dispatch.
+
+/// Mean filter of the output band starting at row `row0` on `path`.
+/// `path` must be available.
+pub(super) fn mean_band<T: Sample>(
+    path: KernelPath,
+    src: &[T],
+    layout: Layout,
+    dst: &mut [T],
+    row0: usize,
+) {
+    match path {
+        KernelPath::Portable => mean::mean_band(src, layout, dst, row0, mean::no_fast),
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => {
+            #[target_feature(enable = "avx2")]
+            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
+                mean::mean_band(src, layout, dst, row0, x86::mean_interior_avx2::<T>)
+            }
+            // SAFETY: `path` is Avx2, whose availability (AVX2 detected at run
+            // time) the caller checked.
+            unsafe { inner(src, layout, dst, row0) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => {
+            #[target_feature(enable = "avx2,avx512f,avx512bw")]
+            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
+                mean::mean_band(src, layout, dst, row0, x86::mean_interior_avx512::<T>)
+            }
+            // SAFETY: `path` is Avx512, whose availability (AVX-512F and
+            // AVX-512BW detected at run time) the caller checked.
+            unsafe { inner(src, layout, dst, row0) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("path {path:?} checked as available"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hand-written x86 kernels: compiled with AVX2 (some with AVX-512BW) enabled
+// and only reachable from the AVX2 / AVX-512 paths, which run only after the
+// features were detected.
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::{QuarterTurns, Sample, rotate};
+    use std::arch::x86_64::*;
+
+    /// Rotation band on an AVX2-capable CPU: SIMD transposes for 1/2/3/4/8-byte
+    /// pixels (portable tiles for 6-byte RGB16), SIMD row reversal for every
+    /// pixel size.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn rotate_band<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [u8],
+        row0: usize,
+    ) {
+        match turns {
+            QuarterTurns::Zero => dst.copy_from_slice(&src[row0 * w * B..row0 * w * B + dst.len()]),
+            QuarterTurns::Two => {
+                let rb = w * B;
+                for (i, drow) in dst.chunks_exact_mut(rb).enumerate() {
+                    let y = h - 1 - (row0 + i);
+                    reverse_row::<B>(&src[y * rb..y * rb + rb], drow);
+                }
+            }
+            QuarterTurns::One | QuarterTurns::Three => {
+                let ccw90 = turns == QuarterTurns::One;
+                if matches!(B, 1 | 2 | 3 | 4 | 8) {
+                    transpose_band::<B>(src, w, h, ccw90, dst, row0)
+                } else {
+                    let (s, _) = src.as_chunks::<B>();
+                    let (d, _) = dst.as_chunks_mut::<B>();
+                    rotate::transpose_band::<[u8; B]>(s, w, h, ccw90, d, row0)
+                }
+            }
+        }
+    }
+
+    /// Output bytes at or above which the 90°/270° kernels use non-temporal
+    /// (streaming) stores: an output this large does not stay in cache
+    /// anyway, and streaming full lines saves the read-for-ownership.
+    pub(super) const STREAM_MIN_BYTES: usize = 16 << 20;
+
+    /// Transposes two side-by-side K x K blocks of B-byte pixels (K = 16 / B)
+    /// with 256-bit vectors: block row `i` (2K pixels, lane 0 = left block,
+    /// lane 1 = right block) is read at `s + i * ss`; transposed row `j` of the
+    /// left block is written at `d0 + j * ds`, of the right block at
+    /// `d1 + j * ds`. For B = 3 each lane holds 4 pixels (12 of its 16
+    /// bytes: the right block is read at `s + 12`), widened to 4-byte pixels
+    /// by a byte shuffle, and each store writes 12 pixel bytes followed by 4
+    /// garbage bytes that the caller must overwrite later.
+    ///
+    /// Each stage interleaves row `i` with row `i + K/2` (`unpacklo/hi` at
+    /// pixel granularity, per 128-bit lane), which rotates the bits of the
+    /// (row, column) index by one; log2(K) stages swap row and column bits.
+    ///
+    /// # Safety
+    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +28`), and
+    /// `d0 + j*ds .. +16`, `d1 + j*ds .. +16` writable, not overlapping the
+    /// source; with `NT`, every destination address 16-byte aligned.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn block2<const B: usize, const NT: bool>(
+        s: *const u8,
+        ss: isize,
+        d: [*mut u8; 2],
+        ds: isize,
+    ) {
+        let [d0, d1] = d;
+        const EXPAND3: [i8; 16] = [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1];
+        const SHRINK3: [i8; 16] = [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1];
+        let k = if B == 3 { 4 } else { 16 / B };
+        let mut r = [_mm256_setzero_si256(); 16];
+        for (i, v) in r.iter_mut().enumerate().take(k) {
+            let p = s.wrapping_offset(i as isize * ss);
+            if B == 3 {
+                // SAFETY: bytes p..p+16 and p+12..p+28 are readable (caller contract).
+                let (lo, hi) = unsafe {
+                    (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(12).cast()))
+                };
+                let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+                    EXPAND3[0], EXPAND3[1], EXPAND3[2], EXPAND3[3], EXPAND3[4], EXPAND3[5],
+                    EXPAND3[6], EXPAND3[7], EXPAND3[8], EXPAND3[9], EXPAND3[10], EXPAND3[11],
+                    EXPAND3[12], EXPAND3[13], EXPAND3[14], EXPAND3[15],
+                ));
+                *v = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), m);
+            } else {
+                // SAFETY: bytes p..p+32 are readable (caller contract).
+                *v = unsafe { _mm256_loadu_si256(p.cast()) };
+            }
+        }
+        let mut n = k;
+        while n > 1 {
+            let mut t = [_mm256_setzero_si256(); 16];
+            for i in 0..k / 2 {
+                let (a, b) = (r[i], r[i + k / 2]);
+                (t[2 * i], t[2 * i + 1]) = match B {
+                    1 => (_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b)),
+                    2 => (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b)),
+                    3 | 4 => (_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b)),
+                    _ => (_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b)),
+                };
+            }
+            r = t;
+            n /= 2;
+        }
+        for (j, v) in r.iter().enumerate().take(k) {
+            let mut v = *v;
+            if B == 3 {
+                let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+                    SHRINK3[0], SHRINK3[1], SHRINK3[2], SHRINK3[3], SHRINK3[4], SHRINK3[5],
+                    SHRINK3[6], SHRINK3[7], SHRINK3[8], SHRINK3[9], SHRINK3[10], SHRINK3[11],
+                    SHRINK3[12], SHRINK3[13], SHRINK3[14], SHRINK3[15],
+                ));
+                v = _mm256_shuffle_epi8(v, m);
+            }
+            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let (p0, p1) = (d0.wrapping_offset(j as isize * ds), d1.wrapping_offset(j as isize * ds));
+            // SAFETY: p0..p0+16 and p1..p1+16 are writable (and 16-aligned
+            // with NT) by the caller contract.
+            unsafe {
+                if NT {
+                    _mm_stream_si128(p0.cast(), lo);
+                    _mm_stream_si128(p1.cast(), hi);
+                } else {
+                    _mm_storeu_si128(p0.cast(), lo);
+                    _mm_storeu_si128(p1.cast(), hi);
+                }
+            }
+        }
+    }
+
+    /// Rotation band on an AVX-512BW CPU: as [`rotate_band`], with 512-bit
+    /// row reversal (180°) for 1/2/4/8-byte pixels. (512-bit transposes were
+    /// tried and were slower here: 16 zmm rows spill, and the 128-bit lane
+    /// extract-stores are costly, so 90°/270° keep the 256-bit kernel.)
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    pub(super) fn rotate_band512<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [u8],
+        row0: usize,
+    ) {
+        if turns == QuarterTurns::Two && matches!(B, 1 | 2 | 4 | 8) {
+            let rb = w * B;
+            for (i, drow) in dst.chunks_exact_mut(rb).enumerate() {
+                let y = h - 1 - (row0 + i);
+                reverse_row512::<B>(&src[y * rb..y * rb + rb], drow);
+            }
+        } else {
+            rotate_band::<B>(src, w, h, turns, dst, row0)
+        }
+    }
+
+    /// Byte-shuffle mask reversing the B-byte units of each 16-byte lane.
+    const fn lane_reverse_mask(b: usize) -> [i8; 64] {
+        let mut m = [0i8; 64];
+        if 16 % b != 0 {
+            // Not used for these pixel sizes, but still evaluated for them in
+            // unoptimised builds: return a harmless mask.
+            return m;
+        }
+        let mut j = 0;
+        while j < 64 {
+            let o = j % 16;
+            m[j] = ((16 / b - 1 - o / b) * b + o % b) as i8;
+            j += 1;
+        }
+        m
+    }
+
+    struct Rev512<const B: usize>;
+    impl<const B: usize> Rev512<B> {
+        const MASK: [i8; 64] = lane_reverse_mask(B);
+    }
+
+    /// `dst` = `src` with its B-byte pixels (B in {1, 2, 4, 8}) in reverse
+    /// order, 64 bytes per step: reverse the units inside each 128-bit lane,
+    /// then the order of the lanes.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[inline]
+    fn reverse_row512<const B: usize>(src: &[u8], dst: &mut [u8]) {
+        let n = src.len();
+        // SAFETY: the mask is a 64-byte array read in full.
+        let m = unsafe { _mm512_loadu_si512(Rev512::<B>::MASK.as_ptr().cast()) };
+        let chunks = n / 64;
+        for i in 0..chunks {
+            let s: &[u8; 64] = src[n - 64 * (i + 1)..n - 64 * i].try_into().unwrap();
+            let d: &mut [u8; 64] = (&mut dst[64 * i..64 * i + 64]).try_into().unwrap();
+            // SAFETY: s and d are 64-byte arrays, read and written in full.
+            unsafe {
+                let v = _mm512_shuffle_epi8(_mm512_loadu_si512(s.as_ptr().cast()), m);
+                let v = _mm512_shuffle_i64x2::<0b00_01_10_11>(v, v);
+                _mm512_storeu_si512(d.as_mut_ptr().cast(), v);
+            }
+        }
+        let rem = n - 64 * chunks;
+        reverse_row::<B>(&src[..rem], &mut dst[64 * chunks..]);
+    }
+
+    /// Whether to write the output band `dst` (rows of `row_bytes`) with
+    /// streaming stores: the whole image (`image_bytes`, not just this band)
+    /// is large, and every row start is 16-byte aligned.
+    fn stream(dst: &[u8], row_bytes: usize, image_bytes: usize) -> bool {
+        (dst.as_ptr() as usize).is_multiple_of(16)
+            && row_bytes.is_multiple_of(16)
+            && image_bytes >= STREAM_MIN_BYTES
+    }
+
+    /// 90° / 270° band (see `rotate::transpose_band`) for B in {1, 2, 3, 4, 8}:
+    /// SIMD blocks of 2K output rows x K output columns over the largest
+    /// such region, portable code for the fringes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn transpose_band<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        ccw90: bool,
+        dst: &mut [u8],
+        row0: usize,
+    ) {
+        let rows = dst.len() / (h * B);
+        if B != 3 && stream(dst, h * B, src.len()) {
+            transpose_simd::<B, true>(src, w, h, ccw90, dst, row0, rows);
+            // Order the streaming stores before whatever synchronisation
+            // hands the buffer to another thread.
+            _mm_sfence();
+        } else {
+            transpose_simd::<B, false>(src, w, h, ccw90, dst, row0, rows);
+        }
+    }
+
+    /// Defines a 90°/270° band kernel with `$lanes` K x K blocks per SIMD
+    /// step (`$block`, compiled with `$features`): SIMD over output rows
+    /// `0..full_rows` (multiple of `$lanes * K`) and output columns `cs..ce`,
+    /// portable code for the fringes.
+    macro_rules! transpose_simd {
+        ($name:ident, $features:literal, $lanes:literal, $block:ident) => {
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn $name<const B: usize, const NT: bool>(
+                src: &[u8],
+                w: usize,
+                h: usize,
+                ccw90: bool,
+                dst: &mut [u8],
+                row0: usize,
+                rows: usize,
+            ) {
+                const L: usize = $lanes;
+                let k = if B == 3 { 4 } else { 16 / B };
+                // Invariants every block address below relies on.
+                assert!(src.len() == w * h * B && dst.len() == rows * h * B && row0 + rows <= w);
+                let full_rows = rows / (L * k) * (L * k);
+                // SIMD output columns cs..ce. For B = 3 the 16-byte stores
+                // write 4 bytes past each block (overwritten by the next block
+                // of the row, or by the portable fringe: ce + 2 <= h keeps them
+                // inside the row), and the loads read up to 4 bytes past the
+                // block's last source pixel, which stays inside `src` as long
+                // as the last source row is left out (90°: output column h-1;
+                // 270°: output column 0).
+                let (cs, ce) = if B == 3 {
+                    let cs = usize::from(!ccw90);
+                    let span = h.saturating_sub(2 + cs);
+                    (cs, cs + span / k * k)
+                } else {
+                    (0, h / k * k)
+                };
+                let (ss, ds) = ((w * B) as isize, (h * B) as isize);
+                let sp = src.as_ptr();
+                let dp = dst.as_mut_ptr();
+                // Strips of ~1 KiB of output row (`tc` source rows), swept over
+                // all output rows of the band (source columns): `tc` sequential
+                // source streams, and 16 whole cache lines written per output
+                // row per strip. (Measured against 64 B and 256 B strips and
+                // square tiles: 1 KiB was best for 3- and 4-byte pixels.)
+                let tc = (1024 / B / k * k).max(k);
+                let mut ct = cs;
+                while ct < ce {
+                    let ct_end = (ct + tc).min(ce);
+                    let mut g = 0;
+                    while g < full_rows {
+                        let yo = row0 + g;
+                        let mut c = ct;
+                        while c < ct_end {
+                            if ccw90 {
+                                // Output rows g..g+L*k are source columns
+                                // x0+L*k-1 down to x0, x0 = w-yo-L*k >= 0
+                                // (yo+L*k <= row0+rows <= w); output columns
+                                // c..c+k are source rows c..c+k <= h. Block l
+                                // holds source columns x0+l*k.., i.e. output
+                                // rows from g+L*k-1-l*k downwards.
+                                let x0 = w - yo - L * k;
+                                let d: [*mut u8; L] = std::array::from_fn(|l| {
+                                    dp.wrapping_add(((g + L * k - 1 - l * k) * h + c) * B)
+                                });
+                                // SAFETY: reads source rows c..c+k, bytes
+                                // x0*B..(x0+L*k)*B (B = 3: +4 more, inside the
+                                // next source row since c+k <= h-2); writes
+                                // output rows g..g+L*k (<= full_rows <= rows),
+                                // bytes c*B..c*B+16 <= h*B (B = 3: ce+2 <= h).
+                                // src and dst are distinct slices. NT: row
+                                // starts and c*B are multiples of 16 on an
+                                // aligned dst (checked by `stream`).
+                                unsafe { $block::<B, NT>(sp.add((c * w + x0) * B), ss, d, -ds) }
+                            } else {
+                                // Output rows g..g+L*k are source columns
+                                // yo..yo+L*k <= w; output columns c..c+k are
+                                // source rows h-1-c down to h-c-k >= 0
+                                // (B = 3: c >= 1 so rows <= h-2).
+                                let d: [*mut u8; L] = std::array::from_fn(|l| {
+                                    dp.wrapping_add(((g + l * k) * h + c) * B)
+                                });
+                                // SAFETY: as above, with source rows read bottom-up.
+                                unsafe {
+                                    $block::<B, NT>(sp.add(((h - 1 - c) * w + yo) * B), -ss, d, ds)
+                                }
+                            }
+                            c += k;
+                        }
+                        g += L * k;
+                    }
+                    ct = ct_end;
+                }
+                let (s, _) = src.as_chunks::<B>();
+                let (d, _) = dst.as_chunks_mut::<B>();
+                // Fringes, after the SIMD part (B = 3 relies on this order).
+                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, 0..cs);
+                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, ce..h);
+                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, full_rows..rows, 0..h);
+            }
+        };
+    }
+
+    transpose_simd!(transpose_simd, "avx2", 2, block2);
+
+    /// Mean-filter interior for u8 samples with AVX2 (see `mean::Interior`);
+    /// other sample types are left to the portable loop. Only handed to
+    /// `mean::mean_band` from the AVX2 / AVX-512 paths, which run only after
+    /// AVX2 was detected.
+    pub(super) fn mean_interior_avx2<T: Sample>(rows: &[&[T]], o: &mut [T], c: usize) -> usize {
+        if size_of::<T>() != 1 {
+            return 0;
+        }
+        // T is u8 (Sample is sealed to u8 and u16): the byte views are the samples.
+        let rows: [&[u8]; 3] = std::array::from_fn(|r| rows.get(r).map_or(&[][..], |s| super::as_bytes(s)));
+        let o = super::as_bytes_mut(o);
+        // SAFETY: this function is only used on paths whose AVX2 support
+        // was checked at run time (KernelPath::Avx2 / Avx512).
+        unsafe {
+            match rows.iter().filter(|r| !r.is_empty()).count() {
+                3 => mean_u8_avx2::<3, 9>(&rows, o, c),
+                2 => mean_u8_avx2::<2, 6>(&rows, o, c),
+                _ => mean_u8_avx2::<1, 3>(&rows, o, c),
+            }
+        }
+    }
+
+    /// As [`mean_interior_avx2`] with AVX-512BW (32 samples per step).
+    pub(super) fn mean_interior_avx512<T: Sample>(rows: &[&[T]], o: &mut [T], c: usize) -> usize {
+        if size_of::<T>() != 1 {
+            return 0;
+        }
+        let rows: [&[u8]; 3] = std::array::from_fn(|r| rows.get(r).map_or(&[][..], |s| super::as_bytes(s)));
+        let o = super::as_bytes_mut(o);
+        // SAFETY: only used on KernelPath::Avx512, whose AVX-512F/BW support
+        // was checked at run time.
+        unsafe {
+            match rows.iter().filter(|r| !r.is_empty()).count() {
+                3 => mean_u8_avx512::<3, 9>(&rows, o, c),
+                2 => mean_u8_avx512::<2, 6>(&rows, o, c),
+                _ => mean_u8_avx512::<1, 3>(&rows, o, c),
+            }
+        }
+    }
+
+    /// Output samples per chunk of the u8 mean interior kernels.
+    const MEAN_CHUNK: usize = 512;
+
+    /// `o[i] = (sum over the R rows of row[i] + row[i+c] + row[i+2c] + N/2) / N`
+    /// for all of `o` if it has at least 64 samples (returns `o.len()`),
+    /// else nothing (returns 0).
+    ///
+    /// Separable, in chunks of up to [`MEAN_CHUNK`] outputs: first the
+    /// vertical sums of the chunk plus its `2c` halo are written as u16 into
+    /// a small stack buffer (zero-extending loads, 16 lanes per step), then
+    /// each output adds three u16 vertical sums at offsets 0, c and 2c. The
+    /// sums (<= 9 * 255 + 4) stay in u16 lanes and are divided by the high
+    /// half of a 16x16-bit multiply with `recip16(N)`, exact for these sums
+    /// (same constant and formula as `Sample::div_round`, checked
+    /// exhaustively by `sample::tests::u8_division_exact`). Steps that
+    /// would run past the end are moved back to overlap the previous one
+    /// (recomputing outputs is harmless: each depends only on the source).
+    #[target_feature(enable = "avx2")]
+    fn mean_u8_avx2<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [u8], c: usize) -> usize {
+        let n = o.len();
+        if n < 64 {
+            return 0;
+        }
+        let m = _mm256_set1_epi16(super::super::sample::recip16(N) as i16);
+        let half = _mm256_set1_epi16((N / 2) as i16);
+        let mut vbuf = [0u16; MEAN_CHUNK + 8];
+        let mut i0 = 0;
+        while i0 < n {
+            let mut len = (n - i0).min(MEAN_CHUNK);
+            if len < 64 {
+                i0 = n - 64;
+                len = 64;
+            }
+            // Vertical sums for positions i0 .. i0 + len + 2c.
+            let vl = len + 2 * c;
+            let mut j = 0;
+            loop {
+                if j + 16 > vl {
+                    if j == vl {
+                        break;
+                    }
+                    j = vl - 16;
+                }
+                let mut v = _mm256_setzero_si256();
+                for row in rows.iter().take(R) {
+                    let s: &[u8; 16] = row[i0 + j..i0 + j + 16].try_into().unwrap();
+                    // SAFETY: s is a 16-byte array.
+                    let x = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
+                    v = _mm256_add_epi16(v, _mm256_cvtepu8_epi16(x));
+                }
+                let d: &mut [u16; 16] = (&mut vbuf[j..j + 16]).try_into().unwrap();
+                // SAFETY: d is a 16-element u16 array (32 bytes).
+                unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), v) };
+                j += 16;
+            }
+            // Horizontal 3-tap on the vertical sums, 32 outputs per step.
+            let mut t = 0;
+            loop {
+                if t + 32 > len {
+                    if t == len {
+                        break;
+                    }
+                    t = len - 32;
+                }
+                let mut q = [_mm256_setzero_si256(); 2];
+                for (h, qh) in q.iter_mut().enumerate() {
+                    let mut s = half;
+                    for k in 0..3 {
+                        let b = t + 16 * h + k * c;
+                        let x: &[u16; 16] = vbuf[b..b + 16].try_into().unwrap();
+                        // SAFETY: x is a 16-element u16 array (32 bytes).
+                        s = _mm256_add_epi16(s, unsafe { _mm256_loadu_si256(x.as_ptr().cast()) });
+                    }
+                    *qh = _mm256_mulhi_epu16(s, m);
+                }
+                // packus interleaves 64-bit halves per 128-bit lane; permute back.
+                let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(q[0], q[1]));
+                let d: &mut [u8; 32] = (&mut o[i0 + t..i0 + t + 32]).try_into().unwrap();
+                // SAFETY: d is a 32-byte array.
+                unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), p) };
+                t += 32;
+            }
+            i0 += len;
+        }
+        n
+    }
+
+    /// [`mean_u8_avx2`] with 512-bit vectors (32 vertical sums, 64 outputs
+    /// per step), and pointer arithmetic instead of per-load bounds checks
+    /// (bounds asserted once per call).
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn mean_u8_avx512<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [u8], c: usize) -> usize {
+        let n = o.len();
+        if n < 64 {
+            return 0;
+        }
+        // Every row has the n outputs' windows: n + 2c samples.
+        let rp: [*const u8; 3] = std::array::from_fn(|r| {
+            if r < R {
+                assert!(rows[r].len() >= n + 2 * c);
+            }
+            rows[r].as_ptr()
+        });
+        let m = _mm512_set1_epi16(super::super::sample::recip16(N) as i16);
+        let half = _mm512_set1_epi16((N / 2) as i16);
+        let fix = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+        let mut vbuf = [0u16; MEAN_CHUNK + 8];
+        assert!(c <= 4);
+        let vp = vbuf.as_mut_ptr();
+        let op = o.as_mut_ptr();
+        let mut i0 = 0;
+        while i0 < n {
+            let mut len = (n - i0).min(MEAN_CHUNK);
+            if len < 64 {
+                i0 = n - 64;
+                len = 64;
+            }
+            // Invariants: 64 <= len <= MEAN_CHUNK, i0 + len <= n.
+            let vl = len + 2 * c;
+            let mut j = 0;
+            loop {
+                if j + 32 > vl {
+                    if j == vl {
+                        break;
+                    }
+                    j = vl - 32;
+                }
+                let mut v = _mm512_setzero_si512();
+                for p in rp.iter().take(R) {
+                    // SAFETY: i0 + j + 32 <= i0 + vl = i0 + len + 2c <= n + 2c,
+                    // which every row's length was asserted to reach.
+                    let x = unsafe { _mm256_loadu_si256(p.add(i0 + j).cast()) };
+                    v = _mm512_add_epi16(v, _mm512_cvtepu8_epi16(x));
+                }
+                // SAFETY: j + 32 <= vl <= MEAN_CHUNK + 8 = vbuf.len().
+                unsafe { _mm512_storeu_si512(vp.add(j).cast(), v) };
+                j += 32;
+            }
+            let mut t = 0;
+            loop {
+                if t + 64 > len {
+                    if t == len {
+                        break;
+                    }
+                    t = len - 64;
+                }
+                let mut q = [_mm512_setzero_si512(); 2];
+                for (h, qh) in q.iter_mut().enumerate() {
+                    let mut s = half;
+                    for k in 0..3 {
+                        // SAFETY: t + 32h + kc + 32 <= len + 2c = vl <= vbuf.len().
+                        let x = unsafe { _mm512_loadu_si512(vp.add(t + 32 * h + k * c).cast()) };
+                        s = _mm512_add_epi16(s, x);
+                    }
+                    *qh = _mm512_mulhi_epu16(s, m);
+                }
+                let p = _mm512_permutexvar_epi64(fix, _mm512_packus_epi16(q[0], q[1]));
+                // SAFETY: i0 + t + 64 <= i0 + len <= n = o.len().
+                unsafe { _mm512_storeu_si512(op.add(i0 + t).cast(), p) };
+                t += 64;
+            }
+            i0 += len;
+        }
+        n
+    }
+
+    /// pshufb masks reversing the order of the B-byte pixels in 48 bytes
+    /// (48 is a multiple of every pixel size): `MASKS[q][r]` picks, for output
+    /// vector q, the bytes that come from input vector r (-128 = zero).
+    const fn reverse_masks(b: usize) -> ([[[i8; 16]; 3]; 3], [[bool; 3]; 3]) {
+        let mut m = [[[-128i8; 16]; 3]; 3];
+        let mut used = [[false; 3]; 3];
+        let mut ob = 0;
+        while ob < 48 {
+            let ib = 48 - b * (ob / b + 1) + ob % b;
+            m[ob / 16][ib / 16][ob % 16] = (ib % 16) as i8;
+            used[ob / 16][ib / 16] = true;
+            ob += 1;
+        }
+        (m, used)
+    }
+
+    struct Rev<const B: usize>;
+    impl<const B: usize> Rev<B> {
+        const TABLES: ([[[i8; 16]; 3]; 3], [[bool; 3]; 3]) = reverse_masks(B);
+    }
+
+    /// `dst` = `src` with its B-byte pixels in reverse order (same length).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn reverse_row<const B: usize>(src: &[u8], dst: &mut [u8]) {
+        let n = src.len();
+        let (masks, used) = Rev::<B>::TABLES;
+        let chunks = n / 48;
+        for i in 0..chunks {
+            let s: &[u8; 48] = src[n - 48 * (i + 1)..n - 48 * i].try_into().unwrap();
+            let d: &mut [u8; 48] = (&mut dst[48 * i..48 * i + 48]).try_into().unwrap();
+            // SAFETY: s and d are 48-byte arrays: the loads read bytes
+            // 0..16, 16..32, 32..48 of s and the stores write the same of d.
+            let v = unsafe {
+                [
+                    _mm_loadu_si128(s.as_ptr().cast()),
+                    _mm_loadu_si128(s.as_ptr().add(16).cast()),
+                    _mm_loadu_si128(s.as_ptr().add(32).cast()),
+                ]
+            };
+            for q in 0..3 {
+                let mut o = _mm_setzero_si128();
+                for r in 0..3 {
+                    if used[q][r] {
+                        // SAFETY: the mask is a 16-byte array read in full.
+                        let m = unsafe { _mm_loadu_si128(masks[q][r].as_ptr().cast()) };
+                        o = _mm_or_si128(o, _mm_shuffle_epi8(v[r], m));
+                    }
+                }
+                // SAFETY: bytes 16q..16q+16 of the 48-byte d.
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().add(16 * q).cast(), o) };
+            }
+        }
+        let rem = n - 48 * chunks;
+        let (s, _) = src[..rem].as_chunks::<B>();
+        let (d, _) = dst[48 * chunks..].as_chunks_mut::<B>();
+        rotate::reverse_copy(s, d);
+    }
+}

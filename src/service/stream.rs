@@ -1,0 +1,123 @@
+//! ProcessStream: reassembly of a chunked image (a pure state machine) and
+//! the handler around it.
+
+use bytes::{Bytes, BytesMut};
+
+use super::error::StreamProtocolError;
+
+/// Collects the chunks of one image. Pure: no I/O, no async, so its rules
+/// are tested (and fuzzed) directly.
+#[derive(Debug)]
+pub struct Reassembly {
+    declared: u64,
+    max_chunk: usize,
+    data: BytesMut,
+    /// Messages seen, the header included (for error messages).
+    messages: u64,
+}
+
+impl Reassembly {
+    /// After a header declaring `declared` bytes. The buffer is allocated up
+    /// front: `declared` has been checked against the pixel and byte limits.
+    pub fn new(declared: u64, max_chunk: usize) -> Self {
+        Self { declared, max_chunk, data: BytesMut::with_capacity(declared as usize), messages: 1 }
+    }
+
+    /// Index (0-based) the next message will have.
+    pub fn next_index(&self) -> u64 {
+        self.messages
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Result<(), StreamProtocolError> {
+        let index = self.messages;
+        self.messages += 1;
+        if chunk.is_empty() {
+            return Err(StreamProtocolError::EmptyChunk { index });
+        }
+        if chunk.len() > self.max_chunk {
+            return Err(StreamProtocolError::ChunkTooLarge { index, len: chunk.len(), limit: self.max_chunk });
+        }
+        let received = self.data.len() as u64 + chunk.len() as u64;
+        if received > self.declared {
+            return Err(StreamProtocolError::PastDeclaredSize { index, received, declared: self.declared });
+        }
+        self.data.extend_from_slice(chunk);
+        Ok(())
+    }
+
+    /// A message that is neither header nor chunk, or a second header.
+    pub fn reject_header(&mut self) -> StreamProtocolError {
+        let index = self.messages;
+        self.messages += 1;
+        StreamProtocolError::SecondHeader { index }
+    }
+
+    pub fn reject_empty(&mut self) -> StreamProtocolError {
+        let index = self.messages;
+        self.messages += 1;
+        StreamProtocolError::EmptyMessage { index }
+    }
+
+    /// The complete image data, or how much is missing.
+    pub fn finish(self) -> Result<Bytes, StreamProtocolError> {
+        let received = self.data.len() as u64;
+        if received != self.declared {
+            return Err(StreamProtocolError::Truncated { received, declared: self.declared });
+        }
+        Ok(self.data.freeze())
+    }
+}
+
+/// Splits `data` into chunks of at most `chunk` bytes without copying.
+pub fn chunks(data: Bytes, chunk: usize) -> impl Iterator<Item = Bytes> {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    (0..len.div_ceil(chunk)).map(move |i| data.slice(i * chunk..((i + 1) * chunk).min(len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reassembles_chunks_of_any_size_including_single_bytes() {
+        let image: Vec<u8> = (0..=255).collect();
+        for size in [1, 3, 7, 100, 256] {
+            let mut r = Reassembly::new(256, 256);
+            for c in image.chunks(size) {
+                r.push(c).unwrap();
+            }
+            assert_eq!(&r.finish().unwrap()[..], &image[..], "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn refuses_data_past_the_declared_size_naming_the_message() {
+        let mut r = Reassembly::new(10, 100);
+        r.push(&[0; 6]).unwrap();
+        assert_eq!(r.push(&[0; 5]), Err(StreamProtocolError::PastDeclaredSize { index: 2, received: 11, declared: 10 }));
+    }
+
+    #[test]
+    fn refuses_a_truncated_stream() {
+        let mut r = Reassembly::new(10, 100);
+        r.push(&[0; 4]).unwrap();
+        assert_eq!(r.finish(), Err(StreamProtocolError::Truncated { received: 4, declared: 10 }));
+    }
+
+    #[test]
+    fn refuses_empty_and_oversized_chunks() {
+        let mut r = Reassembly::new(10, 4);
+        assert_eq!(r.push(&[]), Err(StreamProtocolError::EmptyChunk { index: 1 }));
+        assert_eq!(r.push(&[0; 5]), Err(StreamProtocolError::ChunkTooLarge { index: 2, len: 5, limit: 4 }));
+    }
+
+    #[test]
+    fn chunks_split_without_gaps_or_overlap() {
+        let data = Bytes::from((0..10u8).collect::<Vec<_>>());
+        let parts: Vec<Bytes> = chunks(data.clone(), 4).collect();
+        assert_eq!(parts.iter().map(|b| b.len()).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(parts.concat(), data.to_vec());
+        assert_eq!(chunks(Bytes::new(), 4).count(), 0);
+    }
+}
