@@ -5,6 +5,7 @@
 pub mod connector;
 pub mod credentials;
 pub mod image_io;
+pub mod stream;
 
 use std::{sync::Arc, time::Duration};
 
@@ -160,7 +161,7 @@ pub async fn process(channel: Channel, api: Api, image: RawImage, ops: &[Op], se
     }
 }
 
-fn status_error(status: tonic::Status, server_name: &str) -> ClientError {
+pub(crate) fn status_error(status: tonic::Status, server_name: &str) -> ClientError {
     let explanation = explain(&status, server_name);
     let hint = match status.code() {
         tonic::Code::Unauthenticated => " (the client certificate was accepted by TLS but names no tenant of this server)".into(),

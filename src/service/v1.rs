@@ -82,10 +82,9 @@ async fn receive_stream(
     let policy = processor.policy();
     let steps = steps_from(&header.operations, policy.limits.max_operations)?;
     let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
-    // Shape first (cheap, no allocation), so the declared size is known and
-    // bounded before the tenant's byte limit and the buffer are applied.
-    let shape = ImageShape::from_v1(header.format, header.width, header.height, policy.limits.max_image_pixels)?;
-    let admission = processor.admit(tenant, &operations, shape.bytes() as usize)?;
+    // max_request_bytes bounds request messages; a streamed image as a whole
+    // is bounded by the pixel limit, its chunks by stream.max_chunk_bytes.
+    let admission = processor.admit(tenant, &operations, header.encoded_len())?;
     let shape = ImageShape::from_v1(header.format, header.width, header.height, admission.max_image_pixels)?;
     let mut reassembly = Reassembly::new(shape.bytes(), policy.limits.stream_max_chunk_bytes);
     while let Some(message) = next(stream.message().await)? {
