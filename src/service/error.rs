@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::{imaging::ImagingError, worker::WorkerError};
+use crate::{codec::CodecError, imaging::ImagingError, worker::WorkerError};
 
 /// The request is well-formed protobuf but not a valid image or pipeline.
 /// Always INVALID_ARGUMENT.
@@ -29,6 +29,13 @@ pub enum InvalidRequest {
     MissingRotateAmount { index: usize },
     #[error("operation {index} (rotate) has angle {value}, expected ANGLE_0, ANGLE_90, ANGLE_180 or ANGLE_270 (1..=4)")]
     InvalidAngle { index: usize, value: i32 },
+    #[error("the image has both encoded content and raw pixel fields (format, width, height or data): send one or the other")]
+    EncodedWithRawFields,
+    #[error("{field} {value} is not a known ImageEncoding value (0..=6)")]
+    UnknownEncoding { field: &'static str, value: i32 },
+    /// The encoded image or the requested output encoding is not usable.
+    #[error(transparent)]
+    Codec(CodecError),
 }
 
 /// The request is valid but over a configured limit. Always RESOURCE_EXHAUSTED.
@@ -38,6 +45,9 @@ pub enum LimitExceeded {
     TooManyPixels { pixels: u64, width: i64, height: i64, limit: u64 },
     #[error("request has {count} operations, over the limit of {limit}")]
     TooManyOperations { count: usize, limit: usize },
+    /// An encoded image over the pixel or decoding-memory limit.
+    #[error(transparent)]
+    Decode(CodecError),
 }
 
 #[derive(Debug, Error)]
@@ -53,6 +63,21 @@ pub enum ServiceError {
     Kernel(#[from] ImagingError),
     #[error("request carries no tenant")]
     NoTenant,
+    /// Encoding a valid result failed: a bug, not bad input.
+    #[error("internal error: {0}")]
+    Encode(CodecError),
+}
+
+impl From<CodecError> for ServiceError {
+    fn from(err: CodecError) -> Self {
+        match err {
+            CodecError::TooManyPixels { .. } | CodecError::TooLarge { .. } | CodecError::DecoderLimit { .. } => {
+                Self::Limit(LimitExceeded::Decode(err))
+            }
+            CodecError::Encode { .. } | CodecError::Shape { .. } => Self::Encode(err),
+            _ => Self::Invalid(InvalidRequest::Codec(err)),
+        }
+    }
 }
 
 impl From<ServiceError> for tonic::Status {
@@ -62,7 +87,7 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::Invalid(_) => Code::InvalidArgument,
             ServiceError::Limit(_) => Code::ResourceExhausted,
             ServiceError::Worker(WorkerError::Busy { .. }) => Code::ResourceExhausted,
-            ServiceError::Worker(_) | ServiceError::Kernel(_) => Code::Internal,
+            ServiceError::Worker(_) | ServiceError::Kernel(_) | ServiceError::Encode(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
         };
         tonic::Status::new(code, err.to_string())

@@ -6,6 +6,7 @@
 //! the same validation, limits and tracing. Errors are decided in
 //! [`error`] and mapped to `tonic::Status` in one `From` impl.
 
+pub mod codec;
 pub mod error;
 pub mod legacy;
 pub mod pixels;
@@ -112,6 +113,15 @@ impl Processor {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Runs CPU-bound work (decoding, encoding) on the worker pool.
+    pub async fn run<R, F>(&self, job: F) -> Result<R, ServiceError>
+    where
+        F: FnOnce() -> Result<R, ServiceError> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.pool.run(job).await?
     }
 
     /// Validates nothing itself: takes an already validated buffer and

@@ -127,6 +127,7 @@ impl PixelBuffer {
             width: self.layout.width() as u32,
             height: self.layout.height() as u32,
             data: self.data,
+            encoded: None,
         }
     }
 }
@@ -213,7 +214,7 @@ mod tests {
 
     #[test]
     fn refuses_v1_sizes_beyond_64_bits() {
-        let image = v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new() };
+        let image = v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new(), encoded: None };
         let err = PixelBuffer::from_v1(Some(image), u64::MAX).unwrap_err();
         assert!(matches!(err, RequestError::Invalid(InvalidRequest::SizeOverflow { bits: 64, .. })), "{err}");
     }
@@ -226,14 +227,14 @@ mod tests {
 
     #[test]
     fn refuses_unspecified_and_unknown_formats() {
-        let img = |format| Some(v1::Image { format, width: 1, height: 1, data: Bytes::from_static(&[0]) });
+        let img = |format| Some(v1::Image { format, width: 1, height: 1, data: Bytes::from_static(&[0]), encoded: None });
         assert_eq!(PixelBuffer::from_v1(img(0), 10), Err(InvalidRequest::UnspecifiedFormat.into()));
         assert_eq!(PixelBuffer::from_v1(img(99), 10), Err(InvalidRequest::UnknownFormat { value: 99 }.into()));
     }
 
     #[test]
     fn sixteen_bit_formats_count_two_bytes_per_sample() {
-        let image = v1::Image { format: v1::PixelFormat::Rgb16 as i32, width: 2, height: 1, data: Bytes::from(vec![0; 12]) };
+        let image = v1::Image { format: v1::PixelFormat::Rgb16 as i32, width: 2, height: 1, data: Bytes::from(vec![0; 12]), encoded: None };
         let b = PixelBuffer::from_v1(Some(image), 10).unwrap();
         assert_eq!((b.depth(), b.layout().samples()), (Depth::Sixteen, 6));
     }

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
+use super::{codec, tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
@@ -56,11 +56,21 @@ impl ImageService for V1Service {
         let processor = self.processor.clone();
         traced("imgsvc.v1.ImageService/Process", tenant, move |_tenant| {
             Box::pin(async move {
-                let req = request.into_inner();
-                let pipeline = pipeline_from(&req.operations, processor.limits().max_operations)?;
-                let input = PixelBuffer::from_v1(req.image, processor.limits().max_image_pixels)?;
+                let mut req = request.into_inner();
+                let limits = *processor.limits();
+                // Every cheap check before any work.
+                let pipeline = pipeline_from(&req.operations, limits.max_operations)?;
+                let output = codec::output_options(req.output.as_ref())?;
+                let input = match codec::encoded_input(&mut req.image, codec::decode_limits(&limits))? {
+                    Some(encoded) => processor.run(move || codec::decode(&encoded)).await?,
+                    None => PixelBuffer::from_v1(req.image, limits.max_image_pixels)?,
+                };
                 let out = processor.process(input, pipeline).await?;
-                Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(out.into_v1()) }))
+                let image = match output {
+                    Some(options) => processor.run(move || codec::encode(out, &options)).await?,
+                    None => out.into_v1(),
+                };
+                Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(image) }))
             })
         })
         .await
