@@ -176,6 +176,20 @@ pub fn format_name(format: PixelFormat) -> &'static str {
     format.as_str_name().trim_start_matches("PIXEL_FORMAT_")
 }
 
+/// Bytes per pixel of a v1 pixel format (0 for UNSPECIFIED).
+pub fn bytes_per_pixel(format: PixelFormat) -> usize {
+    use PixelFormat as F;
+    match format {
+        F::Unspecified => 0,
+        F::Gray8 => 1,
+        F::Graya8 | F::Gray16 => 2,
+        F::Rgb8 => 3,
+        F::Rgba8 => 4,
+        F::Rgb16 => 6,
+        F::Rgba16 => 8,
+    }
+}
+
 impl RawImage {
     pub fn from_v1(img: v1::Image) -> Self {
         Self {
@@ -401,15 +415,7 @@ mod tests {
     }
 
     fn gradient(format: PixelFormat, width: u32, height: u32) -> RawImage {
-        let per_pixel = match format {
-            PixelFormat::Gray8 => 1,
-            PixelFormat::Graya8 | PixelFormat::Gray16 => 2,
-            PixelFormat::Rgb8 => 3,
-            PixelFormat::Rgba8 => 4,
-            PixelFormat::Rgb16 => 6,
-            _ => 8,
-        };
-        let len = (width * height) as usize * per_pixel;
+        let len = (width * height) as usize * bytes_per_pixel(format);
         RawImage { format, width, height, data: (0..len).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>().into() }
     }
 

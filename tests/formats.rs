@@ -20,15 +20,7 @@ use imgsvc::{
 
 /// A deterministic pattern in `format`.
 fn pattern(format: PixelFormat, width: u32, height: u32, seed: u32) -> RawImage {
-    let per_pixel = match format {
-        PixelFormat::Gray8 => 1,
-        PixelFormat::Graya8 | PixelFormat::Gray16 => 2,
-        PixelFormat::Rgb8 => 3,
-        PixelFormat::Rgba8 => 4,
-        PixelFormat::Rgb16 => 6,
-        _ => 8,
-    };
-    let len = (width * height) as usize * per_pixel;
+    let len = (width * height) as usize * codec::bytes_per_pixel(format);
     let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8).collect();
     RawImage { format, width, height, data: data.into() }
 }
