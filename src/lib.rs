@@ -3,6 +3,8 @@
 //! Layers, each in its own module:
 //! - [`imaging`]: pure kernels over pixel slices (no I/O, no gRPC).
 //! - [`proto`]: generated protobuf/gRPC types for both APIs.
+//! - [`codec`]: encoded image files ↔ raw pixels, bounded decoding (client
+//!   files and v1 encoded images).
 //! - [`service`]: protobuf → validated image → kernel → protobuf, and the
 //!   single mapping of domain errors to gRPC statuses.
 //! - [`identity`]: client certificate → tenant, applied once per request.
@@ -17,6 +19,7 @@
 //! - [`telemetry`]: tracing subscriber set-up.
 
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod fsutil;
 pub mod identity;

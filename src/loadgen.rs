@@ -227,8 +227,10 @@ impl Request {
                         width: config.width,
                         height: config.height,
                         data,
+                        encoded: None,
                     }),
                     operations: vec![v1::Operation { kind: Some(kind) }],
+                    output: None,
                 })
             }
         }

@@ -162,3 +162,31 @@ fn refused_client_certificate_is_explained_by_the_cli() {
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).contains("the server refused the client certificate"), "{}", stderr(&out));
 }
+
+#[test]
+fn version_prints_the_package_version() {
+    let out = run_client(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("imgsvc-client {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn completions_subcommand_prints_a_script_for_each_shell() {
+    for (shell, marker) in [("bash", "complete -F _imgsvc__client"), ("zsh", "#compdef imgsvc-client"), ("fish", "complete -c imgsvc-client")] {
+        let out = run_client(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker) && script.contains("continue-on-error"), "{shell}: {script}");
+    }
+    let out = run_client(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn help_documents_the_format_and_batch_flags() {
+    let out = run_client(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--format", "--quality", "--page", "--jobs", "--overwrite", "--continue-on-error", "completions"] {
+        assert!(help.contains(flag), "help lacks {flag}");
+    }
+}

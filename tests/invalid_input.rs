@@ -17,7 +17,7 @@ fn nl(color: bool, w: i32, h: i32, len: usize) -> NlImage {
 }
 
 fn v1img(format: i32, w: u32, h: u32, len: usize) -> Option<Image> {
-    Some(Image { format, width: w, height: h, data: Bytes::from(vec![1u8; len]) })
+    Some(Image { format, width: w, height: h, data: Bytes::from(vec![1u8; len]), encoded: None })
 }
 
 fn rotate_op(amount: Option<Amount>) -> Operation {
@@ -72,7 +72,7 @@ async fn v1_api_refuses_invalid_images_and_pipelines_with_invalid_argument_and_k
     let server = TestServer::start(&pki);
     let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
     let gray = PixelFormat::Gray8 as i32;
-    let req = |image: Option<Image>, operations: Vec<Operation>| ProcessRequest { image, operations };
+    let req = |image: Option<Image>, operations: Vec<Operation>| ProcessRequest { image, operations, output: None };
     let cases: Vec<(&str, ProcessRequest, &str)> = vec![
         ("missing image", req(None, vec![mean_op()]), "the request has no image"),
         (
@@ -129,7 +129,7 @@ async fn images_over_the_pixel_limit_get_resource_exhausted_in_both_apis() {
     assert!(legacy.mean_filter(nl(false, 40, 25, 1000)).await.is_ok(), "exactly at the limit is allowed");
 
     let mut v1c = ImageServiceClient::new(ch);
-    let status = v1c.process(ProcessRequest { image: v1img(PixelFormat::Rgb8 as i32, 1001, 1, 3003), operations: vec![] }).await.unwrap_err();
+    let status = v1c.process(ProcessRequest { image: v1img(PixelFormat::Rgb8 as i32, 1001, 1, 3003), operations: vec![], output: None }).await.unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "image has 1001 pixels (1001x1), over the limit of 1000"));
 }
 
@@ -139,9 +139,9 @@ async fn too_many_operations_get_resource_exhausted() {
     let server = TestServer::start_with(&pki, |raw| raw.limits.max_operations = 3);
     let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
     let image = v1img(PixelFormat::Gray8 as i32, 1, 1, 1);
-    let status = client.process(ProcessRequest { image: image.clone(), operations: vec![mean_op(); 4] }).await.unwrap_err();
+    let status = client.process(ProcessRequest { image: image.clone(), operations: vec![mean_op(); 4], output: None }).await.unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "request has 4 operations, over the limit of 3"));
-    assert!(client.process(ProcessRequest { image, operations: vec![mean_op(); 3] }).await.is_ok());
+    assert!(client.process(ProcessRequest { image, operations: vec![mean_op(); 3], output: None }).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +160,7 @@ async fn empty_pipeline_returns_the_image_unchanged() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
     let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
-    let image = Image { format: PixelFormat::Rgb8 as i32, width: 2, height: 1, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6]) };
-    let out = client.process(ProcessRequest { image: Some(image.clone()), operations: vec![] }).await.unwrap().into_inner();
+    let image = Image { format: PixelFormat::Rgb8 as i32, width: 2, height: 1, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6]), encoded: None };
+    let out = client.process(ProcessRequest { image: Some(image.clone()), operations: vec![], output: None }).await.unwrap().into_inner();
     assert_eq!(out.image, Some(image));
 }

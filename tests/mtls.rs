@@ -13,8 +13,9 @@ use tonic::Code;
 
 fn tiny_request() -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Gray8 as i32, width: 1, height: 1, data: vec![9u8].into() }),
+        image: Some(Image { format: PixelFormat::Gray8 as i32, width: 1, height: 1, data: vec![9u8].into(), encoded: None }),
         operations: vec![],
+        output: None,
     }
 }
 

@@ -48,7 +48,7 @@ async fn streams_an_image_larger_than_the_unary_message_limit() {
     let ops = [Op::MeanFilter, Op::Rotate(QuarterTurns::One)];
     // Unary: refused, the message is over the limit.
     let unary = ImageServiceClient::new(channel(&server, &pki, "alpha").await)
-        .process(ProcessRequest { image: Some(image.clone().into_v1()), operations: vec![] })
+        .process(ProcessRequest { image: Some(image.clone().into_v1()), operations: vec![], output: None })
         .await
         .unwrap_err();
     assert_eq!(unary.code(), Code::ResourceExhausted);

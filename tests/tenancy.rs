@@ -38,8 +38,9 @@ fn rotate_op() -> Operation {
 
 fn v1_request(w: u32, h: u32, operations: Vec<Operation>) -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Gray8 as i32, width: w, height: h, data: Bytes::from(vec![7u8; (w * h) as usize]) }),
+        image: Some(Image { format: PixelFormat::Gray8 as i32, width: w, height: h, data: Bytes::from(vec![7u8; (w * h) as usize]), encoded: None }),
         operations,
+        output: None,
     }
 }
 
@@ -176,8 +177,9 @@ async fn requests_over_the_tenant_byte_limit_are_resource_exhausted_in_both_apis
 /// A slow request: 16 mean filters over a 2000x2000 RGB image.
 fn slow_request() -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Rgb8 as i32, width: 2000, height: 2000, data: Bytes::from(vec![9u8; 2000 * 2000 * 3]) }),
+        image: Some(Image { format: PixelFormat::Rgb8 as i32, width: 2000, height: 2000, data: Bytes::from(vec![9u8; 2000 * 2000 * 3]), encoded: None }),
         operations: vec![mean_op(); 16],
+        output: None,
     }
 }
 

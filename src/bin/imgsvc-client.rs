@@ -3,10 +3,14 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use imgsvc::{
-    client::{self, credentials, image_io, Api, ClientError, Op, Target},
+    client::{
+        self,
+        batch::{self, Job, JobSettings, RunOptions},
+        credentials, image_io, Api, Op, Target,
+    },
+    codec::{DecodeOptions, Encoding, DEFAULT_JPEG_QUALITY},
     imaging::QuarterTurns,
     tls::ClientCredentials,
     EXIT_CONFIG, EXIT_USAGE,
@@ -18,16 +22,47 @@ Examples:
       --ca certs/dev/ca.pem --cert certs/dev/client-dev.pem --key certs/dev/client-dev-key.pem \\
       --input photo.jpg --output rotated.png --rotate NINETY_DEG --mean
   imgsvc-client --config ~/.config/imgsvc/client.toml --input a.png --output b.png --mean
+  imgsvc-client --input photos/ --output out/ --format webp -j 8 --rotate NINETY_DEG
+  imgsvc-client --input scan.tif --page 2 --output page2.png --mean
   imgsvc-client --api legacy ... # speak NLImageService to any server of that protocol
+  imgsvc-client completions bash > ~/.local/share/bash-completion/completions/imgsvc-client
 
-Credentials come from --ca/--cert/--key, else the client config file, else
-IMGSVC_CA/IMGSVC_CERT/IMGSVC_KEY. Rotations are counter-clockwise.
-Exit codes: 0 ok, 1 failure, 64 usage error, 65 bad input image, 69 server
-unreachable or refused the connection, 78 client config error.";
+Input: PNG, JPEG, TIFF (--page), WebP, BMP, GIF (first frame); EXIF orientation
+is applied. Output: PNG, JPEG (--quality), TIFF, WebP (lossless), BMP, by
+extension or --format. Several inputs or a directory (recursive) go to an
+output directory, relative paths kept; existing outputs are skipped unless
+--overwrite. Credentials come from --ca/--cert/--key, else the client config
+file, else IMGSVC_CA/IMGSVC_CERT/IMGSVC_KEY. Rotations are counter-clockwise.
+Exit codes: 0 ok, 1 failure (in a batch: any image failed), 64 usage error,
+65 bad input image, 69 server unreachable or refused the connection, 78 client
+config error.";
 
 /// Rotate (counter-clockwise, by quarter turns) and 3x3-mean-filter images through imgsvc.
 #[derive(Parser, Debug)]
-#[command(name = "imgsvc-client", version, after_help = EXAMPLES)]
+#[command(
+    name = "imgsvc-client",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a shell completion script to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Server host name or address (default 127.0.0.1, or `host` in the client config).
     #[arg(long)]
@@ -35,13 +70,31 @@ struct Args {
     /// Server port (default 50051, or `port` in the client config).
     #[arg(long)]
     port: Option<u16>,
-    /// Input image (PNG or JPEG; gray, RGB, with alpha, 8 or 16 bit).
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
-    /// Output image; the extension picks the format (.png, .jpg, .jpeg).
+    /// Input image(s) or directories (searched recursively for .png .jpg .jpeg .tif .tiff .webp .bmp .gif).
+    #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    /// Output image, or directory for several inputs or a directory input.
     /// Written atomically: never left half-written.
-    #[arg(long, value_name = "FILE")]
-    output: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    output: Option<PathBuf>,
+    /// Output format (default: from the output's extension, or the input's in a batch).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    format: Option<FormatArg>,
+    /// JPEG quality, 1-100 (JPEG outputs only; the others are lossless).
+    #[arg(long, value_name = "1-100", default_value_t = DEFAULT_JPEG_QUALITY, value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: u8,
+    /// Page of a multi-page TIFF input, from 0 (the first page).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    page: u32,
+    /// Requests in flight at once (one connection).
+    #[arg(short = 'j', long = "jobs", value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    jobs: u16,
+    /// Replace existing outputs in a batch (default: skip them).
+    #[arg(long)]
+    overwrite: bool,
+    /// Keep going after an image fails (default: stop starting new ones).
+    #[arg(long)]
+    continue_on_error: bool,
     /// Counter-clockwise rotation.
     #[arg(long, value_enum, value_name = "ROTATION")]
     rotate: Option<Rotation>,
@@ -72,6 +125,29 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum FormatArg {
+    Png,
+    #[value(alias = "jpg")]
+    Jpeg,
+    #[value(alias = "tif")]
+    Tiff,
+    Webp,
+    Bmp,
+}
+
+impl From<FormatArg> for Encoding {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Png => Encoding::Png,
+            FormatArg::Jpeg => Encoding::Jpeg,
+            FormatArg::Tiff => Encoding::Tiff,
+            FormatArg::Webp => Encoding::WebP,
+            FormatArg::Bmp => Encoding::Bmp,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 #[value(rename_all = "SCREAMING_SNAKE_CASE")]
 enum Rotation {
     None,
@@ -90,18 +166,23 @@ enum ApiArg {
 struct Failure(u8, anyhow::Error);
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
         }
     };
+    if let Some(Command::Completions { shell }) = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "imgsvc-client", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let args = cli.args;
     if args.rotate.is_none() && !args.mean {
         eprintln!("imgsvc-client: error: nothing to do: give --rotate ROTATION and/or --mean (see --help)");
         return ExitCode::from(EXIT_USAGE as u8);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
     let result = match runtime {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => Err(Failure(1, anyhow::Error::new(e))),
@@ -124,20 +205,12 @@ async fn run(args: Args) -> Result<(), Failure> {
     let creds = ClientCredentials::from_files(&paths.ca, &paths.cert, &paths.key)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
 
-    // Everything about the files is checked before contacting the server.
-    let out_format = image_io::output_format(&args.output).map_err(|e| Failure(EXIT_USAGE as u8, e.into()))?;
-    let mut image = image_io::read_image(&args.input).map_err(|e| Failure(65, e.into()))?;
-    let api = match args.api {
-        ApiArg::V1 => Api::V1,
-        ApiArg::Legacy => Api::Legacy,
-    };
-    if api == Api::Legacy {
-        let (converted, note) = image.for_legacy();
-        image = converted;
-        if let Some(note) = note {
-            eprintln!("imgsvc-client: note: {note}");
-        }
-    }
+    // Every output is decided before contacting the server.
+    let output = args.output.unwrap_or_default();
+    let plan = batch::plan(&args.input, &output, args.format.map(Encoding::from)).map_err(|e| {
+        let code = if matches!(e, batch::PlanError::Input { .. }) { 65 } else { EXIT_USAGE as u8 };
+        Failure(code, e.into())
+    })?;
     let mut ops = Vec::new();
     if args.mean {
         ops.push(Op::MeanFilter);
@@ -150,7 +223,6 @@ async fn run(args: Args) -> Result<(), Failure> {
             Rotation::TwoSeventyDeg => QuarterTurns::Three,
         }));
     }
-
     let host = args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
     let target = Target {
         server_name: args.server_name.or(file.server_name),
@@ -159,19 +231,49 @@ async fn run(args: Args) -> Result<(), Failure> {
         connect_timeout: Duration::from_secs(10),
         timeout: Duration::from_secs(args.timeout),
     };
-    let server_name = target.server_name.clone().unwrap_or_else(|| target.host.clone());
+    let settings = JobSettings {
+        api: match args.api {
+            ApiArg::V1 => Api::V1,
+            ApiArg::Legacy => Api::Legacy,
+        },
+        ops,
+        server_name: target.server_name.clone().unwrap_or_else(|| target.host.clone()),
+        decode: DecodeOptions { encoding: None, page: args.page, limits: image_io::client_decode_limits() },
+        jpeg_quality: args.quality,
+    };
+
+    if plan.single {
+        let job = &plan.jobs[0];
+        return single(&target, &creds, job, &settings).await;
+    }
     let channel = client::connect(&target, &creds).await.map_err(|e| Failure(69, e.into()))?;
-    let result = client::process(channel, api, image, &ops, &server_name).await.map_err(|e| {
-        let code = match &e {
-            ClientError::Status { code: tonic::Code::Unavailable | tonic::Code::Unknown, .. } => 69,
-            _ => 1,
+    let options = RunOptions { concurrency: args.jobs.into(), overwrite: args.overwrite, continue_on_error: args.continue_on_error };
+    let summary = batch::run(channel, plan.jobs, settings, options).await;
+    eprintln!("imgsvc-client: {summary}");
+    if summary.failed > 0 {
+        return Err(Failure(1, anyhow::anyhow!("{} of the images failed", summary.failed)));
+    }
+    Ok(())
+}
+
+/// The original form: the input is read before connecting (exit 65 without
+/// a server), an existing output is replaced.
+async fn single(target: &Target, creds: &ClientCredentials, job: &Job, settings: &JobSettings) -> Result<(), Failure> {
+    let job_failure = |e: batch::JobError| {
+        let code = e.exit_code();
+        let err = match e {
+            batch::JobError::Request(e) => anyhow::Error::new(e).context(format!("request to {}", target.address())),
+            batch::JobError::Output(e) => anyhow::Error::new(e).context(format!("writing {}", job.output.display())),
+            other => other.into(),
         };
-        Failure(code, anyhow::Error::new(e).context(format!("request to {}", target.address())))
-    })?;
-    if let Some(note) = image_io::write_image(&args.output, &result, out_format)
-        .with_context(|| format!("writing {}", args.output.display()))
-        .map_err(|e| Failure(1, e))?
-    {
+        Failure(code, err)
+    };
+    let (image, note) = batch::read_input(job, settings).map_err(job_failure)?;
+    if let Some(note) = note {
+        eprintln!("imgsvc-client: note: {note}");
+    }
+    let channel = client::connect(target, creds).await.map_err(|e| Failure(69, e.into()))?;
+    if let Some(note) = batch::finish(channel, job, image, settings).await.map_err(job_failure)? {
         eprintln!("imgsvc-client: note: {note}");
     }
     Ok(())

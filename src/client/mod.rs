@@ -2,6 +2,7 @@
 //! and the translation of transport failures into messages that say which
 //! side refused what.
 
+pub mod batch;
 pub mod connector;
 pub mod credentials;
 pub mod image_io;
@@ -129,7 +130,7 @@ pub async fn process(channel: Channel, api: Api, image: RawImage, ops: &[Op], se
                     }),
                 })
                 .collect();
-            let request = v1::ProcessRequest { image: Some(image.into_v1()), operations };
+            let request = v1::ProcessRequest { image: Some(image.into_v1()), operations, output: None };
             let response = client.process(request).await.map_err(status_err)?.into_inner();
             let image = PixelBuffer::from_v1(response.image, u64::MAX).map_err(|e| ClientError::BadResponse(e.to_string()))?;
             Ok(RawImage::from_v1(image.into_v1()))

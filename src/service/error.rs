@@ -3,11 +3,11 @@
 
 use thiserror::Error;
 
-use crate::{imaging::ImagingError, tenancy::TenancyError, worker::WorkerError};
+use crate::{codec::CodecError, imaging::ImagingError, tenancy::TenancyError, worker::WorkerError};
 
 /// The request is well-formed protobuf but not a valid image or pipeline.
 /// Always INVALID_ARGUMENT.
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq, Eq)]
 pub enum InvalidRequest {
     #[error("the request has no image")]
     MissingImage,
@@ -31,6 +31,13 @@ pub enum InvalidRequest {
     InvalidAngle { index: usize, value: i32 },
     #[error(transparent)]
     Stream(#[from] StreamProtocolError),
+    #[error("the image has both encoded content and raw pixel fields (format, width, height or data): send one or the other")]
+    EncodedWithRawFields,
+    #[error("{field} {value} is not a known ImageEncoding value (0..=6)")]
+    UnknownEncoding { field: &'static str, value: i32 },
+    /// The encoded image or the requested output encoding is not usable.
+    #[error(transparent)]
+    Codec(CodecError),
 }
 
 /// A ProcessStream request that breaks the stream protocol.
@@ -61,6 +68,9 @@ pub enum LimitExceeded {
     TooManyPixels { pixels: u64, width: i64, height: i64, limit: u64 },
     #[error("request has {count} operations, over the limit of {limit}")]
     TooManyOperations { count: usize, limit: usize },
+    /// An encoded image over the pixel or decoding-memory limit.
+    #[error(transparent)]
+    Decode(CodecError),
 }
 
 #[derive(Debug, Error)]
@@ -80,6 +90,21 @@ pub enum ServiceError {
     /// passed on as received.
     #[error("{}", .0.message())]
     Transport(tonic::Status),
+    /// Encoding a valid result failed: a bug, not bad input.
+    #[error("internal error: {0}")]
+    Encode(CodecError),
+}
+
+impl From<CodecError> for ServiceError {
+    fn from(err: CodecError) -> Self {
+        match err {
+            CodecError::TooManyPixels { .. } | CodecError::TooLarge { .. } | CodecError::DecoderLimit { .. } => {
+                Self::Limit(LimitExceeded::Decode(err))
+            }
+            CodecError::Encode { .. } | CodecError::Shape { .. } => Self::Encode(err),
+            _ => Self::Invalid(InvalidRequest::Codec(err)),
+        }
+    }
 }
 
 impl From<ServiceError> for tonic::Status {
@@ -100,7 +125,7 @@ impl From<ServiceError> for tonic::Status {
                 | T::MemoryBudget { .. }
                 | T::Worker(WorkerError::Busy { .. }),
             ) => Code::ResourceExhausted,
-            ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) => Code::Internal,
+            ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) | ServiceError::Encode(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
             ServiceError::Transport(status) => return status.clone(),
         };

@@ -6,6 +6,7 @@
 //! the same validation, limits and tracing. Errors are decided in
 //! [`error`] and mapped to `tonic::Status` in one `From` impl.
 
+pub mod codec;
 pub mod error;
 pub mod legacy;
 pub mod pixels;
@@ -119,6 +120,16 @@ impl Processor {
     /// `request_bytes` (see [`crate::tenancy`]).
     pub fn admit(&self, tenant: &TenantId, operations: &[Operation], request_bytes: usize) -> Result<Admission, ServiceError> {
         Ok(self.tenancy.admit(tenant, operations, request_bytes as u64)?)
+    }
+
+    /// Runs other CPU-bound work of an admitted request (decoding,
+    /// encoding) on the worker pool, through the tenant's queue.
+    pub async fn run<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, ServiceError>
+    where
+        F: FnOnce() -> Result<R, ServiceError> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.tenancy.run(admission, cost, job).await?
     }
 
     /// Runs an admitted, validated pipeline on the worker pool through the

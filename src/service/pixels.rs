@@ -91,6 +91,7 @@ impl PixelBuffer {
             width: self.layout.width() as u32,
             height: self.layout.height() as u32,
             data: self.data,
+            encoded: None,
         }
     }
 }
@@ -127,12 +128,12 @@ impl ImageShape {
         let (channels, depth) = format_shape(format);
         let bytes_per_pixel = (channels * depth_bytes(depth)) as u64;
         let (w, h) = (width as u64, height as u64);
-        let overflow = InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits };
+        let overflow = || InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits };
         let bytes = w
             .checked_mul(h)
             .and_then(|p| p.checked_mul(bytes_per_pixel))
             .filter(|&b| b <= max_bytes)
-            .ok_or(overflow.clone())?;
+            .ok_or_else(overflow)?;
         let pixels = w * h; // cannot overflow: bytes did not
         if pixels > max_pixels {
             return Err(LimitExceeded::TooManyPixels { pixels, width, height, limit: max_pixels }.into());
@@ -140,7 +141,7 @@ impl ImageShape {
         let layout = usize::try_from(bytes)
             .ok()
             .and_then(|_| Layout::new(w as usize, h as usize, channels).ok())
-            .ok_or(overflow)?;
+            .ok_or_else(overflow)?;
         Ok(Self { layout, depth, format, width, height, bytes })
     }
 
@@ -252,7 +253,7 @@ mod tests {
 
     #[test]
     fn refuses_v1_sizes_beyond_64_bits() {
-        let image = v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new() };
+        let image = v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new(), encoded: None };
         let err = PixelBuffer::from_v1(Some(image), u64::MAX).unwrap_err();
         assert!(matches!(err, RequestError::Invalid(InvalidRequest::SizeOverflow { bits: 64, .. })), "{err}");
     }
@@ -265,14 +266,14 @@ mod tests {
 
     #[test]
     fn refuses_unspecified_and_unknown_formats() {
-        let img = |format| Some(v1::Image { format, width: 1, height: 1, data: Bytes::from_static(&[0]) });
+        let img = |format| Some(v1::Image { format, width: 1, height: 1, data: Bytes::from_static(&[0]), encoded: None });
         assert_eq!(PixelBuffer::from_v1(img(0), 10), Err(InvalidRequest::UnspecifiedFormat.into()));
         assert_eq!(PixelBuffer::from_v1(img(99), 10), Err(InvalidRequest::UnknownFormat { value: 99 }.into()));
     }
 
     #[test]
     fn sixteen_bit_formats_count_two_bytes_per_sample() {
-        let image = v1::Image { format: v1::PixelFormat::Rgb16 as i32, width: 2, height: 1, data: Bytes::from(vec![0; 12]) };
+        let image = v1::Image { format: v1::PixelFormat::Rgb16 as i32, width: 2, height: 1, data: Bytes::from(vec![0; 12]), encoded: None };
         let b = PixelBuffer::from_v1(Some(image), 10).unwrap();
         assert_eq!((b.depth(), b.layout().samples()), (Depth::Sixteen, 6));
     }

@@ -3,15 +3,16 @@
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use std::pin::Pin;
 
 use tokio_stream::Stream;
 
+use super::{codec, tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use super::{
     stream::{chunks, Reassembly},
     ImageShape, StreamProtocolError,
 };
+use crate::tenancy::JobCost;
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
@@ -137,14 +138,33 @@ impl ImageService for V1Service {
         let processor = self.processor.clone();
         traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
-                
-                let req = request.into_inner();
-                let steps = steps_from(&req.operations, processor.policy().limits.max_operations)?;
+                let mut req = request.into_inner();
+                let policy = processor.policy();
+                // Every cheap check before any work.
+                let steps = steps_from(&req.operations, policy.limits.max_operations)?;
                 let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
+                let output = codec::output_options(req.output.as_ref())?;
                 let admission = processor.admit(&tenant, &operations, req.encoded_len())?;
-                let input = PixelBuffer::from_v1(req.image, admission.max_image_pixels)?;
+                let mut decode_limits = codec::decode_limits(&policy.limits);
+                decode_limits.max_pixels = admission.max_image_pixels;
+                let input = match codec::encoded_input(&mut req.image, decode_limits)? {
+                    Some(encoded) => {
+                        // The decoded size is unknown until the header is read
+                        // (on the worker): the encoded size stands in for it.
+                        let n = encoded.data.len() as u64;
+                        processor.run(&admission, JobCost { pixels: n, bytes: n }, move || codec::decode(&encoded)).await?
+                    }
+                    None => PixelBuffer::from_v1(req.image, admission.max_image_pixels)?,
+                };
                 let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
-                Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(out.into_v1()) }))
+                let image = match output {
+                    Some(options) => {
+                        let cost = JobCost { pixels: out.layout().pixels() as u64, bytes: out.data().len() as u64 * 2 };
+                        processor.run(&admission, cost, move || codec::encode(out, &options)).await?
+                    }
+                    None => out.into_v1(),
+                };
+                Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(image) }))
             })
         })
         .await

@@ -14,7 +14,7 @@ use imgsvc::{
     client::{self, RawImage, Target},
     config::{RawConfig, Settings},
     identity::{TenantId, TrustDomain},
-    imaging::{reference, Layout, QuarterTurns},
+    imaging::{reference, Layout, QuarterTurns, Sample},
     pki::{self, IssueRequest, PkiPaths},
     proto::v1::PixelFormat,
     server::{bind, Server, ServerError},
@@ -237,17 +237,30 @@ pub fn stderr(out: &Output) -> String {
 }
 
 /// What the service must return for `ops` applied to `image`, computed
-/// with the plain reference kernels.
+/// with the plain reference kernels (every v1 pixel format).
 pub fn expected(image: &RawImage, ops: &[client::Op]) -> RawImage {
-    assert!(matches!(image.format, PixelFormat::Gray8 | PixelFormat::Rgb8 | PixelFormat::Rgba8 | PixelFormat::Graya8));
-    let channels = match image.format {
-        PixelFormat::Gray8 => 1,
-        PixelFormat::Graya8 => 2,
-        PixelFormat::Rgb8 => 3,
-        _ => 4,
+    let (channels, sixteen) = match image.format {
+        PixelFormat::Gray8 => (1, false),
+        PixelFormat::Graya8 => (2, false),
+        PixelFormat::Rgb8 => (3, false),
+        PixelFormat::Rgba8 => (4, false),
+        PixelFormat::Gray16 => (1, true),
+        PixelFormat::Rgb16 => (3, true),
+        PixelFormat::Rgba16 => (4, true),
+        PixelFormat::Unspecified => panic!("no pixel format"),
     };
-    let mut layout = Layout::new(image.width as usize, image.height as usize, channels).unwrap();
-    let mut data = image.data.to_vec();
+    let layout = Layout::new(image.width as usize, image.height as usize, channels).unwrap();
+    let (data, layout) = if sixteen {
+        let samples: Vec<u16> = image.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+        let (out, layout) = apply_reference(samples, layout, ops);
+        (out.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>(), layout)
+    } else {
+        apply_reference(image.data.to_vec(), layout, ops)
+    };
+    RawImage { format: image.format, width: layout.width() as u32, height: layout.height() as u32, data: data.into() }
+}
+
+fn apply_reference<T: Sample + Default>(mut data: Vec<T>, mut layout: Layout, ops: &[client::Op]) -> (Vec<T>, Layout) {
     for op in ops {
         match *op {
             client::Op::MeanFilter => data = reference::mean_filter(&data, layout),
@@ -257,7 +270,32 @@ pub fn expected(image: &RawImage, ops: &[client::Op]) -> RawImage {
             }
         }
     }
-    RawImage { format: image.format, width: layout.width() as u32, height: layout.height() as u32, data: data.into() }
+    (data, layout)
+}
+
+/// Runs the client binary against `server` as `tenant` with `extra` args.
+pub fn run_client_with(server: &TestServer, pki: &Pki, tenant: &str, extra: &[&str]) -> Output {
+    let mut args = client_args(server, pki, tenant);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run_client(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Every file under `dir`, relative, sorted (temporary files included).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
 }
 
 pub fn all_turns() -> [(QuarterTurns, &'static str); 4] {
