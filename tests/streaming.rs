@@ -52,7 +52,7 @@ async fn streams_an_image_larger_than_the_unary_message_limit() {
         .await
         .unwrap_err();
     assert_eq!(unary.code(), Code::ResourceExhausted);
-    let out = process_stream(channel(&server, &pki, "alpha").await, image.clone(), &ops, 256 << 10, "localhost").await.unwrap();
+    let out = process_stream(channel(&server, &pki, "alpha").await, image.clone(), &ops, 256 << 10, "localhost", None).await.unwrap();
     assert_eq!(out, expected(&image, &ops));
 }
 
@@ -67,7 +67,7 @@ async fn one_byte_chunks_and_chunks_that_do_not_divide_a_row_reassemble_exactly(
         (pattern_image(PixelFormat::Rgba8, 33, 17, 4), 1000),
     ] {
         let ops = [Op::Rotate(QuarterTurns::Three), Op::MeanFilter];
-        let out = process_stream(channel(&server, &pki, "alpha").await, image.clone(), &ops, chunk_bytes, "localhost").await.unwrap();
+        let out = process_stream(channel(&server, &pki, "alpha").await, image.clone(), &ops, chunk_bytes, "localhost", None).await.unwrap();
         assert_eq!(out, expected(&image, &ops), "{}x{} in {chunk_bytes}-byte chunks", image.width, image.height);
     }
 }
@@ -95,7 +95,7 @@ async fn protocol_violations_are_invalid_argument_with_a_message() {
     }
     // Still serving.
     let image = pattern_image(PixelFormat::Gray8, 5, 5, 1);
-    assert!(process_stream(channel(&server, &pki, "alpha").await, image, &[Op::MeanFilter], 8, "localhost").await.is_ok());
+    assert!(process_stream(channel(&server, &pki, "alpha").await, image, &[Op::MeanFilter], 8, "localhost", None).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

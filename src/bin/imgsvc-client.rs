@@ -8,8 +8,9 @@ use imgsvc::{
     client::{
         self,
         batch::{self, Job, JobSettings, RunOptions},
-        credentials, image_io, Api, Op, Target,
+        credentials, image_io, Api, CallOptions, Op, StreamMode, Target,
     },
+    loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
     codec::{DecodeOptions, Encoding, DEFAULT_JPEG_QUALITY},
     imaging::QuarterTurns,
     tls::ClientCredentials,
@@ -60,16 +61,114 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Load-test a server: N concurrent callers send one generated image
+    /// until a request count or a duration; prints throughput, latency
+    /// percentiles and errors by status code. Bounded: it always stops.
+    #[command(after_help = BENCH_EXAMPLES)]
+    Bench(BenchArgs),
 }
 
+const BENCH_EXAMPLES: &str = "\
+Examples:
+  imgsvc-client bench --ca ca.pem --cert client.pem --key client-key.pem \\
+      --op mean --width 1024 --height 1024 --format rgb8 --concurrency 4 --duration 20
+  imgsvc-client bench ... --op rotate --width 64 --height 64 --format gray8 --concurrency 16 --requests 10000 --json";
+
+/// Where the server is and who we are.
 #[derive(clap::Args, Debug)]
-struct Args {
+struct ConnArgs {
     /// Server host name or address (default 127.0.0.1, or `host` in the client config).
     #[arg(long)]
     host: Option<String>,
     /// Server port (default 50051, or `port` in the client config).
     #[arg(long)]
     port: Option<u16>,
+    /// CA certificate that signed the server's certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Client certificate naming the tenant (PEM).
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Name to expect in the server certificate (default: --host).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// Client config file (default: $XDG_CONFIG_HOME/imgsvc/client.toml or ~/.config/imgsvc/client.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Protocol: v1 (one round trip for all operations) or legacy (NLImageService: mean, then rotate).
+    #[arg(long, value_enum, default_value = "v1")]
+    api: ApiArg,
+    /// Deadline for each call, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    timeout: u64,
+    /// Compress requests with gzip or zstd (and accept compressed answers).
+    #[arg(long, value_enum, value_name = "ALGORITHM")]
+    compress: Option<CompressArg>,
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// What each request asks for: rotate (90°), mean, or none (rotate by 0°: transport only).
+    #[arg(long, value_enum, default_value = "rotate")]
+    op: BenchOpArg,
+    /// Width of the generated image.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    width: u32,
+    /// Height of the generated image.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    height: u32,
+    /// Pixel format of the generated image.
+    #[arg(long, value_enum, default_value = "rgb8")]
+    format: BenchFormatArg,
+    /// Callers sending at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    concurrency: u16,
+    /// Stop after this many requests.
+    #[arg(long, conflicts_with = "duration")]
+    requests: Option<u64>,
+    /// Stop after this many seconds (default 10 when --requests is not given).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchOpArg {
+    Rotate,
+    Mean,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchFormatArg {
+    Gray8,
+    Rgb8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompressArg {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StreamArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(clap::Args, Debug)]
+struct Args {
+    #[command(flatten)]
+    conn: ConnArgs,
     /// Input image(s) or directories (searched recursively for .png .jpg .jpeg .tif .tiff .webp .bmp .gif).
     #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
     input: Vec<PathBuf>,
@@ -101,27 +200,9 @@ struct Args {
     /// Apply the 3x3 mean filter (before the rotation).
     #[arg(long)]
     mean: bool,
-    /// CA certificate that signed the server's certificate (PEM).
-    #[arg(long, value_name = "FILE")]
-    ca: Option<PathBuf>,
-    /// Client certificate naming the tenant (PEM).
-    #[arg(long, value_name = "FILE")]
-    cert: Option<PathBuf>,
-    /// Private key of the client certificate (PEM).
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
-    /// Name to expect in the server certificate (default: --host).
-    #[arg(long, value_name = "NAME")]
-    server_name: Option<String>,
-    /// Client config file (default: $XDG_CONFIG_HOME/imgsvc/client.toml or ~/.config/imgsvc/client.toml).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Protocol: v1 (one round trip for all operations) or legacy (NLImageService: mean, then rotate).
-    #[arg(long, value_enum, default_value = "v1")]
-    api: ApiArg,
-    /// Deadline for each call, in seconds.
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
-    timeout: u64,
+    /// Use ProcessStream (v1): auto streams images over 64 MiB.
+    #[arg(long, value_enum, default_value = "auto")]
+    stream: StreamArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -173,19 +254,24 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE as u8 } else { 0 });
         }
     };
-    if let Some(Command::Completions { shell }) = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "imgsvc-client", &mut std::io::stdout());
-        return ExitCode::SUCCESS;
-    }
+    let bench = match cli.command {
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "imgsvc-client", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Bench(b)) => Some(b),
+        None => None,
+    };
     let args = cli.args;
-    if args.rotate.is_none() && !args.mean {
+    if bench.is_none() && args.rotate.is_none() && !args.mean {
         eprintln!("imgsvc-client: error: nothing to do: give --rotate ROTATION and/or --mean (see --help)");
         return ExitCode::from(EXIT_USAGE as u8);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-    let result = match runtime {
-        Ok(rt) => rt.block_on(run(args)),
-        Err(e) => Err(Failure(1, anyhow::Error::new(e))),
+    let result = match (runtime, bench) {
+        (Ok(rt), Some(bench)) => rt.block_on(run_bench(bench)),
+        (Ok(rt), None) => rt.block_on(run(args)),
+        (Err(e), _) => Err(Failure(1, anyhow::Error::new(e))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,14 +282,82 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), Failure> {
+/// Resolves where to connect and the credentials: flags, then the client
+/// config file, then the environment.
+fn connection(conn: ConnArgs) -> Result<(Target, ClientCredentials, CallOptions), Failure> {
     let env = |k: &str| std::env::var(k).ok();
-    let (file, looked_in) = credentials::ClientConfigFile::discover(args.config.as_deref(), &env)
+    let (file, looked_in) = credentials::ClientConfigFile::discover(conn.config.as_deref(), &env)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
-    let paths = credentials::resolve((args.ca, args.cert, args.key), &file, &looked_in, &env)
+    let paths = credentials::resolve((conn.ca, conn.cert, conn.key), &file, &looked_in, &env)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
     let creds = ClientCredentials::from_files(&paths.ca, &paths.cert, &paths.key)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
+    let target = Target {
+        server_name: conn.server_name.or(file.server_name),
+        port: conn.port.or(file.port).unwrap_or(50051),
+        host: conn.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
+        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(conn.timeout),
+    };
+    let call = CallOptions {
+        compression: conn.compress.map(|c| match c {
+            CompressArg::Gzip => tonic::codec::CompressionEncoding::Gzip,
+            CompressArg::Zstd => tonic::codec::CompressionEncoding::Zstd,
+        }),
+        ..CallOptions::default()
+    };
+    Ok((target, creds, call))
+}
+
+async fn run_bench(args: BenchArgs) -> Result<(), Failure> {
+    let api = match args.conn.api {
+        ApiArg::V1 => BenchApi::V1,
+        ApiArg::Legacy => BenchApi::Legacy,
+    };
+    let (target, creds, _) = connection(args.conn)?;
+    let config = BenchConfig {
+        op: match args.op {
+            BenchOpArg::Rotate => BenchOp::Rotate,
+            BenchOpArg::Mean => BenchOp::Mean,
+            BenchOpArg::None => BenchOp::None,
+        },
+        width: args.width,
+        height: args.height,
+        format: match args.format {
+            BenchFormatArg::Gray8 => BenchFormat::Gray8,
+            BenchFormatArg::Rgb8 => BenchFormat::Rgb8,
+        },
+        concurrency: args.concurrency.into(),
+        stop: match (args.requests, args.duration) {
+            (Some(n), _) => StopAfter::Requests(n),
+            (None, d) => StopAfter::Duration(Duration::from_secs(d.unwrap_or(10))),
+        },
+        api,
+    };
+    let channel = client::connect(&target, &creds).await.map_err(|e| Failure(69, e.into()))?;
+    let report = loadgen::run(channel, &config).await;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| Failure(1, e.into()))?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    if report.error_count() > 0 {
+        return Err(Failure(1, anyhow::anyhow!("{} requests failed", report.error_count())));
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let api = args.conn.api;
+    let (target, creds, mut call) = connection(args.conn)?;
+    call.stream = match args.stream {
+        StreamArg::Auto => StreamMode::Auto,
+        StreamArg::Always => StreamMode::Always,
+        StreamArg::Never => StreamMode::Never,
+    };
+    if matches!(api, ApiArg::Legacy) && call.stream == StreamMode::Always {
+        return Err(Failure(EXIT_USAGE as u8, anyhow::anyhow!("--stream always needs --api v1: NLImageService has no streaming")));
+    }
 
     // Every output is decided before contacting the server.
     let output = args.output.unwrap_or_default();
@@ -223,16 +377,8 @@ async fn run(args: Args) -> Result<(), Failure> {
             Rotation::TwoSeventyDeg => QuarterTurns::Three,
         }));
     }
-    let host = args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
-    let target = Target {
-        server_name: args.server_name.or(file.server_name),
-        port: args.port.or(file.port).unwrap_or(50051),
-        host,
-        connect_timeout: Duration::from_secs(10),
-        timeout: Duration::from_secs(args.timeout),
-    };
     let settings = JobSettings {
-        api: match args.api {
+        api: match api {
             ApiArg::V1 => Api::V1,
             ApiArg::Legacy => Api::Legacy,
         },
@@ -240,6 +386,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         server_name: target.server_name.clone().unwrap_or_else(|| target.host.clone()),
         decode: DecodeOptions { encoding: None, page: args.page, limits: image_io::client_decode_limits() },
         jpeg_quality: args.quality,
+        call,
     };
 
     if plan.single {

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use super::{
     error_chain,
     image_io::{self, ImageFileError},
-    process, Api, ClientError, Op,
+    Api, ClientError, Op,
 };
 use crate::codec::{DecodeOptions, EncodeOptions, Encoding};
 
@@ -152,6 +152,8 @@ pub struct JobSettings {
     /// TIFF page and decoding limits for every input.
     pub decode: DecodeOptions,
     pub jpeg_quality: u8,
+    /// Compression and streaming.
+    pub call: super::CallOptions,
 }
 
 /// Why one job failed, with the exit code it deserves on its own.
@@ -192,7 +194,9 @@ pub fn read_input(job: &Job, settings: &JobSettings) -> Result<(super::RawImage,
 
 /// Sends `image` for `job` and writes the result atomically. Returns notes.
 pub async fn finish(channel: Channel, job: &Job, image: super::RawImage, settings: &JobSettings) -> Result<Option<String>, JobError> {
-    let result = process(channel, settings.api, image, &settings.ops, &settings.server_name).await.map_err(JobError::Request)?;
+    let result = super::process_with(channel, settings.api, image, &settings.ops, &settings.server_name, &settings.call)
+        .await
+        .map_err(JobError::Request)?;
     let job = job.clone();
     let options = EncodeOptions { encoding: job.encoding, jpeg_quality: settings.jpeg_quality };
     blocking(move || image_io::write_image(&job.output, &result, &options).map_err(JobError::Output)).await

@@ -113,14 +113,63 @@ pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result
     })
 }
 
-/// Applies `ops` to `image` through `api`.
+/// When to use ProcessStream instead of unary Process (v1 only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StreamMode {
+    /// Stream images larger than [`STREAM_AUTO_BYTES`].
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Images larger than this are streamed in [`StreamMode::Auto`]: well under
+/// the default unary message limit (256 MiB), so that large images never
+/// need one huge message on either side.
+pub const STREAM_AUTO_BYTES: usize = 64 << 20;
+
+/// How calls are made.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Compress requests (and accept compressed responses) with this.
+    pub compression: Option<tonic::codec::CompressionEncoding>,
+    pub stream: StreamMode,
+    /// Chunk size when streaming; 0 = [`stream::DEFAULT_CHUNK_BYTES`].
+    pub chunk_bytes: usize,
+}
+
+/// Applies `ops` to `image` through `api`, with default call options.
 pub async fn process(channel: Channel, api: Api, image: RawImage, ops: &[Op], server_name: &str) -> Result<RawImage, ClientError> {
+    process_with(channel, api, image, ops, server_name, &CallOptions::default()).await
+}
+
+/// Applies `ops` to `image` through `api`, as `options` say.
+pub async fn process_with(
+    channel: Channel,
+    api: Api,
+    image: RawImage,
+    ops: &[Op],
+    server_name: &str,
+    options: &CallOptions,
+) -> Result<RawImage, ClientError> {
+    let streamed = match options.stream {
+        StreamMode::Always => true,
+        StreamMode::Never => false,
+        StreamMode::Auto => image.data.len() > STREAM_AUTO_BYTES,
+    };
+    if api == Api::V1 && streamed {
+        let chunk = if options.chunk_bytes == 0 { stream::DEFAULT_CHUNK_BYTES } else { options.chunk_bytes };
+        return stream::process_stream(channel, image, ops, chunk, server_name, options.compression).await;
+    }
     let status_err = |s: tonic::Status| status_error(s, server_name);
     match api {
         Api::V1 => {
             let mut client = ImageServiceClient::new(channel)
                 .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
+            if let Some(enc) = options.compression {
+                client = client.send_compressed(enc).accept_compressed(enc);
+            }
             let operations = ops
                 .iter()
                 .map(|op| v1::Operation {
@@ -139,6 +188,9 @@ pub async fn process(channel: Channel, api: Api, image: RawImage, ops: &[Op], se
             let mut client = NlImageServiceClient::new(channel)
                 .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
+            if let Some(enc) = options.compression {
+                client = client.send_compressed(enc).accept_compressed(enc);
+            }
             let mut current = image.into_legacy();
             for op in ops {
                 current = match *op {

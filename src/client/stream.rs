@@ -34,9 +34,19 @@ pub fn request_messages(image: RawImage, ops: &[Op], chunk_bytes: usize) -> Vec<
 }
 
 /// Applies `ops` to `image` through ProcessStream.
-pub async fn process_stream(channel: Channel, image: RawImage, ops: &[Op], chunk_bytes: usize, server_name: &str) -> Result<RawImage, ClientError> {
+pub async fn process_stream(
+    channel: Channel,
+    image: RawImage,
+    ops: &[Op],
+    chunk_bytes: usize,
+    server_name: &str,
+    compression: Option<tonic::codec::CompressionEncoding>,
+) -> Result<RawImage, ClientError> {
     let messages = request_messages(image, ops, chunk_bytes);
     let mut client = ImageServiceClient::new(channel).max_decoding_message_size(super::DEFAULT_MAX_MESSAGE_BYTES);
+    if let Some(enc) = compression {
+        client = client.send_compressed(enc).accept_compressed(enc);
+    }
     let mut responses = client
         .process_stream(tokio_stream::iter(messages))
         .await
