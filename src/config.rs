@@ -117,11 +117,12 @@ pub struct RawServer {
     pub port: u16,
     pub worker_threads: usize,
     pub drain_timeout_secs: u64,
+    pub compress_responses: bool,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 50051, worker_threads: 0, drain_timeout_secs: 30 }
+        Self { host: "127.0.0.1".into(), port: 50051, worker_threads: 0, drain_timeout_secs: 30, compress_responses: false }
     }
 }
 
@@ -203,6 +204,8 @@ pub struct Settings {
     /// Threads for pixel work; resolved from 0 to the number of cores.
     pub worker_threads: usize,
     pub drain_timeout: Duration,
+    /// Compress responses (gzip/zstd) for clients that accept it.
+    pub compress_responses: bool,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -315,6 +318,7 @@ impl Settings {
             port: raw.server.port,
             worker_threads,
             drain_timeout: Duration::from_secs(raw.server.drain_timeout_secs),
+            compress_responses: raw.server.compress_responses,
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,

@@ -175,20 +175,24 @@ impl Server {
         let worker_threads = settings.worker_threads;
         let tenant_count = settings.tenancy.tenants.len();
         let processor = Processor::new(tenancy);
-        let legacy = NlImageServiceServer::new(LegacyService::new(processor.clone()))
+        // Compressed requests are always accepted. Responses are compressed
+        // only when configured: many clients (grpcio among them) advertise
+        // gzip by default, and gzipping megabytes of pixels costs far more
+        // CPU than the kernels (pixels rarely compress well anyway).
+        let mut legacy = NlImageServiceServer::new(LegacyService::new(processor.clone()))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .send_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Zstd);
-        let v1 = ImageServiceServer::new(V1Service::new(processor))
+            .accept_compressed(CompressionEncoding::Zstd);
+        let mut v1 = ImageServiceServer::new(V1Service::new(processor))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
-            .accept_compressed(CompressionEncoding::Zstd)
-            .send_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Zstd);
+            .accept_compressed(CompressionEncoding::Zstd);
+        if settings.compress_responses {
+            legacy = legacy.send_compressed(CompressionEncoding::Zstd).send_compressed(CompressionEncoding::Gzip);
+            v1 = v1.send_compressed(CompressionEncoding::Zstd).send_compressed(CompressionEncoding::Gzip);
+        }
 
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -314,6 +318,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.port", old.port != new.port);
     check("server.worker_threads", old.worker_threads != new.worker_threads);
     check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
+    check("server.compress_responses", old.compress_responses != new.compress_responses);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);

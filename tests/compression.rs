@@ -13,7 +13,7 @@ use tonic::codec::CompressionEncoding;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_and_zstd_round_trip_through_both_apis_and_streaming() {
     let pki = Pki::new(&["alpha"]);
-    let server = TestServer::start(&pki);
+    let server = TestServer::start_with(&pki, |raw| raw.server.compress_responses = true);
     let image = read_image(&fixture("astronaut.png")).unwrap();
     let ops = [Op::MeanFilter, Op::Rotate(QuarterTurns::One)];
     let want = expected(&image, &ops);
@@ -25,6 +25,21 @@ async fn gzip_and_zstd_round_trip_through_both_apis_and_streaming() {
                 .unwrap_or_else(|e| panic!("{compression:?} {api:?} {stream:?}: {e}"));
             assert_eq!(got, want, "{compression:?} {api:?} {stream:?}");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_compressed_only_when_configured() {
+    use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+    for (configured, want) in [(false, None), (true, Some("gzip"))] {
+        let pki = Pki::new(&["alpha"]);
+        let server = TestServer::start_with(&pki, |raw| raw.server.compress_responses = configured);
+        let mut client = NlImageServiceClient::new(channel(&server, &pki, "alpha").await).accept_compressed(CompressionEncoding::Gzip);
+        let image = NlImage { color: false, width: 64, height: 64, data: vec![5u8; 64 * 64].into() };
+        let response = client.mean_filter(image).await.unwrap();
+        let encoding = response.metadata().get("grpc-encoding").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(encoding.as_deref(), want, "compress_responses = {configured}");
+        assert_eq!(response.into_inner().data.len(), 64 * 64);
     }
 }
 
