@@ -59,6 +59,7 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub admin: RawAdmin,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -133,6 +134,21 @@ impl Default for RawLog {
     }
 }
 
+/// The plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub enabled: bool,
+    /// `IP:port`; an empty string disables the listener like `enabled = false`.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9090".into() }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -155,6 +171,7 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
+    pub admin: AdminSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -173,6 +190,12 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_operations: usize,
     pub max_queued_jobs: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Where the admin listener binds; `None` when disabled.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -240,6 +263,13 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
+        let admin_listen = match raw.admin.listen.trim() {
+            _ if !raw.admin.enabled => None,
+            "" => None,
+            listen => Some(listen.parse().map_err(|_| {
+                invalid("admin.listen", format!("{listen:?} is not an IP:port address (e.g. \"127.0.0.1:9090\"; \"\" disables)"))
+            })?),
+        };
 
         Ok(Settings {
             origin: origin.clone(),
@@ -262,6 +292,7 @@ impl Settings {
                 max_queued_jobs: l.max_queued_jobs,
             },
             log: LogSettings { level: raw.log.level, format: raw.log.format },
+            admin: AdminSettings { listen: admin_listen },
         })
     }
 }
@@ -379,6 +410,31 @@ mod tests {
             let err = load(&toml, &[]).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(problem) && err.contains("test.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_loopback_9090() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!(s.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_listener_is_disabled_by_empty_listen_or_enabled_false() {
+        let off = load(&format!("{MINIMAL}\n[admin]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.admin.listen, None);
+        let off = load(&format!("{MINIMAL}\n[admin]\nenabled = false\nlisten = \"[::1]:9100\"\n"), &[]).unwrap();
+        assert_eq!(off.admin.listen, None);
+        let on = load(MINIMAL, &[("IMGSVC_ADMIN__LISTEN", "[::1]:9100")]).unwrap();
+        assert_eq!(on.admin.listen, Some("[::1]:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_listen_must_be_an_ip_and_port() {
+        let err = load(&format!("{MINIMAL}\n[admin]\nlisten = \"localhost:9090\"\n"), &[]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config test.toml: key `admin.listen`: \"localhost:9090\" is not an IP:port address (e.g. \"127.0.0.1:9090\"; \"\" disables)"
+        );
     }
 
     #[test]

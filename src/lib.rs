@@ -12,8 +12,12 @@
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
 //! - [`server`]: binds, serves, and shuts down gracefully.
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
-//! - [`telemetry`]: tracing subscriber set-up.
+//! - [`telemetry`]: tracing subscriber set-up, Prometheus metrics, W3C
+//!   trace context.
+//! - [`admin`]: the plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`systemd`]: `sd_notify` readiness, reload, stop and watchdog messages.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod fsutil;
@@ -23,6 +27,7 @@ pub mod pki;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;

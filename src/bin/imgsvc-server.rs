@@ -7,7 +7,7 @@ use imgsvc::{
     config::{ConfigSource, Settings},
     pki::PkiPaths,
     server::{self, Server},
-    telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
+    systemd, telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
 };
 
 const EXAMPLES: &str = "\
@@ -101,7 +101,7 @@ async fn run(settings: Settings) -> ExitCode {
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot install signal handlers")),
     };
     let dev_hint = settings.tls.dev_auto_certs.then(|| dev_client_command(&settings));
-    let (host, port, origin) = (settings.host.clone(), settings.port, settings.origin.clone());
+    let (host, port, origin, admin) = (settings.host.clone(), settings.port, settings.origin.clone(), settings.admin);
     let server = match Server::new(settings) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {origin}"))),
@@ -110,6 +110,13 @@ async fn run(settings: Settings) -> ExitCode {
         Ok(l) => l,
         Err(e) => return fail(1, anyhow::Error::new(e)),
     };
+    let admin = match server::bind_admin(&admin).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, anyhow::Error::new(e)),
+    };
+    let status = serving_status(&listeners, admin.as_ref());
+    tokio::spawn(systemd::follow(server.phase(), status));
+    let server = server.with_admin(admin);
     if let Some(hint) = dev_hint {
         let port = listeners.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
         tracing::info!("development mode: try\n  {}", hint.replace("{port}", &port.to_string()));
@@ -118,6 +125,14 @@ async fn run(settings: Settings) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, anyhow::Error::new(e)),
     }
+}
+
+/// The status line systemd shows once we are ready, e.g.
+/// `serving gRPC (mTLS) on 127.0.0.1:50051; admin on 127.0.0.1:9090`.
+fn serving_status(listeners: &[tokio::net::TcpListener], admin: Option<&tokio::net::TcpListener>) -> String {
+    let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+    let admin = admin.and_then(|l| l.local_addr().ok()).map_or("off".to_string(), |a| a.to_string());
+    format!("serving gRPC (mTLS) on {}; admin on {admin}", addrs.join(", "))
 }
 
 struct Signals {

@@ -17,7 +17,7 @@ use imgsvc::{
     imaging::{reference, Layout, QuarterTurns},
     pki::{self, IssueRequest, PkiPaths},
     proto::v1::PixelFormat,
-    server::{bind, Server, ServerError},
+    server::{bind, bind_admin, Phase, Server, ServerError},
     tls::ClientCredentials,
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
@@ -95,6 +95,7 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
     raw.tls.client_ca = p.ca_cert();
     raw.tls.trust_domain = pki.trust_domain.to_string();
     raw.log.level = "warn".into();
+    raw.admin.listen = "127.0.0.1:0".into();
     raw
 }
 
@@ -102,6 +103,9 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
 /// may drive it from sync code or from their own tokio runtime alike.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), unless the config disabled it.
+    pub admin_addr: Option<SocketAddr>,
+    pub phase: tokio::sync::watch::Receiver<Phase>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
 }
@@ -116,23 +120,28 @@ impl TestServer {
         edit(&mut raw);
         let settings = Settings::validate(raw, "test config".into()).unwrap();
         imgsvc::telemetry::init(&settings.log);
+        let admin = settings.admin;
         let server = Server::new(settings).unwrap();
+        let phase = server.phase();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             runtime.block_on(async move {
                 let listeners = bind("127.0.0.1", 0).await.unwrap();
-                addr_tx.send(listeners[0].local_addr().unwrap()).unwrap();
+                let admin = bind_admin(&admin).await.unwrap();
+                let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+                addr_tx.send((listeners[0].local_addr().unwrap(), admin_addr)).unwrap();
                 server
+                    .with_admin(admin)
                     .serve(listeners, async move {
                         let _ = stopped.await;
                     })
                     .await
             })
         });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
-        Self { addr, stop: Some(stop), thread: Some(thread) }
+        let (addr, admin_addr) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
+        Self { addr, admin_addr, phase, stop: Some(stop), thread: Some(thread) }
     }
 
     pub fn port(&self) -> u16 {
@@ -165,6 +174,32 @@ impl Drop for TestServer {
             let _ = thread.join();
         }
     }
+}
+
+/// A plain HTTP/1.1 GET over loopback (the admin listener): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    (status, body.to_string())
+}
+
+/// The value of one Prometheus sample, e.g.
+/// `metric(&text, "imgsvc_requests_total", &[("tenant", "a"), ("code", "OK")])`:
+/// the sample of that name whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+        let matches = series_name == name
+            && labels.iter().all(|(k, v)| series_labels.split(',').any(|kv| kv.trim_end_matches('}') == format!("{k}=\"{v}\"")));
+        if matches { value.parse().ok() } else { None }
+    })
 }
 
 pub fn target(port: u16) -> Target {

@@ -1,5 +1,9 @@
-//! Tracing subscriber set-up: pretty for terminals, JSON for journald and
-//! collectors. `RUST_LOG`, when set, overrides the configured level.
+//! Telemetry: the tracing subscriber (pretty for terminals, JSON for
+//! journald and collectors; `RUST_LOG`, when set, overrides the configured
+//! level), Prometheus [`metrics`], and W3C [`traceparent`] parsing.
+
+pub mod metrics;
+pub mod traceparent;
 
 use std::io::IsTerminal;
 
