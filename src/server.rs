@@ -209,15 +209,18 @@ impl Server {
             .send_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Zstd);
 
+        // One summary line, and nothing else until something happens.
+        let admin_url = admin.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".to_string(), |a| format!("http://{a}"));
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             listen = ?addrs,
+            admin = %admin_url,
             client_ca = %tls.client_ca_subject,
             trust_domain = %settings.tls.trust_domain,
             worker_threads = pool.threads(),
             max_image_pixels = limits.max_image_pixels,
             config = %settings.origin,
-            "imgsvc-server {} listening on {} (mutual TLS)",
+            "imgsvc-server {} listening on {} (mutual TLS); admin on {admin_url} (/metrics, /healthz, /readyz)",
             env!("CARGO_PKG_VERSION"),
             addrs.join(", "),
         );
@@ -225,9 +228,6 @@ impl Server {
         let (conn_tx, conn_rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
         let mut accept_tasks = JoinSet::new();
         if let Some(listener) = admin {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(admin = %addr, "admin listener on http://{addr} (/metrics, /healthz, /readyz)");
-            }
             accept_tasks.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
         }
         let acceptor = TlsAcceptor::from(tls.config.clone());

@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
-use tokio::io::AsyncReadExt;
 
 const MEAN: &str = "NLImageService/MeanFilter";
 
@@ -109,20 +108,7 @@ async fn refused_tls_handshakes_are_counted_by_reason() {
     }
 
     // No client certificate at all.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(imgsvc::tls::read_certs("ca", &pki.paths().ca_cert()).unwrap().remove(0)).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let err = tls.read(&mut [0u8; 64]).await.unwrap_err();
+    let err = read_error_without_client_certificate(server.addr, &pki).await;
     assert!(err.to_string().contains("CertificateRequired"), "{err}");
 
     let server = tokio::task::spawn_blocking(move || {

@@ -40,16 +40,7 @@ fn has_line(msg: &str, line: &str) -> bool {
 fn notifies_ready_after_the_port_accepts_watchdog_pings_and_stopping_on_sigterm() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
-    let p = pki.paths();
-    let cfg = dir.path().join("imgsvc.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-            p.server_cert().display(), p.server_key().display(), p.ca_cert().display()
-        ),
-    )
-    .unwrap();
+    let cfg = write_server_config(dir.path(), &pki, "");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
@@ -91,16 +82,7 @@ fn notifies_ready_after_the_port_accepts_watchdog_pings_and_stopping_on_sigterm(
 fn check_config_sends_no_notification() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
-    let p = pki.paths();
-    let cfg = dir.path().join("imgsvc.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-            p.server_cert().display(), p.server_key().display(), p.ca_cert().display()
-        ),
-    )
-    .unwrap();
+    let cfg = write_server_config(dir.path(), &pki, "");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))

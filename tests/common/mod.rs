@@ -284,3 +284,112 @@ pub fn all_turns() -> [(QuarterTurns, &'static str); 4] {
         (QuarterTurns::Three, "TWO_SEVENTY_DEG"),
     ]
 }
+
+/// A server config file for `pki`: loopback, gRPC and admin on port 0,
+/// plus `extra` TOML lines appended (other sections).
+pub fn write_server_config(dir: &Path, pki: &Pki, extra: &str) -> PathBuf {
+    let p = pki.paths();
+    let path = dir.join("imgsvc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\nworker_threads = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n[log]\nlevel = \"info\"\n{extra}\n",
+            p.server_cert().display(),
+            p.server_key().display(),
+            p.ca_cert().display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Reads `stderr` line by line on a thread, for the life of the process
+/// (so it never blocks on a full pipe), until the receiver is dropped.
+pub fn forward_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Connects with TLS but without a client certificate; returns the error
+/// of the first read (TLS 1.3: the server's refusal arrives as an alert then).
+pub async fn read_error_without_client_certificate(server: SocketAddr, pki: &Pki) -> std::io::Error {
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(imgsvc::tls::read_certs("ca", &pki.paths().ca_cert()).unwrap().remove(0)).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.read(&mut [0u8; 64]).await.unwrap_err()
+}
+
+/// The real server binary in its own process, for tests that kill it or
+/// put something (haproxy) in front of it. Killed on drop.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    pub fn spawn(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_server_config(dir.path(), pki, "");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = forward_lines(child.stderr.take().unwrap());
+        let after = |line: &str, marker: &str| -> Option<SocketAddr> {
+            let rest = line.split(marker).nth(1)?;
+            rest.split([' ', ')', '"']).next()?.parse().ok()
+        };
+        let (mut addr, mut admin_addr) = (None, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while addr.is_none() || admin_addr.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("server process reports its addresses within 60 s");
+            addr = addr.or_else(|| after(&line, "listening on "));
+            admin_addr = admin_addr.or_else(|| after(&line, "admin on http://"));
+        }
+        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), _dir: dir }
+    }
+
+    /// SIGKILL: no drain, connections cut mid-request.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tonic-free target for a server process (certificates name localhost).
+pub fn target_of(addr: SocketAddr) -> Target {
+    Target { host: addr.ip().to_string(), port: addr.port(), ..target(0) }
+}
