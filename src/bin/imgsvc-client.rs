@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use imgsvc::{
-    client::{self, credentials, image_io, Api, ClientError, Op, Target},
+    client::{credentials, image_io, Api, Balancer, ClientError, Endpoint, Op, Target},
     imaging::QuarterTurns,
     tls::ClientCredentials,
     EXIT_CONFIG, EXIT_USAGE,
@@ -19,6 +19,7 @@ Examples:
       --input photo.jpg --output rotated.png --rotate NINETY_DEG --mean
   imgsvc-client --config ~/.config/imgsvc/client.toml --input a.png --output b.png --mean
   imgsvc-client --api legacy ... # speak NLImageService to any server of that protocol
+  imgsvc-client --endpoint imgsvc-1:50051 --endpoint imgsvc-2:50051 ... # balance, retry on another server
 
 Credentials come from --ca/--cert/--key, else the client config file, else
 IMGSVC_CA/IMGSVC_CERT/IMGSVC_KEY. Rotations are counter-clockwise.
@@ -35,6 +36,12 @@ struct Args {
     /// Server port (default 50051, or `port` in the client config).
     #[arg(long)]
     port: Option<u16>,
+    /// A server as HOST:PORT; repeat for several. A name that resolves to
+    /// several addresses counts as several servers. Calls go round-robin and
+    /// are retried on another server when one is unreachable or going away.
+    /// Replaces --host/--port.
+    #[arg(long, value_name = "HOST:PORT", value_parser = Endpoint::parse, conflicts_with_all = ["host", "port"])]
+    endpoint: Vec<Endpoint>,
     /// Input image (PNG or JPEG; gray, RGB, with alpha, 8 or 16 bit).
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
@@ -151,22 +158,28 @@ async fn run(args: Args) -> Result<(), Failure> {
         }));
     }
 
-    let host = args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
-    let target = Target {
-        server_name: args.server_name.or(file.server_name),
-        port: args.port.or(file.port).unwrap_or(50051),
-        host,
+    let endpoints = if args.endpoint.is_empty() {
+        let host = args.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
+        vec![Endpoint { host: host.trim_matches(['[', ']']).to_string(), port: args.port.or(file.port).unwrap_or(50051) }]
+    } else {
+        args.endpoint
+    };
+    let named: Vec<String> = endpoints.iter().map(Endpoint::to_string).collect();
+    let template = Target {
+        host: String::new(),
+        port: 0,
+        server_name: None,
         connect_timeout: Duration::from_secs(10),
         timeout: Duration::from_secs(args.timeout),
     };
-    let server_name = target.server_name.clone().unwrap_or_else(|| target.host.clone());
-    let channel = client::connect(&target, &creds).await.map_err(|e| Failure(69, e.into()))?;
-    let result = client::process(channel, api, image, &ops, &server_name).await.map_err(|e| {
-        let code = match &e {
-            ClientError::Status { code: tonic::Code::Unavailable | tonic::Code::Unknown, .. } => 69,
-            _ => 1,
-        };
-        Failure(code, anyhow::Error::new(e).context(format!("request to {}", target.address())))
+    let server_name = args.server_name.or(file.server_name);
+    let balancer = Balancer::resolve(&endpoints, server_name.as_deref(), &template, creds).await.map_err(|e| Failure(69, e.into()))?;
+    let (result, _) = balancer.process(api, &image, &ops).await.map_err(|e| match e {
+        ClientError::Connect { .. } => Failure(69, e.into()),
+        ClientError::Status { code: tonic::Code::Unavailable | tonic::Code::Unknown, .. } => {
+            Failure(69, anyhow::Error::new(e).context(format!("request to {}", named.join(", "))))
+        }
+        _ => Failure(1, anyhow::Error::new(e).context(format!("request to {}", named.join(", ")))),
     })?;
     if let Some(note) = image_io::write_image(&args.output, &result, out_format)
         .with_context(|| format!("writing {}", args.output.display()))
