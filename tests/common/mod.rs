@@ -131,7 +131,15 @@ impl TestServer {
                 let listeners = bind("127.0.0.1", 0).await.unwrap();
                 let admin = bind_admin(&admin).await.unwrap();
                 let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
-                addr_tx.send((listeners[0].local_addr().unwrap(), admin_addr)).unwrap();
+                let addrs = (listeners[0].local_addr().unwrap(), admin_addr);
+                // Hand the addresses over once the server serves, so /readyz
+                // and the phase already say so when start() returns.
+                let mut serving = server.phase();
+                tokio::spawn(async move {
+                    if serving.wait_for(|p| *p == Phase::Serving).await.is_ok() {
+                        let _ = addr_tx.send(addrs);
+                    }
+                });
                 server
                     .with_admin(admin)
                     .serve(listeners, async move {
