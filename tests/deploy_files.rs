@@ -226,16 +226,21 @@ fn kubernetes_manifests_have_the_required_fields_and_agree_with_each_other() {
 }
 
 /// `kubernetes-validate` (PyPI; schemas bundled, works offline), installed
-/// with pip when missing.
-fn kubernetes_validate() -> Option<&'static str> {
-    let runs = || Command::new("kubernetes-validate").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+/// with pip when missing. Run as `python3 -m kubernetes_validate`, so it
+/// does not depend on where pip puts scripts.
+fn kubernetes_validate() -> Option<Command> {
+    let tool = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "kubernetes_validate"]);
+        cmd
+    };
+    let runs = || tool().arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if runs() {
-        return Some("kubernetes-validate");
+        return Some(tool());
     }
-    let pip = Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]).status();
-    match pip {
-        Ok(status) if status.success() && runs() => Some("kubernetes-validate"),
-        Ok(status) => panic!("pip install kubernetes-validate failed ({status}) or the tool is not on PATH"),
+    match Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]).status() {
+        Ok(status) if status.success() && runs() => Some(tool()),
+        Ok(status) => panic!("pip install kubernetes-validate failed ({status}), or the module does not run after it"),
         Err(e) => {
             eprintln!("SKIPPED: python3 is not available to install kubernetes-validate ({e}); manifests were only parsed");
             None
@@ -245,11 +250,11 @@ fn kubernetes_validate() -> Option<&'static str> {
 
 #[test]
 fn kubernetes_manifests_pass_schema_validation() {
-    let Some(tool) = kubernetes_validate() else { return };
+    let Some(mut tool) = kubernetes_validate() else { return };
     let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes")).unwrap().map(|e| e.unwrap().path()).collect();
     files.retain(|f| f.extension().is_some_and(|e| e == "yaml"));
     files.sort();
-    let out = Command::new(tool).args(["--strict", "--kubernetes-version", "1.33.0"]).args(&files).output().unwrap();
+    let out = tool.args(["--strict", "--kubernetes-version", "1.33.0"]).args(&files).output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{said}");
     assert_eq!(said.matches(" passed for resource ").count(), 7, "{said}");
