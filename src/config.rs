@@ -67,6 +67,7 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub admin: RawAdmin,
     pub tenancy: RawTenancy,
     pub tenant_defaults: RawTenantLimits,
     pub tenants: BTreeMap<String, RawTenantLimits>,
@@ -185,6 +186,21 @@ impl Default for RawLog {
     }
 }
 
+/// The plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub enabled: bool,
+    /// `IP:port`; an empty string disables the listener like `enabled = false`.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9090".into() }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -210,6 +226,7 @@ pub struct Settings {
     pub limits: Limits,
     pub log: LogSettings,
     pub tenancy: TenancyConfig,
+    pub admin: AdminSettings,
 }
 
 #[derive(Clone, Debug)]
@@ -234,6 +251,12 @@ pub struct Limits {
     pub stream_max_chunk_bytes: usize,
     /// Size of the data chunks ProcessStream answers with.
     pub stream_response_chunk_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Where the admin listener binds; `None` when disabled.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -311,6 +334,13 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
         let tenancy = resolve_tenancy(&raw, &origin)?;
+        let admin_listen = match raw.admin.listen.trim() {
+            _ if !raw.admin.enabled => None,
+            "" => None,
+            listen => Some(listen.parse().map_err(|_| {
+                invalid("admin.listen", format!("{listen:?} is not an IP:port address (e.g. \"127.0.0.1:9090\"; \"\" disables)"))
+            })?),
+        };
 
         Ok(Settings {
             origin: origin.clone(),
@@ -338,6 +368,7 @@ impl Settings {
             },
             log: LogSettings { level: raw.log.level, format: raw.log.format },
             tenancy,
+            admin: AdminSettings { listen: admin_listen },
         })
     }
 }
@@ -553,6 +584,31 @@ mod tests {
             let err = load(&toml, &[]).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(problem) && err.contains("test.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn admin_listener_defaults_to_loopback_9090() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!(s.admin.listen, Some("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_listener_is_disabled_by_empty_listen_or_enabled_false() {
+        let off = load(&format!("{MINIMAL}\n[admin]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.admin.listen, None);
+        let off = load(&format!("{MINIMAL}\n[admin]\nenabled = false\nlisten = \"[::1]:9100\"\n"), &[]).unwrap();
+        assert_eq!(off.admin.listen, None);
+        let on = load(MINIMAL, &[("IMGSVC_ADMIN__LISTEN", "[::1]:9100")]).unwrap();
+        assert_eq!(on.admin.listen, Some("[::1]:9100".parse().unwrap()));
+    }
+
+    #[test]
+    fn admin_listen_must_be_an_ip_and_port() {
+        let err = load(&format!("{MINIMAL}\n[admin]\nlisten = \"localhost:9090\"\n"), &[]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "config test.toml: key `admin.listen`: \"localhost:9090\" is not an IP:port address (e.g. \"127.0.0.1:9090\"; \"\" disables)"
+        );
     }
 
     #[test]

@@ -145,6 +145,7 @@ impl tonic::service::Interceptor for TenantInterceptor {
         let leaf = certs.as_ref().and_then(|c| c.first()).ok_or(IdentityError::NoCertificate);
         let tenant = leaf.and_then(|der| tenant_from_cert(der, &self.trust_domain)).map_err(|e| {
             tracing::warn!(remote = ?request.remote_addr(), error = %e, "refused request: no tenant");
+            crate::telemetry::metrics::unauthenticated();
             tonic::Status::unauthenticated(e.to_string())
         })?;
         request.extensions_mut().insert(Tenant(tenant));

@@ -17,7 +17,12 @@
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
 //! - [`loadgen`]: the bounded load generator behind `imgsvc-client bench`.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`telemetry`]: tracing subscriber set-up, Prometheus metrics, W3C
+//!   trace context.
+//! - [`admin`]: the plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`systemd`]: `sd_notify` readiness, reload, stop and watchdog messages.
 
+pub mod admin;
 pub mod client;
 pub mod codec;
 pub mod config;
@@ -29,6 +34,7 @@ pub mod pki;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod systemd;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;

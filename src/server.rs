@@ -6,7 +6,9 @@
 //! binds every address it names. [`Server::serve`] runs until `shutdown`
 //! completes, then: health NOT_SERVING → stop accepting → drain in-flight
 //! requests within `drain_timeout` → return (warning if the drain was cut
-//! short).
+//! short). [`Server::phase`] follows that life cycle for readiness
+//! (`/readyz`, systemd's `READY=1`/`STOPPING=1`); [`Server::with_admin`]
+//! adds the plain-HTTP admin listener ([`crate::admin`]).
 
 use std::{
     future::Future,
@@ -27,12 +29,14 @@ use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::codec::CompressionEncoding;
 
 use crate::{
-    config::{Settings, TlsSettings},
+    admin,
+    config::{AdminSettings, Settings, TlsSettings},
     identity::{TenantId, TenantInterceptor},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
     service::{legacy::LegacyService, v1::V1Service, Processor},
     tenancy::{RuntimePolicy, Tenancy},
+    telemetry::{self, metrics::HandshakeFailure},
     tls::{ServerTls, TlsError},
     worker::{WorkerError, WorkerPool},
 };
@@ -50,6 +54,8 @@ pub enum ServerError {
     DevCertsLayout { dir: String, key: &'static str, path: String },
     #[error("cannot resolve listen host {host:?}")]
     Resolve { host: String, #[source] source: std::io::Error },
+    #[error("cannot listen on {addr} (admin.listen)")]
+    BindAdmin { addr: SocketAddr, #[source] source: std::io::Error },
     #[error("cannot listen on {addr}")]
     Bind { addr: SocketAddr, #[source] source: std::io::Error },
     #[error("listen host {host:?} resolves to no address")]
@@ -116,6 +122,24 @@ pub async fn bind(host: &str, port: u16) -> Result<Vec<TcpListener>, ServerError
     Ok(listeners)
 }
 
+/// Binds the admin listener if `admin.listen` enables it.
+pub async fn bind_admin(admin: &AdminSettings) -> Result<Option<TcpListener>, ServerError> {
+    let Some(addr) = admin.listen else { return Ok(None) };
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::BindAdmin { addr, source })?;
+    Ok(Some(listener))
+}
+
+/// Where a server is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not serving yet.
+    Starting,
+    /// The gRPC port accepts connections and health says SERVING.
+    Serving,
+    /// Shutdown started: health says NOT_SERVING, in-flight requests drain.
+    Draining,
+}
+
 /// A server whose configuration has been loaded and checked.
 pub struct Server {
     settings: Settings,
@@ -123,6 +147,9 @@ pub struct Server {
     tenancy: Tenancy,
     tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
     current: Arc<Mutex<Settings>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    phase: watch::Sender<Phase>,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -134,7 +161,18 @@ impl Server {
         let pool = WorkerPool::new(settings.worker_threads, settings.limits.max_queued_jobs)?;
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
-        Ok(Self { current: Arc::new(Mutex::new(settings.clone())), settings, tls, tenancy, tls_config: Arc::new(tls_config) })
+        let metrics = telemetry::metrics::install();
+        let (phase, _) = watch::channel(Phase::Starting);
+        Ok(Self {
+            current: Arc::new(Mutex::new(settings.clone())),
+            settings,
+            tls,
+            tenancy,
+            tls_config: Arc::new(tls_config),
+            metrics,
+            phase,
+            admin: None,
+        })
     }
 
     pub fn tls(&self) -> &ServerTls {
@@ -151,13 +189,26 @@ impl Server {
         ReloadHandle { tenancy: self.tenancy.clone(), tls_config: self.tls_config.clone(), current: self.current.clone() }
     }
 
+    /// Follows the life cycle: `Serving` once the gRPC port serves,
+    /// `Draining` from the start of the shutdown.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` (see
+    /// [`bind_admin`]) for as long as [`Server::serve`] runs, drain included.
+    pub fn with_admin(mut self, listener: Option<TcpListener>) -> Self {
+        self.admin = listener;
+        self
+    }
+
     /// Serves on `listeners` until `shutdown` completes, then drains.
     pub async fn serve(
         self,
         listeners: Vec<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let Self { settings, tls, tenancy, tls_config, current: _ } = self;
+        let Self { settings, tls, tenancy, tls_config, current: _, metrics, phase, admin } = self;
         let limits = settings.limits;
         let addrs: Vec<String> =
             listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
@@ -194,9 +245,12 @@ impl Server {
             v1 = v1.send_compressed(CompressionEncoding::Zstd).send_compressed(CompressionEncoding::Gzip);
         }
 
+        // One summary line, and nothing else until something happens.
+        let admin_url = admin.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".to_string(), |a| format!("http://{a}"));
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             listen = ?addrs,
+            admin = %admin_url,
             client_ca = %tls.client_ca_subject,
             trust_domain = %settings.tls.trust_domain,
             worker_threads,
@@ -204,18 +258,24 @@ impl Server {
             unknown_tenants = ?settings.tenancy.unknown_tenants,
             max_image_pixels = limits.max_image_pixels,
             config = %settings.origin,
-            "imgsvc-server {} listening on {} (mutual TLS)",
+            "imgsvc-server {} listening on {} (mutual TLS); admin on {admin_url} (/metrics, /healthz, /readyz)",
             env!("CARGO_PKG_VERSION"),
             addrs.join(", "),
         );
 
         let (conn_tx, conn_rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
         let mut accept_tasks = JoinSet::new();
+        if let Some(listener) = admin {
+            accept_tasks.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
+        }
         for listener in listeners {
             accept_tasks.spawn(accept_loop(listener, tls_config.subscribe(), settings.tls.handshake_timeout, conn_tx.clone()));
         }
         drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+        // The listeners are bound and their accept loops run: a client that
+        // connects now is served.
+        phase.send_replace(Phase::Serving);
 
         // The shutdown signal flips health first, then lets tonic stop
         // accepting and drain; `draining` starts the drain deadline.
@@ -224,6 +284,7 @@ impl Server {
         let on_shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections, draining in-flight requests");
+            phase.send_replace(Phase::Draining);
             for name in std::iter::once("").chain(SERVICE_NAMES) {
                 health_for_shutdown.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }
@@ -231,6 +292,7 @@ impl Server {
         };
 
         let router = tonic::transport::Server::builder()
+            .trace_fn(telemetry::traceparent::request_span)
             .http2_keepalive_interval(Some(Duration::from_secs(60)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
@@ -365,6 +427,7 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            telemetry::metrics::handshake_failed(HandshakeFailure::Overload);
             tracing::warn!(%peer, "too many TLS handshakes in progress: dropping connection");
             continue;
         };
@@ -378,8 +441,15 @@ async fn accept_loop(
                 Ok(Ok(stream)) => {
                     let _ = connections.send(stream).await;
                 }
-                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                Err(_) => tracing::warn!(%peer, timeout_secs = handshake_timeout.as_secs(), "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    let reason = HandshakeFailure::classify(&e);
+                    telemetry::metrics::handshake_failed(reason);
+                    tracing::warn!(%peer, error = %e, reason = reason.label(), "TLS handshake refused");
+                }
+                Err(_) => {
+                    telemetry::metrics::handshake_failed(HandshakeFailure::Timeout);
+                    tracing::warn!(%peer, timeout_secs = handshake_timeout.as_secs(), "TLS handshake timed out");
+                }
             }
         });
     }

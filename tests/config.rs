@@ -15,7 +15,7 @@ use common::*;
 
 fn server_cmd(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"));
-    cmd.current_dir(dir).env_remove("RUST_LOG").env("NO_COLOR", "1");
+    cmd.current_dir(dir).env_remove("RUST_LOG").env("NO_COLOR", "1").env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0");
     cmd
 }
 

@@ -29,6 +29,7 @@ fn start_binary(pki: &Pki, host: &str) -> (std::process::Child, Vec<String>) {
         .args(["--config", cfg.to_str().unwrap(), "--host", host, "--port", "0"])
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
+        .env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

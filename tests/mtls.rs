@@ -46,27 +46,11 @@ async fn accepts_client_certificate_signed_by_the_configured_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_connection_without_client_certificate() {
-    use std::sync::Arc;
-    use tokio::io::AsyncReadExt;
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(imgsvc::tls::read_certs("ca", &pki.paths().ca_cert()).unwrap().remove(0)).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     // TLS 1.3: the client's side of the handshake completes; the server's
     // refusal arrives as an alert on the first read.
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let err = tls.read(&mut buf).await.unwrap_err();
+    let err = read_error_without_client_certificate(server.addr, &pki).await;
     assert!(err.to_string().contains("CertificateRequired"), "{err}");
     assert_still_serving(&server, &pki).await;
 }

@@ -90,6 +90,7 @@ fn sigterm_stops_the_daemon_with_exit_code_zero() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
         .args(["--config", cfg.to_str().unwrap()])
         .env_remove("RUST_LOG")
+        .env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -8,7 +8,7 @@ use imgsvc::{
     client::{
         self,
         batch::{self, Job, JobSettings, RunOptions},
-        credentials, image_io, Api, CallOptions, Op, StreamMode, Target,
+        credentials, image_io, Api, Balancer, CallOptions, Endpoint, Op, StreamMode, Target,
     },
     loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
     codec::{DecodeOptions, Encoding, DEFAULT_JPEG_QUALITY},
@@ -27,6 +27,7 @@ Examples:
   imgsvc-client --input scan.tif --page 2 --output page2.png --mean
   imgsvc-client --api legacy ... # speak NLImageService to any server of that protocol
   imgsvc-client completions bash > ~/.local/share/bash-completion/completions/imgsvc-client
+  imgsvc-client --endpoint imgsvc-1:50051 --endpoint imgsvc-2:50051 ... # balance, retry on another server
 
 Input: PNG, JPEG, TIFF (--page), WebP, BMP, GIF (first frame); EXIF orientation
 is applied. Output: PNG, JPEG (--quality), TIFF, WebP (lossless), BMP, by
@@ -77,6 +78,12 @@ Examples:
 /// Where the server is and who we are.
 #[derive(clap::Args, Debug)]
 struct ConnArgs {
+    /// A server as HOST:PORT; repeat for several. A name that resolves to
+    /// several addresses counts as several servers. Calls go round-robin and
+    /// are retried on another server when one is unreachable or going away.
+    /// Replaces --host/--port.
+    #[arg(long, value_name = "HOST:PORT", value_parser = Endpoint::parse, conflicts_with_all = ["host", "port"])]
+    endpoint: Vec<Endpoint>,
     /// Server host name or address (default 127.0.0.1, or `host` in the client config).
     #[arg(long)]
     host: Option<String>,
@@ -284,7 +291,7 @@ fn main() -> ExitCode {
 
 /// Resolves where to connect and the credentials: flags, then the client
 /// config file, then the environment.
-fn connection(conn: ConnArgs) -> Result<(Target, ClientCredentials, CallOptions), Failure> {
+fn connection(conn: ConnArgs) -> Result<(Connection, ClientCredentials, CallOptions), Failure> {
     let env = |k: &str| std::env::var(k).ok();
     let (file, looked_in) = credentials::ClientConfigFile::discover(conn.config.as_deref(), &env)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
@@ -292,12 +299,22 @@ fn connection(conn: ConnArgs) -> Result<(Target, ClientCredentials, CallOptions)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
     let creds = ClientCredentials::from_files(&paths.ca, &paths.cert, &paths.key)
         .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
-    let target = Target {
+    let endpoints = if conn.endpoint.is_empty() {
+        let host = conn.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
+        vec![Endpoint { host: host.trim_matches(['[', ']']).to_string(), port: conn.port.or(file.port).unwrap_or(50051) }]
+    } else {
+        conn.endpoint
+    };
+    let target = Connection {
+        endpoints,
         server_name: conn.server_name.or(file.server_name),
-        port: conn.port.or(file.port).unwrap_or(50051),
-        host: conn.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into()),
-        connect_timeout: Duration::from_secs(10),
-        timeout: Duration::from_secs(conn.timeout),
+        template: Target {
+            host: String::new(),
+            port: 0,
+            server_name: None,
+            connect_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(conn.timeout),
+        },
     };
     let call = CallOptions {
         compression: conn.compress.map(|c| match c {
@@ -307,6 +324,25 @@ fn connection(conn: ConnArgs) -> Result<(Target, ClientCredentials, CallOptions)
         ..CallOptions::default()
     };
     Ok((target, creds, call))
+}
+
+/// The servers to talk to.
+struct Connection {
+    endpoints: Vec<Endpoint>,
+    server_name: Option<String>,
+    template: Target,
+}
+
+impl Connection {
+    fn named(&self) -> String {
+        self.endpoints.iter().map(Endpoint::to_string).collect::<Vec<_>>().join(", ")
+    }
+
+    async fn balancer(&self, creds: ClientCredentials) -> Result<Balancer, Failure> {
+        Balancer::resolve(&self.endpoints, self.server_name.as_deref(), &self.template, creds)
+            .await
+            .map_err(|e| Failure(69, e.into()))
+    }
 }
 
 async fn run_bench(args: BenchArgs) -> Result<(), Failure> {
@@ -334,7 +370,9 @@ async fn run_bench(args: BenchArgs) -> Result<(), Failure> {
         },
         api,
     };
-    let channel = client::connect(&target, &creds).await.map_err(|e| Failure(69, e.into()))?;
+    // The load goes to one server: the first address of the first endpoint.
+    let servers = target.balancer(creds.clone()).await?;
+    let channel = client::connect(&servers.targets()[0], &creds).await.map_err(|e| Failure(69, e.into()))?;
     let report = loadgen::run(channel, &config).await;
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| Failure(1, e.into()))?);
@@ -383,7 +421,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             ApiArg::Legacy => Api::Legacy,
         },
         ops,
-        server_name: target.server_name.clone().unwrap_or_else(|| target.host.clone()),
+        server_name: target.server_name.clone().unwrap_or_else(|| target.endpoints[0].host.clone()),
         decode: DecodeOptions { encoding: None, page: args.page, limits: image_io::client_decode_limits() },
         jpeg_quality: args.quality,
         call,
@@ -391,11 +429,11 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     if plan.single {
         let job = &plan.jobs[0];
-        return single(&target, &creds, job, &settings).await;
+        return single(&target, creds, job, &settings).await;
     }
-    let channel = client::connect(&target, &creds).await.map_err(|e| Failure(69, e.into()))?;
+    let servers = target.balancer(creds).await?;
     let options = RunOptions { concurrency: args.jobs.into(), overwrite: args.overwrite, continue_on_error: args.continue_on_error };
-    let summary = batch::run(channel, plan.jobs, settings, options).await;
+    let summary = batch::run(std::sync::Arc::new(servers), plan.jobs, settings, options).await;
     eprintln!("imgsvc-client: {summary}");
     if summary.failed > 0 {
         return Err(Failure(1, anyhow::anyhow!("{} of the images failed", summary.failed)));
@@ -405,11 +443,11 @@ async fn run(args: Args) -> Result<(), Failure> {
 
 /// The original form: the input is read before connecting (exit 65 without
 /// a server), an existing output is replaced.
-async fn single(target: &Target, creds: &ClientCredentials, job: &Job, settings: &JobSettings) -> Result<(), Failure> {
+async fn single(target: &Connection, creds: ClientCredentials, job: &Job, settings: &JobSettings) -> Result<(), Failure> {
     let job_failure = |e: batch::JobError| {
         let code = e.exit_code();
         let err = match e {
-            batch::JobError::Request(e) => anyhow::Error::new(e).context(format!("request to {}", target.address())),
+            batch::JobError::Request(e) => anyhow::Error::new(e).context(format!("request to {}", target.named())),
             batch::JobError::Output(e) => anyhow::Error::new(e).context(format!("writing {}", job.output.display())),
             other => other.into(),
         };
@@ -419,8 +457,8 @@ async fn single(target: &Target, creds: &ClientCredentials, job: &Job, settings:
     if let Some(note) = note {
         eprintln!("imgsvc-client: note: {note}");
     }
-    let channel = client::connect(target, creds).await.map_err(|e| Failure(69, e.into()))?;
-    if let Some(note) = batch::finish(channel, job, image, settings).await.map_err(job_failure)? {
+    let servers = target.balancer(creds).await?;
+    if let Some(note) = batch::finish(&servers, job, image, settings).await.map_err(job_failure)? {
         eprintln!("imgsvc-client: note: {note}");
     }
     Ok(())

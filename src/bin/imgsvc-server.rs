@@ -7,7 +7,7 @@ use imgsvc::{
     config::{ConfigSource, Settings},
     pki::PkiPaths,
     server::{self, Server},
-    telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
+    systemd, telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
 };
 
 const EXAMPLES: &str = "\
@@ -115,28 +115,41 @@ async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> 
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot install signal handlers")),
     };
     let dev_hint = settings.tls.dev_auto_certs.then(|| dev_client_command(&settings));
-    let (host, port, origin) = (settings.host.clone(), settings.port, settings.origin.clone());
+    let (host, port, origin, admin) = (settings.host.clone(), settings.port, settings.origin.clone(), settings.admin);
     let server = match Server::new(settings) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {origin}"))),
-    };
-    let reload = server.reload_handle();
-    let on_reload = move || match load_settings(&source, &overrides) {
-        Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
-        Ok(settings) => match reload.reload(settings) {
-            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
-            Ok(report) => {
-                tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
-                if !report.restart_needed.is_empty() {
-                    tracing::warn!(keys = ?report.restart_needed, "changed keys take effect only after a restart");
-                }
-            }
-        },
     };
     let listeners = match server::bind(&host, port).await {
         Ok(l) => l,
         Err(e) => return fail(1, anyhow::Error::new(e)),
     };
+    let admin = match server::bind_admin(&admin).await {
+        Ok(l) => l,
+        Err(e) => return fail(1, anyhow::Error::new(e)),
+    };
+    let status = serving_status(&listeners, admin.as_ref());
+    tokio::spawn(systemd::follow(server.phase(), status.clone()));
+    let reload = server.reload_handle();
+    // systemd's reload protocol: RELOADING=1 (with the monotonic time) then
+    // READY=1 whether the reload took or not (the old config still serves).
+    let on_reload = move || {
+        systemd::notify_reloading();
+        match load_settings(&source, &overrides) {
+            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
+            Ok(settings) => match reload.reload(settings) {
+                Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
+                Ok(report) => {
+                    tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
+                    if !report.restart_needed.is_empty() {
+                        tracing::warn!(keys = ?report.restart_needed, "changed keys take effect only after a restart");
+                    }
+                }
+            },
+        }
+        systemd::notify_ready(&status);
+    };
+    let server = server.with_admin(admin);
     if let Some(hint) = dev_hint {
         let port = listeners.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
         tracing::info!("development mode: try\n  {}", hint.replace("{port}", &port.to_string()));
@@ -145,6 +158,14 @@ async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> 
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(1, anyhow::Error::new(e)),
     }
+}
+
+/// The status line systemd shows once we are ready, e.g.
+/// `serving gRPC (mTLS) on 127.0.0.1:50051; admin on 127.0.0.1:9090`.
+fn serving_status(listeners: &[tokio::net::TcpListener], admin: Option<&tokio::net::TcpListener>) -> String {
+    let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+    let admin = admin.and_then(|l| l.local_addr().ok()).map_or("off".to_string(), |a| a.to_string());
+    format!("serving gRPC (mTLS) on {}; admin on {admin}", addrs.join(", "))
 }
 
 struct Signals {

@@ -19,12 +19,11 @@ use std::{
 use indicatif::{ProgressBar, ProgressStyle};
 use thiserror::Error;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use super::{
     error_chain,
     image_io::{self, ImageFileError},
-    Api, ClientError, Op,
+    balance::Balancer, Api, ClientError, Op,
 };
 use crate::codec::{DecodeOptions, EncodeOptions, Encoding};
 
@@ -176,6 +175,8 @@ impl JobError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Input(_) => 65,
+            // The server is unreachable, or refused the connection (TLS).
+            Self::Request(ClientError::Connect { .. } | ClientError::Address { .. }) => 69,
             Self::Request(ClientError::Status { code: tonic::Code::Unavailable | tonic::Code::Unknown, .. }) => 69,
             _ => 1,
         }
@@ -193,10 +194,8 @@ pub fn read_input(job: &Job, settings: &JobSettings) -> Result<(super::RawImage,
 }
 
 /// Sends `image` for `job` and writes the result atomically. Returns notes.
-pub async fn finish(channel: Channel, job: &Job, image: super::RawImage, settings: &JobSettings) -> Result<Option<String>, JobError> {
-    let result = super::process_with(channel, settings.api, image, &settings.ops, &settings.server_name, &settings.call)
-        .await
-        .map_err(JobError::Request)?;
+pub async fn finish(servers: &Balancer, job: &Job, image: super::RawImage, settings: &JobSettings) -> Result<Option<String>, JobError> {
+    let (result, _) = servers.process_with(settings.api, &image, &settings.ops, &settings.call).await.map_err(JobError::Request)?;
     let job = job.clone();
     let options = EncodeOptions { encoding: job.encoding, jpeg_quality: settings.jpeg_quality };
     blocking(move || image_io::write_image(&job.output, &result, &options).map_err(JobError::Output)).await
@@ -207,7 +206,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + S
 }
 
 /// One job from start to end.
-async fn run_job(channel: Channel, job: Job, settings: Arc<JobSettings>, overwrite: bool) -> Outcome {
+async fn run_job(servers: Arc<Balancer>, job: Job, settings: Arc<JobSettings>, overwrite: bool) -> Outcome {
     if !overwrite && job.output.exists() {
         return Outcome::Skipped;
     }
@@ -217,7 +216,7 @@ async fn run_job(channel: Channel, job: Job, settings: Arc<JobSettings>, overwri
         }
         let (j, s) = (job.clone(), settings.clone());
         let (image, note) = blocking(move || read_input(&j, &s)).await?;
-        let written = finish(channel, &job, image, &settings).await?;
+        let written = finish(&servers, &job, image, &settings).await?;
         Ok(note.into_iter().chain(written).collect())
     }
     .await;
@@ -314,8 +313,8 @@ impl Progress {
     }
 }
 
-/// Runs every job of `jobs` over `channel`, at most `concurrency` at once.
-pub async fn run(channel: Channel, jobs: Vec<Job>, settings: JobSettings, options: RunOptions) -> Summary {
+/// Runs every job of `jobs` on `servers`, at most `concurrency` at once.
+pub async fn run(servers: Arc<Balancer>, jobs: Vec<Job>, settings: JobSettings, options: RunOptions) -> Summary {
     let progress = Progress::new(jobs.len());
     let settings = Arc::new(settings);
     let mut summary = Summary::default();
@@ -325,9 +324,9 @@ pub async fn run(channel: Channel, jobs: Vec<Job>, settings: JobSettings, option
     loop {
         while !stop && running.len() < options.concurrency.max(1) {
             let Some(job) = pending.next() else { break };
-            let (channel, settings) = (channel.clone(), settings.clone());
+            let (servers, settings) = (servers.clone(), settings.clone());
             running.spawn(async move {
-                let outcome = run_job(channel, job.clone(), settings, options.overwrite).await;
+                let outcome = run_job(servers, job.clone(), settings, options.overwrite).await;
                 (job, outcome)
             });
         }

@@ -3,6 +3,7 @@
 //! side refused what.
 
 pub mod batch;
+pub mod balance;
 pub mod connector;
 pub mod credentials;
 pub mod image_io;
@@ -11,7 +12,7 @@ pub mod stream;
 use std::{sync::Arc, time::Duration};
 
 use thiserror::Error;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{
     imaging::QuarterTurns,
@@ -23,6 +24,7 @@ use crate::{
     tls::ClientCredentials,
 };
 
+pub use balance::{Balancer, Endpoint};
 pub use image_io::RawImage;
 
 /// Default limit for messages the client sends and receives (as the server).
@@ -101,7 +103,7 @@ pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result
     })?;
     let connector = connector::TlsConnector { config: Arc::new(tls), server_name: name, address: address.clone() };
     // TLS is done by the connector, so tonic sees a plain "http" URI.
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|source| ClientError::Address { address: address.clone(), source })?
         .connect_timeout(target.connect_timeout)
         .timeout(target.timeout)

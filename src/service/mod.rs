@@ -139,16 +139,21 @@ impl Processor {
         span.record("width", input.layout().width());
         span.record("height", input.layout().height());
         span.record("format", input.format().as_str_name().trim_start_matches("PIXEL_FORMAT_"));
+        crate::telemetry::metrics::note_request_bytes(input.data().len());
         if pipeline.steps().is_empty() {
+            crate::telemetry::metrics::note_response(0, input.data().len());
             return Ok(input); // nothing to do: hand the request's bytes back
         }
         let layout = input.layout();
         let image_bytes = input.data().len() as u64;
+        let pixels = layout.width() as u64 * layout.height() as u64;
         // In flight: the input plus at most two buffers of the same size
         // (a step's output, and the previous step's while it is read).
         let live_buffers = 1 + pipeline.steps().len().min(2) as u64;
-        let cost = JobCost { pixels: (layout.width() * layout.height()) as u64, bytes: image_bytes * live_buffers };
-        Ok(self.tenancy.run(admission, cost, move || pipeline.run(input)).await??)
+        let cost = JobCost { pixels, bytes: image_bytes * live_buffers };
+        let output = self.tenancy.run(admission, cost, move || pipeline.run(input)).await??;
+        crate::telemetry::metrics::note_response(pixels, output.data().len());
+        Ok(output)
     }
 }
 
@@ -174,14 +179,14 @@ where
         duration_ms = Empty,
     );
     let started = Instant::now();
+    let tenant_label = tenant.as_ref().ok().map(|t| t.as_str().to_owned());
     let result = async {
         let tenant = tenant?;
         tracing::Span::current().record("tenant", tenant.as_str());
         call(tenant).await
     }
-    .instrument(span.clone())
-    .await;
-    let result = result.map_err(tonic::Status::from);
+    .instrument(span.clone());
+    let result = crate::telemetry::metrics::measured(method, tenant_label.as_deref(), result).await;
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),

@@ -17,7 +17,7 @@ use imgsvc::{
     imaging::{reference, Layout, QuarterTurns, Sample},
     pki::{self, IssueRequest, PkiPaths},
     proto::v1::PixelFormat,
-    server::{bind, Server, ServerError},
+    server::{bind, bind_admin, Phase, Server, ServerError},
     tls::ClientCredentials,
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
@@ -100,6 +100,7 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
     for tenant in &pki.tenants {
         raw.tenants.insert(tenant.clone(), Default::default());
     }
+    raw.admin.listen = "127.0.0.1:0".into();
     raw
 }
 
@@ -109,6 +110,9 @@ pub struct TestServer {
     pub addr: SocketAddr,
     reload_handle: imgsvc::server::ReloadHandle,
     tenancy: imgsvc::tenancy::Tenancy,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), unless the config disabled it.
+    pub admin_addr: Option<SocketAddr>,
+    pub phase: tokio::sync::watch::Receiver<Phase>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
 }
@@ -123,24 +127,37 @@ impl TestServer {
         edit(&mut raw);
         let settings = Settings::validate(raw, "test config".into()).unwrap();
         imgsvc::telemetry::init(&settings.log);
+        let admin = settings.admin;
         let server = Server::new(settings).unwrap();
         let (reload_handle, tenancy) = (server.reload_handle(), server.tenancy().clone());
+        let phase = server.phase();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             runtime.block_on(async move {
                 let listeners = bind("127.0.0.1", 0).await.unwrap();
-                addr_tx.send(listeners[0].local_addr().unwrap()).unwrap();
+                let admin = bind_admin(&admin).await.unwrap();
+                let admin_addr = admin.as_ref().map(|l| l.local_addr().unwrap());
+                let addrs = (listeners[0].local_addr().unwrap(), admin_addr);
+                // Hand the addresses over once the server serves, so /readyz
+                // and the phase already say so when start() returns.
+                let mut serving = server.phase();
+                tokio::spawn(async move {
+                    if serving.wait_for(|p| *p == Phase::Serving).await.is_ok() {
+                        let _ = addr_tx.send(addrs);
+                    }
+                });
                 server
+                    .with_admin(admin)
                     .serve(listeners, async move {
                         let _ = stopped.await;
                     })
                     .await
             })
         });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
-        Self { addr, reload_handle, tenancy, stop: Some(stop), thread: Some(thread) }
+        let (addr, admin_addr) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
+        Self { addr, admin_addr, phase, reload_handle, tenancy, stop: Some(stop), thread: Some(thread) }
     }
 
     pub fn port(&self) -> u16 {
@@ -184,6 +201,32 @@ impl Drop for TestServer {
             let _ = thread.join();
         }
     }
+}
+
+/// A plain HTTP/1.1 GET over loopback (the admin listener): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(tcp, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    (status, body.to_string())
+}
+
+/// The value of one Prometheus sample, e.g.
+/// `metric(&text, "imgsvc_requests_total", &[("tenant", "a"), ("code", "OK")])`:
+/// the sample of that name whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, "}"));
+        let matches = series_name == name
+            && labels.iter().all(|(k, v)| series_labels.split(',').any(|kv| kv.trim_end_matches('}') == format!("{k}=\"{v}\"")));
+        if matches { value.parse().ok() } else { None }
+    })
 }
 
 pub fn target(port: u16) -> Target {
@@ -305,4 +348,115 @@ pub fn all_turns() -> [(QuarterTurns, &'static str); 4] {
         (QuarterTurns::Two, "ONE_EIGHTY_DEG"),
         (QuarterTurns::Three, "TWO_SEVENTY_DEG"),
     ]
+}
+
+/// A server config file for `pki`: loopback, gRPC and admin on port 0,
+/// plus `extra` TOML lines appended (other sections).
+pub fn write_server_config(dir: &Path, pki: &Pki, extra: &str) -> PathBuf {
+    let p = pki.paths();
+    let path = dir.join("imgsvc.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\nworker_threads = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n[log]\nlevel = \"info\"\n{extra}\n{}",
+            p.server_cert().display(),
+            p.server_key().display(),
+            p.ca_cert().display(),
+            // Every tenant of the test PKI is configured, as raw_config does.
+            pki.tenants.iter().map(|t| format!("[tenants.{t}]\n")).collect::<String>()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Reads `stderr` line by line on a thread, for the life of the process
+/// (so it never blocks on a full pipe), until the receiver is dropped.
+pub fn forward_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Connects with TLS but without a client certificate; returns the error
+/// of the first read (TLS 1.3: the server's refusal arrives as an alert then).
+pub async fn read_error_without_client_certificate(server: SocketAddr, pki: &Pki) -> std::io::Error {
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(imgsvc::tls::read_certs("ca", &pki.paths().ca_cert()).unwrap().remove(0)).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.read(&mut [0u8; 64]).await.unwrap_err()
+}
+
+/// The real server binary in its own process, for tests that kill it or
+/// put something (haproxy) in front of it. Killed on drop.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    pub fn spawn(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_server_config(dir.path(), pki, "");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rx = forward_lines(child.stderr.take().unwrap());
+        let after = |line: &str, marker: &str| -> Option<SocketAddr> {
+            let rest = line.split(marker).nth(1)?;
+            rest.split([' ', ')', '"']).next()?.parse().ok()
+        };
+        let (mut addr, mut admin_addr) = (None, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while addr.is_none() || admin_addr.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("server process reports its addresses within 60 s");
+            addr = addr.or_else(|| after(&line, "listening on "));
+            admin_addr = admin_addr.or_else(|| after(&line, "admin on http://"));
+        }
+        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), _dir: dir }
+    }
+
+    /// SIGKILL: no drain, connections cut mid-request.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tonic-free target for a server process (certificates name localhost).
+pub fn target_of(addr: SocketAddr) -> Target {
+    Target { host: addr.ip().to_string(), port: addr.port(), ..target(0) }
 }

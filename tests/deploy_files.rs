@@ -1,0 +1,261 @@
+//! The deployment files under deploy/ are valid and say what the server
+//! needs: the systemd unit (parsed, and `systemd-analyze verify` where
+//! systemd is installed) and the Kubernetes manifests (parsed and checked
+//! field by field, the ConfigMap's config loaded by the real config code,
+//! and the schemas checked by `kubernetes-validate` from PyPI).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use imgsvc::config::{ConfigSource, Settings};
+use serde_yaml::Value;
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
+}
+
+// ---------------------------------------------------------------- systemd
+
+/// `[Section]` → key → every value given (keys may repeat).
+fn parse_unit(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut sections: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    let mut current = None;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = Some(name.to_string());
+            sections.entry(name.to_string()).or_default();
+            continue;
+        }
+        let (key, value) = line.split_once('=').unwrap_or_else(|| panic!("line {}: not KEY=VALUE: {line}", n + 1));
+        let section = current.clone().unwrap_or_else(|| panic!("line {}: key outside a section", n + 1));
+        sections.get_mut(&section).unwrap().entry(key.to_string()).or_default().push(value.to_string());
+    }
+    sections
+}
+
+#[test]
+fn systemd_unit_is_type_notify_checks_config_and_is_hardened() {
+    let unit = parse_unit(&std::fs::read_to_string(deploy("systemd/imgsvc.service")).unwrap());
+    let service = &unit["Service"];
+    let one = |key: &str| -> &str {
+        let values = service.get(key).unwrap_or_else(|| panic!("[Service] has no {key}="));
+        assert_eq!(values.len(), 1, "{key} is set more than once");
+        &values[0]
+    };
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("User"), "imgsvc");
+    assert!(one("ExecStartPre").contains("--check-config"));
+    assert!(one("ExecStart").contains("--config /etc/imgsvc/imgsvc.toml"));
+    assert_eq!(service["ExecReload"].last().unwrap(), "/bin/kill -HUP $MAINPID");
+    assert!(service["ExecReload"][0].contains("--check-config"));
+    assert!(one("LoadCredential").starts_with("server-key.pem:"));
+    assert_eq!(one("Environment"), "IMGSVC_TLS__KEY=%d/server-key.pem");
+    assert_eq!(one("RestartPreventExitStatus"), imgsvc::EXIT_CONFIG.to_string());
+    for (key, value) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("SystemCallFilter", "@system-service"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("ReadOnlyPaths", "/etc/imgsvc"),
+    ] {
+        assert_eq!(one(key), value, "{key}");
+    }
+    // The stop timeout leaves room for the default 30 s drain.
+    assert_eq!(one("TimeoutStopSec"), "45s");
+    assert_eq!(unit["Install"]["WantedBy"], ["multi-user.target"]);
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    if !Command::new("systemd-analyze").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: systemd-analyze is not installed (Debian package systemd); the unit was only parsed");
+        return;
+    }
+    // verify checks that the executables exist: point the unit at the
+    // binary cargo built.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(deploy("systemd/imgsvc.service"))
+        .unwrap()
+        .replace("/usr/local/bin/imgsvc-server", env!("CARGO_BIN_EXE_imgsvc-server"));
+    let path = dir.path().join("imgsvc.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    // verify exits 0 on unknown keys and bad values too: it must say nothing.
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+// ------------------------------------------------------------- kubernetes
+
+fn manifests() -> Vec<(String, Value)> {
+    let mut docs = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for file in files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            docs.push((file.file_name().unwrap().to_string_lossy().into_owned(), value));
+        }
+    }
+    docs
+}
+
+use serde::Deserialize;
+
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, key| match key.parse::<usize>() {
+        Ok(i) => &v[i],
+        Err(_) => &v[key],
+    })
+}
+
+fn str_at<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path).as_str().unwrap_or_else(|| panic!("{path} is not a string: {:?}", get(v, path)))
+}
+
+fn one_of_kind<'a>(docs: &'a [(String, Value)], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = docs.iter().filter(|(_, d)| d["kind"] == kind).map(|(_, d)| d).collect();
+    assert_eq!(found.len(), 1, "exactly one {kind}");
+    found[0]
+}
+
+#[test]
+fn kubernetes_manifests_have_the_required_fields_and_agree_with_each_other() {
+    let docs = manifests();
+    for (file, doc) in &docs {
+        for key in ["apiVersion", "kind"] {
+            assert!(doc[key].is_string(), "{file}: {key}");
+        }
+        assert!(get(doc, "metadata.name").is_string(), "{file}: metadata.name");
+    }
+
+    // The config the pods run is a valid config, pointing into the mounts.
+    let config_map = one_of_kind(&docs, "ConfigMap");
+    let toml = config_map["data"]["imgsvc.toml"].as_str().expect("data.\"imgsvc.toml\"");
+    let settings = Settings::load_with_env(&ConfigSource::Inline { name: "configmap.yaml".into(), toml: toml.into() }, [])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!settings.tls.dev_auto_certs);
+
+    let deployment = one_of_kind(&docs, "Deployment");
+    let pod = get(deployment, "spec.template.spec");
+    let pod_labels = get(deployment, "spec.template.metadata.labels");
+    assert_eq!(get(deployment, "spec.selector.matchLabels"), pod_labels);
+    assert_eq!(get(pod, "securityContext.runAsNonRoot"), &Value::Bool(true));
+    let containers = get(pod, "containers").as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(get(c, "securityContext.readOnlyRootFilesystem"), &Value::Bool(true));
+    assert_eq!(get(c, "securityContext.allowPrivilegeEscalation"), &Value::Bool(false));
+    assert_eq!(get(c, "securityContext.capabilities.drop.0"), "ALL");
+    for path in ["resources.requests.cpu", "resources.requests.memory", "resources.limits.cpu", "resources.limits.memory"] {
+        assert!(!get(c, path).is_null(), "container {path}");
+    }
+    let port = |name: &str| -> u64 {
+        let ports = get(c, "ports").as_sequence().unwrap();
+        let p = ports.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no port named {name}"));
+        p["containerPort"].as_u64().unwrap()
+    };
+    assert_eq!(port("grpc"), u64::from(settings.port));
+    assert_eq!(Some(port("admin")), settings.admin.listen.map(|a| u64::from(a.port())));
+    // Probes on the admin port, never the mTLS one.
+    for (probe, path) in [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(str_at(c, &format!("{probe}.httpGet.path")), path, "{probe}");
+        assert_eq!(str_at(c, &format!("{probe}.httpGet.port")), "admin", "{probe}");
+    }
+    // The drain fits in the grace period, after the preStop pause.
+    let grace = get(pod, "terminationGracePeriodSeconds").as_u64().unwrap();
+    let pause = get(c, "lifecycle.preStop.sleep.seconds").as_u64().unwrap();
+    assert!(settings.drain_timeout.as_secs() + pause < grace, "drain {:?} + preStop {pause}s < grace {grace}s", settings.drain_timeout);
+
+    // Config from the ConfigMap, certificates from the Secret, both read-only,
+    // and the config's paths inside their mounts.
+    let volumes = get(pod, "volumes").as_sequence().unwrap();
+    let mounts = get(c, "volumeMounts").as_sequence().unwrap();
+    let mount_of = |volume: &Value| -> &str {
+        let name = &volume["name"];
+        let m = mounts.iter().find(|m| &m["name"] == name).unwrap_or_else(|| panic!("volume {name:?} is not mounted"));
+        assert_eq!(m["readOnly"], Value::Bool(true), "{name:?}");
+        m["mountPath"].as_str().unwrap()
+    };
+    let secret_volume = volumes.iter().find(|v| !v["secret"].is_null()).expect("a Secret volume");
+    let secret = one_of_kind(&docs, "Secret");
+    assert_eq!(get(secret_volume, "secret.secretName"), get(secret, "metadata.name"));
+    let tls_dir = Path::new(mount_of(secret_volume));
+    for path in [&settings.tls.cert, &settings.tls.key, &settings.tls.client_ca] {
+        assert_eq!(path.parent(), Some(tls_dir), "{}", path.display());
+        let key = path.file_name().unwrap().to_str().unwrap();
+        assert!(!secret["stringData"][key].is_null(), "the Secret has no {key}");
+    }
+    let config_volume = volumes.iter().find(|v| !v["configMap"].is_null()).expect("a ConfigMap volume");
+    assert_eq!(get(config_volume, "configMap.name"), get(config_map, "metadata.name"));
+    let args: Vec<&str> = get(c, "args").as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args, ["--config", &format!("{}/imgsvc.toml", mount_of(config_volume))]);
+
+    // A ClusterIP Service and a headless one, both selecting the pods' gRPC port.
+    let services: Vec<&Value> = docs.iter().filter(|(_, d)| d["kind"] == "Service").map(|(_, d)| d).collect();
+    assert_eq!(services.len(), 2);
+    assert!(services.iter().any(|s| get(s, "spec.clusterIP") == "None"), "a headless Service");
+    assert!(services.iter().any(|s| get(s, "spec.type") == "ClusterIP"), "a ClusterIP Service");
+    for s in &services {
+        assert_eq!(get(s, "spec.selector"), pod_labels);
+        assert_eq!(get(s, "spec.ports.0.targetPort"), "grpc");
+    }
+
+    let replicas = get(deployment, "spec.replicas").as_u64().unwrap();
+    let pdb = one_of_kind(&docs, "PodDisruptionBudget");
+    assert_eq!(get(pdb, "spec.selector.matchLabels"), pod_labels);
+    assert!(get(pdb, "spec.minAvailable").as_u64().unwrap() < replicas);
+    let hpa = one_of_kind(&docs, "HorizontalPodAutoscaler");
+    assert_eq!(get(hpa, "spec.scaleTargetRef.kind"), "Deployment");
+    assert_eq!(get(hpa, "spec.scaleTargetRef.name"), get(deployment, "metadata.name"));
+    let (min, max) = (get(hpa, "spec.minReplicas").as_u64().unwrap(), get(hpa, "spec.maxReplicas").as_u64().unwrap());
+    assert!(min <= replicas && replicas <= max && min > get(pdb, "spec.minAvailable").as_u64().unwrap());
+}
+
+/// `kubernetes-validate` (PyPI; schemas bundled, works offline), installed
+/// with pip when missing. Run as `python3 -m kubernetes_validate`, so it
+/// does not depend on where pip puts scripts.
+fn kubernetes_validate() -> Option<Command> {
+    let tool = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "kubernetes_validate"]);
+        cmd
+    };
+    let runs = || tool().arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if runs() {
+        return Some(tool());
+    }
+    match Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]).status() {
+        Ok(status) if status.success() && runs() => Some(tool()),
+        Ok(status) => panic!("pip install kubernetes-validate failed ({status}), or the module does not run after it"),
+        Err(e) => {
+            eprintln!("SKIPPED: python3 is not available to install kubernetes-validate ({e}); manifests were only parsed");
+            None
+        }
+    }
+}
+
+#[test]
+fn kubernetes_manifests_pass_schema_validation() {
+    let Some(mut tool) = kubernetes_validate() else { return };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.retain(|f| f.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    let out = tool.args(["--strict", "--kubernetes-version", "1.33.0"]).args(&files).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 7, "{said}");
+}

@@ -1,0 +1,141 @@
+//! `/metrics` on the admin listener: requests counted under their tenant,
+//! method and status code, with latency, bytes and pixels; refused TLS
+//! handshakes by reason; the build version.
+//!
+//! The recorder is process-wide and tests run in parallel, so every test
+//! uses tenants of its own and the handshake counters are touched by one
+//! test only.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+
+const MEAN: &str = "NLImageService/MeanFilter";
+
+fn scrape(server: &TestServer) -> String {
+    let (status, body) = http_get(server.admin_addr.expect("admin listener"), "/metrics");
+    assert_eq!(status, 200);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_counted_under_its_tenant_method_and_status() {
+    let pki = Pki::new(&["metrics-alpha"]);
+    let server = TestServer::start(&pki);
+    let mut client = NlImageServiceClient::new(channel(&server, &pki, "metrics-alpha").await);
+    let image = NlImage { color: true, width: 4, height: 3, data: Bytes::from(vec![7u8; 36]) };
+    client.mean_filter(image).await.unwrap();
+    let bad = NlImage { color: true, width: 4, height: 3, data: Bytes::from(vec![7u8; 35]) };
+    assert_eq!(client.mean_filter(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    let text = scrape(&server);
+    let t = ("tenant", "metrics-alpha");
+    let m = ("method", MEAN);
+    assert_eq!(metric(&text, "imgsvc_requests_total", &[t, m, ("code", "OK")]), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "imgsvc_requests_total", &[t, m, ("code", "INVALID_ARGUMENT")]), Some(1.0));
+    assert_eq!(metric(&text, "imgsvc_request_duration_seconds_count", &[t, m, ("code", "OK")]), Some(1.0));
+    assert_eq!(metric(&text, "imgsvc_request_duration_seconds_bucket", &[t, m, ("code", "OK"), ("le", "+Inf")]), Some(1.0));
+    assert_eq!(metric(&text, "imgsvc_pixels_processed_total", &[t, m]), Some(12.0));
+    assert_eq!(metric(&text, "imgsvc_request_bytes_total", &[t, m]), Some(36.0));
+    assert_eq!(metric(&text, "imgsvc_response_bytes_total", &[t, m]), Some(36.0));
+    assert_eq!(metric(&text, "imgsvc_in_flight_requests", &[t, m]), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_counted_apart() {
+    let pki = Pki::new(&["metrics-one", "metrics-two"]);
+    let server = TestServer::start(&pki);
+    for (tenant, calls) in [("metrics-one", 3), ("metrics-two", 2)] {
+        let mut client = NlImageServiceClient::new(channel(&server, &pki, tenant).await);
+        for _ in 0..calls {
+            let image = NlImage { color: false, width: 2, height: 2, data: Bytes::from(vec![1u8; 4]) };
+            client.rotate_image(imgsvc::proto::nlimage::NlImageRotateRequest { rotation: 1, image: Some(image) }).await.unwrap();
+        }
+    }
+    let text = scrape(&server);
+    for (tenant, calls) in [("metrics-one", 3.0), ("metrics-two", 2.0)] {
+        let labels = [("tenant", tenant), ("method", "NLImageService/RotateImage"), ("code", "OK")];
+        assert_eq!(metric(&text, "imgsvc_requests_total", &labels), Some(calls), "{tenant}");
+    }
+}
+
+#[test]
+fn the_build_version_is_published() {
+    let pki = Pki::new(&["metrics-build"]);
+    let server = TestServer::start(&pki);
+    let text = scrape(&server);
+    assert_eq!(metric(&text, "imgsvc_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert!(text.contains("# TYPE imgsvc_build_info gauge"), "{text}");
+}
+
+/// Polls `/metrics` (bounded) until `name{labels}` reaches `want`: the server
+/// counts a refused handshake on its own task, after the client saw it.
+fn wait_for_metric(server: &TestServer, name: &str, labels: &[(&str, &str)], want: f64) -> Option<f64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = metric(&scrape(server), name, labels);
+        if seen == Some(want) || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tls_handshakes_are_counted_by_reason() {
+    let pki = Pki::new(&["metrics-tls"]);
+    let other = Pki::new(&["metrics-tls"]);
+    let server = TestServer::start(&pki);
+    let before = |reason: &str| metric(&scrape(&server), "imgsvc_tls_handshake_failures_total", &[("reason", reason)]).unwrap_or(0.0);
+    let (unknown_ca, no_cert) = (before("unknown_ca"), before("no_client_certificate"));
+
+    // A client certificate from another CA, from a client that trusts the
+    // server (tests/mtls.rs asserts what the client sees; here only the
+    // server's count matters).
+    let (_, cert, key) = other.client_files("metrics-tls");
+    let foreign = imgsvc::tls::ClientCredentials::from_files(&pki.paths().ca_cert(), &cert, &key).unwrap();
+    if let Ok(channel) = imgsvc::client::connect(&target(server.port()), &foreign).await {
+        let call = NlImageServiceClient::new(channel)
+            .mean_filter(NlImage { color: false, width: 1, height: 1, data: Bytes::from_static(&[1]) })
+            .await;
+        assert_eq!(call.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unknown));
+    }
+
+    // No client certificate at all.
+    let err = read_error_without_client_certificate(server.addr, &pki).await;
+    assert!(err.to_string().contains("CertificateRequired"), "{err}");
+
+    let server = tokio::task::spawn_blocking(move || {
+        let labels = [("reason", "unknown_ca")];
+        assert_eq!(wait_for_metric(&server, "imgsvc_tls_handshake_failures_total", &labels, unknown_ca + 1.0), Some(unknown_ca + 1.0));
+        let labels = [("reason", "no_client_certificate")];
+        assert_eq!(wait_for_metric(&server, "imgsvc_tls_handshake_failures_total", &labels, no_cert + 1.0), Some(no_cert + 1.0));
+        server
+    })
+    .await
+    .unwrap();
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_tenant_is_counted_as_unauthenticated() {
+    let pki = Pki::new(&["metrics-none"]);
+    let server = TestServer::start(&pki);
+    let before = metric(&scrape(&server), "imgsvc_unauthenticated_requests_total", &[]).unwrap_or(0.0);
+    let (cert, key) = pki.sign_custom("no-tenant", vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let creds = imgsvc::tls::ClientCredentials::from_files(&pki.paths().ca_cert(), &cert, &key).unwrap();
+    let channel = imgsvc::client::connect(&target(server.port()), &creds).await.unwrap();
+    let status = NlImageServiceClient::new(channel)
+        .mean_filter(NlImage { color: false, width: 1, height: 1, data: Bytes::from_static(&[1]) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // Other tests of this binary never send a tenant-less request.
+    assert_eq!(metric(&scrape(&server), "imgsvc_unauthenticated_requests_total", &[]), Some(before + 1.0));
+}
