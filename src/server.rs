@@ -26,6 +26,7 @@ use tokio::{
 };
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
 use crate::{
@@ -263,13 +264,14 @@ impl Server {
             addrs.join(", "),
         );
 
-        let (conn_tx, conn_rx) = mpsc::channel::<TlsStream<TcpStream>>(64);
+        let (conn_tx, conn_rx) = mpsc::channel::<LingeringStream>(64);
+        let lingering = TaskTracker::new();
         let mut accept_tasks = JoinSet::new();
         if let Some(listener) = admin {
             accept_tasks.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
         }
         for listener in listeners {
-            accept_tasks.spawn(accept_loop(listener, tls_config.subscribe(), settings.tls.handshake_timeout, conn_tx.clone()));
+            accept_tasks.spawn(accept_loop(listener, tls_config.subscribe(), settings.tls.handshake_timeout, conn_tx.clone(), lingering.clone()));
         }
         drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
@@ -323,6 +325,10 @@ impl Server {
             }
         };
         accept_tasks.shutdown().await;
+        // Let connections closed during the drain finish their lingering
+        // close, so the last responses reach the clients intact.
+        lingering.close();
+        let _ = tokio::time::timeout(LINGER + Duration::from_millis(500), lingering.wait()).await;
         if result.is_ok() {
             tracing::info!("shutdown complete");
         }
@@ -389,6 +395,84 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     changed
 }
 
+/// How long a closed connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A client connection that closes gracefully. When the server is done
+/// with it (after the last response of a drained connection, say), closing
+/// the socket at once while the client is still sending — flow-control
+/// updates for that last response, typically — makes the kernel answer with
+/// a reset, and the client's kernel then discards the response bytes it has
+/// not read yet. So on drop the connection half-closes (FIN after all data)
+/// and keeps reading, for at most [`LINGER`], until the client closes too.
+pub struct LingeringStream {
+    inner: Option<TlsStream<TcpStream>>,
+    lingering: TaskTracker,
+}
+
+impl LingeringStream {
+    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<TcpStream>> {
+        std::pin::Pin::new(self.get_mut().inner.as_mut().expect("present until drop"))
+    }
+}
+
+impl Drop for LingeringStream {
+    fn drop(&mut self) {
+        let (Some(stream), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) else { return };
+        self.lingering.spawn_on(
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut tcp, _) = stream.into_inner();
+                if tcp.shutdown().await.is_err() {
+                    return;
+                }
+                let mut sink = [0u8; 8192];
+                let _ = tokio::time::timeout(LINGER, async {
+                    while let Ok(n) = tcp.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            },
+            &runtime,
+        );
+    }
+}
+
+impl tokio::io::AsyncRead for LingeringStream {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LingeringStream {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+    fn poll_write_vectored(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+}
+
+impl tonic::transport::server::Connected for LingeringStream {
+    // The TLS stream's own info, so `Request::peer_certs()` keeps working.
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.as_ref().expect("present until drop").connect_info()
+    }
+}
+
 /// tonic answers a request over the decode limit with OUT_OF_RANGE; a
 /// message over a configured limit is RESOURCE_EXHAUSTED in gRPC's own
 /// implementations and in our error contract. Such refusals are
@@ -412,7 +496,8 @@ async fn accept_loop(
     listener: TcpListener,
     tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
-    connections: mpsc::Sender<TlsStream<TcpStream>>,
+    connections: mpsc::Sender<LingeringStream>,
+    lingering: TaskTracker,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
@@ -434,12 +519,12 @@ async fn accept_loop(
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
         let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
-        let connections = connections.clone();
+        let (connections, lingering) = (connections.clone(), lingering.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let _ = connections.send(stream).await;
+                    let _ = connections.send(LingeringStream { inner: Some(stream), lingering }).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);
