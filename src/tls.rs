@@ -144,17 +144,24 @@ impl std::fmt::Debug for ClientCredentials {
 }
 
 impl ClientCredentials {
-    /// Reads and checks the three PEM files.
+    /// Reads the three PEM files once each and checks that they parse.
     pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        read_certs("CA certificate", ca)?;
-        read_certs("client certificate", cert)?;
-        read_key("client key", key)?;
-        // Parsed above: keep the text for tonic, which takes PEM.
-        Ok(Self {
+        let creds = Self {
             ca_pem: read_file("CA certificate", ca)?,
             cert_pem: read_file("client certificate", cert)?,
             key_pem: read_file("client key", key)?,
-        })
+        };
+        let pem_err = |what, path: &Path, expected, reason: String| TlsError::Pem { what, path: path.into(), expected, reason };
+        for (what, path, pem) in [("CA certificate", ca, &creds.ca_pem), ("client certificate", cert, &creds.cert_pem)] {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(what, path, "CERTIFICATE", e.to_string()))?;
+            if certs.is_empty() {
+                return Err(pem_err(what, path, "CERTIFICATE", "no CERTIFICATE block found".into()));
+            }
+        }
+        PrivateKeyDer::from_pem_slice(&creds.key_pem).map_err(|e| pem_err("client key", key, "PRIVATE KEY", e.to_string()))?;
+        Ok(creds)
     }
 
     /// A rustls client config: trusts only the given CA, presents the

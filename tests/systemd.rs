@@ -95,3 +95,41 @@ fn check_config_sends_no_notification() {
     let mut buf = [0u8; 256];
     assert_eq!(socket.recv(&mut buf).map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
 }
+
+#[test]
+fn sighup_reload_is_bracketed_by_reloading_then_ready_even_when_it_fails() {
+    let pki = Pki::new(&["alpha"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_server_config(dir.path(), &pki, "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+        .args(["--config", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env_remove("WATCHDOG_USEC")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    receive_until(&socket, |m| has_line(m, "READY=1"));
+    let hup = || Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+
+    // A good reload.
+    hup();
+    let (reloading, _) = receive_until(&socket, |m| has_line(m, "RELOADING=1"));
+    // systemd needs the monotonic time of the reload with RELOADING=1.
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading}");
+    let (ready, before) = receive_until(&socket, |m| has_line(m, "READY=1"));
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=serving gRPC")), "{ready}");
+    assert!(before.iter().all(|m| !has_line(m, "STOPPING=1")), "{before:?}");
+
+    // A failing reload still ends in READY=1: the old config keeps serving.
+    std::fs::write(&cfg, "[server]\nno_such_key = 1\n").unwrap();
+    hup();
+    receive_until(&socket, |m| has_line(m, "RELOADING=1"));
+    receive_until(&socket, |m| has_line(m, "READY=1"));
+
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    receive_until(&socket, |m| has_line(m, "STOPPING=1"));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
