@@ -119,11 +119,23 @@ pub struct RawServer {
     pub worker_threads: usize,
     pub drain_timeout_secs: u64,
     pub compress_responses: bool,
+    pub http2_keepalive_interval_secs: u64,
+    pub http2_keepalive_timeout_secs: u64,
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for RawServer {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 50051, worker_threads: 0, drain_timeout_secs: 30, compress_responses: false }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 50051,
+            worker_threads: 0,
+            drain_timeout_secs: 30,
+            compress_responses: false,
+            http2_keepalive_interval_secs: 60,
+            http2_keepalive_timeout_secs: 20,
+            max_concurrent_streams: 256,
+        }
     }
 }
 
@@ -222,6 +234,12 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Compress responses (gzip/zstd) for clients that accept it.
     pub compress_responses: bool,
+    /// HTTP/2 PING interval on idle connections; `None`: no pings.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Concurrent streams (calls) per connection.
+    pub max_concurrent_streams: u32,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -291,6 +309,15 @@ impl Settings {
         if raw.server.worker_threads > 1024 {
             return Err(invalid("server.worker_threads", format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.worker_threads)));
         }
+        if raw.server.http2_keepalive_interval_secs > 86_400 {
+            return Err(invalid("server.http2_keepalive_interval_secs", format!("{} is out of range 0..=86400 (0 = no pings)", raw.server.http2_keepalive_interval_secs)));
+        }
+        if !(1..=3600).contains(&raw.server.http2_keepalive_timeout_secs) {
+            return Err(invalid("server.http2_keepalive_timeout_secs", format!("{} is out of range 1..=3600", raw.server.http2_keepalive_timeout_secs)));
+        }
+        if !(1..=100_000).contains(&raw.server.max_concurrent_streams) {
+            return Err(invalid("server.max_concurrent_streams", format!("{} is out of range 1..=100000", raw.server.max_concurrent_streams)));
+        }
         let worker_threads = match raw.server.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -349,6 +376,10 @@ impl Settings {
             worker_threads,
             drain_timeout: Duration::from_secs(raw.server.drain_timeout_secs),
             compress_responses: raw.server.compress_responses,
+            http2_keepalive_interval: (raw.server.http2_keepalive_interval_secs > 0)
+                .then(|| Duration::from_secs(raw.server.http2_keepalive_interval_secs)),
+            http2_keepalive_timeout: Duration::from_secs(raw.server.http2_keepalive_timeout_secs),
+            max_concurrent_streams: raw.server.max_concurrent_streams,
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
@@ -659,6 +690,16 @@ mod tests {
     fn unknown_tenants_switch_serves_them_with_the_defaults() {
         let s = load(&format!("{MINIMAL}\n[tenancy]\nunknown_tenants = \"defaults\"\n"), &[]).unwrap();
         assert_eq!(s.tenancy.policy(&TenantId::parse("anyone").unwrap()), Some(&s.tenancy.defaults));
+    }
+
+    #[test]
+    fn http2_settings_have_defaults_and_ranges() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!((s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams), (Some(Duration::from_secs(60)), Duration::from_secs(20), 256));
+        let s = load(&format!("{MINIMAL}\n[server]\nhttp2_keepalive_interval_secs = 0\n"), &[]).unwrap();
+        assert_eq!(s.http2_keepalive_interval, None);
+        let err = load(&format!("{MINIMAL}\n[server]\nmax_concurrent_streams = 0\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("server.max_concurrent_streams") && err.contains("1..=100000"), "{err}");
     }
 
     #[test]

@@ -295,8 +295,9 @@ impl Server {
 
         let router = tonic::transport::Server::builder()
             .trace_fn(telemetry::traceparent::request_span)
-            .http2_keepalive_interval(Some(Duration::from_secs(60)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_keepalive_interval(settings.http2_keepalive_interval)
+            .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
@@ -387,6 +388,9 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.worker_threads", old.worker_threads != new.worker_threads);
     check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
     check("server.compress_responses", old.compress_responses != new.compress_responses);
+    check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
+    check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
+    check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
