@@ -36,22 +36,30 @@ fn has_line(msg: &str, line: &str) -> bool {
     msg.lines().any(|l| l == line)
 }
 
+/// Starts the daemon on `cfg` with `NOTIFY_SOCKET` set to a fresh socket in
+/// `dir`, and `WATCHDOG_USEC` if given. Returns the child and the socket.
+fn spawn_notifying(cfg: &std::path::Path, dir: &std::path::Path, watchdog_usec: Option<&str>) -> (std::process::Child, UnixDatagram) {
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"));
+    cmd.args(["--config", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("WATCHDOG_USEC")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null());
+    if let Some(usec) = watchdog_usec {
+        cmd.env("WATCHDOG_USEC", usec);
+    }
+    (cmd.spawn().unwrap(), socket)
+}
+
 #[test]
 fn notifies_ready_after_the_port_accepts_watchdog_pings_and_stopping_on_sigterm() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_server_config(dir.path(), &pki, "");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env_remove("WATCHDOG_PID")
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, socket) = spawn_notifying(&cfg, dir.path(), Some("400000"));
 
     let (ready, before) = receive_until(&socket, |m| has_line(m, "READY=1"));
     assert!(before.iter().all(|m| !has_line(m, "STOPPING=1")), "{before:?}");
@@ -101,16 +109,7 @@ fn sighup_reload_is_bracketed_by_reloading_then_ready_even_when_it_fails() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_server_config(dir.path(), &pki, "");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env_remove("WATCHDOG_USEC")
-        .env("NOTIFY_SOCKET", &socket_path)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, socket) = spawn_notifying(&cfg, dir.path(), None);
     receive_until(&socket, |m| has_line(m, "READY=1"));
     let hup = || Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
 
