@@ -170,35 +170,29 @@ fn dims() -> impl Strategy<Value = (usize, usize, usize)> {
     ]
 }
 
+/// Every kernel form and CPU path equals the reference for `src`.
+fn matches_reference<T: Sample>(src: Vec<T>, l: Layout, t: QuarterTurns) -> Result<(), TestCaseError> {
+    let (want_r, want_m) = (reference::rotate(&src, l, t), reference::mean_filter(&src, l));
+    prop_assert!(rotate(&src, l, t).unwrap() == want_r);
+    prop_assert!(mean_filter(&src, l).unwrap() == want_m);
+    for path in available_paths() {
+        prop_assert!(rotate_on(path, &src, l, t) == want_r, "{:?}", path);
+        prop_assert!(mean_on(path, &src, l) == want_m, "{:?}", path);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn prop_u8_matches_reference((w, h, c) in dims(), seed in any::<u64>(), t in 0i64..4) {
-        let l = layout(w, h, c);
-        let src: Vec<u8> = noise(l.samples(), seed);
-        let t = QuarterTurns::from_count(t);
-        let (want_r, want_m) = (reference::rotate(&src, l, t), reference::mean_filter(&src, l));
-        prop_assert!(rotate(&src, l, t).unwrap() == want_r);
-        prop_assert!(mean_filter(&src, l).unwrap() == want_m);
-        for path in available_paths() {
-            prop_assert!(rotate_on(path, &src, l, t) == want_r, "{:?}", path);
-            prop_assert!(mean_on(path, &src, l) == want_m, "{:?}", path);
-        }
+        matches_reference(noise::<u8>(layout(w, h, c).samples(), seed), layout(w, h, c), QuarterTurns::from_count(t))?;
     }
 
     #[test]
     fn prop_u16_matches_reference((w, h, c) in dims(), seed in any::<u64>(), t in 0i64..4) {
-        let l = layout(w, h, c);
-        let src: Vec<u16> = noise(l.samples(), seed);
-        let t = QuarterTurns::from_count(t);
-        let (want_r, want_m) = (reference::rotate(&src, l, t), reference::mean_filter(&src, l));
-        prop_assert!(rotate(&src, l, t).unwrap() == want_r);
-        prop_assert!(mean_filter(&src, l).unwrap() == want_m);
-        for path in available_paths() {
-            prop_assert!(rotate_on(path, &src, l, t) == want_r, "{:?}", path);
-            prop_assert!(mean_on(path, &src, l) == want_m, "{:?}", path);
-        }
+        matches_reference(noise::<u16>(layout(w, h, c).samples(), seed), layout(w, h, c), QuarterTurns::from_count(t))?;
     }
 
     #[test]
