@@ -49,8 +49,14 @@ fn main() {
     let threads = settings.worker_threads;
     imgsvc::telemetry::init(&settings.log);
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    rt.block_on(async move {
+    // Server, light client and heavy client each get their own runtime, as
+    // separate processes would: the flood's client-side encoding and TLS
+    // must not delay the light client's tasks in a shared run queue.
+    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let light_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let heavy_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+
+    let (port, stop, serving) = server_rt.block_on(async {
         let server = Server::new(settings).unwrap();
         let listeners = bind("127.0.0.1", 0).await.unwrap();
         let port = listeners[0].local_addr().unwrap().port();
@@ -58,55 +64,58 @@ fn main() {
         let serving = tokio::spawn(server.serve(listeners, async move {
             let _ = stopped.await;
         }));
-        let target = Target {
-            host: "127.0.0.1".into(),
-            port,
-            server_name: Some("localhost".into()),
-            connect_timeout: Duration::from_secs(10),
-            timeout: Duration::from_secs(120),
-        };
-        let creds = |t: &str| {
-            let id = TenantId::parse(t).unwrap();
-            ClientCredentials::from_files(&paths.ca_cert(), &paths.client_cert(&id), &paths.client_key(&id)).unwrap()
-        };
-        let light_channel = connect(&target, &creds("light")).await.unwrap();
-        let heavy_channel = connect(&target, &creds("heavy")).await.unwrap();
-        let light = BenchConfig {
-            op: BenchOp::Mean,
-            width: 256,
-            height: 256,
-            format: BenchFormat::Rgb8,
-            concurrency: 2,
-            stop: StopAfter::Duration(Duration::from_secs(seconds)),
-            api: BenchApi::V1,
-        };
-        let heavy = BenchConfig {
-            width: 3840,
-            height: 2160,
-            concurrency: flood_concurrency,
-            stop: StopAfter::Duration(Duration::from_secs(seconds)),
-            ..light.clone()
-        };
-        // Warm up connections and kernels.
-        loadgen::run(light_channel.clone(), &BenchConfig { stop: StopAfter::Requests(50), ..light.clone() }).await;
-
-        let alone = loadgen::run(light_channel.clone(), &light).await;
-        let flood_task = tokio::spawn({
-            let (ch, cfg) = (heavy_channel.clone(), heavy.clone());
-            async move { loadgen::run(ch, &cfg).await }
-        });
-        let under_flood = loadgen::run(light_channel, &light).await;
-        let flood = flood_task.await.unwrap();
-
-        println!("tenant fairness, {threads} worker threads, {seconds} s per phase, mutual TLS on 127.0.0.1");
-        println!("| phase | tenant | requests | req/s | p50 ms | p99 ms | errors |");
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
-        for (phase, tenant, r) in [("alone", "light 256x256", &alone), ("flood", "light 256x256", &under_flood), ("flood", &*format!("heavy 3840x2160 x{flood_concurrency}"), &flood)] {
-            println!("| {phase} | {tenant} | {} | {:.1} | {:.2} | {:.2} | {} |", r.ok, r.requests_per_s, r.p50_ms, r.p99_ms, r.error_count());
-        }
-        let ratio = under_flood.p99_ms / alone.p99_ms.max(1e-9);
-        println!("light p99 under flood / alone = {ratio:.2} (goal <= 3)");
-        let _ = stop.send(());
-        let _ = serving.await;
+        (port, stop, serving)
     });
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port,
+        server_name: Some("localhost".into()),
+        connect_timeout: Duration::from_secs(10),
+        timeout: Duration::from_secs(120),
+    };
+    let creds = |t: &str| {
+        let id = TenantId::parse(t).unwrap();
+        ClientCredentials::from_files(&paths.ca_cert(), &paths.client_cert(&id), &paths.client_key(&id)).unwrap()
+    };
+    let light = BenchConfig {
+        op: BenchOp::Mean,
+        width: 256,
+        height: 256,
+        format: BenchFormat::Rgb8,
+        concurrency: 2,
+        stop: StopAfter::Duration(Duration::from_secs(seconds)),
+        api: BenchApi::V1,
+    };
+    let heavy = BenchConfig {
+        width: 3840,
+        height: 2160,
+        concurrency: flood_concurrency,
+        stop: StopAfter::Duration(Duration::from_secs(seconds)),
+        ..light.clone()
+    };
+    let light_channel = light_rt.block_on(connect(&target, &creds("light"))).unwrap();
+    // Warm up the connection and kernels.
+    light_rt.block_on(loadgen::run(light_channel.clone(), &BenchConfig { stop: StopAfter::Requests(50), ..light.clone() }));
+    let alone = light_rt.block_on(loadgen::run(light_channel.clone(), &light));
+
+    let flood_task = heavy_rt.spawn({
+        let (target, creds, cfg) = (target.clone(), creds("heavy"), heavy.clone());
+        async move {
+            let channel = connect(&target, &creds).await.unwrap();
+            loadgen::run(channel, &cfg).await
+        }
+    });
+    let under_flood = light_rt.block_on(loadgen::run(light_channel, &light));
+    let flood = heavy_rt.block_on(flood_task).unwrap();
+
+    println!("tenant fairness, {threads} worker threads, {seconds} s per phase, mutual TLS on 127.0.0.1");
+    println!("| phase | tenant | requests | req/s | p50 ms | p99 ms | errors |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (phase, tenant, r) in [("alone", "light 256x256", &alone), ("flood", "light 256x256", &under_flood), ("flood", &*format!("heavy 3840x2160 x{flood_concurrency}"), &flood)] {
+        println!("| {phase} | {tenant} | {} | {:.1} | {:.2} | {:.2} | {} |", r.ok, r.requests_per_s, r.p50_ms, r.p99_ms, r.error_count());
+    }
+    let ratio = under_flood.p99_ms / alone.p99_ms.max(1e-9);
+    println!("light p99 under flood / alone = {ratio:.2} (goal <= 3)");
+    let _ = stop.send(());
+    let _ = server_rt.block_on(serving);
 }

@@ -122,6 +122,7 @@ pub struct RawServer {
     pub http2_keepalive_interval_secs: u64,
     pub http2_keepalive_timeout_secs: u64,
     pub max_concurrent_streams: u32,
+    pub worker_nice: i32,
 }
 
 impl Default for RawServer {
@@ -135,6 +136,7 @@ impl Default for RawServer {
             http2_keepalive_interval_secs: 60,
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
+            worker_nice: 5,
         }
     }
 }
@@ -172,6 +174,7 @@ pub struct RawLimits {
     pub max_message_bytes: usize,
     pub max_operations: usize,
     pub max_queued_jobs: usize,
+    pub inline_max_pixels: u64,
 }
 
 impl Default for RawLimits {
@@ -181,6 +184,7 @@ impl Default for RawLimits {
             max_message_bytes: 256 * 1024 * 1024,
             max_operations: 16,
             max_queued_jobs: 256,
+            inline_max_pixels: 1 << 16,
         }
     }
 }
@@ -240,6 +244,8 @@ pub struct Settings {
     pub http2_keepalive_timeout: Duration,
     /// Concurrent streams (calls) per connection.
     pub max_concurrent_streams: u32,
+    /// Nice value added to the worker threads (below the I/O threads).
+    pub worker_nice: i32,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -265,6 +271,9 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub max_operations: usize,
     pub max_queued_jobs: usize,
+    /// Images of at most this many pixels run on the connection's thread
+    /// (see [`crate::tenancy`]); 0 sends every image to the worker pool.
+    pub inline_max_pixels: u64,
     /// Largest data chunk a ProcessStream client may send.
     pub stream_max_chunk_bytes: usize,
     /// Size of the data chunks ProcessStream answers with.
@@ -318,6 +327,9 @@ impl Settings {
         if !(1..=100_000).contains(&raw.server.max_concurrent_streams) {
             return Err(invalid("server.max_concurrent_streams", format!("{} is out of range 1..=100000", raw.server.max_concurrent_streams)));
         }
+        if !(0..=19).contains(&raw.server.worker_nice) {
+            return Err(invalid("server.worker_nice", format!("{} is out of range 0..=19", raw.server.worker_nice)));
+        }
         let worker_threads = match raw.server.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -348,6 +360,9 @@ impl Settings {
         }
         if !(1..=1_000_000).contains(&l.max_queued_jobs) {
             return Err(invalid("limits.max_queued_jobs", format!("{} is out of range 1..=1000000", l.max_queued_jobs)));
+        }
+        if l.inline_max_pixels > 1 << 18 {
+            return Err(invalid("limits.inline_max_pixels", format!("{} is out of range 0..=262144", l.inline_max_pixels)));
         }
         // A chunk plus its framing must fit in one message.
         let max_chunk = l.max_message_bytes.saturating_sub(1024);
@@ -380,6 +395,7 @@ impl Settings {
                 .then(|| Duration::from_secs(raw.server.http2_keepalive_interval_secs)),
             http2_keepalive_timeout: Duration::from_secs(raw.server.http2_keepalive_timeout_secs),
             max_concurrent_streams: raw.server.max_concurrent_streams,
+            worker_nice: raw.server.worker_nice,
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
@@ -394,6 +410,7 @@ impl Settings {
                 max_message_bytes: l.max_message_bytes,
                 max_operations: l.max_operations,
                 max_queued_jobs: l.max_queued_jobs,
+                inline_max_pixels: l.inline_max_pixels,
                 stream_max_chunk_bytes,
                 stream_response_chunk_bytes,
             },

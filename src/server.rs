@@ -159,7 +159,7 @@ impl Server {
     pub fn new(settings: Settings) -> Result<Self, ServerError> {
         ensure_dev_certs(&settings.tls)?;
         let tls = ServerTls::load(&settings.tls)?;
-        let pool = WorkerPool::new(settings.worker_threads, settings.limits.max_queued_jobs)?;
+        let pool = WorkerPool::with_nice(settings.worker_threads, settings.limits.max_queued_jobs, settings.worker_nice)?;
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
         let metrics = telemetry::metrics::install();
@@ -391,6 +391,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
+    check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);

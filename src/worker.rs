@@ -43,9 +43,17 @@ impl std::fmt::Debug for WorkerPool {
 
 impl WorkerPool {
     pub fn new(threads: usize, max_queued: usize) -> Result<Self, WorkerError> {
+        Self::with_nice(threads, max_queued, 0)
+    }
+
+    /// A pool whose threads run `nice` steps below the calling thread's
+    /// priority, so that the I/O threads (accepting, TLS, small requests)
+    /// are scheduled ahead of long kernels when cores are scarce.
+    pub fn with_nice(threads: usize, max_queued: usize, nice: i32) -> Result<Self, WorkerError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("imgsvc-worker-{i}"))
+            .start_handler(move |_| lower_thread_priority(nice))
             .build()
             .map_err(|e| WorkerError::Start { threads, reason: e.to_string() })?;
         let capacity = threads + max_queued;
@@ -86,7 +94,26 @@ impl WorkerPool {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// Adds `nice` to the calling thread's nice value. Raising it needs no
+/// privilege; failure only costs latency, so it is logged, not fatal.
+#[cfg(target_os = "linux")]
+fn lower_thread_priority(nice: i32) {
+    use rustix::{process, thread};
+    if nice == 0 {
+        return;
+    }
+    // On Linux, PRIO_PROCESS with a thread id sets that one thread's value.
+    let tid = Some(thread::gettid());
+    let result = process::getpriority_process(tid).and_then(|current| process::setpriority_process(tid, (current + nice).min(19)));
+    if let Err(error) = result {
+        tracing::warn!(nice, %error, "cannot lower the worker thread's priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_thread_priority(_nice: i32) {}
+
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -143,5 +170,18 @@ mod tests {
         let err = pool.run(|| -> u8 { panic!("kernel bug") }).await.unwrap_err();
         assert_eq!(err, WorkerError::Panicked("kernel bug".into()));
         assert_eq!(pool.run(|| 5).await, Ok(5));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn worker_threads_run_below_the_callers_priority() {
+        fn own_nice() -> i32 {
+            rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+        }
+        let caller = own_nice();
+        let pool = WorkerPool::with_nice(1, 0, 3).unwrap();
+        assert_eq!(pool.run(own_nice).await, Ok((caller + 3).min(19)));
+        let plain = WorkerPool::new(1, 0).unwrap();
+        assert_eq!(plain.run(own_nice).await, Ok(caller));
     }
 }

@@ -150,7 +150,8 @@ impl Processor {
         // In flight: the input plus at most two buffers of the same size
         // (a step's output, and the previous step's while it is read).
         let live_buffers = 1 + pipeline.steps().len().min(2) as u64;
-        let cost = JobCost { pixels, bytes: image_bytes * live_buffers };
+        let work = pixels * pipeline.steps().len() as u64;
+        let cost = JobCost::kernels(work, image_bytes * live_buffers);
         let output = self.tenancy.run(admission, cost, move || pipeline.run(input)).await??;
         crate::telemetry::metrics::note_response(pixels, output.data().len());
         Ok(output)

@@ -152,14 +152,14 @@ impl ImageService for V1Service {
                         // The decoded size is unknown until the header is read
                         // (on the worker): the encoded size stands in for it.
                         let n = encoded.data.len() as u64;
-                        processor.run(&admission, JobCost { pixels: n, bytes: n }, move || codec::decode(&encoded)).await?
+                        processor.run(&admission, JobCost::estimated(n, n), move || codec::decode(&encoded)).await?
                     }
                     None => PixelBuffer::from_v1(req.image, admission.max_image_pixels)?,
                 };
                 let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
                 let image = match output {
                     Some(options) => {
-                        let cost = JobCost { pixels: out.layout().pixels() as u64, bytes: out.data().len() as u64 * 2 };
+                        let cost = JobCost::estimated(out.layout().pixels() as u64, out.data().len() as u64 * 2);
                         processor.run(&admission, cost, move || codec::encode(out, &options)).await?
                     }
                     None => out.into_v1(),

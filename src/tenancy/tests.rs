@@ -27,6 +27,7 @@ fn runtime(tenants: &[(&str, TenantPolicy)], budget: u64) -> RuntimePolicy {
             max_message_bytes: 1 << 20,
             max_operations: 16,
             max_queued_jobs: 100,
+            inline_max_pixels: 0,
             stream_max_chunk_bytes: 1 << 16,
             stream_response_chunk_bytes: 1 << 16,
         },
@@ -43,7 +44,7 @@ fn tenancy(tenants: &[(&str, TenantPolicy)], workers: usize, budget: u64) -> Ten
     Tenancy::new(runtime(tenants, budget), WorkerPool::new(workers, 100).unwrap())
 }
 
-const SMALL: JobCost = JobCost { pixels: 10, bytes: 10 };
+const SMALL: JobCost = JobCost::kernels(10, 10);
 
 /// Waits (bounded) until `cond` holds.
 async fn until(mut cond: impl FnMut() -> bool) {
@@ -174,7 +175,7 @@ async fn one_tenant_at_its_limit_does_not_block_another() {
 async fn memory_budget_refuses_what_can_never_fit_and_delays_what_cannot_fit_yet() {
     let ten = tenancy(&[("a", policy_with(4, 4))], 2, 1000);
     let adm = ten.admit(&t("a"), &[], 0).unwrap();
-    let err = ten.run(&adm, JobCost { pixels: 1, bytes: 1001 }, || ()).await.unwrap_err();
+    let err = ten.run(&adm, JobCost::kernels(1, 1001), || ()).await.unwrap_err();
     assert_eq!(
         err.to_string(),
         "image needs 1001 bytes in flight, over the server's memory budget of 1000 bytes (tenancy.memory_budget_bytes)"
@@ -182,13 +183,13 @@ async fn memory_budget_refuses_what_can_never_fit_and_delays_what_cannot_fit_yet
     let (job, release, started) = held_job();
     let big = tokio::spawn({
         let (ten, adm) = (ten.clone(), adm.clone());
-        async move { ten.run(&adm, JobCost { pixels: 1, bytes: 700 }, job).await }
+        async move { ten.run(&adm, JobCost::kernels(1, 700), job).await }
     });
     started.await.unwrap();
     // A worker is free, but 700 + 400 > 1000: it waits for the memory.
     let waiting = tokio::spawn({
         let (ten, adm) = (ten.clone(), adm.clone());
-        async move { ten.run(&adm, JobCost { pixels: 1, bytes: 400 }, || "ran").await }
+        async move { ten.run(&adm, JobCost::kernels(1, 400), || "ran").await }
     });
     until(|| ten.load(&t("a")).queued == 1).await;
     assert_eq!(ten.load(&t("a")).running, 1);
@@ -238,7 +239,7 @@ async fn queued_work_from_weights_1_and_3_is_served_1_to_3() {
     });
     started.await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
-    let cost = JobCost { pixels: scheduler::QUANTUM_PIXELS / 4, bytes: 1 };
+    let cost = JobCost::kernels(scheduler::QUANTUM_PIXELS / 4, 1);
     let mut calls = Vec::new();
     for i in 0..40 {
         for name in ["light", "heavy"] {
@@ -257,4 +258,100 @@ async fn queued_work_from_weights_1_and_3_is_served_1_to_3() {
     let first_32 = &order[..32];
     let heavy = first_32.iter().filter(|n| **n == "heavy").count();
     assert_eq!((32 - heavy, heavy), (8, 24), "{first_32:?}");
+}
+
+fn tenancy_inline(tenants: &[(&str, TenantPolicy)], workers: usize, budget: u64, inline_max_pixels: u64) -> Tenancy {
+    let mut policy = runtime(tenants, budget);
+    policy.limits.inline_max_pixels = inline_max_pixels;
+    Tenancy::new(policy, WorkerPool::new(workers, 100).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_images_run_inline_while_every_worker_is_busy() {
+    let ten = tenancy_inline(&[("heavy", policy_with(4, 4)), ("light", policy_with(1, 0))], 1, 1 << 20, 100);
+    let heavy = ten.admit(&t("heavy"), &[], 0).unwrap();
+    let (job, release, started) = held_job();
+    let held = tokio::spawn({
+        let (ten, adm) = (ten.clone(), heavy.clone());
+        async move { ten.run(&adm, JobCost::kernels(1000, 10), job).await }
+    });
+    started.await.unwrap();
+    // The only worker is held, and a second large job waits for it…
+    let queued = tokio::spawn({
+        let (ten, adm) = (ten.clone(), heavy.clone());
+        async move { ten.run(&adm, JobCost::kernels(1000, 10), || "large").await }
+    });
+    until(|| ten.load(&t("heavy")).queued == 1).await;
+    // …but an image at the inline limit runs at once, on this thread.
+    let light = ten.admit(&t("light"), &[], 0).unwrap();
+    let caller = std::thread::current().id();
+    let ran_on = ten.run(&light, JobCost::kernels(100, 10), move || std::thread::current().id()).await;
+    assert_eq!(ran_on, Ok(caller));
+    // One pixel more goes through the queue, behind the large job.
+    let over = tokio::spawn({
+        let (ten, adm) = (ten.clone(), light.clone());
+        async move { ten.run(&adm, JobCost::kernels(101, 10), || "over").await }
+    });
+    until(|| ten.load(&t("light")).queued == 1).await;
+    // So does codec work, whose cost is only an estimate, however small.
+    let codec = tokio::spawn({
+        let (ten, adm) = (ten.clone(), heavy.clone());
+        async move { ten.run(&adm, JobCost::estimated(1, 10), || "decoded").await }
+    });
+    until(|| ten.load(&t("heavy")).queued == 2).await;
+    release.send(()).unwrap();
+    held.await.unwrap().unwrap();
+    assert_eq!(queued.await.unwrap(), Ok("large"));
+    assert_eq!(over.await.unwrap(), Ok("over"));
+    assert_eq!(codec.await.unwrap(), Ok("decoded"));
+    assert_eq!(ten.load(&t("light")), TenantLoad::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_jobs_count_against_the_tenant_concurrency_and_memory_budget() {
+    let ten = tenancy_inline(&[("a", policy_with(1, 1))], 2, 1000, 100);
+    let adm = ten.admit(&t("a"), &[], 0).unwrap();
+    let tiny = JobCost::kernels(10, 10);
+    // An inline job that is running holds the tenant's only slot: the next
+    // tiny job queues instead of running beside it.
+    let (job, release, started) = held_job();
+    let first = tokio::task::spawn_blocking({
+        let (ten, adm) = (ten.clone(), adm.clone());
+        move || tokio::runtime::Handle::current().block_on(async move { ten.run(&adm, tiny, job).await })
+    });
+    started.await.unwrap();
+    assert_eq!(ten.load(&t("a")), TenantLoad { running: 1, queued: 0 });
+    let second = tokio::spawn({
+        let (ten, adm) = (ten.clone(), adm.clone());
+        async move { ten.run(&adm, tiny, || "second").await }
+    });
+    until(|| ten.load(&t("a")).queued == 1).await;
+    release.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    assert_eq!(second.await.unwrap(), Ok("second"));
+    // The memory budget applies too: a tiny image needing more than is left waits.
+    let (job, release, started) = held_job();
+    let big = tokio::spawn({
+        let (ten, adm) = (ten.clone(), adm.clone());
+        async move { ten.run(&adm, JobCost::kernels(1000, 995), job).await }
+    });
+    started.await.unwrap();
+    let starved = tokio::spawn({
+        let (ten, adm) = (ten.clone(), adm.clone());
+        async move { ten.run(&adm, tiny, || "after").await }
+    });
+    until(|| ten.load(&t("a")).queued == 1).await;
+    release.send(()).unwrap();
+    big.await.unwrap().unwrap();
+    assert_eq!(starved.await.unwrap(), Ok("after"));
+}
+
+#[tokio::test]
+async fn a_panicking_inline_job_is_reported_and_frees_its_slot() {
+    let ten = tenancy_inline(&[("a", policy_with(1, 0))], 1, 1 << 20, 100);
+    let adm = ten.admit(&t("a"), &[], 0).unwrap();
+    let err = ten.run(&adm, SMALL, || -> u8 { panic!("kernel bug") }).await.unwrap_err();
+    assert_eq!(err, TenancyError::Worker(WorkerError::Panicked("kernel bug".into())));
+    assert_eq!(ten.load(&t("a")), TenantLoad::default());
+    assert_eq!(ten.run(&adm, SMALL, || 5).await, Ok(5));
 }
