@@ -12,10 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Encoded descriptor set for the gRPC reflection service.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("imgsvc_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    std::fs::write(
+        out_dir.join("imgsvc_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
 
     tonic_prost_build::configure()
         .bytes(".")
+        // Reserves each message's length before encoding (see the module).
+        .codec_path("crate::proto::codec::ReservingProstCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,4 +1,6 @@
-//! Generated protobuf and gRPC code for both APIs.
+//! Generated protobuf and gRPC code for both APIs, and their codec.
+
+pub mod codec;
 
 /// The NLImageService wire protocol (`proto/nlimage.proto`, no package).
 pub mod nlimage {

@@ -53,3 +53,35 @@ fn bench_counts_refusals_by_status_code_and_exits_non_zero() {
     assert_eq!(report["ok"], 0);
     assert_eq!(report["errors"], serde_json::json!({"PermissionDenied": 10}));
 }
+
+#[test]
+fn bench_into_a_closed_pipe_exits_cleanly() {
+    use std::process::{Command, Stdio};
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut args = vec!["bench".to_string()];
+    args.extend(client_args(&server, &pki, "alpha"));
+    args.extend(
+        [
+            "--op",
+            "none",
+            "--width",
+            "8",
+            "--height",
+            "8",
+            "--requests",
+            "4",
+        ]
+        .map(String::from),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-client"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // as `| head -0` would: nobody reads the report
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

@@ -374,11 +374,8 @@ async fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     let servers = target.balancer(creds.clone()).await?;
     let channel = client::connect(&servers.targets()[0], &creds).await.map_err(|e| Failure(69, e.into()))?;
     let report = loadgen::run(channel, &config).await;
-    if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| Failure(1, e.into()))?);
-    } else {
-        println!("{}", report.to_text());
-    }
+    let text = if args.json { serde_json::to_string(&report).map_err(|e| Failure(1, e.into()))? } else { report.to_text() };
+    print_report(&text)?;
     if report.error_count() > 0 {
         return Err(Failure(1, anyhow::anyhow!("{} requests failed", report.error_count())));
     }
@@ -462,4 +459,14 @@ async fn single(target: &Connection, creds: ClientCredentials, job: &Job, settin
         eprintln!("imgsvc-client: note: {note}");
     }
     Ok(())
+}
+
+/// Prints the bench report. A closed pipe (`| head`) is not an error worth
+/// a panic: the reader has what it wanted.
+fn print_report(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure(1, anyhow::Error::new(e).context("cannot write the report"))),
+        _ => Ok(()),
+    }
 }
