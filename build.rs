@@ -12,10 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Encoded descriptor set for the gRPC reflection service.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("imgsvc_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out_dir.join("imgsvc_descriptor.bin"), compiler.encode_file_descriptor_set())?;
 
     tonic_prost_build::configure()
         .bytes(".")

@@ -10,9 +10,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use imgsvc::imaging::{
-    Layout, Parallelism, QuarterTurns, mean_filter_into_with, rotate_into_with,
-};
+use imgsvc::imaging::{Layout, Parallelism, QuarterTurns, mean_filter_into_with, rotate_into_with};
 
 struct Image {
     name: &'static str,
@@ -67,12 +65,7 @@ fn kernels(c: &mut Criterion) {
         image("3840x2160_rgb8", 3840, 2160, 3),
         image("3840x2160_rgba8", 3840, 2160, 4),
     ];
-    let ops = [
-        Op::Rotate(QuarterTurns::One),
-        Op::Rotate(QuarterTurns::Two),
-        Op::Rotate(QuarterTurns::Three),
-        Op::Mean,
-    ];
+    let ops = [Op::Rotate(QuarterTurns::One), Op::Rotate(QuarterTurns::Two), Op::Rotate(QuarterTurns::Three), Op::Mean];
     for op in ops {
         for img in &images {
             let mut group = c.benchmark_group(format!("{}/{}", op.name(), img.name));
@@ -82,15 +75,9 @@ fn kernels(c: &mut Criterion) {
                 .measurement_time(Duration::from_millis(1200))
                 .throughput(Throughput::Bytes(img.data.len() as u64));
             let mut dst = vec![0u8; img.data.len()];
-            group.bench_function("memcpy", |b| {
-                b.iter(|| dst.copy_from_slice(black_box(&img.data)))
-            });
-            group.bench_function("1t", |b| {
-                b.iter(|| op.run(black_box(&img.data), img.layout, &mut dst, Parallelism::Single))
-            });
-            group.bench_function("mt", |b| {
-                b.iter(|| op.run(black_box(&img.data), img.layout, &mut dst, Parallelism::Auto))
-            });
+            group.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(black_box(&img.data))));
+            group.bench_function("1t", |b| b.iter(|| op.run(black_box(&img.data), img.layout, &mut dst, Parallelism::Single)));
+            group.bench_function("mt", |b| b.iter(|| op.run(black_box(&img.data), img.layout, &mut dst, Parallelism::Auto)));
             black_box(&dst);
             group.finish();
         }

@@ -11,12 +11,12 @@
 use std::time::Duration;
 
 use imgsvc::{
-    client::{connect, Target},
+    client::{Target, connect},
     config::{RawConfig, Settings},
     identity::{TenantId, TrustDomain},
     loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
     pki::{self, IssueRequest, PkiPaths},
-    server::{bind, Server},
+    server::{Server, bind},
     tls::ClientCredentials,
 };
 
@@ -111,7 +111,11 @@ fn main() {
     println!("tenant fairness, {threads} worker threads, {seconds} s per phase, mutual TLS on 127.0.0.1");
     println!("| phase | tenant | requests | req/s | p50 ms | p99 ms | errors |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (phase, tenant, r) in [("alone", "light 256x256", &alone), ("flood", "light 256x256", &under_flood), ("flood", &*format!("heavy 3840x2160 x{flood_concurrency}"), &flood)] {
+    for (phase, tenant, r) in [
+        ("alone", "light 256x256", &alone),
+        ("flood", "light 256x256", &under_flood),
+        ("flood", &*format!("heavy 3840x2160 x{flood_concurrency}"), &flood),
+    ] {
         println!("| {phase} | {tenant} | {} | {:.1} | {:.2} | {:.2} | {} |", r.ok, r.requests_per_s, r.p50_ms, r.p99_ms, r.error_count());
     }
     let ratio = under_flood.p99_ms / alone.p99_ms.max(1e-9);

@@ -16,8 +16,8 @@ use std::{borrow::Cow, io::Cursor};
 
 use bytes::Bytes;
 use image::{
-    codecs::{jpeg::JpegEncoder, webp::WebPEncoder},
     DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader,
+    codecs::{jpeg::JpegEncoder, webp::WebPEncoder},
 };
 use thiserror::Error;
 

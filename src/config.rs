@@ -34,7 +34,11 @@ pub const ENV_PREFIX: &str = "IMGSVC";
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("config {origin}: {source}")]
-    Parse { origin: String, #[source] source: config::ConfigError },
+    Parse {
+        origin: String,
+        #[source]
+        source: config::ConfigError,
+    },
     #[error("config {origin}: key `{key}`: {problem}")]
     Invalid { origin: String, key: String, problem: String },
 }
@@ -44,7 +48,10 @@ pub enum ConfigError {
 pub enum ConfigSource {
     File(PathBuf),
     /// TOML text, named for messages (tests, the embedded dev config).
-    Inline { name: String, toml: String },
+    Inline {
+        name: String,
+        toml: String,
+    },
 }
 
 impl ConfigSource {
@@ -300,10 +307,7 @@ impl Settings {
     }
 
     /// As [`Settings::load`], with the environment given explicitly (tests).
-    pub fn load_with_env(
-        source: &ConfigSource,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load_with_env(source: &ConfigSource, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let origin = source.name();
         let raw = read_raw(source, env).map_err(|source| ConfigError::Parse { origin: origin.clone(), source })?;
         Self::validate(raw, origin)
@@ -316,16 +320,28 @@ impl Settings {
             return Err(invalid("server.host", "must not be empty (use 0.0.0.0 or :: for all interfaces)".into()));
         }
         if raw.server.worker_threads > 1024 {
-            return Err(invalid("server.worker_threads", format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.worker_threads)));
+            return Err(invalid(
+                "server.worker_threads",
+                format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.worker_threads),
+            ));
         }
         if raw.server.http2_keepalive_interval_secs > 86_400 {
-            return Err(invalid("server.http2_keepalive_interval_secs", format!("{} is out of range 0..=86400 (0 = no pings)", raw.server.http2_keepalive_interval_secs)));
+            return Err(invalid(
+                "server.http2_keepalive_interval_secs",
+                format!("{} is out of range 0..=86400 (0 = no pings)", raw.server.http2_keepalive_interval_secs),
+            ));
         }
         if !(1..=3600).contains(&raw.server.http2_keepalive_timeout_secs) {
-            return Err(invalid("server.http2_keepalive_timeout_secs", format!("{} is out of range 1..=3600", raw.server.http2_keepalive_timeout_secs)));
+            return Err(invalid(
+                "server.http2_keepalive_timeout_secs",
+                format!("{} is out of range 1..=3600", raw.server.http2_keepalive_timeout_secs),
+            ));
         }
         if !(1..=100_000).contains(&raw.server.max_concurrent_streams) {
-            return Err(invalid("server.max_concurrent_streams", format!("{} is out of range 1..=100000", raw.server.max_concurrent_streams)));
+            return Err(invalid(
+                "server.max_concurrent_streams",
+                format!("{} is out of range 1..=100000", raw.server.max_concurrent_streams),
+            ));
         }
         if !(0..=19).contains(&raw.server.worker_nice) {
             return Err(invalid("server.worker_nice", format!("{} is out of range 0..=19", raw.server.worker_nice)));
@@ -342,8 +358,8 @@ impl Settings {
                 return Err(invalid(key, "is required: the server serves mutual TLS only".into()));
             }
         }
-        let trust_domain = TrustDomain::parse(&raw.tls.trust_domain)
-            .map_err(|e: TenantIdError| invalid("tls.trust_domain", e.to_string()))?;
+        let trust_domain =
+            TrustDomain::parse(&raw.tls.trust_domain).map_err(|e: TenantIdError| invalid("tls.trust_domain", e.to_string()))?;
         if !(1..=300).contains(&raw.tls.handshake_timeout_secs) {
             return Err(invalid("tls.handshake_timeout_secs", format!("{} is out of range 1..=300", raw.tls.handshake_timeout_secs)));
         }
@@ -368,7 +384,9 @@ impl Settings {
         let max_chunk = l.max_message_bytes.saturating_sub(1024);
         let stream_max_chunk_bytes = raw.stream.max_chunk_bytes.unwrap_or((4 << 20).min(max_chunk));
         let stream_response_chunk_bytes = raw.stream.response_chunk_bytes.unwrap_or((1 << 20).min(max_chunk));
-        for (key, value) in [("stream.max_chunk_bytes", stream_max_chunk_bytes), ("stream.response_chunk_bytes", stream_response_chunk_bytes)] {
+        for (key, value) in
+            [("stream.max_chunk_bytes", stream_max_chunk_bytes), ("stream.response_chunk_bytes", stream_response_chunk_bytes)]
+        {
             if !(1..=max_chunk).contains(&value) {
                 return Err(invalid(key, format!("{value} is out of range 1..={max_chunk} (limits.max_message_bytes - 1024)")));
             }
@@ -428,7 +446,10 @@ const DEFAULT_MAX_QUEUED: u32 = 128;
 fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, ConfigError> {
     let invalid = |key: String, problem: String| ConfigError::Invalid { origin: origin.into(), key, problem };
     if raw.tenancy.memory_budget_bytes < 1 << 20 {
-        return Err(invalid("tenancy.memory_budget_bytes".into(), format!("{} is below the minimum of 1048576 (1 MiB)", raw.tenancy.memory_budget_bytes)));
+        return Err(invalid(
+            "tenancy.memory_budget_bytes".into(),
+            format!("{} is below the minimum of 1048576 (1 MiB)", raw.tenancy.memory_budget_bytes),
+        ));
     }
     let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, &invalid)?;
     let mut tenants = HashMap::new();
@@ -462,7 +483,11 @@ fn resolve_tenant(
         return Err(invalid(key("burst"), "must be at least 1 when requests_per_second is set".into()));
     }
     let in_range = |name: &str, value: u64, min: u64, max: u64, note: &str| {
-        if (min..=max).contains(&value) { Ok(value) } else { Err(invalid(key(name), format!("{value} is out of range {min}..={max}{note}"))) }
+        if (min..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid(key(name), format!("{value} is out of range {min}..={max}{note}")))
+        }
     };
     let max_concurrent_requests = in_range(
         "max_concurrent_requests",
@@ -520,25 +545,18 @@ fn resolve_tenant(
 }
 
 /// Stage 1: layered sources into the raw struct.
-fn read_raw(
-    source: &ConfigSource,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<RawConfig, config::ConfigError> {
+fn read_raw(source: &ConfigSource, env: impl IntoIterator<Item = (String, String)>) -> Result<RawConfig, config::ConfigError> {
     let builder = config::Config::builder();
     let builder = match source {
-        ConfigSource::File(path) => {
-            builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true))
-        }
+        ConfigSource::File(path) => builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true)),
         ConfigSource::Inline { toml, .. } => builder.add_source(config::File::from_str(toml, config::FileFormat::Toml)),
     };
     // Every config key is nested in a section, so only variables with a `__`
     // after the prefix are config overrides; the client's IMGSVC_CA,
     // IMGSVC_CERT and IMGSVC_KEY are not and must not trip the
     // unknown-key check when both run in one environment.
-    let overrides: HashMap<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.strip_prefix("IMGSVC_").is_some_and(|rest| rest.contains("__")))
-        .collect();
+    let overrides: HashMap<String, String> =
+        env.into_iter().filter(|(k, _)| k.strip_prefix("IMGSVC_").is_some_and(|rest| rest.contains("__"))).collect();
     builder
         .add_source(
             config::Environment::with_prefix(ENV_PREFIX)
@@ -689,7 +707,11 @@ mod tests {
     #[test]
     fn tenant_errors_name_the_tenant_key() {
         let cases = [
-            ("[tenants.a]\nallowed_operations = [\"blur\"]", "tenants.a.allowed_operations", "unknown operation \"blur\" (known: rotate, mean_filter)"),
+            (
+                "[tenants.a]\nallowed_operations = [\"blur\"]",
+                "tenants.a.allowed_operations",
+                "unknown operation \"blur\" (known: rotate, mean_filter)",
+            ),
             ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
             ("[tenants.a]\nmax_image_pixels = 200000000", "tenants.a.max_image_pixels", "(at most limits.max_image_pixels)"),
             ("[tenants.Bad]\nweight = 1", "tenants.Bad", "invalid tenant name"),
@@ -712,7 +734,10 @@ mod tests {
     #[test]
     fn http2_settings_have_defaults_and_ranges() {
         let s = load(MINIMAL, &[]).unwrap();
-        assert_eq!((s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams), (Some(Duration::from_secs(60)), Duration::from_secs(20), 256));
+        assert_eq!(
+            (s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams),
+            (Some(Duration::from_secs(60)), Duration::from_secs(20), 256)
+        );
         let s = load(&format!("{MINIMAL}\n[server]\nhttp2_keepalive_interval_secs = 0\n"), &[]).unwrap();
         assert_eq!(s.http2_keepalive_interval, None);
         let err = load(&format!("{MINIMAL}\n[server]\nmax_concurrent_streams = 0\n"), &[]).unwrap_err().to_string();

@@ -14,7 +14,7 @@
 use std::{fmt, sync::Arc};
 
 use thiserror::Error;
-use x509_parser::{extensions::GeneralName, prelude::FromDer, certificate::X509Certificate};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
 /// Longest accepted tenant name, in bytes.
 pub const MAX_TENANT_LEN: usize = 63;
@@ -192,10 +192,7 @@ mod tests {
     #[test]
     fn refuses_certificate_without_uri_san() {
         let der = cert_with_sans(vec![SanType::DnsName("localhost".try_into().unwrap())]);
-        assert_eq!(
-            tenant_from_cert(&der, &td()),
-            Err(IdentityError::NoTenantUri { trust_domain: "example.org".into() })
-        );
+        assert_eq!(tenant_from_cert(&der, &td()), Err(IdentityError::NoTenantUri { trust_domain: "example.org".into() }));
     }
 
     #[test]
@@ -203,10 +200,7 @@ mod tests {
         let der = cert_with_sans(vec![uri("spiffe://evil.org/tenant/a")]);
         assert_eq!(
             tenant_from_cert(&der, &td()),
-            Err(IdentityError::ForeignTrustDomain {
-                uri: "spiffe://evil.org/tenant/a".into(),
-                trust_domain: "example.org".into()
-            })
+            Err(IdentityError::ForeignTrustDomain { uri: "spiffe://evil.org/tenant/a".into(), trust_domain: "example.org".into() })
         );
     }
 
@@ -219,10 +213,7 @@ mod tests {
     #[test]
     fn refuses_two_different_tenants() {
         let der = cert_with_sans(vec![uri("spiffe://example.org/tenant/a"), uri("spiffe://example.org/tenant/b")]);
-        assert_eq!(
-            tenant_from_cert(&der, &td()),
-            Err(IdentityError::Ambiguous { first: "a".into(), second: "b".into() })
-        );
+        assert_eq!(tenant_from_cert(&der, &td()), Err(IdentityError::Ambiguous { first: "a".into(), second: "b".into() }));
     }
 
     #[test]

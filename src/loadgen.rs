@@ -9,8 +9,8 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
         Arc,
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use crate::{
     imaging::QuarterTurns,
     proto::{
-        nlimage::{nl_image_service_client::NlImageServiceClient, NlImage, NlImageRotateRequest},
+        nlimage::{NlImage, NlImageRotateRequest, nl_image_service_client::NlImageServiceClient},
         v1::{self, image_service_client::ImageServiceClient},
     },
 };
@@ -108,8 +108,19 @@ impl BenchReport {
              requests: {} ok in {:.2} s = {:.1} req/s\n\
              latency:  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms\n\
              errors:   {errors}",
-            self.op, self.width, self.height, self.format, self.api, self.concurrency,
-            self.ok, self.elapsed_s, self.requests_per_s, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms,
+            self.op,
+            self.width,
+            self.height,
+            self.format,
+            self.api,
+            self.concurrency,
+            self.ok,
+            self.elapsed_s,
+            self.requests_per_s,
+            self.p50_ms,
+            self.p90_ms,
+            self.p99_ms,
+            self.max_ms,
         )
     }
 }

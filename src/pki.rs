@@ -19,9 +19,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
@@ -38,21 +37,38 @@ pub const CA_DAYS: u32 = 3650;
 #[derive(Debug, Error)]
 pub enum PkiError {
     #[error("cannot {action} {path}")]
-    Io { action: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} already holds a CA; pass --force to replace it (every certificate it issued stops working)")]
     CaExists { path: PathBuf },
     #[error("{present} exists but {missing} does not: a CA needs both its certificate and its key")]
     IncompleteCa { present: PathBuf, missing: PathBuf },
     #[error("cannot load the CA from {path}")]
-    LoadCa { path: PathBuf, #[source] source: rcgen::Error },
+    LoadCa {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("invalid server name {name:?}: use a DNS name or an IP address")]
-    InvalidServerName { name: String, #[source] source: rcgen::Error },
+    InvalidServerName {
+        name: String,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("--days must be between 1 and 36500, got {0}")]
     InvalidDays(u32),
     #[error(transparent)]
     Tenant(#[from] TenantIdError),
     #[error("cannot issue the {what} certificate")]
-    Issue { what: String, #[source] source: rcgen::Error },
+    Issue {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("{path} is not a readable {what}: {reason}")]
     Parse { what: &'static str, path: PathBuf, reason: String },
 }
@@ -101,10 +117,18 @@ impl PkiPaths {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
-    pub fn ca_cert(&self) -> PathBuf { self.dir.join("ca.pem") }
-    pub fn ca_key(&self) -> PathBuf { self.dir.join("ca-key.pem") }
-    pub fn server_cert(&self) -> PathBuf { self.dir.join("server.pem") }
-    pub fn server_key(&self) -> PathBuf { self.dir.join("server-key.pem") }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server-key.pem")
+    }
     pub fn client_cert(&self, tenant: &TenantId) -> PathBuf {
         self.dir.join(format!("client-{tenant}.pem"))
     }
@@ -112,7 +136,9 @@ impl PkiPaths {
         self.dir.join(format!("client-{tenant}-key.pem"))
     }
     /// The revocation list `revoke` maintains (add it to `tls.crl_files`).
-    pub fn crl(&self) -> PathBuf { self.dir.join("crl.pem") }
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
 }
 
 /// A CA that can sign certificates.
@@ -136,11 +162,7 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&format!("{common_name} ({trust_domain})"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         set_validity(&mut params, CA_DAYS);
         let cert = params.self_signed(&key).map_err(issue_err)?;
         Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
@@ -150,15 +172,17 @@ impl CertificateAuthority {
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
         let cert_pem = read_to_string(cert_path)?;
         let key_pem = read_to_string(key_path)?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|source| PkiError::LoadCa { path: key_path.into(), source })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|source| PkiError::LoadCa { path: cert_path.into(), source })?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::LoadCa { path: key_path.into(), source })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| PkiError::LoadCa { path: cert_path.into(), source })?;
         Ok(Self { issuer, cert_pem })
     }
 
-    pub fn cert_pem(&self) -> &str { &self.cert_pem }
-    pub fn key_pem(&self) -> String { self.issuer.key().serialize_pem() }
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
 
     /// A server certificate (serverAuth only) for DNS names and IP addresses.
     pub fn issue_server(&self, names: &[String], days: u32) -> Result<IssuedCert, PkiError> {
@@ -166,9 +190,9 @@ impl CertificateAuthority {
         for n in names {
             let san = match n.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.as_str().try_into().map_err(|source| {
-                    PkiError::InvalidServerName { name: n.clone(), source }
-                })?),
+                Err(_) => {
+                    SanType::DnsName(n.as_str().try_into().map_err(|source| PkiError::InvalidServerName { name: n.clone(), source })?)
+                }
             };
             sans.push(san);
         }
@@ -177,18 +201,10 @@ impl CertificateAuthority {
     }
 
     /// A client certificate (clientAuth only) naming `tenant` in `trust_domain`.
-    pub fn issue_client(
-        &self,
-        trust_domain: &TrustDomain,
-        tenant: &TenantId,
-        days: u32,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_client(&self, trust_domain: &TrustDomain, tenant: &TenantId, days: u32) -> Result<IssuedCert, PkiError> {
         let uri = trust_domain.tenant_uri(tenant);
         let what = format!("client ({tenant})");
-        let san = SanType::URI(uri.as_str().try_into().map_err(|source| PkiError::Issue {
-            what: what.clone(),
-            source,
-        })?);
+        let san = SanType::URI(uri.as_str().try_into().map_err(|source| PkiError::Issue { what: what.clone(), source })?);
         self.issue_leaf(&what, tenant.as_str(), vec![san], ExtendedKeyUsagePurpose::ClientAuth, days)
     }
 
@@ -241,8 +257,11 @@ impl IssuedCert {
 /// Issues what `req` asks for into `req.out_dir`, reusing an existing CA.
 pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
     let paths = PkiPaths::new(&req.out_dir);
-    std::fs::create_dir_all(&req.out_dir)
-        .map_err(|source| PkiError::Io { action: "create directory", path: req.out_dir.clone(), source })?;
+    std::fs::create_dir_all(&req.out_dir).map_err(|source| PkiError::Io {
+        action: "create directory",
+        path: req.out_dir.clone(),
+        source,
+    })?;
     let mut report = IssueReport::default();
 
     let (cert_exists, key_exists) = (paths.ca_cert().exists(), paths.ca_key().exists());
@@ -251,12 +270,8 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
             report.reused_ca = true;
             CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?
         }
-        (true, false, false) => {
-            return Err(PkiError::IncompleteCa { present: paths.ca_cert(), missing: paths.ca_key() })
-        }
-        (false, true, false) => {
-            return Err(PkiError::IncompleteCa { present: paths.ca_key(), missing: paths.ca_cert() })
-        }
+        (true, false, false) => return Err(PkiError::IncompleteCa { present: paths.ca_cert(), missing: paths.ca_key() }),
+        (false, true, false) => return Err(PkiError::IncompleteCa { present: paths.ca_key(), missing: paths.ca_cert() }),
         _ => {
             let ca = CertificateAuthority::generate(&req.trust_domain, "imgsvc CA")?;
             write_file(&paths.ca_key(), ca.key_pem().as_bytes(), 0o600)?;
@@ -269,9 +284,7 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
     // A new CA invalidates the old server certificate, so reissue it too.
     let server_names = match &req.server_names {
         Some(names) => Some(names.clone()),
-        None if !report.reused_ca || !paths.server_cert().exists() => {
-            Some(DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect())
-        }
+        None if !report.reused_ca || !paths.server_cert().exists() => Some(DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect()),
         None => None,
     };
     if let Some(names) = server_names {
@@ -322,7 +335,7 @@ pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
     let crl_path = paths.crl();
     if crl_path.exists() {
         let pem = std::fs::read(&crl_path).map_err(|source| PkiError::Io { action: "read", path: crl_path.clone(), source })?;
-        use rustls::pki_types::{pem::PemObject, CertificateRevocationListDer};
+        use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
         let der = CertificateRevocationListDer::from_pem_slice(&pem).map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
             .map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
@@ -376,11 +389,9 @@ fn set_validity(params: &mut CertificateParams, days: u32) {
 }
 
 fn read_to_string(path: &Path) -> Result<String, PkiError> {
-    std::fs::read_to_string(path)
-        .map_err(|source| PkiError::Io { action: "read", path: path.into(), source })
+    std::fs::read_to_string(path).map_err(|source| PkiError::Io { action: "read", path: path.into(), source })
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    crate::fsutil::write_atomic(path, contents, mode)
-        .map_err(|source| PkiError::Io { action: "write", path: path.into(), source })
+    crate::fsutil::write_atomic(path, contents, mode).map_err(|source| PkiError::Io { action: "write", path: path.into(), source })
 }

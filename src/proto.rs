@@ -15,5 +15,4 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of both protos, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/imgsvc_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/imgsvc_descriptor.bin"));

@@ -24,8 +24,8 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
@@ -35,9 +35,9 @@ use crate::{
     identity::{TenantId, TenantInterceptor},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
-    service::{legacy::LegacyService, v1::V1Service, Processor},
-    tenancy::{RuntimePolicy, Tenancy},
+    service::{Processor, legacy::LegacyService, v1::V1Service},
     telemetry::{self, metrics::HandshakeFailure},
+    tenancy::{RuntimePolicy, Tenancy},
     tls::{ServerTls, TlsError},
     worker::{WorkerError, WorkerPool},
 };
@@ -50,15 +50,33 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot generate development certificates in {dir}")]
-    DevCerts { dir: String, #[source] source: pki::PkiError },
-    #[error("tls.dev_auto_certs writes ca.pem, server.pem and server-key.pem into {dir}, but tls.{key} is {path}: point it there or create the file")]
+    DevCerts {
+        dir: String,
+        #[source]
+        source: pki::PkiError,
+    },
+    #[error(
+        "tls.dev_auto_certs writes ca.pem, server.pem and server-key.pem into {dir}, but tls.{key} is {path}: point it there or create the file"
+    )]
     DevCertsLayout { dir: String, key: &'static str, path: String },
     #[error("cannot resolve listen host {host:?}")]
-    Resolve { host: String, #[source] source: std::io::Error },
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} (admin.listen)")]
-    BindAdmin { addr: SocketAddr, #[source] source: std::io::Error },
+    BindAdmin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}")]
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("listen host {host:?} resolves to no address")]
     NoAddress { host: String },
     #[error(transparent)]
@@ -77,17 +95,11 @@ pub fn ensure_dev_certs(tls: &TlsSettings) -> Result<bool, ServerError> {
     }
     let dir = tls.client_ca.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let paths = pki::PkiPaths::new(dir);
-    for (key, configured, expected) in [
-        ("client_ca", &tls.client_ca, paths.ca_cert()),
-        ("cert", &tls.cert, paths.server_cert()),
-        ("key", &tls.key, paths.server_key()),
-    ] {
+    for (key, configured, expected) in
+        [("client_ca", &tls.client_ca, paths.ca_cert()), ("cert", &tls.cert, paths.server_cert()), ("key", &tls.key, paths.server_key())]
+    {
         if *configured != expected {
-            return Err(ServerError::DevCertsLayout {
-                dir: dir.display().to_string(),
-                key,
-                path: configured.display().to_string(),
-            });
+            return Err(ServerError::DevCertsLayout { dir: dir.display().to_string(), key, path: configured.display().to_string() });
         }
     }
     let dev = dev_tenant();
@@ -106,10 +118,8 @@ pub fn dev_tenant() -> TenantId {
 
 /// Resolves `host` and binds every address it names on `port`.
 pub async fn bind(host: &str, port: u16) -> Result<Vec<TcpListener>, ServerError> {
-    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| ServerError::Resolve { host: host.into(), source })?
-        .collect();
+    let mut addrs: Vec<SocketAddr> =
+        tokio::net::lookup_host((host, port)).await.map_err(|source| ServerError::Resolve { host: host.into(), source })?.collect();
     addrs.sort();
     addrs.dedup();
     if addrs.is_empty() {
@@ -204,15 +214,10 @@ impl Server {
     }
 
     /// Serves on `listeners` until `shutdown` completes, then drains.
-    pub async fn serve(
-        self,
-        listeners: Vec<TcpListener>,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServerError> {
+    pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         let Self { settings, tls, tenancy, tls_config, current: _, metrics, phase, admin } = self;
         let limits = settings.limits;
-        let addrs: Vec<String> =
-            listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
+        let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in std::iter::once("").chain(SERVICE_NAMES) {
@@ -271,7 +276,13 @@ impl Server {
             accept_tasks.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
         }
         for listener in listeners {
-            accept_tasks.spawn(accept_loop(listener, tls_config.subscribe(), settings.tls.handshake_timeout, conn_tx.clone(), lingering.clone()));
+            accept_tasks.spawn(accept_loop(
+                listener,
+                tls_config.subscribe(),
+                settings.tls.handshake_timeout,
+                conn_tx.clone(),
+                lingering.clone(),
+            ));
         }
         drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
@@ -365,11 +376,8 @@ impl ReloadHandle {
         let restart_needed = restart_only_changes(&current, &settings);
         self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
         self.tls_config.send_replace(tls.config.clone());
-        let report = ReloadReport {
-            tenants: settings.tenancy.tenants.len(),
-            client_ca_subject: tls.client_ca_subject.clone(),
-            restart_needed,
-        };
+        let report =
+            ReloadReport { tenants: settings.tenancy.tenants.len(), client_ca_subject: tls.client_ca_subject.clone(), restart_needed };
         *current = settings;
         Ok(report)
     }
@@ -447,7 +455,11 @@ impl Drop for LingeringStream {
 }
 
 impl tokio::io::AsyncRead for LingeringStream {
-    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         self.stream().poll_read(cx, buf)
     }
 }
@@ -462,7 +474,11 @@ impl tokio::io::AsyncWrite for LingeringStream {
     fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
         self.stream().poll_shutdown(cx)
     }
-    fn poll_write_vectored(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         self.stream().poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -485,9 +501,10 @@ impl tonic::transport::server::Connected for LingeringStream {
 fn message_limit_status<B>(mut response: tonic::codegen::http::Response<B>) -> tonic::codegen::http::Response<B> {
     let headers = response.headers();
     let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
-        && headers.get("grpc-message").and_then(|m| m.to_str().ok()).is_some_and(|m| {
-            m.contains("message%20length%20too%20large") || m.contains("message length too large")
-        });
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
     if too_large {
         response.headers_mut().insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
     }

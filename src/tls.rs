@@ -7,13 +7,16 @@
 //! chain to the configured client CA, and there is no way to switch that
 //! off. The client side builds tonic's `ClientTlsConfig` from PEM files.
 
-use std::{path::{Path, PathBuf}, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use rustls::{
-    crypto::CryptoProvider,
-    pki_types::{pem::PemObject, CertificateDer, CertificateRevocationListDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
     RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
 };
 use thiserror::Error;
 use x509_parser::prelude::FromDer;
@@ -23,15 +26,33 @@ use crate::config::TlsSettings;
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}")]
-    Read { what: &'static str, path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} {path} holds no usable PEM {expected}: {reason}")]
     Pem { what: &'static str, path: PathBuf, expected: &'static str, reason: String },
     #[error("client CA {path} is not usable as a trust anchor")]
-    ClientCa { path: PathBuf, #[source] source: rustls::Error },
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
     #[error("cannot build the client certificate verifier from {path}")]
-    Verifier { path: PathBuf, #[source] source: rustls::server::VerifierBuilderError },
+    Verifier {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error("server certificate {cert} and key {key} do not form a usable identity")]
-    Identity { cert: PathBuf, key: PathBuf, #[source] source: rustls::Error },
+    Identity {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 /// The process-wide crypto provider. Installed once so that every rustls
@@ -71,11 +92,19 @@ impl ServerTls {
         let mut crls = Vec::new();
         for path in &settings.crl_files {
             let pem = read_file("CRL", path)?;
-            let parsed = CertificateRevocationListDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| TlsError::Pem { what: "CRL", path: path.clone(), expected: "X509 CRL", reason: e.to_string() })?;
+            let parsed = CertificateRevocationListDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem {
+                what: "CRL",
+                path: path.clone(),
+                expected: "X509 CRL",
+                reason: e.to_string(),
+            })?;
             if parsed.is_empty() {
-                return Err(TlsError::Pem { what: "CRL", path: path.clone(), expected: "X509 CRL", reason: "no X509 CRL block found".into() });
+                return Err(TlsError::Pem {
+                    what: "CRL",
+                    path: path.clone(),
+                    expected: "X509 CRL",
+                    reason: "no X509 CRL block found".into(),
+                });
             }
             crls.extend(parsed);
         }
@@ -167,7 +196,8 @@ impl ClientCredentials {
     /// A rustls client config: trusts only the given CA, presents the
     /// client certificate, speaks HTTP/2.
     pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let pem_err = |what, expected, reason: String| TlsError::Pem { what, path: PathBuf::from("(client credentials)"), expected, reason };
+        let pem_err =
+            |what, expected, reason: String| TlsError::Pem { what, path: PathBuf::from("(client credentials)"), expected, reason };
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(&self.ca_pem) {
             let ca = ca.map_err(|e| pem_err("CA certificate", "CERTIFICATE", e.to_string()))?;
@@ -176,8 +206,7 @@ impl ClientCredentials {
         let chain = CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| pem_err("client certificate", "CERTIFICATE", e.to_string()))?;
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
-            .map_err(|e| pem_err("client key", "PRIVATE KEY", e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| pem_err("client key", "PRIVATE KEY", e.to_string()))?;
         let identity_err = |source| TlsError::Identity { cert: "(client --cert)".into(), key: "(client --key)".into(), source };
         let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -13,7 +13,7 @@
 use std::{panic::AssertUnwindSafe, sync::Arc};
 
 use thiserror::Error;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{Semaphore, oneshot};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WorkerError {
@@ -34,10 +34,7 @@ pub struct WorkerPool {
 
 impl std::fmt::Debug for WorkerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerPool")
-            .field("threads", &self.pool.current_num_threads())
-            .field("capacity", &self.capacity)
-            .finish()
+        f.debug_struct("WorkerPool").field("threads", &self.pool.current_num_threads()).field("capacity", &self.capacity).finish()
     }
 }
 
@@ -70,11 +67,7 @@ impl WorkerPool {
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let permit = self
-            .admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| WorkerError::Busy { capacity: self.capacity })?;
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| WorkerError::Busy { capacity: self.capacity })?;
         let (tx, rx) = oneshot::channel();
         self.pool.spawn(move || {
             if tx.is_closed() {

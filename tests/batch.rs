@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::*;
 use imgsvc::{
-    client::{image_io::read_image, Op},
+    client::{Op, image_io::read_image},
     imaging::QuarterTurns,
 };
 
@@ -26,10 +26,22 @@ fn batch_over_a_directory_with_one_corrupt_file_processes_the_others_and_reports
     let server = TestServer::start(&pki);
     let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     photos_with_one_corrupt(src.path());
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--input", src.path().to_str().unwrap(), "--output", out.path().to_str().unwrap(),
-        "--rotate", "NINETY_DEG", "--continue-on-error", "-j", "2",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &[
+            "--input",
+            src.path().to_str().unwrap(),
+            "--output",
+            out.path().to_str().unwrap(),
+            "--rotate",
+            "NINETY_DEG",
+            "--continue-on-error",
+            "-j",
+            "2",
+        ],
+    );
     let err = stderr(&result);
     assert_eq!(result.status.code(), Some(1), "{err}");
     assert!(err.contains("imgsvc-client: 2 done, 1 failed, 0 skipped"), "{err}");
@@ -49,9 +61,12 @@ fn without_continue_on_error_the_batch_stops_starting_jobs_after_a_failure() {
     let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     photos_with_one_corrupt(src.path());
     // One at a time, in path order: a.png, c.png (fails), sub/b.jpg.
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--input", src.path().to_str().unwrap(), "--output", out.path().to_str().unwrap(), "--mean", "-j", "1",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &["--input", src.path().to_str().unwrap(), "--output", out.path().to_str().unwrap(), "--mean", "-j", "1"],
+    );
     let err = stderr(&result);
     assert_eq!(result.status.code(), Some(1), "{err}");
     assert!(err.contains("1 done, 1 failed, 0 skipped, 1 not started after the failure (see --continue-on-error)"), "{err}");
@@ -86,12 +101,28 @@ fn several_input_files_go_into_the_output_directory_under_their_names() {
     let server = TestServer::start(&pki);
     let out = tempfile::tempdir().unwrap();
     let target = out.path().join("new/dir");
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--input", fixture("camera.png").to_str().unwrap(), fixture("rocket.jpg").to_str().unwrap(),
-        "--output", target.to_str().unwrap(), "--format", "webp", "--rotate", "TWO_SEVENTY_DEG",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &[
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            fixture("rocket.jpg").to_str().unwrap(),
+            "--output",
+            target.to_str().unwrap(),
+            "--format",
+            "webp",
+            "--rotate",
+            "TWO_SEVENTY_DEG",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
-    assert!(stderr(&result).contains(&format!("done {} -> {}", fixture("camera.png").display(), target.join("camera.webp").display())), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains(&format!("done {} -> {}", fixture("camera.png").display(), target.join("camera.webp").display())),
+        "{}",
+        stderr(&result)
+    );
     assert_eq!(files_under(out.path()), ["new/dir/camera.webp", "new/dir/rocket.webp"]);
 }
 
@@ -103,9 +134,20 @@ fn several_inputs_into_an_existing_file_is_a_usage_error() {
     std::fs::write(&existing, b"x").unwrap();
     let (ca, cert, key) = pki.client_files("alpha");
     let result = run_client(&[
-        "--port", "9", "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), fixture("logo.png").to_str().unwrap(),
-        "--output", existing.to_str().unwrap(), "--mean",
+        "--port",
+        "9",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        fixture("logo.png").to_str().unwrap(),
+        "--output",
+        existing.to_str().unwrap(),
+        "--mean",
     ]);
     assert_eq!(result.status.code(), Some(64));
     assert!(stderr(&result).contains("is a file, but several inputs or a directory need an output directory"), "{}", stderr(&result));
@@ -118,7 +160,12 @@ fn single_file_form_replaces_an_existing_output_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     std::fs::write(&out, b"old").unwrap();
-    let result = run_client_with(&server, &pki, "alpha", &["--input", fixture("camera.png").to_str().unwrap(), "--output", out.to_str().unwrap(), "--mean"]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &["--input", fixture("camera.png").to_str().unwrap(), "--output", out.to_str().unwrap(), "--mean"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(stderr(&result), "", "the single-file form prints nothing on success");
     let want = expected(&read_image(&fixture("camera.png")).unwrap(), &[Op::MeanFilter]);

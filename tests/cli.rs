@@ -34,7 +34,21 @@ fn help_documents_every_flag_with_an_example() {
     let out = run_client(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--host", "--port", "--input", "--output", "--rotate", "--mean", "--ca", "--cert", "--key", "--server-name", "--config", "--api", "--timeout"] {
+    for flag in [
+        "--host",
+        "--port",
+        "--input",
+        "--output",
+        "--rotate",
+        "--mean",
+        "--ca",
+        "--cert",
+        "--key",
+        "--server-name",
+        "--config",
+        "--api",
+        "--timeout",
+    ] {
         assert!(help.contains(flag), "help lacks {flag}");
     }
     assert!(help.contains("Examples:") && help.contains("--rotate NINETY_DEG --mean"), "{help}");
@@ -61,12 +75,23 @@ fn credentials_from_a_client_config_file_and_from_the_environment() {
         &cfg,
         format!(
             "host = \"127.0.0.1\"\nport = {}\nserver_name = \"localhost\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            server.port(), ca.display(), cert.display(), key.display()
+            server.port(),
+            ca.display(),
+            cert.display(),
+            key.display()
         ),
     )
     .unwrap();
     let out_png = dir.path().join("from-config.png");
-    let out = run_client(&["--config", cfg.to_str().unwrap(), "--input", fixture("camera.png").to_str().unwrap(), "--output", out_png.to_str().unwrap(), "--mean"]);
+    let out = run_client(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        out_png.to_str().unwrap(),
+        "--mean",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(out_png.exists());
 
@@ -108,8 +133,19 @@ fn unsupported_output_extension_is_refused_before_any_request() {
     let (ca, cert, key) = pki.client_files("alpha");
     // Port 9 (discard) has no server: the error must come before connecting.
     let out = run_client(&[
-        "--port", "9", "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), "--output", dir.path().join("out.gif").to_str().unwrap(), "--mean",
+        "--port",
+        "9",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        dir.path().join("out.gif").to_str().unwrap(),
+        "--mean",
     ]);
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("unsupported output extension \"gif\""), "{}", stderr(&out));
@@ -139,8 +175,19 @@ fn unreachable_server_exits_69_with_an_explanation() {
     let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (ca, cert, key) = pki.client_files("alpha");
     let out = run_client(&[
-        "--port", &free_port.to_string(), "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), "--output", dir.path().join("out.png").to_str().unwrap(), "--mean",
+        "--port",
+        &free_port.to_string(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        dir.path().join("out.png").to_str().unwrap(),
+        "--mean",
     ]);
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).contains("nothing accepts connections at that address"), "{}", stderr(&out));
@@ -155,9 +202,21 @@ fn refused_client_certificate_is_explained_by_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let (_, cert, key) = other.client_files("alpha");
     let out = run_client(&[
-        "--port", &server.port().to_string(), "--server-name", "localhost",
-        "--ca", pki.paths().ca_cert().to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), "--output", dir.path().join("out.png").to_str().unwrap(), "--mean",
+        "--port",
+        &server.port().to_string(),
+        "--server-name",
+        "localhost",
+        "--ca",
+        pki.paths().ca_cert().to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        dir.path().join("out.png").to_str().unwrap(),
+        "--mean",
     ]);
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).contains("the server refused the client certificate"), "{}", stderr(&out));
@@ -172,7 +231,9 @@ fn version_prints_the_package_version() {
 
 #[test]
 fn completions_subcommand_prints_a_script_for_each_shell() {
-    for (shell, marker) in [("bash", "complete -F _imgsvc__client"), ("zsh", "#compdef imgsvc-client"), ("fish", "complete -c imgsvc-client")] {
+    for (shell, marker) in
+        [("bash", "complete -F _imgsvc__client"), ("zsh", "#compdef imgsvc-client"), ("fish", "complete -c imgsvc-client")]
+    {
         let out = run_client(&["completions", shell]);
         assert_eq!(out.status.code(), Some(0), "{shell}: {}", stderr(&out));
         let script = String::from_utf8_lossy(&out.stdout);

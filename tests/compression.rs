@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use imgsvc::{
-    client::{image_io::read_image, process_with, Api, CallOptions, Op, StreamMode},
+    client::{Api, CallOptions, Op, StreamMode, image_io::read_image, process_with},
     imaging::QuarterTurns,
 };
 use tonic::codec::CompressionEncoding;
@@ -30,7 +30,7 @@ async fn gzip_and_zstd_round_trip_through_both_apis_and_streaming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_are_compressed_only_when_configured() {
-    use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+    use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
     for (configured, want) in [(false, None), (true, Some("gzip"))] {
         let pki = Pki::new(&["alpha"]);
         let server = TestServer::start_with(&pki, |raw| raw.server.compress_responses = configured);
@@ -52,14 +52,30 @@ fn the_cli_compresses_and_streams_on_request() {
     for extra in [["--compress", "gzip"], ["--compress", "zstd"], ["--stream", "always"]] {
         let out_png = dir.path().join(format!("{}.png", extra[1]));
         let mut args = client_args(&server, &pki, "alpha");
-        args.extend(["--input", fixture("camera.png").to_str().unwrap(), "--output", out_png.to_str().unwrap(), "--rotate", "ONE_EIGHTY_DEG"].map(String::from));
+        args.extend(
+            ["--input", fixture("camera.png").to_str().unwrap(), "--output", out_png.to_str().unwrap(), "--rotate", "ONE_EIGHTY_DEG"]
+                .map(String::from),
+        );
         args.extend(extra.map(String::from));
         let result = run_client(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(result.status.success(), "{extra:?}: {}", stderr(&result));
         assert_eq!(read_image(&out_png).unwrap(), want, "{extra:?}");
     }
     let mut args = client_args(&server, &pki, "alpha");
-    args.extend(["--input", fixture("camera.png").to_str().unwrap(), "--output", dir.path().join("x.png").to_str().unwrap(), "--mean", "--stream", "always", "--api", "legacy"].map(String::from));
+    args.extend(
+        [
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            "--output",
+            dir.path().join("x.png").to_str().unwrap(),
+            "--mean",
+            "--stream",
+            "always",
+            "--api",
+            "legacy",
+        ]
+        .map(String::from),
+    );
     let result = run_client(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(result.status.code(), Some(64));
     assert!(stderr(&result).contains("--stream always needs --api v1"), "{}", stderr(&result));

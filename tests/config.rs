@@ -149,12 +149,23 @@ fn dev_quickstart_generates_certificates_and_serves_the_printed_client_command()
     }
     let out_png = dir.path().join("out.png");
     let result = run_client(&[
-        "--host", "127.0.0.1", "--port", &port.to_string(),
-        "--ca", certs.join("ca.pem").to_str().unwrap(),
-        "--cert", certs.join("client-dev.pem").to_str().unwrap(),
-        "--key", certs.join("client-dev-key.pem").to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), "--output", out_png.to_str().unwrap(),
-        "--rotate", "NINETY_DEG", "--mean",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--ca",
+        certs.join("ca.pem").to_str().unwrap(),
+        "--cert",
+        certs.join("client-dev.pem").to_str().unwrap(),
+        "--key",
+        certs.join("client-dev-key.pem").to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        out_png.to_str().unwrap(),
+        "--rotate",
+        "NINETY_DEG",
+        "--mean",
     ]);
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(out_png.exists());
@@ -176,10 +187,9 @@ fn check_config_catches_a_key_that_does_not_match_the_certificate() {
     let other = Pki::new(&[]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &pki, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &pki.paths().server_key().display().to_string(),
-        &other.paths().server_key().display().to_string(),
-    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&pki.paths().server_key().display().to_string(), &other.paths().server_key().display().to_string());
     std::fs::write(&cfg, text).unwrap();
     let out = server_cmd(dir.path()).args(["--check-config", "--config", cfg.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(78));

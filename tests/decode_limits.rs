@@ -16,7 +16,7 @@ use std::{
 use common::*;
 use imgsvc::{
     client::image_io::read_image,
-    proto::v1::{image_service_client::ImageServiceClient, EncodedImage, Image, ImageEncoding, ProcessRequest},
+    proto::v1::{EncodedImage, Image, ImageEncoding, ProcessRequest, image_service_client::ImageServiceClient},
 };
 
 struct Tracking;
@@ -88,7 +88,10 @@ fn client_refuses_a_png_declaring_100000x100000_from_its_header() {
     let err = read_image(&path).unwrap_err();
     assert_eq!(
         imgsvc::client::error_chain(&err),
-        format!("cannot read image {}: the image is 100000x100000 (10000000000 pixels), over the limit of 100000000 pixels", path.display())
+        format!(
+            "cannot read image {}: the image is 100000x100000 (10000000000 pixels), over the limit of 100000000 pixels",
+            path.display()
+        )
     );
     assert!(LARGEST.load(Ordering::Relaxed) < MAX_SINGLE_ALLOCATION, "largest allocation {}", LARGEST.load(Ordering::Relaxed));
 
@@ -97,8 +100,19 @@ fn client_refuses_a_png_declaring_100000x100000_from_its_header() {
     let pki = Pki::new(&["alpha"]);
     let (ca, cert, key) = pki.client_files("alpha");
     let out = run_client(&[
-        "--port", "9", "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", path.to_str().unwrap(), "--output", dir.path().join("o.png").to_str().unwrap(), "--mean",
+        "--port",
+        "9",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        path.to_str().unwrap(),
+        "--output",
+        dir.path().join("o.png").to_str().unwrap(),
+        "--mean",
     ]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert!(stderr(&out).contains("over the limit of 100000000 pixels"), "{}", stderr(&out));

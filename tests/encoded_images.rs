@@ -7,12 +7,12 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use imgsvc::{
-    client::{image_io::read_image, Op, RawImage},
+    client::{Op, RawImage, image_io::read_image},
     codec::{self, DecodeLimits, DecodeOptions, EncodeOptions, Encoding},
     imaging::QuarterTurns,
     proto::v1::{
-        image_service_client::ImageServiceClient, operation::Kind, rotate::Amount, EncodedImage, Image, ImageEncoding,
-        MeanFilter, Operation, OutputEncoding, PixelFormat, ProcessRequest, ProcessResponse, Rotate,
+        EncodedImage, Image, ImageEncoding, MeanFilter, Operation, OutputEncoding, PixelFormat, ProcessRequest, ProcessResponse, Rotate,
+        image_service_client::ImageServiceClient, operation::Kind, rotate::Amount,
     },
 };
 use tonic::Code;
@@ -50,7 +50,8 @@ async fn png_in_png_out_gives_exactly_what_raw_processing_gives() {
     let server = TestServer::start(&pki);
     let file = std::fs::read(fixture("logo.png")).unwrap();
     // Encoding left UNSPECIFIED: detected from the content.
-    let request = ProcessRequest { image: encoded(file, ImageEncoding::Unspecified), operations: ops(), output: output(ImageEncoding::Png, 0) };
+    let request =
+        ProcessRequest { image: encoded(file, ImageEncoding::Unspecified), operations: ops(), output: output(ImageEncoding::Png, 0) };
     let image = call(&server, &pki, request).await.unwrap().image.unwrap();
     let want = expected(&read_image(&fixture("logo.png")).unwrap(), &MEAN_THEN_90);
     assert_eq!((image.format, image.width, image.height, image.data.len()), (PixelFormat::Rgba8 as i32, want.width, want.height, 0));
@@ -67,7 +68,11 @@ async fn jpeg_in_jpeg_out_at_the_requested_quality() {
     let want = expected(&read_image(&fixture("rocket.jpg")).unwrap(), &MEAN_THEN_90);
     let mut sizes = Vec::new();
     for quality in [30, 95] {
-        let request = ProcessRequest { image: encoded(file.clone(), ImageEncoding::Jpeg), operations: ops(), output: output(ImageEncoding::Jpeg, quality) };
+        let request = ProcessRequest {
+            image: encoded(file.clone(), ImageEncoding::Jpeg),
+            operations: ops(),
+            output: output(ImageEncoding::Jpeg, quality),
+        };
         let image = call(&server, &pki, request).await.unwrap().image.unwrap();
         assert_eq!((image.format, image.width, image.height), (PixelFormat::Rgb8 as i32, 427, 640));
         let result = image.encoded.unwrap();
@@ -87,7 +92,11 @@ async fn encoded_in_raw_out_and_raw_in_encoded_out() {
     let camera = read_image(&fixture("camera.png")).unwrap();
     let want = expected(&camera, &MEAN_THEN_90);
 
-    let request = ProcessRequest { image: encoded(std::fs::read(fixture("camera.png")).unwrap(), ImageEncoding::Png), operations: ops(), output: None };
+    let request = ProcessRequest {
+        image: encoded(std::fs::read(fixture("camera.png")).unwrap(), ImageEncoding::Png),
+        operations: ops(),
+        output: None,
+    };
     let image = call(&server, &pki, request).await.unwrap().image.unwrap();
     assert_eq!(image.encoded, None);
     assert_eq!(RawImage::from_v1(image), want);
@@ -103,15 +112,22 @@ async fn undecodable_data_is_invalid_argument_naming_the_problem() {
     let server = TestServer::start(&pki);
     let unknown = ProcessRequest { image: encoded(b"hello".to_vec(), ImageEncoding::Unspecified), operations: ops(), output: None };
     let status = call(&server, &pki, unknown).await.unwrap_err();
-    assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "the data is not an image in a known encoding (PNG, JPEG, TIFF, WebP, BMP or GIF)"));
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, "the data is not an image in a known encoding (PNG, JPEG, TIFF, WebP, BMP or GIF)")
+    );
 
     let truncated = std::fs::read(fixture("camera.png")).unwrap()[..2000].to_vec();
-    let status = call(&server, &pki, ProcessRequest { image: encoded(truncated, ImageEncoding::Png), operations: ops(), output: None }).await.unwrap_err();
+    let status = call(&server, &pki, ProcessRequest { image: encoded(truncated, ImageEncoding::Png), operations: ops(), output: None })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("the data is not a valid PNG image: "), "{}", status.message());
 
     let png_as_jpeg = std::fs::read(fixture("camera.png")).unwrap();
-    let status = call(&server, &pki, ProcessRequest { image: encoded(png_as_jpeg, ImageEncoding::Jpeg), operations: ops(), output: None }).await.unwrap_err();
+    let status = call(&server, &pki, ProcessRequest { image: encoded(png_as_jpeg, ImageEncoding::Jpeg), operations: ops(), output: None })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("the data is not a valid JPEG image: "), "{}", status.message());
 }
@@ -135,7 +151,11 @@ async fn malformed_encoded_requests_are_invalid_argument() {
             "GIF is read, not written: choose PNG, JPEG, TIFF, WebP or BMP",
         ),
         (
-            ProcessRequest { image: encoded(png.clone(), ImageEncoding::Png), operations: ops(), output: Some(OutputEncoding { encoding: 77, jpeg_quality: 0 }) },
+            ProcessRequest {
+                image: encoded(png.clone(), ImageEncoding::Png),
+                operations: ops(),
+                output: Some(OutputEncoding { encoding: 77, jpeg_quality: 0 }),
+            },
             "output.encoding 77 is not a known ImageEncoding value (0..=6)",
         ),
         (
@@ -144,7 +164,10 @@ async fn malformed_encoded_requests_are_invalid_argument() {
         ),
         (
             ProcessRequest {
-                image: Some(Image { encoded: Some(EncodedImage { data: png.into(), encoding: ImageEncoding::Png as i32, page: 1 }), ..Default::default() }),
+                image: Some(Image {
+                    encoded: Some(EncodedImage { data: png.into(), encoding: ImageEncoding::Png as i32, page: 1 }),
+                    ..Default::default()
+                }),
                 operations: ops(),
                 output: None,
             },
@@ -161,9 +184,16 @@ async fn malformed_encoded_requests_are_invalid_argument() {
 async fn encoded_image_over_the_pixel_limit_is_resource_exhausted() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start_with(&pki, |raw| raw.limits.max_image_pixels = 1000);
-    let request = ProcessRequest { image: encoded(std::fs::read(fixture("camera.png")).unwrap(), ImageEncoding::Png), operations: ops(), output: None };
+    let request = ProcessRequest {
+        image: encoded(std::fs::read(fixture("camera.png")).unwrap(), ImageEncoding::Png),
+        operations: ops(),
+        output: None,
+    };
     let status = call(&server, &pki, request).await.unwrap_err();
-    assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "the image is 512x512 (262144 pixels), over the limit of 1000 pixels"));
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::ResourceExhausted, "the image is 512x512 (262144 pixels), over the limit of 1000 pixels")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,6 +204,10 @@ async fn small_file_that_decodes_beyond_the_message_limit_is_resource_exhausted(
     let flat = RawImage { format: PixelFormat::Rgb8, width: 200, height: 200, data: vec![90u8; 120_000].into() };
     let png = codec::encode(&flat, &EncodeOptions::new(Encoding::Png)).unwrap().data;
     assert!(png.len() < 2000, "{} bytes", png.len());
-    let status = call(&server, &pki, ProcessRequest { image: encoded(png, ImageEncoding::Png), operations: ops(), output: None }).await.unwrap_err();
-    assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "decoding the 200x200 image needs 120000 bytes, over the limit of 65536 bytes"));
+    let status =
+        call(&server, &pki, ProcessRequest { image: encoded(png, ImageEncoding::Png), operations: ops(), output: None }).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::ResourceExhausted, "decoding the 200x200 image needs 120000 bytes, over the limit of 65536 bytes")
+    );
 }

@@ -7,13 +7,13 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use image::{codecs::gif::GifEncoder, Delay, Frame, RgbaImage};
+use image::{Delay, Frame, RgbaImage, codecs::gif::GifEncoder};
 use imgsvc::{
     client::{
-        image_io::{read_image, read_image_with},
         Op, RawImage,
+        image_io::{read_image, read_image_with},
     },
-    codec::{self, stored_format, DecodeOptions, EncodeOptions, Encoding},
+    codec::{self, DecodeOptions, EncodeOptions, Encoding, stored_format},
     imaging::QuarterTurns,
     proto::v1::PixelFormat,
 };
@@ -75,10 +75,22 @@ fn every_input_format_and_mode_is_read_and_processed_exactly() {
     let server = TestServer::start(&pki);
     let (src, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let inputs = input_dir(src.path());
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--input", src.path().to_str().unwrap(), "--output", out.path().to_str().unwrap(),
-        "--format", "png", "--rotate", "NINETY_DEG", "--mean",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &[
+            "--input",
+            src.path().to_str().unwrap(),
+            "--output",
+            out.path().to_str().unwrap(),
+            "--format",
+            "png",
+            "--rotate",
+            "NINETY_DEG",
+            "--mean",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("imgsvc-client: 11 done, 0 failed, 0 skipped"), "{}", stderr(&result));
     let ops = [Op::MeanFilter, Op::Rotate(QuarterTurns::One)];
@@ -103,12 +115,27 @@ fn every_output_format_round_trips_every_mode_with_the_documented_conversions() 
     let server = TestServer::start(&pki);
     let src = tempfile::tempdir().unwrap();
     let inputs = input_dir(src.path());
-    for (flag, encoding) in [("png", Encoding::Png), ("jpeg", Encoding::Jpeg), ("tiff", Encoding::Tiff), ("webp", Encoding::WebP), ("bmp", Encoding::Bmp)] {
+    for (flag, encoding) in
+        [("png", Encoding::Png), ("jpeg", Encoding::Jpeg), ("tiff", Encoding::Tiff), ("webp", Encoding::WebP), ("bmp", Encoding::Bmp)]
+    {
         let out = tempfile::tempdir().unwrap();
-        let result = run_client_with(&server, &pki, "alpha", &[
-            "--input", src.path().to_str().unwrap(), "--output", out.path().to_str().unwrap(),
-            "--format", flag, "--rotate", "ONE_EIGHTY_DEG", "-j", "3",
-        ]);
+        let result = run_client_with(
+            &server,
+            &pki,
+            "alpha",
+            &[
+                "--input",
+                src.path().to_str().unwrap(),
+                "--output",
+                out.path().to_str().unwrap(),
+                "--format",
+                flag,
+                "--rotate",
+                "ONE_EIGHTY_DEG",
+                "-j",
+                "3",
+            ],
+        );
         assert!(result.status.success(), "{flag}: {}", stderr(&result));
         for (name, _) in &inputs {
             let path = out.path().join(Path::new(name).with_extension(encoding.extension()));
@@ -155,7 +182,12 @@ fn output_format_comes_from_the_extension_or_the_format_flag() {
         assert!(result.status.success(), "{output}: {}", stderr(&result));
         assert_eq!(Encoding::detect(&std::fs::read(&path).unwrap()), Ok(encoding), "{output}");
     }
-    let note = stderr(&run_client_with(&server, &pki, "alpha", &["--input", &input, "--output", dir.path().join("q.jpg").to_str().unwrap(), "--mean", "--quality", "95"]));
+    let note = stderr(&run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &["--input", &input, "--output", dir.path().join("q.jpg").to_str().unwrap(), "--mean", "--quality", "95"],
+    ));
     assert!(note.contains("q.jpg: JPEG cannot hold RGBA8: converted it to RGB8 (alpha dropped)"), "{note}");
 }
 
@@ -182,17 +214,23 @@ fn tiff_page_flag_selects_the_page_and_a_missing_page_is_refused() {
     let input = fixture("multipage.tif").display().to_string();
     for (page, want) in pages.iter().enumerate() {
         let out = dir.path().join(format!("page{page}.png"));
-        let result = run_client_with(&server, &pki, "alpha", &[
-            "--input", &input, "--page", &page.to_string(), "--output", out.to_str().unwrap(), "--rotate", "NINETY_DEG",
-        ]);
+        let result = run_client_with(
+            &server,
+            &pki,
+            "alpha",
+            &["--input", &input, "--page", &page.to_string(), "--output", out.to_str().unwrap(), "--rotate", "NINETY_DEG"],
+        );
         assert!(result.status.success(), "page {page}: {}", stderr(&result));
         assert_eq!(read_image(&out).unwrap(), expected(want, &[Op::Rotate(QuarterTurns::One)]), "page {page}");
     }
     let missing = pages.len() as u32 + 5;
     let out = dir.path().join("missing.png");
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--input", &input, "--page", &missing.to_string(), "--output", out.to_str().unwrap(), "--mean",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &["--input", &input, "--page", &missing.to_string(), "--output", out.to_str().unwrap(), "--mean"],
+    );
     assert_eq!(result.status.code(), Some(65));
     let want = format!("there is no page {missing}: the TIFF has {} page(s), numbered from 0", pages.len());
     assert!(stderr(&result).contains(&want), "{}", stderr(&result));
@@ -251,7 +289,12 @@ fn exif_orientation_6_is_applied_on_read_so_the_photo_comes_out_as_it_looks() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
     let out = dir.path().join("out.png");
-    let result = run_client_with(&server, &pki, "alpha", &["--input", photo.to_str().unwrap(), "--output", out.to_str().unwrap(), "--rotate", "NONE"]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &["--input", photo.to_str().unwrap(), "--output", out.to_str().unwrap(), "--rotate", "NONE"],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(read_image(&out).unwrap(), got);
 }
@@ -262,16 +305,27 @@ fn legacy_api_converts_other_modes_and_says_so() {
     let server = TestServer::start(&pki);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let result = run_client_with(&server, &pki, "alpha", &[
-        "--api", "legacy", "--input", fixture("chessboard_RGB.png").to_str().unwrap(), "--output", out.to_str().unwrap(), "--rotate", "NINETY_DEG",
-    ]);
+    let result = run_client_with(
+        &server,
+        &pki,
+        "alpha",
+        &[
+            "--api",
+            "legacy",
+            "--input",
+            fixture("chessboard_RGB.png").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--rotate",
+            "NINETY_DEG",
+        ],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("note: the legacy API carries GRAY8 and RGB8 only: converted RGB16 to RGB8"), "{}", stderr(&result));
-    let input = read_image_with(&fixture("chessboard_RGB.png"), &DecodeOptions {
-        encoding: None,
-        page: 0,
-        limits: imgsvc::client::image_io::client_decode_limits(),
-    })
+    let input = read_image_with(
+        &fixture("chessboard_RGB.png"),
+        &DecodeOptions { encoding: None, page: 0, limits: imgsvc::client::image_io::client_decode_limits() },
+    )
     .unwrap()
     .image
     .convert(PixelFormat::Rgb8)

@@ -31,8 +31,14 @@ fn writes_ca_server_and_tenant_files_with_private_keys_0600() {
     assert_eq!(
         names,
         [
-            "ca-key.pem", "ca.pem", "client-team-a-key.pem", "client-team-a.pem", "client-team-b-key.pem",
-            "client-team-b.pem", "server-key.pem", "server.pem"
+            "ca-key.pem",
+            "ca.pem",
+            "client-team-a-key.pem",
+            "client-team-a.pem",
+            "client-team-b-key.pem",
+            "client-team-b.pem",
+            "server-key.pem",
+            "server.pem"
         ]
     );
     for name in &names {
@@ -46,7 +52,18 @@ fn certificates_carry_the_right_usages_names_and_tenant_uri() {
     use x509_parser::extensions::ParsedExtension;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
-    let result = gen_certs(&["--out", out.to_str().unwrap(), "--trust-domain", "corp.example", "--tenant", "team-a", "--server-name", "imgsvc.corp.example", "--server-name", "10.1.2.3"]);
+    let result = gen_certs(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--trust-domain",
+        "corp.example",
+        "--tenant",
+        "team-a",
+        "--server-name",
+        "imgsvc.corp.example",
+        "--server-name",
+        "10.1.2.3",
+    ]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 
     let ca_der = der(&out.join("ca.pem"));
@@ -84,8 +101,11 @@ fn certificates_carry_the_right_usages_names_and_tenant_uri() {
 fn adding_a_tenant_later_reuses_the_ca_and_keeps_earlier_certificates_valid() {
     let pki = Pki::new(&["first"]);
     let out = pki.dir.path().to_str().unwrap();
-    let (ca_before, server_before, first_before) =
-        (std::fs::read(pki.paths().ca_cert()).unwrap(), std::fs::read(pki.paths().server_cert()).unwrap(), std::fs::read(pki.client_files("first").1).unwrap());
+    let (ca_before, server_before, first_before) = (
+        std::fs::read(pki.paths().ca_cert()).unwrap(),
+        std::fs::read(pki.paths().server_cert()).unwrap(),
+        std::fs::read(pki.client_files("first").1).unwrap(),
+    );
     let result = gen_certs(&["--out", out, "--trust-domain", TRUST_DOMAIN, "--tenant", "second"]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     assert!(String::from_utf8_lossy(&result.stdout).contains("reused the CA"));
@@ -145,7 +165,7 @@ fn revoke_adds_each_tenant_certificate_to_the_crl_and_keeps_earlier_entries() {
         assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     }
     let pem = std::fs::read(pki.paths().crl()).unwrap();
-    use rustls::pki_types::{pem::PemObject, CertificateRevocationListDer};
+    use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
     let crl_der = CertificateRevocationListDer::from_pem_slice(&pem).unwrap();
     let (_, crl) = CertificateRevocationList::from_der(&crl_der).unwrap();
     let revoked: Vec<Vec<u8>> = crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect();

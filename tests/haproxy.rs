@@ -171,7 +171,11 @@ async fn carries_a_bounded_load_with_zero_errors_and_tenant_identity_end_to_end(
     drop(clients);
 
     // A certificate without tenant is refused by the server behind haproxy.
-    let (cert, key) = pki.sign_custom("no-tenant", vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let (cert, key) = pki.sign_custom(
+        "no-tenant",
+        vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
     let creds = imgsvc::tls::ClientCredentials::from_files(&pki.paths().ca_cert(), &cert, &key).unwrap();
     let channel = imgsvc::client::connect(&target_of(front), &creds).await.unwrap();
     let image = RawImage { format: PixelFormat::Gray8, width: 1, height: 1, data: Bytes::from_static(&[1]) };

@@ -7,10 +7,10 @@ mod common;
 use common::*;
 use imgsvc::server::Phase;
 use tokio_stream::StreamExt;
-use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
-    server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
-    server_reflection_response::MessageResponse, ServerReflectionRequest,
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+    server_reflection_response::MessageResponse,
 };
 
 #[test]
@@ -52,9 +52,7 @@ async fn health_turns_not_serving_and_readyz_503_while_draining() {
         let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next()).await;
         assert_eq!(next.unwrap().unwrap().unwrap().status(), ServingStatus::NotServing, "{service:?}");
     }
-    let (readyz, healthz) = tokio::task::spawn_blocking(move || (http_get(admin, "/readyz"), http_get(admin, "/healthz")))
-        .await
-        .unwrap();
+    let (readyz, healthz) = tokio::task::spawn_blocking(move || (http_get(admin, "/readyz"), http_get(admin, "/healthz"))).await.unwrap();
     assert_eq!(readyz, (503, "draining\n".to_string()));
     assert_eq!(healthz, (200, "ok\n".to_string()));
     assert_eq!(*server.phase.borrow(), Phase::Draining);
@@ -78,8 +76,5 @@ async fn reflection_lists_both_image_services_and_health() {
     };
     let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     names.sort();
-    assert_eq!(
-        names,
-        ["NLImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "imgsvc.v1.ImageService"]
-    );
+    assert_eq!(names, ["NLImageService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "imgsvc.v1.ImageService"]);
 }

@@ -7,8 +7,8 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use imgsvc::proto::{
-    nlimage::{nl_image_service_client::NlImageServiceClient, NlImage, NlImageRotateRequest},
-    v1::{self, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount, Image, Operation, PixelFormat, ProcessRequest},
+    nlimage::{NlImage, NlImageRotateRequest, nl_image_service_client::NlImageServiceClient},
+    v1::{self, Image, Operation, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount},
 };
 use tonic::Code;
 
@@ -97,8 +97,16 @@ async fn v1_api_refuses_invalid_images_and_pipelines_with_invalid_argument_and_k
             req(v1img(PixelFormat::Rgba16 as i32, u32::MAX, u32::MAX, 0), vec![mean_op()]),
             "image dimensions 4294967295x4294967295 with 8 bytes per pixel overflow 64-bit sizes",
         ),
-        ("empty operation", req(v1img(gray, 1, 1, 1), vec![mean_op(), Operation { kind: None }]), "operation 1 is empty: set rotate or mean_filter"),
-        ("rotate without amount", req(v1img(gray, 1, 1, 1), vec![rotate_op(None)]), "operation 0 (rotate) has no amount: set quarter_turns or angle"),
+        (
+            "empty operation",
+            req(v1img(gray, 1, 1, 1), vec![mean_op(), Operation { kind: None }]),
+            "operation 1 is empty: set rotate or mean_filter",
+        ),
+        (
+            "rotate without amount",
+            req(v1img(gray, 1, 1, 1), vec![rotate_op(None)]),
+            "operation 0 (rotate) has no amount: set quarter_turns or angle",
+        ),
         (
             "unspecified angle",
             req(v1img(gray, 1, 1, 1), vec![rotate_op(Some(Amount::Angle(0)))]),
@@ -129,7 +137,10 @@ async fn images_over_the_pixel_limit_get_resource_exhausted_in_both_apis() {
     assert!(legacy.mean_filter(nl(false, 40, 25, 1000)).await.is_ok(), "exactly at the limit is allowed");
 
     let mut v1c = ImageServiceClient::new(ch);
-    let status = v1c.process(ProcessRequest { image: v1img(PixelFormat::Rgb8 as i32, 1001, 1, 3003), operations: vec![], output: None }).await.unwrap_err();
+    let status = v1c
+        .process(ProcessRequest { image: v1img(PixelFormat::Rgb8 as i32, 1001, 1, 3003), operations: vec![], output: None })
+        .await
+        .unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "image has 1001 pixels (1001x1), over the limit of 1000"));
 }
 
@@ -160,7 +171,8 @@ async fn empty_pipeline_returns_the_image_unchanged() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
     let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
-    let image = Image { format: PixelFormat::Rgb8 as i32, width: 2, height: 1, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6]), encoded: None };
+    let image =
+        Image { format: PixelFormat::Rgb8 as i32, width: 2, height: 1, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6]), encoded: None };
     let out = client.process(ProcessRequest { image: Some(image.clone()), operations: vec![], output: None }).await.unwrap().into_inner();
     assert_eq!(out.image, Some(image));
 }

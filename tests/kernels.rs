@@ -3,18 +3,12 @@
 //! invariants, parallel == single, and error reporting.
 
 use imgsvc::imaging::{
-    ImagingError, KernelPath, Layout, PARALLEL_MIN_PIXELS, Parallelism, QuarterTurns, Sample,
-    available_paths, mean_filter, mean_filter_into, mean_filter_into_using, mean_filter_into_with,
-    reference, rotate, rotate_into, rotate_into_using, rotate_into_with,
+    ImagingError, KernelPath, Layout, PARALLEL_MIN_PIXELS, Parallelism, QuarterTurns, Sample, available_paths, mean_filter,
+    mean_filter_into, mean_filter_into_using, mean_filter_into_with, reference, rotate, rotate_into, rotate_into_using, rotate_into_with,
 };
 use proptest::prelude::*;
 
-const TURNS: [QuarterTurns; 4] = [
-    QuarterTurns::Zero,
-    QuarterTurns::One,
-    QuarterTurns::Two,
-    QuarterTurns::Three,
-];
+const TURNS: [QuarterTurns; 4] = [QuarterTurns::Zero, QuarterTurns::One, QuarterTurns::Two, QuarterTurns::Three];
 
 fn layout(w: usize, h: usize, c: usize) -> Layout {
     Layout::new(w, h, c).unwrap()

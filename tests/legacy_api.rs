@@ -6,10 +6,8 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use imgsvc::{
-    imaging::{reference, Layout, QuarterTurns},
-    proto::nlimage::{
-        nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient, NlImage, NlImageRotateRequest,
-    },
+    imaging::{Layout, QuarterTurns, reference},
+    proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient},
 };
 use tonic::codegen::http::uri::PathAndQuery;
 
@@ -45,7 +43,11 @@ async fn serves_the_unpackaged_wire_paths() {
     assert_eq!(rotated.get_ref().data, reference::rotate(&img.data, layout(&img), QuarterTurns::One));
     grpc.ready().await.unwrap();
     let filtered: tonic::Response<NlImage> = grpc
-        .unary(tonic::Request::new(img.clone()), PathAndQuery::from_static("/NLImageService/MeanFilter"), tonic_prost::ProstCodec::default())
+        .unary(
+            tonic::Request::new(img.clone()),
+            PathAndQuery::from_static("/NLImageService/MeanFilter"),
+            tonic_prost::ProstCodec::default(),
+        )
         .await
         .unwrap();
     assert_eq!(filtered.get_ref().data, reference::mean_filter(&img.data, layout(&img)));
@@ -60,11 +62,8 @@ async fn rotates_counter_clockwise_and_swaps_dimensions() {
     //                   3 4                  1 3 5
     //                   5 6
     let img = NlImage { color: false, width: 2, height: 3, data: Bytes::from_static(&[1, 2, 3, 4, 5, 6]) };
-    let out = client
-        .rotate_image(NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(img) })
-        .await
-        .unwrap()
-        .into_inner();
+    let out =
+        client.rotate_image(NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(img) }).await.unwrap().into_inner();
     assert_eq!((out.width, out.height, out.color), (3, 2, false));
     assert_eq!(&out.data[..], &[2, 4, 6, 1, 3, 5]);
 }

@@ -21,7 +21,9 @@ fn start_binary(pki: &Pki, host: &str) -> (std::process::Child, Vec<String>) {
         &cfg,
         format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-            p.server_cert().display(), p.server_key().display(), p.ca_cert().display()
+            p.server_cert().display(),
+            p.server_key().display(),
+            p.ca_cert().display()
         ),
     )
     .unwrap();
@@ -80,8 +82,7 @@ fn binds_ipv4_loopback_when_asked() {
 
 #[tokio::test]
 async fn a_name_binds_every_address_it_resolves_to() {
-    let resolved: std::collections::BTreeSet<_> =
-        tokio::net::lookup_host(("localhost", 0)).await.unwrap().map(|a| a.ip()).collect();
+    let resolved: std::collections::BTreeSet<_> = tokio::net::lookup_host(("localhost", 0)).await.unwrap().map(|a| a.ip()).collect();
     let listeners = imgsvc::server::bind("localhost", 0).await.unwrap();
     let bound: std::collections::BTreeSet<_> = listeners.iter().map(|l| l.local_addr().unwrap().ip()).collect();
     assert_eq!(bound, resolved);

@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::{
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
 use bytes::Bytes;
@@ -105,12 +103,24 @@ fn cli_endpoints_skip_a_dead_server() {
     // Whichever the run starts with (it depends on the process id), the
     // dead endpoint is retried on the live one.
     let out = run_client(&[
-        "--endpoint", &dead.to_string(),
-        "--endpoint", &alive.addr.to_string(),
-        "--server-name", "localhost",
-        "--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap(),
-        "--input", fixture("camera.png").to_str().unwrap(), "--output", output.to_str().unwrap(),
-        "--rotate", "NINETY_DEG",
+        "--endpoint",
+        &dead.to_string(),
+        "--endpoint",
+        &alive.addr.to_string(),
+        "--server-name",
+        "localhost",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--input",
+        fixture("camera.png").to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--rotate",
+        "NINETY_DEG",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(output.exists());
@@ -129,4 +139,3 @@ fn cli_reports_a_malformed_endpoint_quoting_it() {
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("\"imgsvc\" is not HOST:PORT"), "{}", stderr(&out));
 }
-

@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 
 fn spawn_server(pki: &Pki, dir: &std::path::Path, log_format: &str) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
     let cfg = write_server_config(dir, pki, "");

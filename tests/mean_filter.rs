@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use imgsvc::client::{image_io::read_image, Op};
+use imgsvc::client::{Op, image_io::read_image};
 
 fn run(server: &TestServer, pki: &Pki, photo: &str, extra: &[&str], out: &std::path::Path) {
     let mut args = client_args(server, pki, "alpha");
@@ -40,11 +40,7 @@ fn mean_and_rotate_together_filter_then_rotate_in_both_apis() {
             for api in ["v1", "legacy"] {
                 let out = dir.path().join(format!("{photo}-{name}-{api}.png"));
                 run(&server, &pki, photo, &["--mean", "--rotate", name, "--api", api], &out);
-                assert_eq!(
-                    read_image(&out).unwrap(),
-                    expected(&input, &[Op::MeanFilter, Op::Rotate(turns)]),
-                    "{photo} {name} {api}"
-                );
+                assert_eq!(read_image(&out).unwrap(), expected(&input, &[Op::MeanFilter, Op::Rotate(turns)]), "{photo} {name} {api}");
             }
         }
     }
@@ -69,7 +65,10 @@ fn legacy_api_converts_rgba_to_rgb_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("logo.png");
     let mut args = client_args(&server, &pki, "alpha");
-    args.extend(["--input", &fixture("logo.png").display().to_string(), "--output", &out.display().to_string(), "--mean", "--api", "legacy"].map(String::from));
+    args.extend(
+        ["--input", &fixture("logo.png").display().to_string(), "--output", &out.display().to_string(), "--mean", "--api", "legacy"]
+            .map(String::from),
+    );
     let result = run_client(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("converted RGBA8 to RGB8 (alpha dropped)"), "{}", stderr(&result));

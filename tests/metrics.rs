@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 
 const MEAN: &str = "NLImageService/MeanFilter";
 
@@ -128,7 +128,11 @@ async fn a_request_without_tenant_is_counted_as_unauthenticated() {
     let pki = Pki::new(&["metrics-none"]);
     let server = TestServer::start(&pki);
     let before = metric(&scrape(&server), "imgsvc_unauthenticated_requests_total", &[]).unwrap_or(0.0);
-    let (cert, key) = pki.sign_custom("no-tenant", vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let (cert, key) = pki.sign_custom(
+        "no-tenant",
+        vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
     let creds = imgsvc::tls::ClientCredentials::from_files(&pki.paths().ca_cert(), &cert, &key).unwrap();
     let channel = imgsvc::client::connect(&target(server.port()), &creds).await.unwrap();
     let status = NlImageServiceClient::new(channel)

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use imgsvc::{
     client::{self, ClientError},
-    proto::v1::{image_service_client::ImageServiceClient, Image, PixelFormat, ProcessRequest},
+    proto::v1::{Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient},
 };
 use rcgen::{ExtendedKeyUsagePurpose, SanType};
 use tonic::Code;
@@ -63,7 +63,10 @@ async fn rejects_client_signed_by_another_ca_at_the_handshake() {
     let (_, cert, key) = other.client_files("alpha");
     let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
     let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
-    assert!(explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"), "{explanation}");
+    assert!(
+        explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"),
+        "{explanation}"
+    );
     assert_still_serving(&server, &pki).await;
 }
 
@@ -82,7 +85,8 @@ async fn rejects_server_only_certificate_used_as_client_certificate() {
 async fn rejects_certificate_without_tenant_uri_with_unauthenticated() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
-    let (cert, key) = pki.sign_custom("no-uri", vec![SanType::DnsName("client.example".try_into().unwrap())], ExtendedKeyUsagePurpose::ClientAuth);
+    let (cert, key) =
+        pki.sign_custom("no-uri", vec![SanType::DnsName("client.example".try_into().unwrap())], ExtendedKeyUsagePurpose::ClientAuth);
     let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
     let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
     assert_eq!(code, Code::Unauthenticated);
@@ -94,7 +98,8 @@ async fn rejects_certificate_without_tenant_uri_with_unauthenticated() {
 async fn rejects_tenant_of_another_trust_domain_with_unauthenticated() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
-    let (cert, key) = pki.sign_custom("foreign", vec![uri_san("spiffe://elsewhere.example/tenant/alpha")], ExtendedKeyUsagePurpose::ClientAuth);
+    let (cert, key) =
+        pki.sign_custom("foreign", vec![uri_san("spiffe://elsewhere.example/tenant/alpha")], ExtendedKeyUsagePurpose::ClientAuth);
     let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
     let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
     assert_eq!(code, Code::Unauthenticated);
@@ -113,7 +118,10 @@ async fn client_refuses_a_server_whose_certificate_another_ca_signed() {
     let (_, cert, key) = pki.client_files("alpha");
     let err = call_with(&server, &creds(&other.paths().ca_cert(), &cert, &key)).await.unwrap_err();
     let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
-    assert!(explanation.starts_with("this client refused the server's certificate: it is not signed by the CA given with --ca"), "{explanation}");
+    assert!(
+        explanation.starts_with("this client refused the server's certificate: it is not signed by the CA given with --ca"),
+        "{explanation}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +137,7 @@ async fn client_refuses_a_server_name_the_certificate_does_not_cover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_service_needs_a_tenant_certificate_and_reports_serving() {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start(&pki);
     let mut health = HealthClient::new(channel(&server, &pki, "alpha").await);

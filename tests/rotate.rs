@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use imgsvc::client::{image_io::read_image, Op};
+use imgsvc::client::{Op, image_io::read_image};
 
 #[test]
 fn rotates_gray_rgb_png_and_jpeg_photos_in_every_direction_through_both_apis() {
@@ -35,7 +35,10 @@ fn rotated_dimensions_swap_for_quarter_turns_on_a_non_square_photo() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.png");
     let mut args = client_args(&server, &pki, "alpha");
-    args.extend(["--input", &fixture("rocket.jpg").display().to_string(), "--output", &out.display().to_string(), "--rotate", "TWO_SEVENTY_DEG"].map(String::from));
+    args.extend(
+        ["--input", &fixture("rocket.jpg").display().to_string(), "--output", &out.display().to_string(), "--rotate", "TWO_SEVENTY_DEG"]
+            .map(String::from),
+    );
     let result = run_client(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(result.status.success(), "{}", stderr(&result));
     let got = read_image(&out).unwrap();
@@ -49,7 +52,10 @@ fn writes_jpeg_output_when_the_extension_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("r.jpg");
     let mut args = client_args(&server, &pki, "alpha");
-    args.extend(["--input", &fixture("astronaut.png").display().to_string(), "--output", &out.display().to_string(), "--rotate", "NINETY_DEG"].map(String::from));
+    args.extend(
+        ["--input", &fixture("astronaut.png").display().to_string(), "--output", &out.display().to_string(), "--rotate", "NINETY_DEG"]
+            .map(String::from),
+    );
     let result = run_client(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(image::ImageReader::open(&out).unwrap().with_guessed_format().unwrap().format(), Some(image::ImageFormat::Jpeg));
@@ -57,6 +63,7 @@ fn writes_jpeg_output_when_the_extension_says_so() {
     let got = read_image(&out).unwrap();
     let want = expected(&read_image(&fixture("astronaut.png")).unwrap(), &[Op::Rotate(imgsvc::imaging::QuarterTurns::One)]);
     assert_eq!((got.width, got.height), (want.width, want.height));
-    let mean_abs_diff: f64 = got.data.iter().zip(want.data.iter()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / got.data.len() as f64;
+    let mean_abs_diff: f64 =
+        got.data.iter().zip(want.data.iter()).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / got.data.len() as f64;
     assert!(mean_abs_diff < 4.0, "mean absolute difference {mean_abs_diff}");
 }

@@ -11,7 +11,7 @@ use std::{
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 
 fn big_gray(seed: u8) -> NlImage {
     let (w, h) = (3000, 2000);
@@ -83,7 +83,9 @@ fn sigterm_stops_the_daemon_with_exit_code_zero() {
         &cfg,
         format!(
             "[server]\nport = 0\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-            p.server_cert().display(), p.server_key().display(), p.ca_cert().display()
+            p.server_cert().display(),
+            p.server_key().display(),
+            p.ca_cert().display()
         ),
     )
     .unwrap();

@@ -6,11 +6,15 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use imgsvc::{
-    client::{image_io::RawImage, stream::{process_stream, request_messages}, Op},
+    client::{
+        Op,
+        image_io::RawImage,
+        stream::{process_stream, request_messages},
+    },
     imaging::QuarterTurns,
     proto::v1::{
-        image_service_client::ImageServiceClient, process_stream_request::Part, Image, PixelFormat, ProcessRequest,
-        ProcessStreamRequest, StreamHeader,
+        Image, PixelFormat, ProcessRequest, ProcessStreamRequest, StreamHeader, image_service_client::ImageServiceClient,
+        process_stream_request::Part,
     },
 };
 use tonic::Code;
@@ -29,7 +33,9 @@ async fn send_raw(server: &TestServer, pki: &Pki, messages: Vec<ProcessStreamReq
 }
 
 fn header(w: u32, h: u32) -> ProcessStreamRequest {
-    ProcessStreamRequest { part: Some(Part::Header(StreamHeader { format: PixelFormat::Gray8 as i32, width: w, height: h, operations: vec![] })) }
+    ProcessStreamRequest {
+        part: Some(Part::Header(StreamHeader { format: PixelFormat::Gray8 as i32, width: w, height: h, operations: vec![] })),
+    }
 }
 
 fn chunk(len: usize) -> ProcessStreamRequest {
@@ -83,7 +89,11 @@ async fn protocol_violations_are_invalid_argument_with_a_message() {
         ("empty first message", vec![empty.clone()], "message 0 has neither header nor chunk"),
         ("second header", vec![header(2, 2), chunk(2), header(2, 2)], "message 2 is a second header; a stream has exactly one"),
         ("empty message", vec![header(2, 2), empty], "message 1 has neither header nor chunk"),
-        ("data past the declared size", vec![header(2, 2), chunk(3), chunk(2)], "message 2 brings the data to 5 bytes, past the 4 bytes the header declared"),
+        (
+            "data past the declared size",
+            vec![header(2, 2), chunk(3), chunk(2)],
+            "message 2 brings the data to 5 bytes, past the 4 bytes the header declared",
+        ),
         ("truncated", vec![header(4, 4), chunk(10)], "the stream ended after 10 of the 16 bytes the header declared"),
         ("empty chunk", vec![header(2, 2), chunk(0)], "message 1 is an empty chunk"),
         ("oversized chunk", vec![header(10, 10), chunk(65)], "message 1 is a chunk of 65 bytes, over the limit of 64 bytes per chunk"),

@@ -16,13 +16,15 @@ use imgsvc::{
     config::RawTenantLimits,
     identity::TenantId,
     proto::{
-        nlimage::{nl_image_service_client::NlImageServiceClient, NlImage, NlImageRotateRequest},
-        v1::{self, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount, Image, Operation, PixelFormat, ProcessRequest},
+        nlimage::{NlImage, NlImageRotateRequest, nl_image_service_client::NlImageServiceClient},
+        v1::{
+            self, Image, Operation, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount,
+        },
     },
     tenancy::TenantLoad,
 };
 use prost::Message;
-use tonic::{transport::Channel, Code, Status};
+use tonic::{Code, Status, transport::Channel};
 
 fn gray(w: i32, h: i32) -> NlImage {
     NlImage { color: false, width: w, height: h, data: Bytes::from(vec![7u8; (w * h) as usize]) }
@@ -38,7 +40,13 @@ fn rotate_op() -> Operation {
 
 fn v1_request(w: u32, h: u32, operations: Vec<Operation>) -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Gray8 as i32, width: w, height: h, data: Bytes::from(vec![7u8; (w * h) as usize]), encoded: None }),
+        image: Some(Image {
+            format: PixelFormat::Gray8 as i32,
+            width: w,
+            height: h,
+            data: Bytes::from(vec![7u8; (w * h) as usize]),
+            encoded: None,
+        }),
         operations,
         output: None,
     }
@@ -87,7 +95,12 @@ async fn unknown_tenants_are_served_with_the_defaults_when_the_switch_says_so() 
         raw.tenant_defaults.allowed_operations = Some(vec!["rotate".into()]);
     });
     let [mean, rotate, _] = both_apis(channel(&server, &pki, "stranger").await).await;
-    assert_status(&mean.1, Code::PermissionDenied, "operation mean_filter is not allowed for tenant \"stranger\" (allowed: rotate)", mean.0);
+    assert_status(
+        &mean.1,
+        Code::PermissionDenied,
+        "operation mean_filter is not allowed for tenant \"stranger\" (allowed: rotate)",
+        mean.0,
+    );
     assert!(rotate.1.is_ok(), "{:?}", rotate.1);
 }
 
@@ -177,7 +190,13 @@ async fn requests_over_the_tenant_byte_limit_are_resource_exhausted_in_both_apis
 /// A slow request: 16 mean filters over a 2000x2000 RGB image.
 fn slow_request() -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Rgb8 as i32, width: 2000, height: 2000, data: Bytes::from(vec![9u8; 2000 * 2000 * 3]), encoded: None }),
+        image: Some(Image {
+            format: PixelFormat::Rgb8 as i32,
+            width: 2000,
+            height: 2000,
+            data: Bytes::from(vec![9u8; 2000 * 2000 * 3]),
+            encoded: None,
+        }),
         operations: vec![mean_op(); 16],
         output: None,
     }
@@ -290,7 +309,9 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
     let cfg = dir.path().join("imgsvc.toml");
     let base = format!(
         "[server]\nport = 0\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-        p.server_cert().display(), p.server_key().display(), p.ca_cert().display()
+        p.server_cert().display(),
+        p.server_key().display(),
+        p.ca_cert().display()
     );
     std::fs::write(&cfg, format!("{base}[tenants.alpha]\n")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
@@ -310,14 +331,24 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
     let wait_for = |needle: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let line = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
             if line.contains(needle) {
                 return line;
             }
         }
     };
     let listening = wait_for("listening on 127.0.0.1:");
-    let port: u16 = listening.split("listening on 127.0.0.1:").nth(1).unwrap().chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap();
+    let port: u16 = listening
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap();
     let hup = || Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
     let mean = || async {
         let ch = imgsvc::client::connect(&target(port), &pki.credentials("alpha")).await.unwrap();

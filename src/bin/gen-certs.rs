@@ -5,8 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use imgsvc::{
+    EXIT_USAGE,
     identity::{TenantId, TrustDomain},
-    pki, EXIT_USAGE,
+    pki,
 };
 
 const EXAMPLES: &str = "\
@@ -71,12 +72,7 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     let usage = |e: anyhow::Error| (EXIT_USAGE as u8, e);
     let trust_domain = TrustDomain::parse(&args.trust_domain).map_err(|e| usage(e.into()))?;
-    let tenants = args
-        .tenants
-        .iter()
-        .map(|t| TenantId::parse(t))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| usage(e.into()))?;
+    let tenants = args.tenants.iter().map(|t| TenantId::parse(t)).collect::<Result<Vec<_>, _>>().map_err(|e| usage(e.into()))?;
     if !args.revoke.is_empty() {
         for name in &args.revoke {
             let tenant = TenantId::parse(name).map_err(|e| usage(e.into()))?;

@@ -5,16 +5,16 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use imgsvc::{
-    client::{
-        self,
-        batch::{self, Job, JobSettings, RunOptions},
-        credentials, image_io, Api, Balancer, CallOptions, Endpoint, Op, StreamMode, Target,
-    },
-    loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
-    codec::{DecodeOptions, Encoding, DEFAULT_JPEG_QUALITY},
-    imaging::QuarterTurns,
-    tls::ClientCredentials,
     EXIT_CONFIG, EXIT_USAGE,
+    client::{
+        self, Api, Balancer, CallOptions, Endpoint, Op, StreamMode, Target,
+        batch::{self, Job, JobSettings, RunOptions},
+        credentials, image_io,
+    },
+    codec::{DEFAULT_JPEG_QUALITY, DecodeOptions, Encoding},
+    imaging::QuarterTurns,
+    loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
+    tls::ClientCredentials,
 };
 
 const EXAMPLES: &str = "\
@@ -293,12 +293,11 @@ fn main() -> ExitCode {
 /// config file, then the environment.
 fn connection(conn: ConnArgs) -> Result<(Connection, ClientCredentials, CallOptions), Failure> {
     let env = |k: &str| std::env::var(k).ok();
-    let (file, looked_in) = credentials::ClientConfigFile::discover(conn.config.as_deref(), &env)
-        .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
-    let paths = credentials::resolve((conn.ca, conn.cert, conn.key), &file, &looked_in, &env)
-        .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
-    let creds = ClientCredentials::from_files(&paths.ca, &paths.cert, &paths.key)
-        .map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
+    let (file, looked_in) =
+        credentials::ClientConfigFile::discover(conn.config.as_deref(), &env).map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
+    let paths =
+        credentials::resolve((conn.ca, conn.cert, conn.key), &file, &looked_in, &env).map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
+    let creds = ClientCredentials::from_files(&paths.ca, &paths.cert, &paths.key).map_err(|e| Failure(EXIT_CONFIG as u8, e.into()))?;
     let endpoints = if conn.endpoint.is_empty() {
         let host = conn.host.or(file.host).unwrap_or_else(|| "127.0.0.1".into());
         vec![Endpoint { host: host.trim_matches(['[', ']']).to_string(), port: conn.port.or(file.port).unwrap_or(50051) }]
@@ -339,9 +338,7 @@ impl Connection {
     }
 
     async fn balancer(&self, creds: ClientCredentials) -> Result<Balancer, Failure> {
-        Balancer::resolve(&self.endpoints, self.server_name.as_deref(), &self.template, creds)
-            .await
-            .map_err(|e| Failure(69, e.into()))
+        Balancer::resolve(&self.endpoints, self.server_name.as_deref(), &self.template, creds).await.map_err(|e| Failure(69, e.into()))
     }
 }
 

@@ -4,10 +4,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use imgsvc::{
+    EXIT_CONFIG, EXIT_USAGE,
     config::{ConfigSource, Settings},
     pki::PkiPaths,
     server::{self, Server},
-    systemd, telemetry, tls, EXIT_CONFIG, EXIT_USAGE,
+    systemd, telemetry, tls,
 };
 
 const EXAMPLES: &str = "\
@@ -138,7 +139,9 @@ async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> 
         match load_settings(&source, &overrides) {
             Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
             Ok(settings) => match reload.reload(settings) {
-                Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration")
+                }
                 Ok(report) => {
                     tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
                     if !report.restart_needed.is_empty() {
@@ -176,12 +179,8 @@ struct Signals {
 
 impl Signals {
     fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Self {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
-        })
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())?, hup: signal(SignalKind::hangup())? })
     }
 }
 

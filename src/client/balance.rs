@@ -17,15 +17,15 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicUsize, Ordering},
         Mutex,
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use tonic::transport::Channel;
 
-use super::{connect, process_with, Api, CallOptions, ClientError, Op, RawImage, Target};
+use super::{Api, CallOptions, ClientError, Op, RawImage, Target, connect, process_with};
 use crate::tls::ClientCredentials;
 
 /// How long a server that failed a call is passed over.
@@ -146,7 +146,13 @@ impl Balancer {
     }
 
     /// [`Balancer::process`] with compression and streaming options.
-    pub async fn process_with(&self, api: Api, image: &RawImage, ops: &[Op], options: &CallOptions) -> Result<(RawImage, usize), ClientError> {
+    pub async fn process_with(
+        &self,
+        api: Api,
+        image: &RawImage,
+        ops: &[Op],
+        options: &CallOptions,
+    ) -> Result<(RawImage, usize), ClientError> {
         let mut last_error = None;
         for _ in 0..self.max_attempts {
             let i = self.pick();
@@ -239,7 +245,9 @@ mod tests {
         assert!(retryable(&ClientError::Connect { address: "a".into(), explanation: "refused".into() }));
         assert!(retryable(&status(tonic::Code::Unavailable)));
         assert!(retryable(&status(tonic::Code::Unknown)));
-        for code in [tonic::Code::InvalidArgument, tonic::Code::ResourceExhausted, tonic::Code::Unauthenticated, tonic::Code::DeadlineExceeded] {
+        for code in
+            [tonic::Code::InvalidArgument, tonic::Code::ResourceExhausted, tonic::Code::Unauthenticated, tonic::Code::DeadlineExceeded]
+        {
             assert!(!retryable(&status(code)), "{code:?}");
         }
     }

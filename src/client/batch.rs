@@ -21,9 +21,10 @@ use thiserror::Error;
 use tokio::task::JoinSet;
 
 use super::{
+    Api, ClientError, Op,
+    balance::Balancer,
     error_chain,
     image_io::{self, ImageFileError},
-    balance::Balancer, Api, ClientError, Op,
 };
 use crate::codec::{DecodeOptions, EncodeOptions, Encoding};
 
@@ -47,7 +48,11 @@ pub struct Plan {
 #[derive(Debug, Error)]
 pub enum PlanError {
     #[error("cannot read input {path}")]
-    Input { path: PathBuf, #[source] source: std::io::Error },
+    Input {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--output {path} is a file, but several inputs or a directory need an output directory")]
     OutputNotDirectory { path: PathBuf },
     #[error("{first} and {second} would both be written to {output}")]
@@ -165,7 +170,11 @@ pub enum JobError {
     #[error(transparent)]
     Output(ImageFileError),
     #[error("cannot create directory {path}")]
-    Directory { path: PathBuf, #[source] source: std::io::Error },
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("image job failed unexpectedly: {0}")]
     Panicked(String),
 }
@@ -415,7 +424,10 @@ mod tests {
             touch(p);
         }
         let err = plan(&[a, b], &out, None).unwrap_err();
-        assert_eq!(err.to_string(), format!("--output {} is a file, but several inputs or a directory need an output directory", out.display()));
+        assert_eq!(
+            err.to_string(),
+            format!("--output {} is a file, but several inputs or a directory need an output directory", out.display())
+        );
     }
 
     #[test]

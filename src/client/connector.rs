@@ -58,7 +58,7 @@ impl tower::Service<tonic::codegen::http::Uri> for TlsConnector {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         "the server closed the connection right after the TLS handshake",
-                    ))
+                    ));
                 }
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(e),

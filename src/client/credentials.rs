@@ -25,7 +25,11 @@ pub struct ClientConfigFile {
 #[derive(Debug, Error)]
 pub enum CredentialsError {
     #[error("cannot read client config {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("client config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("no {what} given: looked for {flag}, {file_key} in {files}, and the {env} environment variable")]

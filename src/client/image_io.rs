@@ -16,15 +16,31 @@ use crate::{
 #[derive(Debug, Error)]
 pub enum ImageFileError {
     #[error("cannot read image {path}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read image {path}")]
-    Decode { path: String, #[source] source: CodecError },
+    Decode {
+        path: String,
+        #[source]
+        source: CodecError,
+    },
     #[error("cannot write {path}: unsupported output extension {ext:?} (use .png, .jpg, .jpeg, .tif, .tiff, .webp or .bmp, or --format)")]
     UnsupportedOutput { path: String, ext: String },
     #[error("cannot write {path}")]
-    Encode { path: String, #[source] source: CodecError },
+    Encode {
+        path: String,
+        #[source]
+        source: CodecError,
+    },
     #[error("cannot write {path}")]
-    Write { path: String, #[source] source: std::io::Error },
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What the client decodes at most: the server's default limits, so a file
@@ -37,12 +53,7 @@ pub fn client_decode_limits() -> DecodeLimits {
 impl RawImage {
     /// As a legacy NLImage. Call [`RawImage::for_legacy`] first.
     pub fn into_legacy(self) -> NlImage {
-        NlImage {
-            color: self.format == v1::PixelFormat::Rgb8,
-            width: self.width as i32,
-            height: self.height as i32,
-            data: self.data,
-        }
+        NlImage { color: self.format == v1::PixelFormat::Rgb8, width: self.width as i32, height: self.height as i32, data: self.data }
     }
 
     /// Converts to a format the legacy API carries (GRAY8 or RGB8). Returns

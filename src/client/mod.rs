@@ -2,8 +2,8 @@
 //! and the translation of transport failures into messages that say which
 //! side refused what.
 
-pub mod batch;
 pub mod balance;
+pub mod batch;
 pub mod connector;
 pub mod credentials;
 pub mod image_io;
@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use crate::{
     imaging::QuarterTurns,
     proto::{
-        nlimage::{nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient, NlImageRotateRequest},
+        nlimage::{NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient},
         v1::{self, image_service_client::ImageServiceClient, operation::Kind, rotate::Amount},
     },
     service::PixelBuffer,
@@ -33,7 +33,11 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error("invalid server address {address:?}")]
-    Address { address: String, #[source] source: tonic::transport::Error },
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("cannot connect to {address}: {explanation}")]
     Connect { address: String, explanation: String },
     #[error("the server answered {code:?}: {message}{hint}")]
@@ -109,10 +113,10 @@ pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result
         .timeout(target.timeout)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024));
-    endpoint.connect_with_connector(connector).await.map_err(|e| ClientError::Connect {
-        explanation: explain(&e, &server_name).unwrap_or_else(|| error_chain(&e)),
-        address,
-    })
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| ClientError::Connect { explanation: explain(&e, &server_name).unwrap_or_else(|| error_chain(&e)), address })
 }
 
 /// When to use ProcessStream instead of unary Process (v1 only).
@@ -254,7 +258,9 @@ pub fn explain(err: &(dyn std::error::Error + 'static), server_name: &str) -> Op
     // certificate; "received fatal alert" is the server refusing ours.
     let text = if lower.contains("invalid peer certificate") {
         if lower.contains("notvalidforname") || lower.contains("not valid for name") {
-            format!("this client refused the server's certificate: it is not valid for the name {server_name:?} (pass the name it was issued for with --server-name)")
+            format!(
+                "this client refused the server's certificate: it is not valid for the name {server_name:?} (pass the name it was issued for with --server-name)"
+            )
         } else if lower.contains("expired") {
             "this client refused the server's certificate: it has expired".to_string()
         } else if lower.contains("unknownissuer") || lower.contains("badsignature") {
@@ -264,8 +270,10 @@ pub fn explain(err: &(dyn std::error::Error + 'static), server_name: &str) -> Op
         }
     } else if lower.contains("certificaterequired") {
         "the server requires a client certificate and refused the connection without one".to_string()
-    } else if lower.contains("alert") && (lower.contains("unknownca") || lower.contains("badcertificate") || lower.contains("decrypterror")) {
-        "the server refused the client certificate: it is not signed by a CA the server trusts, or not for client authentication".to_string()
+    } else if lower.contains("alert") && (lower.contains("unknownca") || lower.contains("badcertificate") || lower.contains("decrypterror"))
+    {
+        "the server refused the client certificate: it is not signed by a CA the server trusts, or not for client authentication"
+            .to_string()
     } else if lower.contains("alert") && lower.contains("unsupportedcertificate") {
         "the server refused the client certificate: it is not issued for client authentication (extended key usage)".to_string()
     } else if lower.contains("alert") && lower.contains("certificaterevoked") {
@@ -273,7 +281,8 @@ pub fn explain(err: &(dyn std::error::Error + 'static), server_name: &str) -> Op
     } else if lower.contains("alert") && lower.contains("certificateexpired") {
         "the server refused the client certificate: it has expired or is not yet valid".to_string()
     } else if lower.contains("closed the connection right after the tls handshake") {
-        "the server closed the connection right after the TLS handshake (it most likely refused the client certificate; its log says why)".to_string()
+        "the server closed the connection right after the TLS handshake (it most likely refused the client certificate; its log says why)"
+            .to_string()
     } else if lower.contains("connection refused") {
         "nothing accepts connections at that address (is the server running?)".to_string()
     } else if lower.contains("timed out") || lower.contains("deadline") {

@@ -4,11 +4,11 @@
 use bytes::Bytes;
 use tonic::transport::Channel;
 
-use super::{status_error, ClientError, Op, RawImage};
+use super::{ClientError, Op, RawImage, status_error};
 use crate::{
     proto::v1::{
-        image_service_client::ImageServiceClient, operation::Kind, process_stream_request, process_stream_response,
-        rotate::Amount, MeanFilter, Operation, ProcessStreamRequest, Rotate, StreamHeader,
+        MeanFilter, Operation, ProcessStreamRequest, Rotate, StreamHeader, image_service_client::ImageServiceClient, operation::Kind,
+        process_stream_request, process_stream_response, rotate::Amount,
     },
     service::stream::chunks,
 };
@@ -47,11 +47,7 @@ pub async fn process_stream(
     if let Some(enc) = compression {
         client = client.send_compressed(enc).accept_compressed(enc);
     }
-    let mut responses = client
-        .process_stream(tokio_stream::iter(messages))
-        .await
-        .map_err(|s| status_error(s, server_name))?
-        .into_inner();
+    let mut responses = client.process_stream(tokio_stream::iter(messages)).await.map_err(|s| status_error(s, server_name))?.into_inner();
     let bad = |m: &str| ClientError::BadResponse(m.to_string());
     let header = match responses.message().await.map_err(|s| status_error(s, server_name))? {
         Some(ProcessStreamResponse { part: Some(process_stream_response::Part::Header(h)) }) => h,

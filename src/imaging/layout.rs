@@ -11,11 +11,7 @@ pub enum ImagingError {
         "image dimensions must be non-zero: got width {width}, height {height}, channels {channels} \
          (expected width >= 1, height >= 1, channels 1..=4)"
     )]
-    ZeroDimension {
-        width: usize,
-        height: usize,
-        channels: usize,
-    },
+    ZeroDimension { width: usize, height: usize, channels: usize },
     /// More than four interleaved channels.
     #[error("unsupported channel count {channels}: expected 1..=4")]
     TooManyChannels { channels: usize },
@@ -25,11 +21,7 @@ pub enum ImagingError {
          (width * height * channels must be <= {max})",
         max = usize::MAX
     )]
-    SizeOverflow {
-        width: usize,
-        height: usize,
-        channels: usize,
-    },
+    SizeOverflow { width: usize, height: usize, channels: usize },
     /// The source buffer does not hold exactly `width * height * channels` samples.
     #[error("source buffer has {actual} samples, expected {expected} (width * height * channels)")]
     LengthMismatch { expected: usize, actual: usize },
@@ -38,10 +30,7 @@ pub enum ImagingError {
     DestinationLength { expected: usize, actual: usize },
     /// The requested instruction-set path cannot run on this CPU.
     #[error("kernel path {path} is not available on this CPU (available: {available})")]
-    PathUnavailable {
-        path: &'static str,
-        available: String,
-    },
+    PathUnavailable { path: &'static str, available: String },
 }
 
 /// Geometry of an image buffer: `height` rows of `width` pixels, each pixel
@@ -63,28 +52,13 @@ impl Layout {
     /// Validates and builds a layout.
     pub fn new(width: usize, height: usize, channels: usize) -> Result<Layout, ImagingError> {
         if width == 0 || height == 0 || channels == 0 {
-            return Err(ImagingError::ZeroDimension {
-                width,
-                height,
-                channels,
-            });
+            return Err(ImagingError::ZeroDimension { width, height, channels });
         }
         if channels > Self::MAX_CHANNELS {
             return Err(ImagingError::TooManyChannels { channels });
         }
-        width
-            .checked_mul(height)
-            .and_then(|p| p.checked_mul(channels))
-            .ok_or(ImagingError::SizeOverflow {
-                width,
-                height,
-                channels,
-            })?;
-        Ok(Layout {
-            width,
-            height,
-            channels,
-        })
+        width.checked_mul(height).and_then(|p| p.checked_mul(channels)).ok_or(ImagingError::SizeOverflow { width, height, channels })?;
+        Ok(Layout { width, height, channels })
     }
 
     /// Pixels per row.
@@ -119,15 +93,7 @@ impl Layout {
 
     /// Layout of the image after rotating by `turns`: width and height swap for odd turns.
     pub fn rotated(&self, turns: QuarterTurns) -> Layout {
-        if turns.count() % 2 == 1 {
-            Layout {
-                width: self.height,
-                height: self.width,
-                channels: self.channels,
-            }
-        } else {
-            *self
-        }
+        if turns.count() % 2 == 1 { Layout { width: self.height, height: self.width, channels: self.channels } } else { *self }
     }
 }
 

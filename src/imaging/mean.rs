@@ -23,13 +23,7 @@ pub(super) fn no_fast<T>(_: &[&[T]], _: &mut [T], _: usize) -> usize {
 
 /// Output rows `row0..row0 + dst.len() / row_len` of the mean filter.
 #[inline(always)]
-pub(super) fn mean_band<T: Sample>(
-    src: &[T],
-    layout: Layout,
-    dst: &mut [T],
-    row0: usize,
-    fast: Interior<T>,
-) {
+pub(super) fn mean_band<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize, fast: Interior<T>) {
     let (h, c) = (layout.height(), layout.channels());
     let rs = layout.row_samples();
     let row = |y: usize| &src[y * rs..y * rs + rs];
@@ -102,8 +96,7 @@ fn mean_row<T: Sample, const R: usize, const NI: u32, const NE: u32, const N1: u
             let (a0, a1, a2) = (&rows[0][..n], &rows[0][c..c + n], &rows[0][2 * c..2 * c + n]);
             let (b0, b1, b2) = (&rows[1][..n], &rows[1][c..c + n], &rows[1][2 * c..2 * c + n]);
             for i in 0..n {
-                let s = (a0[i].acc() + a1[i].acc() + a2[i].acc())
-                    + (b0[i].acc() + b1[i].acc() + b2[i].acc());
+                let s = (a0[i].acc() + a1[i].acc() + a2[i].acc()) + (b0[i].acc() + b1[i].acc() + b2[i].acc());
                 o[i] = T::div_round::<NI>(s);
             }
         }

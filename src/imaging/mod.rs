@@ -100,26 +100,17 @@ pub enum Parallelism {
 fn check_lengths<T>(src: &[T], layout: Layout, dst: &[T]) -> Result<(), ImagingError> {
     let expected = layout.samples();
     if src.len() != expected {
-        return Err(ImagingError::LengthMismatch {
-            expected,
-            actual: src.len(),
-        });
+        return Err(ImagingError::LengthMismatch { expected, actual: src.len() });
     }
     if dst.len() != expected {
-        return Err(ImagingError::DestinationLength {
-            expected,
-            actual: dst.len(),
-        });
+        return Err(ImagingError::DestinationLength { expected, actual: dst.len() });
     }
     Ok(())
 }
 
 fn check_src<T>(src: &[T], layout: Layout) -> Result<(), ImagingError> {
     if src.len() != layout.samples() {
-        return Err(ImagingError::LengthMismatch {
-            expected: layout.samples(),
-            actual: src.len(),
-        });
+        return Err(ImagingError::LengthMismatch { expected: layout.samples(), actual: src.len() });
     }
     Ok(())
 }
@@ -144,9 +135,7 @@ fn for_each_band<T: Send>(
     // A few bands per thread so work stealing can even out a noisy core.
     let bands = threads * 4;
     let band_rows = rows.div_ceil(bands).next_multiple_of(row_align.max(1));
-    dst.par_chunks_mut(band_rows * row_len)
-        .enumerate()
-        .for_each(|(i, band)| f(i * band_rows, band));
+    dst.par_chunks_mut(band_rows * row_len).enumerate().for_each(|(i, band)| f(i * band_rows, band));
 }
 
 fn wants_parallel(layout: Layout, par: Parallelism) -> bool {
@@ -155,11 +144,7 @@ fn wants_parallel(layout: Layout, par: Parallelism) -> bool {
 
 /// Rotates counter-clockwise by `turns` into a new buffer
 /// (layout of the result: `layout.rotated(turns)`). Uses [`Parallelism::Auto`].
-pub fn rotate<T: Sample>(
-    src: &[T],
-    layout: Layout,
-    turns: QuarterTurns,
-) -> Result<Vec<T>, ImagingError> {
+pub fn rotate<T: Sample>(src: &[T], layout: Layout, turns: QuarterTurns) -> Result<Vec<T>, ImagingError> {
     check_src(src, layout)?;
     let mut dst = vec![T::default(); layout.samples()];
     rotate_into(src, layout, turns, &mut dst)?;
@@ -169,12 +154,7 @@ pub fn rotate<T: Sample>(
 /// Rotates counter-clockwise by `turns` into `dst`, which must have exactly
 /// `layout.samples()` samples; its layout is `layout.rotated(turns)`.
 /// Uses [`Parallelism::Auto`].
-pub fn rotate_into<T: Sample>(
-    src: &[T],
-    layout: Layout,
-    turns: QuarterTurns,
-    dst: &mut [T],
-) -> Result<(), ImagingError> {
+pub fn rotate_into<T: Sample>(src: &[T], layout: Layout, turns: QuarterTurns, dst: &mut [T]) -> Result<(), ImagingError> {
     rotate_into_with(src, layout, turns, dst, Parallelism::Auto)
 }
 
@@ -209,14 +189,9 @@ pub fn rotate_into_using<T: Sample>(
     let dst_b = simd::as_bytes_mut(dst);
     let px = layout.channels() * size_of::<T>();
     let (w, h) = (layout.width(), layout.height());
-    for_each_band(
-        dst_b,
-        out.width() * px,
-        out.height(),
-        rotate::BAND_ROW_ALIGN,
-        wants_parallel(layout, par),
-        |row0, band| simd::rotate_band(path, px, src_b, w, h, turns, band, row0),
-    );
+    for_each_band(dst_b, out.width() * px, out.height(), rotate::BAND_ROW_ALIGN, wants_parallel(layout, par), |row0, band| {
+        simd::rotate_band(path, px, src_b, w, h, turns, band, row0)
+    });
     Ok(())
 }
 
@@ -230,21 +205,12 @@ pub fn mean_filter<T: Sample>(src: &[T], layout: Layout) -> Result<Vec<T>, Imagi
 
 /// 3x3 mean filter into `dst` (exactly `layout.samples()` samples, same
 /// layout). Uses [`Parallelism::Auto`].
-pub fn mean_filter_into<T: Sample>(
-    src: &[T],
-    layout: Layout,
-    dst: &mut [T],
-) -> Result<(), ImagingError> {
+pub fn mean_filter_into<T: Sample>(src: &[T], layout: Layout, dst: &mut [T]) -> Result<(), ImagingError> {
     mean_filter_into_with(src, layout, dst, Parallelism::Auto)
 }
 
 /// [`mean_filter_into`] with explicit [`Parallelism`].
-pub fn mean_filter_into_with<T: Sample>(
-    src: &[T],
-    layout: Layout,
-    dst: &mut [T],
-    par: Parallelism,
-) -> Result<(), ImagingError> {
+pub fn mean_filter_into_with<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], par: Parallelism) -> Result<(), ImagingError> {
     mean_filter_into_using(KernelPath::best(), src, layout, dst, par)
 }
 
@@ -260,13 +226,8 @@ pub fn mean_filter_into_using<T: Sample>(
 ) -> Result<(), ImagingError> {
     check_lengths(src, layout, dst)?;
     path.check()?;
-    for_each_band(
-        dst,
-        layout.row_samples(),
-        layout.height(),
-        1,
-        wants_parallel(layout, par),
-        |row0, band| simd::mean_band(path, src, layout, band, row0),
-    );
+    for_each_band(dst, layout.row_samples(), layout.height(), 1, wants_parallel(layout, par), |row0, band| {
+        simd::mean_band(path, src, layout, band, row0)
+    });
     Ok(())
 }

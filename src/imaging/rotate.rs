@@ -25,14 +25,7 @@ pub(super) const fn tile_for(bytes_per_pixel: usize) -> usize {
 /// Rotates the band of output rows starting at `row0` (`dst` holds whole
 /// output rows). `src` is `w` x `h` pixels.
 #[inline(always)]
-pub(super) fn rotate_band<P: Copy>(
-    src: &[P],
-    w: usize,
-    h: usize,
-    turns: QuarterTurns,
-    dst: &mut [P],
-    row0: usize,
-) {
+pub(super) fn rotate_band<P: Copy>(src: &[P], w: usize, h: usize, turns: QuarterTurns, dst: &mut [P], row0: usize) {
     match turns {
         QuarterTurns::Zero => dst.copy_from_slice(&src[row0 * w..row0 * w + dst.len()]),
         QuarterTurns::Two => {
@@ -42,9 +35,7 @@ pub(super) fn rotate_band<P: Copy>(
                 reverse_copy(srow, drow);
             }
         }
-        QuarterTurns::One | QuarterTurns::Three => {
-            transpose_band::<P>(src, w, h, turns == QuarterTurns::One, dst, row0)
-        }
+        QuarterTurns::One | QuarterTurns::Three => transpose_band::<P>(src, w, h, turns == QuarterTurns::One, dst, row0),
     }
 }
 
@@ -61,14 +52,7 @@ pub(super) fn reverse_copy<P: Copy>(src: &[P], dst: &mut [P]) {
 /// top to bottom. 270°: output row `y'` is source column `y'`, read bottom
 /// to top.
 #[inline(always)]
-pub(super) fn transpose_band<P: Copy>(
-    src: &[P],
-    w: usize,
-    h: usize,
-    ccw90: bool,
-    dst: &mut [P],
-    row0: usize,
-) {
+pub(super) fn transpose_band<P: Copy>(src: &[P], w: usize, h: usize, ccw90: bool, dst: &mut [P], row0: usize) {
     let rows = dst.len() / h;
     transpose_region(src, w, h, ccw90, dst, row0, 0..rows, 0..h);
 }

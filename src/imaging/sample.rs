@@ -12,9 +12,7 @@ mod sealed {
 /// A channel sample: implemented for `u8` (8-bit images) and `u16` (16-bit
 /// images). Sealed; the hidden items are implementation details of the
 /// kernels.
-pub trait Sample:
-    Copy + Default + Debug + PartialEq + Eq + Send + Sync + 'static + sealed::Sealed
-{
+pub trait Sample: Copy + Default + Debug + PartialEq + Eq + Send + Sync + 'static + sealed::Sealed {
     /// Largest sample value (255 or 65535).
     const MAX: Self;
 

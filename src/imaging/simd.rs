@@ -47,10 +47,7 @@ impl KernelPath {
             #[cfg(target_arch = "x86_64")]
             KernelPath::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
             #[cfg(target_arch = "x86_64")]
-            KernelPath::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-            }
+            KernelPath::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -75,11 +72,7 @@ impl KernelPath {
         } else {
             Err(ImagingError::PathUnavailable {
                 path: self.name(),
-                available: available_paths()
-                    .iter()
-                    .map(|p| p.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                available: available_paths().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
             })
         }
     }
@@ -112,16 +105,7 @@ pub(super) fn as_bytes_mut<T: Sample>(s: &mut [T]) -> &mut [u8] {
 /// Rotation of the output band starting at row `row0`, on `path`, for
 /// pixels of `px` bytes (1, 2, 3, 4, 6 or 8). `path` must be available.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rotate_band(
-    path: KernelPath,
-    px: usize,
-    src: &[u8],
-    w: usize,
-    h: usize,
-    turns: QuarterTurns,
-    dst: &mut [u8],
-    row0: usize,
-) {
+pub(super) fn rotate_band(path: KernelPath, px: usize, src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
     macro_rules! by_px {
         ($f:ident) => {
             match px {
@@ -146,37 +130,16 @@ pub(super) fn rotate_band(
     }
 }
 
-fn rotate_portable<const B: usize>(
-    src: &[u8],
-    w: usize,
-    h: usize,
-    turns: QuarterTurns,
-    dst: &mut [u8],
-    row0: usize,
-) {
+fn rotate_portable<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
     let (src, _) = src.as_chunks::<B>();
     let (dst, _) = dst.as_chunks_mut::<B>();
     rotate::rotate_band::<[u8; B]>(src, w, h, turns, dst, row0)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn rotate_avx2<const B: usize>(
-    src: &[u8],
-    w: usize,
-    h: usize,
-    turns: QuarterTurns,
-    dst: &mut [u8],
-    row0: usize,
-) {
+fn rotate_avx2<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
     #[target_feature(enable = "avx2")]
-    fn inner<const B: usize>(
-        src: &[u8],
-        w: usize,
-        h: usize,
-        turns: QuarterTurns,
-        dst: &mut [u8],
-        row0: usize,
-    ) {
+    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
         x86::rotate_band::<B>(src, w, h, turns, dst, row0)
     }
     // SAFETY: only reached through `rotate_band` with `KernelPath::Avx2`,
@@ -185,23 +148,9 @@ fn rotate_avx2<const B: usize>(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn rotate_avx512<const B: usize>(
-    src: &[u8],
-    w: usize,
-    h: usize,
-    turns: QuarterTurns,
-    dst: &mut [u8],
-    row0: usize,
-) {
+fn rotate_avx512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    fn inner<const B: usize>(
-        src: &[u8],
-        w: usize,
-        h: usize,
-        turns: QuarterTurns,
-        dst: &mut [u8],
-        row0: usize,
-    ) {
+    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
         x86::rotate_band512::<B>(src, w, h, turns, dst, row0)
     }
     // SAFETY: only reached through `rotate_band` with `KernelPath::Avx512`,
@@ -214,13 +163,7 @@ fn rotate_avx512<const B: usize>(
 
 /// Mean filter of the output band starting at row `row0` on `path`.
 /// `path` must be available.
-pub(super) fn mean_band<T: Sample>(
-    path: KernelPath,
-    src: &[T],
-    layout: Layout,
-    dst: &mut [T],
-    row0: usize,
-) {
+pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
     match path {
         KernelPath::Portable => mean::mean_band(src, layout, dst, row0, mean::no_fast),
         #[cfg(target_arch = "x86_64")]
@@ -262,14 +205,7 @@ mod x86 {
     /// pixels (portable tiles for 6-byte RGB16), SIMD row reversal for every
     /// pixel size.
     #[target_feature(enable = "avx2")]
-    pub(super) fn rotate_band<const B: usize>(
-        src: &[u8],
-        w: usize,
-        h: usize,
-        turns: QuarterTurns,
-        dst: &mut [u8],
-        row0: usize,
-    ) {
+    pub(super) fn rotate_band<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
         match turns {
             QuarterTurns::Zero => dst.copy_from_slice(&src[row0 * w * B..row0 * w * B + dst.len()]),
             QuarterTurns::Two => {
@@ -316,12 +252,7 @@ mod x86 {
     /// source; with `NT`, every destination address 16-byte aligned.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn block2<const B: usize, const NT: bool>(
-        s: *const u8,
-        ss: isize,
-        d: [*mut u8; 2],
-        ds: isize,
-    ) {
+    unsafe fn block2<const B: usize, const NT: bool>(s: *const u8, ss: isize, d: [*mut u8; 2], ds: isize) {
         let [d0, d1] = d;
         const EXPAND3: [i8; 16] = [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1];
         const SHRINK3: [i8; 16] = [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1];
@@ -331,13 +262,24 @@ mod x86 {
             let p = s.wrapping_offset(i as isize * ss);
             if B == 3 {
                 // SAFETY: bytes p..p+16 and p+12..p+28 are readable (caller contract).
-                let (lo, hi) = unsafe {
-                    (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(12).cast()))
-                };
+                let (lo, hi) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(12).cast())) };
                 let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
-                    EXPAND3[0], EXPAND3[1], EXPAND3[2], EXPAND3[3], EXPAND3[4], EXPAND3[5],
-                    EXPAND3[6], EXPAND3[7], EXPAND3[8], EXPAND3[9], EXPAND3[10], EXPAND3[11],
-                    EXPAND3[12], EXPAND3[13], EXPAND3[14], EXPAND3[15],
+                    EXPAND3[0],
+                    EXPAND3[1],
+                    EXPAND3[2],
+                    EXPAND3[3],
+                    EXPAND3[4],
+                    EXPAND3[5],
+                    EXPAND3[6],
+                    EXPAND3[7],
+                    EXPAND3[8],
+                    EXPAND3[9],
+                    EXPAND3[10],
+                    EXPAND3[11],
+                    EXPAND3[12],
+                    EXPAND3[13],
+                    EXPAND3[14],
+                    EXPAND3[15],
                 ));
                 *v = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), m);
             } else {
@@ -364,9 +306,22 @@ mod x86 {
             let mut v = *v;
             if B == 3 {
                 let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
-                    SHRINK3[0], SHRINK3[1], SHRINK3[2], SHRINK3[3], SHRINK3[4], SHRINK3[5],
-                    SHRINK3[6], SHRINK3[7], SHRINK3[8], SHRINK3[9], SHRINK3[10], SHRINK3[11],
-                    SHRINK3[12], SHRINK3[13], SHRINK3[14], SHRINK3[15],
+                    SHRINK3[0],
+                    SHRINK3[1],
+                    SHRINK3[2],
+                    SHRINK3[3],
+                    SHRINK3[4],
+                    SHRINK3[5],
+                    SHRINK3[6],
+                    SHRINK3[7],
+                    SHRINK3[8],
+                    SHRINK3[9],
+                    SHRINK3[10],
+                    SHRINK3[11],
+                    SHRINK3[12],
+                    SHRINK3[13],
+                    SHRINK3[14],
+                    SHRINK3[15],
                 ));
                 v = _mm256_shuffle_epi8(v, m);
             }
@@ -391,14 +346,7 @@ mod x86 {
     /// tried and were slower here: 16 zmm rows spill, and the 128-bit lane
     /// extract-stores are costly, so 90°/270° keep the 256-bit kernel.)
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    pub(super) fn rotate_band512<const B: usize>(
-        src: &[u8],
-        w: usize,
-        h: usize,
-        turns: QuarterTurns,
-        dst: &mut [u8],
-        row0: usize,
-    ) {
+    pub(super) fn rotate_band512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
         if turns == QuarterTurns::Two && matches!(B, 1 | 2 | 4 | 8) {
             let rb = w * B;
             for (i, drow) in dst.chunks_exact_mut(rb).enumerate() {
@@ -460,9 +408,7 @@ mod x86 {
     /// streaming stores: the whole image (`image_bytes`, not just this band)
     /// is large, and every row start is 16-byte aligned.
     fn stream(dst: &[u8], row_bytes: usize, image_bytes: usize) -> bool {
-        (dst.as_ptr() as usize).is_multiple_of(16)
-            && row_bytes.is_multiple_of(16)
-            && image_bytes >= STREAM_MIN_BYTES
+        (dst.as_ptr() as usize).is_multiple_of(16) && row_bytes.is_multiple_of(16) && image_bytes >= STREAM_MIN_BYTES
     }
 
     /// 90° / 270° band (see `rotate::transpose_band`) for B in {1, 2, 3, 4, 8}:
@@ -470,14 +416,7 @@ mod x86 {
     /// such region, portable code for the fringes.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn transpose_band<const B: usize>(
-        src: &[u8],
-        w: usize,
-        h: usize,
-        ccw90: bool,
-        dst: &mut [u8],
-        row0: usize,
-    ) {
+    fn transpose_band<const B: usize>(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
         let rows = dst.len() / (h * B);
         if B != 3 && stream(dst, h * B, src.len()) {
             transpose_simd::<B, true>(src, w, h, ccw90, dst, row0, rows);
@@ -551,9 +490,7 @@ mod x86 {
                                 // holds source columns x0+l*k.., i.e. output
                                 // rows from g+L*k-1-l*k downwards.
                                 let x0 = w - yo - L * k;
-                                let d: [*mut u8; L] = std::array::from_fn(|l| {
-                                    dp.wrapping_add(((g + L * k - 1 - l * k) * h + c) * B)
-                                });
+                                let d: [*mut u8; L] = std::array::from_fn(|l| dp.wrapping_add(((g + L * k - 1 - l * k) * h + c) * B));
                                 // SAFETY: reads source rows c..c+k, bytes
                                 // x0*B..(x0+L*k)*B (B = 3: +4 more, inside the
                                 // next source row since c+k <= h-2); writes
@@ -568,13 +505,9 @@ mod x86 {
                                 // yo..yo+L*k <= w; output columns c..c+k are
                                 // source rows h-1-c down to h-c-k >= 0
                                 // (B = 3: c >= 1 so rows <= h-2).
-                                let d: [*mut u8; L] = std::array::from_fn(|l| {
-                                    dp.wrapping_add(((g + l * k) * h + c) * B)
-                                });
+                                let d: [*mut u8; L] = std::array::from_fn(|l| dp.wrapping_add(((g + l * k) * h + c) * B));
                                 // SAFETY: as above, with source rows read bottom-up.
-                                unsafe {
-                                    $block::<B, NT>(sp.add(((h - 1 - c) * w + yo) * B), -ss, d, ds)
-                                }
+                                unsafe { $block::<B, NT>(sp.add(((h - 1 - c) * w + yo) * B), -ss, d, ds) }
                             }
                             c += k;
                         }
@@ -834,11 +767,7 @@ mod x86 {
             // SAFETY: s and d are 48-byte arrays: the loads read bytes
             // 0..16, 16..32, 32..48 of s and the stores write the same of d.
             let v = unsafe {
-                [
-                    _mm_loadu_si128(s.as_ptr().cast()),
-                    _mm_loadu_si128(s.as_ptr().add(16).cast()),
-                    _mm_loadu_si128(s.as_ptr().add(32).cast()),
-                ]
+                [_mm_loadu_si128(s.as_ptr().cast()), _mm_loadu_si128(s.as_ptr().add(16).cast()), _mm_loadu_si128(s.as_ptr().add(32).cast())]
             };
             for q in 0..3 {
                 let mut o = _mm_setzero_si128();

@@ -57,7 +57,6 @@ impl<T: Message> Encoder for ReservingEncoder<T> {
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         buf.reserve(item.encoded_len());
         // Only fails when the buffer cannot grow, and an EncodeBuf always can.
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
+        item.encode(buf).map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::{InvalidRequest, PixelBuffer, ServiceError};
 use crate::{
-    codec::{self, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage, DEFAULT_JPEG_QUALITY},
+    codec::{self, DEFAULT_JPEG_QUALITY, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage},
     config::Limits,
     proto::v1::{self, ImageEncoding},
 };

@@ -109,14 +109,12 @@ impl From<CodecError> for ServiceError {
 
 impl From<ServiceError> for tonic::Status {
     fn from(err: ServiceError) -> Self {
-        use tonic::Code;
         use TenancyError as T;
+        use tonic::Code;
         let code = match &err {
             ServiceError::Invalid(_) => Code::InvalidArgument,
             ServiceError::Limit(_) => Code::ResourceExhausted,
-            ServiceError::Tenancy(T::UnknownTenant { .. } | T::Disabled { .. } | T::OperationNotAllowed { .. }) => {
-                Code::PermissionDenied
-            }
+            ServiceError::Tenancy(T::UnknownTenant { .. } | T::Disabled { .. } | T::OperationNotAllowed { .. }) => Code::PermissionDenied,
             ServiceError::Tenancy(
                 T::RateLimited { .. }
                 | T::RequestTooLarge { .. }

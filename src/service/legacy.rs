@@ -3,13 +3,11 @@
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{tenant_of, traced, InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step};
+use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, tenant_of, traced};
 use crate::{
     imaging::QuarterTurns,
+    proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService},
     tenancy::policy::Operation,
-    proto::nlimage::{
-        nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService, NlImage, NlImageRotateRequest,
-    },
 };
 
 #[derive(Clone, Debug)]
@@ -40,7 +38,6 @@ impl NlImageService for LegacyService {
         let processor = self.processor.clone();
         traced("NLImageService/RotateImage", tenant, move |tenant| {
             Box::pin(async move {
-                
                 let req = request.into_inner();
                 let admission = processor.admit(&tenant, &[Operation::Rotate], req.encoded_len())?;
                 let turns = quarter_turns(req.rotation)?;
@@ -57,7 +54,6 @@ impl NlImageService for LegacyService {
         let processor = self.processor.clone();
         traced("NLImageService/MeanFilter", tenant, move |tenant| {
             Box::pin(async move {
-                
                 let image = request.into_inner();
                 let admission = processor.admit(&tenant, &[Operation::MeanFilter], image.encoded_len())?;
                 let input = PixelBuffer::from_legacy(Some(image), admission.max_image_pixels)?;

@@ -16,7 +16,7 @@ pub mod v1;
 use std::{future::Future, time::Instant};
 
 use bytes::Bytes;
-use tracing::{field::Empty, Instrument};
+use tracing::{Instrument, field::Empty};
 
 pub use error::{InvalidRequest, LimitExceeded, ServiceError, StreamProtocolError};
 pub use pixels::{Depth, ImageShape, PixelBuffer, RequestError};
@@ -24,7 +24,7 @@ pub use pixels::{Depth, ImageShape, PixelBuffer, RequestError};
 use crate::{
     identity::{Tenant, TenantId},
     imaging::{self, Layout, QuarterTurns},
-    tenancy::{policy::Operation, Admission, JobCost, RuntimePolicy, Tenancy},
+    tenancy::{Admission, JobCost, RuntimePolicy, Tenancy, policy::Operation},
 };
 
 /// One step of a pipeline.
@@ -77,8 +77,7 @@ impl Pipeline {
                     current.with_data(layout, Bytes::from(out))
                 }
                 Depth::Sixteen => {
-                    let samples: Vec<u16> =
-                        current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                    let samples: Vec<u16> = current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
                     let (layout, out) = apply(step, &samples, current.layout())?;
                     let bytes: Vec<u8> = out.iter().flat_map(|s| s.to_le_bytes()).collect();
                     current.with_data(layout, Bytes::from(bytes))
@@ -89,11 +88,7 @@ impl Pipeline {
     }
 }
 
-fn apply<T: imaging::Sample + Default>(
-    step: Step,
-    src: &[T],
-    layout: Layout,
-) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
+fn apply<T: imaging::Sample + Default>(step: Step, src: &[T], layout: Layout) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
     Ok(match step {
         Step::Rotate(turns) => (layout.rotated(turns), imaging::rotate(src, layout, turns)?),
         Step::MeanFilter => (layout, imaging::mean_filter(src, layout)?),

@@ -31,11 +31,21 @@ pub struct PixelBuffer {
 }
 
 impl PixelBuffer {
-    pub fn layout(&self) -> Layout { self.layout }
-    pub fn depth(&self) -> Depth { self.depth }
-    pub fn format(&self) -> v1::PixelFormat { self.format }
-    pub fn data(&self) -> &Bytes { &self.data }
-    pub fn into_data(self) -> Bytes { self.data }
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    pub fn depth(&self) -> Depth {
+        self.depth
+    }
+    pub fn format(&self) -> v1::PixelFormat {
+        self.format
+    }
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+    pub fn into_data(self) -> Bytes {
+        self.data
+    }
 
     /// A buffer of the same format with a new layout and data. The caller
     /// (the pipeline) guarantees that they match.
@@ -45,7 +55,10 @@ impl PixelBuffer {
     }
 
     pub fn bytes_per_sample(&self) -> usize {
-        match self.depth { Depth::Eight => 1, Depth::Sixteen => 2 }
+        match self.depth {
+            Depth::Eight => 1,
+            Depth::Sixteen => 2,
+        }
     }
 
     /// Validates a legacy `NLImage` (GRAY8 or RGB8).
@@ -119,7 +132,14 @@ impl ImageShape {
         Self::validate(width.into(), height.into(), format, max_pixels, u64::MAX, 64)
     }
 
-    fn validate(width: i64, height: i64, format: v1::PixelFormat, max_pixels: u64, max_bytes: u64, bits: u32) -> Result<Self, RequestError> {
+    fn validate(
+        width: i64,
+        height: i64,
+        format: v1::PixelFormat,
+        max_pixels: u64,
+        max_bytes: u64,
+        bits: u32,
+    ) -> Result<Self, RequestError> {
         for (field, value) in [("width", width), ("height", height)] {
             if value < 1 {
                 return Err(InvalidRequest::NonPositiveDimension { field, value }.into());
@@ -129,19 +149,12 @@ impl ImageShape {
         let bytes_per_pixel = (channels * depth_bytes(depth)) as u64;
         let (w, h) = (width as u64, height as u64);
         let overflow = || InvalidRequest::SizeOverflow { width, height, bytes_per_pixel, bits };
-        let bytes = w
-            .checked_mul(h)
-            .and_then(|p| p.checked_mul(bytes_per_pixel))
-            .filter(|&b| b <= max_bytes)
-            .ok_or_else(overflow)?;
+        let bytes = w.checked_mul(h).and_then(|p| p.checked_mul(bytes_per_pixel)).filter(|&b| b <= max_bytes).ok_or_else(overflow)?;
         let pixels = w * h; // cannot overflow: bytes did not
         if pixels > max_pixels {
             return Err(LimitExceeded::TooManyPixels { pixels, width, height, limit: max_pixels }.into());
         }
-        let layout = usize::try_from(bytes)
-            .ok()
-            .and_then(|_| Layout::new(w as usize, h as usize, channels).ok())
-            .ok_or_else(overflow)?;
+        let layout = usize::try_from(bytes).ok().and_then(|_| Layout::new(w as usize, h as usize, channels).ok()).ok_or_else(overflow)?;
         Ok(Self { layout, depth, format, width, height, bytes })
     }
 
@@ -186,7 +199,10 @@ fn format_shape(format: v1::PixelFormat) -> (usize, Depth) {
 }
 
 fn depth_bytes(depth: Depth) -> usize {
-    match depth { Depth::Eight => 1, Depth::Sixteen => 2 }
+    match depth {
+        Depth::Eight => 1,
+        Depth::Sixteen => 2,
+    }
 }
 
 /// Why a request was refused before any work.
@@ -253,7 +269,8 @@ mod tests {
 
     #[test]
     fn refuses_v1_sizes_beyond_64_bits() {
-        let image = v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new(), encoded: None };
+        let image =
+            v1::Image { format: v1::PixelFormat::Rgba16 as i32, width: u32::MAX, height: u32::MAX, data: Bytes::new(), encoded: None };
         let err = PixelBuffer::from_v1(Some(image), u64::MAX).unwrap_err();
         assert!(matches!(err, RequestError::Invalid(InvalidRequest::SizeOverflow { bits: 64, .. })), "{err}");
     }

@@ -7,18 +7,20 @@ use std::pin::Pin;
 
 use tokio_stream::Stream;
 
-use super::{codec, tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use super::{
-    stream::{chunks, Reassembly},
     ImageShape, StreamProtocolError,
+    stream::{Reassembly, chunks},
 };
+use super::{InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, tenant_of, traced};
 use crate::tenancy::JobCost;
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
-        image_service_server::ImageService, operation::Kind, process_stream_request, process_stream_response,
-        rotate::{Amount, Angle}, Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse,
-        StreamHeader,
+        Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse, StreamHeader,
+        image_service_server::ImageService,
+        operation::Kind,
+        process_stream_request, process_stream_response,
+        rotate::{Amount, Angle},
     },
 };
 

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "imgsvc_requests_total";
@@ -35,8 +35,7 @@ pub const BUILD_INFO: &str = "imgsvc_build_info";
 /// Upper bounds of the latency histogram buckets, in seconds: 0.5 ms (a
 /// refused or tiny request) to 10 s (a 100-megapixel mean filter on a busy
 /// pool); slower requests land in `+Inf`.
-pub const DURATION_BUCKETS_SECONDS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const DURATION_BUCKETS_SECONDS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// The `tenant` label of requests that carry no tenant (refused as
 /// UNAUTHENTICATED); no tenant name can take this form.
@@ -72,7 +71,10 @@ fn describe() {
     describe_counter!(PIXELS_PROCESSED_TOTAL, "Pixels of input images run through a pipeline, by tenant and method");
     describe_counter!(REQUEST_BYTES_TOTAL, Unit::Bytes, "Image data bytes received in valid requests, by tenant and method");
     describe_counter!(RESPONSE_BYTES_TOTAL, Unit::Bytes, "Image data bytes sent back, by tenant and method");
-    describe_counter!(UNAUTHENTICATED_REQUESTS_TOTAL, "Requests refused with UNAUTHENTICATED before any handler: the certificate names no tenant");
+    describe_counter!(
+        UNAUTHENTICATED_REQUESTS_TOTAL,
+        "Requests refused with UNAUTHENTICATED before any handler: the certificate names no tenant"
+    );
     describe_counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "TLS handshakes refused or abandoned on the gRPC port, by reason");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build");
 }
@@ -243,7 +245,9 @@ impl HandshakeFailure {
             // signature rather than on the issuer lookup.
             Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => Self::UnknownCa,
             Error::InvalidCertificate(
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } | CertificateError::NotValidYet
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. },
             ) => Self::CertificateExpired,
             Error::InvalidCertificate(_) => Self::BadCertificate,

@@ -60,7 +60,9 @@ pub enum TenancyError {
     RateLimited { tenant: TenantId, rate: f64, burst: u32, retry_after: Duration },
     #[error("request is {bytes} bytes, over tenant \"{tenant}\"'s limit of {limit} bytes")]
     RequestTooLarge { tenant: TenantId, bytes: u64, limit: u64 },
-    #[error("tenant \"{tenant}\" already has {admitted} requests running or queued, its limit (max_concurrent_requests {max_concurrent} + max_queued_requests {max_queued})")]
+    #[error(
+        "tenant \"{tenant}\" already has {admitted} requests running or queued, its limit (max_concurrent_requests {max_concurrent} + max_queued_requests {max_queued})"
+    )]
     TenantBusy { tenant: TenantId, admitted: u32, max_concurrent: u32, max_queued: u32 },
     #[error("server queue is full: {queued} image jobs are waiting (limits.max_queued_jobs)")]
     ServerBusy { queued: usize },
@@ -206,10 +208,7 @@ impl Tenancy {
     /// How many of `tenant`'s requests are running and queued right now.
     pub fn load(&self, tenant: &TenantId) -> TenantLoad {
         let state = lock(&self.shared.state);
-        TenantLoad {
-            running: state.running.get(tenant).copied().unwrap_or(0),
-            queued: state.scheduler.queued(tenant) as u32,
-        }
+        TenantLoad { running: state.running.get(tenant).copied().unwrap_or(0), queued: state.scheduler.queued(tenant) as u32 }
     }
 
     /// Step 1: is this tenant allowed these operations, now, at this size?
@@ -218,7 +217,13 @@ impl Tenancy {
     }
 
     /// [`Tenancy::admit`] at a given instant (tests drive the clock).
-    pub fn admit_at(&self, tenant: &TenantId, operations: &[Operation], request_bytes: u64, now: Instant) -> Result<Admission, TenancyError> {
+    pub fn admit_at(
+        &self,
+        tenant: &TenantId,
+        operations: &[Operation],
+        request_bytes: u64,
+        now: Instant,
+    ) -> Result<Admission, TenancyError> {
         let result = self.check(tenant, operations, request_bytes, now);
         if let Err(e) = &result {
             metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => e.reason()).increment(1);
@@ -234,17 +239,11 @@ impl Tenancy {
             return Err(TenancyError::Disabled { tenant: tenant.clone() });
         }
         if let Some(op) = operations.iter().find(|op| !policy.allows(**op)) {
-            return Err(TenancyError::OperationNotAllowed {
-                tenant: tenant.clone(),
-                operation: *op,
-                allowed: policy.allowed_list(),
-            });
+            return Err(TenancyError::OperationNotAllowed { tenant: tenant.clone(), operation: *op, allowed: policy.allowed_list() });
         }
         if let Some((rate, burst)) = policy.rate {
             let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
-            bucket
-                .try_take(now)
-                .map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
+            bucket.try_take(now).map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
         }
         if request_bytes > policy.max_request_bytes {
             return Err(TenancyError::RequestTooLarge { tenant: tenant.clone(), bytes: request_bytes, limit: policy.max_request_bytes });
@@ -310,11 +309,14 @@ impl Tenancy {
         };
         waiting.started = None;
         // The reservation travels with the job: released when it finishes.
-        Ok(self.shared.pool.run(move || {
-            let _reservation = reservation;
-            job()
-        })
-        .await?)
+        Ok(self
+            .shared
+            .pool
+            .run(move || {
+                let _reservation = reservation;
+                job()
+            })
+            .await?)
     }
 
     /// Starts queued jobs while workers, tenant limits and memory allow.

@@ -57,10 +57,7 @@ impl<T> DrrScheduler<T> {
     /// Queues `job` of `cost` pixels for `tenant` with `weight` (>= 1; the
     /// latest weight given for a tenant applies).
     pub fn push(&mut self, tenant: &TenantId, weight: u32, cost: u64, job: T) {
-        let queue = self
-            .queues
-            .entry(tenant.clone())
-            .or_insert_with(|| TenantQueue { weight, deficit: 0, jobs: VecDeque::new() });
+        let queue = self.queues.entry(tenant.clone()).or_insert_with(|| TenantQueue { weight, deficit: 0, jobs: VecDeque::new() });
         queue.weight = weight.max(1);
         if queue.jobs.is_empty() {
             self.active.push_back(tenant.clone());
@@ -164,7 +161,7 @@ mod tests {
             s.push(&t("heavy"), 3, QUANTUM_PIXELS / 4, ("heavy", i));
         }
         // A cycle serves 4 light jobs (1 quantum) and 12 heavy ones (3).
-        let served: Vec<&str> = (0..160).map(|_| s.pop(|_, _| true).unwrap().1 .0).collect();
+        let served: Vec<&str> = (0..160).map(|_| s.pop(|_, _| true).unwrap().1.0).collect();
         let heavy = served.iter().filter(|n| **n == "heavy").count();
         assert_eq!((served.len() - heavy, heavy), (40, 120));
     }

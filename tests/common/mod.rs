@@ -14,10 +14,10 @@ use imgsvc::{
     client::{self, RawImage, Target},
     config::{RawConfig, Settings},
     identity::{TenantId, TrustDomain},
-    imaging::{reference, Layout, QuarterTurns, Sample},
+    imaging::{Layout, QuarterTurns, Sample, reference},
     pki::{self, IssueRequest, PkiPaths},
     proto::v1::PixelFormat,
-    server::{bind, bind_admin, Phase, Server, ServerError},
+    server::{Phase, Server, ServerError, bind, bind_admin},
     tls::ClientCredentials,
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
@@ -266,12 +266,18 @@ pub fn run_client(args: &[&str]) -> Output {
 pub fn client_args(server: &TestServer, pki: &Pki, tenant: &str) -> Vec<String> {
     let (ca, cert, key) = pki.client_files(tenant);
     vec![
-        "--host".into(), "127.0.0.1".into(),
-        "--port".into(), server.port().to_string(),
-        "--ca".into(), ca.display().to_string(),
-        "--cert".into(), cert.display().to_string(),
-        "--key".into(), key.display().to_string(),
-        "--server-name".into(), "localhost".into(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        server.port().to_string(),
+        "--ca".into(),
+        ca.display().to_string(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--server-name".into(),
+        "localhost".into(),
     ]
 }
 
