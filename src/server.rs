@@ -32,7 +32,7 @@ use tonic::codec::CompressionEncoding;
 use crate::{
     admin,
     config::{AdminSettings, Settings, TlsSettings},
-    identity::{TenantId, TenantInterceptor},
+    identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
     service::{Processor, legacy::LegacyService, v1::V1Service},
@@ -280,6 +280,7 @@ impl Server {
                 listener,
                 tls_config.subscribe(),
                 settings.tls.handshake_timeout,
+                settings.tls.trust_domain.clone(),
                 conn_tx.clone(),
                 lingering.clone(),
             ));
@@ -312,7 +313,7 @@ impl Server {
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
             .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
-            .layer(tonic::service::InterceptorLayer::new(TenantInterceptor::new(settings.tls.trust_domain.clone())))
+            .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(legacy)
@@ -420,6 +421,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// and keeps reading, for at most [`LINGER`], until the client closes too.
 pub struct LingeringStream {
     inner: Option<TlsStream<TcpStream>>,
+    identity: PeerIdentity,
     lingering: TaskTracker,
 }
 
@@ -487,10 +489,10 @@ impl tokio::io::AsyncWrite for LingeringStream {
 }
 
 impl tonic::transport::server::Connected for LingeringStream {
-    // The TLS stream's own info, so `Request::peer_certs()` keeps working.
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    // Copied into every request's extensions, where TenantInterceptor reads it.
+    type ConnectInfo = PeerIdentity;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.as_ref().expect("present until drop").connect_info()
+        self.identity.clone()
     }
 }
 
@@ -518,6 +520,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
+    trust_domain: TrustDomain,
     connections: mpsc::Sender<LingeringStream>,
     lingering: TaskTracker,
 ) {
@@ -541,12 +544,13 @@ async fn accept_loop(
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
         let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
-        let (connections, lingering) = (connections.clone(), lingering.clone());
+        let (connections, lingering, trust_domain) = (connections.clone(), lingering.clone(), trust_domain.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let _ = connections.send(LingeringStream { inner: Some(stream), lingering }).await;
+                    let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
+                    let _ = connections.send(LingeringStream { inner: Some(stream), identity, lingering }).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);
