@@ -87,23 +87,7 @@ impl OpensslCa {
     fn new_root(subject: &str) -> Self {
         let ca = Self::with(Path::new("root.pem"), Path::new("root-key.pem"));
         new_key(ca.dir.path(), "root-key.pem");
-        let args = [
-            "req",
-            "-x509",
-            "-config",
-            "ca.cnf",
-            "-extensions",
-            "root",
-            "-key",
-            "root-key.pem",
-            "-subj",
-            subject,
-            "-days",
-            "30",
-            "-out",
-            "root.pem",
-        ];
-        openssl(ca.dir.path(), &args);
+        self_signed(ca.dir.path(), "ca.cnf", "root", "root-key.pem", subject, "root.pem");
         ca
     }
 
@@ -170,6 +154,12 @@ fn ca_config(dir: &Path, ca_cert: &Path, ca_key: &Path) -> String {
     )
 }
 
+/// `openssl req -x509` in `dir`: a self-signed certificate `out` for `key`
+/// named `subject`, with the extensions of `section` in `config`.
+fn self_signed(dir: &Path, config: &str, section: &str, key: &str, subject: &str, out: &str) {
+    openssl(dir, &["req", "-x509", "-config", config, "-extensions", section, "-key", key, "-subj", subject, "-days", "30", "-out", out]);
+}
+
 /// A new ECDSA P-256 key (PKCS#8 PEM) in `dir`.
 fn new_key(dir: &Path, name: &str) {
     openssl(dir, &["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name]);
@@ -187,19 +177,49 @@ fn credentials(pki: &Pki, cert: &Path, key: &Path) -> ClientCredentials {
     ClientCredentials::from_files(&pki.paths().ca_cert(), cert, key).unwrap()
 }
 
-/// Connects with our client library; the refusal it explains.
-async fn connect_refused(server: &ServerProcess, creds: &ClientCredentials) -> String {
-    match client::connect(&target_of(server.addr), creds).await {
+/// How a refused handshake shows on both sides.
+struct HandshakeRefusal {
+    /// How our client library explains it (the start of it).
+    explanation: &'static str,
+    /// The TLS alert the client received.
+    alert: &'static str,
+    /// rustls' verdict in the server log (the start of it).
+    problem: &'static str,
+    /// The reason label in the log and the handshake-failure metric.
+    reason: &'static str,
+}
+
+const NOT_TRUSTED: &str = "the server refused the client certificate: it is not signed by a CA the server trusts";
+const EXPIRED_OR_NOT_YET_VALID: &str = "the server refused the client certificate: it has expired or is not yet valid";
+
+/// Presents `cert` and `key` with our client library to a server of `pki`
+/// (`tls_extra`: lines for its [tls] config): refused at the handshake as
+/// `want` says, and the server goes on serving. Returns the server.
+async fn assert_refused_at_handshake(pki: &Pki, tls_extra: &str, cert: &Path, key: &Path, want: HandshakeRefusal) -> ServerProcess {
+    let (server, logs) = ServerProcess::spawn_logged(pki, tls_extra, "");
+    let explanation = match client::connect(&target_of(server.addr), &credentials(pki, cert, key)).await {
         Err(ClientError::Connect { explanation, .. }) => explanation,
         Err(other) => panic!("expected a refused connection, got {other}"),
         Ok(_) => panic!("the server accepted the certificate"),
-    }
+    };
+    assert!(explanation.starts_with(want.explanation), "{explanation}");
+    assert!(explanation.contains(&format!("received fatal alert: {}", want.alert)), "{explanation}");
+    assert_handshake_refusal_logged(&logs, want.problem, want.reason);
+    assert_still_serving(&server, pki).await;
+    server
 }
 
-/// Connects and makes one call; the status it is refused with.
-async fn call_refused(server: &ServerProcess, creds: &ClientCredentials) -> tonic::Status {
-    let channel = client::connect(&target_of(server.addr), creds).await.expect("the TLS handshake succeeds");
-    ImageServiceClient::new(channel).process(tiny_request()).await.expect_err("the call is refused")
+/// Presents `cert` and `key` to a server of `pki`: the handshake succeeds,
+/// the call is UNAUTHENTICATED with `message`, the server logs the refusal
+/// (returned) and goes on serving.
+async fn assert_unauthenticated(pki: &Pki, cert: &Path, key: &Path, message: &str) -> String {
+    let (server, logs) = ServerProcess::spawn_logged(pki, "", "");
+    let channel = client::connect(&target_of(server.addr), &credentials(pki, cert, key)).await.expect("the TLS handshake succeeds");
+    let status = ImageServiceClient::new(channel).process(tiny_request()).await.expect_err("the call is refused");
+    assert_eq!((status.code(), status.message()), (Code::Unauthenticated, message));
+    let line = log_line(&logs, "refused request: no tenant");
+    assert_still_serving(&server, pki).await;
+    line
 }
 
 /// The first server log line containing `needle`, waited for (bounded).
@@ -255,12 +275,13 @@ async fn expired_certificate_is_refused_with_certificate_expired() {
     let pki = Pki::new(&[TENANT]);
     let ca = OpensslCa::of(&pki);
     let (cert, key) = ca.issue("expired", &tenant_extensions(&alpha_uri()), Some((days_from_now(-60), days_from_now(-30))));
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &cert, &key)).await;
-    assert!(explanation.starts_with("the server refused the client certificate: it has expired or is not yet valid"), "{explanation}");
-    assert!(explanation.contains("received fatal alert: CertificateExpired"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "certificate expired", "certificate_expired");
-    assert_still_serving(&server, &pki).await;
+    let want = HandshakeRefusal {
+        explanation: EXPIRED_OR_NOT_YET_VALID,
+        alert: "CertificateExpired",
+        problem: "certificate expired",
+        reason: "certificate_expired",
+    };
+    assert_refused_at_handshake(&pki, "", &cert, &key, want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,12 +289,13 @@ async fn not_yet_valid_certificate_is_refused_with_certificate_expired() {
     let pki = Pki::new(&[TENANT]);
     let ca = OpensslCa::of(&pki);
     let (cert, key) = ca.issue("future", &tenant_extensions(&alpha_uri()), Some((days_from_now(30), days_from_now(60))));
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &cert, &key)).await;
-    assert!(explanation.starts_with("the server refused the client certificate: it has expired or is not yet valid"), "{explanation}");
-    assert!(explanation.contains("received fatal alert: CertificateExpired"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "certificate not valid yet", "certificate_expired");
-    assert_still_serving(&server, &pki).await;
+    let want = HandshakeRefusal {
+        explanation: EXPIRED_OR_NOT_YET_VALID,
+        alert: "CertificateExpired",
+        problem: "certificate not valid yet",
+        reason: "certificate_expired",
+    };
+    assert_refused_at_handshake(&pki, "", &cert, &key, want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,15 +303,8 @@ async fn certificate_signed_by_another_ca_is_refused_with_unknown_ca() {
     let pki = Pki::new(&[TENANT]);
     let ca = OpensslCa::new_root("/CN=some other CA");
     let (cert, key) = ca.issue("other-ca", &tenant_extensions(&alpha_uri()), None);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &cert, &key)).await;
-    assert!(
-        explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"),
-        "{explanation}"
-    );
-    assert!(explanation.contains("received fatal alert: UnknownCA"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "UnknownIssuer", "unknown_ca");
-    assert_still_serving(&server, &pki).await;
+    let want = HandshakeRefusal { explanation: NOT_TRUSTED, alert: "UnknownCA", problem: "UnknownIssuer", reason: "unknown_ca" };
+    assert_refused_at_handshake(&pki, "", &cert, &key, want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,15 +313,8 @@ async fn certificate_signed_by_an_impostor_ca_with_our_ca_name_is_refused_on_the
     // Found by name, fails on the signature.
     let ca = OpensslCa::impostor_of(&pki);
     let (cert, key) = ca.issue("impostor", &tenant_extensions(&alpha_uri()), None);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &cert, &key)).await;
-    assert!(
-        explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"),
-        "{explanation}"
-    );
-    assert!(explanation.contains("received fatal alert: DecryptError"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "BadSignature", "unknown_ca");
-    assert_still_serving(&server, &pki).await;
+    let want = HandshakeRefusal { explanation: NOT_TRUSTED, alert: "DecryptError", problem: "BadSignature", reason: "unknown_ca" };
+    assert_refused_at_handshake(&pki, "", &cert, &key, want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,34 +323,9 @@ async fn self_signed_certificate_naming_a_tenant_is_refused_with_unknown_ca() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("self.cnf"), format!("{REQ_CONFIG}[leaf]\n{}", tenant_extensions(&alpha_uri()))).unwrap();
     new_key(dir.path(), "self-key.pem");
-    openssl(
-        dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-config",
-            "self.cnf",
-            "-extensions",
-            "leaf",
-            "-key",
-            "self-key.pem",
-            "-subj",
-            "/CN=alpha",
-            "-days",
-            "30",
-            "-out",
-            "self.pem",
-        ],
-    );
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &dir.path().join("self.pem"), &dir.path().join("self-key.pem"))).await;
-    assert!(
-        explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"),
-        "{explanation}"
-    );
-    assert!(explanation.contains("received fatal alert: UnknownCA"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "UnknownIssuer", "unknown_ca");
-    assert_still_serving(&server, &pki).await;
+    self_signed(dir.path(), "self.cnf", "leaf", "self-key.pem", "/CN=alpha", "self.pem");
+    let want = HandshakeRefusal { explanation: NOT_TRUSTED, alert: "UnknownCA", problem: "UnknownIssuer", reason: "unknown_ca" };
+    assert_refused_at_handshake(&pki, "", &dir.path().join("self.pem"), &dir.path().join("self-key.pem"), want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -351,15 +334,13 @@ async fn server_auth_only_certificate_is_refused_as_not_for_client_authenticatio
     let extensions = tenant_extensions(&alpha_uri()).replace("extendedKeyUsage = clientAuth", "extendedKeyUsage = serverAuth");
     let ca = OpensslCa::of(&pki);
     let (cert, key) = ca.issue("server-only", &extensions, None);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let explanation = connect_refused(&server, &credentials(&pki, &cert, &key)).await;
-    assert!(
-        explanation.starts_with("the server refused the client certificate: it is not issued for client authentication"),
-        "{explanation}"
-    );
-    assert!(explanation.contains("received fatal alert: UnsupportedCertificate"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "certificate does not allow extended key usage for client authentication", "bad_certificate");
-    assert_still_serving(&server, &pki).await;
+    let want = HandshakeRefusal {
+        explanation: "the server refused the client certificate: it is not issued for client authentication",
+        alert: "UnsupportedCertificate",
+        problem: "certificate does not allow extended key usage for client authentication",
+        reason: "bad_certificate",
+    };
+    assert_refused_at_handshake(&pki, "", &cert, &key, want).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -368,17 +349,18 @@ async fn revoked_certificate_is_refused_through_an_openssl_made_crl() {
     let ca = OpensslCa::of(&pki);
     let (revoked, revoked_key) = ca.issue("revoked", &tenant_extensions(&alpha_uri()), None);
     let (kept, kept_key) = ca.issue("kept", &tenant_extensions(&alpha_uri()), None);
-    let crl = ca.revoke(&revoked);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, &format!("crl_files = [\"{}\"]", crl.display()), "");
-    let explanation = connect_refused(&server, &credentials(&pki, &revoked, &revoked_key)).await;
-    assert!(explanation.starts_with("the server refused the client certificate: it has been revoked"), "{explanation}");
-    assert!(explanation.contains("received fatal alert: CertificateRevoked"), "{explanation}");
-    assert_handshake_refusal_logged(&logs, "Revoked", "bad_certificate");
+    let crl = format!("crl_files = [\"{}\"]", ca.revoke(&revoked).display());
+    let want = HandshakeRefusal {
+        explanation: "the server refused the client certificate: it has been revoked",
+        alert: "CertificateRevoked",
+        problem: "Revoked",
+        reason: "bad_certificate",
+    };
+    let server = assert_refused_at_handshake(&pki, &crl, &revoked, &revoked_key, want).await;
     // The CRL revokes that certificate only: another of the same CA and
-    // tenant, and gen-certs' own, are still served.
+    // tenant is still served (and gen-certs' own, checked above).
     let channel = client::connect(&target_of(server.addr), &credentials(&pki, &kept, &kept_key)).await.unwrap();
     ImageServiceClient::new(channel).process(tiny_request()).await.unwrap();
-    assert_still_serving(&server, &pki).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -387,13 +369,9 @@ async fn certificate_without_subject_alternative_names_is_unauthenticated() {
     let extensions = tenant_extensions(&alpha_uri()).lines().filter(|l| !l.starts_with("subjectAltName")).collect::<Vec<_>>().join("\n");
     let ca = OpensslCa::of(&pki);
     let (cert, key) = ca.issue("no-san", &extensions, None);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let status = call_refused(&server, &credentials(&pki, &cert, &key)).await;
     let message = format!("the client certificate has no URI SAN of the form spiffe://{TRUST_DOMAIN}/tenant/<name>");
-    assert_eq!((status.code(), status.message()), (Code::Unauthenticated, message.as_str()));
-    let line = log_line(&logs, "refused request: no tenant");
-    assert!(line.contains(&message), "{line}");
-    assert_still_serving(&server, &pki).await;
+    let logged = assert_unauthenticated(&pki, &cert, &key, &message).await;
+    assert!(logged.contains(&message), "{logged}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -401,15 +379,11 @@ async fn tenant_uri_in_another_trust_domain_is_unauthenticated() {
     let pki = Pki::new(&[TENANT]);
     let ca = OpensslCa::of(&pki);
     let (cert, key) = ca.issue("foreign", &tenant_extensions("spiffe://elsewhere.example/tenant/alpha"), None);
-    let (server, logs) = ServerProcess::spawn_logged(&pki, "", "");
-    let status = call_refused(&server, &credentials(&pki, &cert, &key)).await;
     let message = format!(
         "the client certificate names tenant URI \"spiffe://elsewhere.example/tenant/alpha\", which is not in trust domain \"{TRUST_DOMAIN}\""
     );
-    assert_eq!((status.code(), status.message()), (Code::Unauthenticated, message.as_str()));
-    let line = log_line(&logs, "refused request: no tenant");
-    assert!(line.contains("spiffe://elsewhere.example/tenant/alpha"), "{line}");
-    assert_still_serving(&server, &pki).await;
+    let logged = assert_unauthenticated(&pki, &cert, &key, &message).await;
+    assert!(logged.contains("spiffe://elsewhere.example/tenant/alpha"), "{logged}");
 }
 
 /// Presents whatever certificate and key it is given, matching or not
