@@ -149,8 +149,9 @@ fn photo(name: &str) -> RawImage {
 
 /// A deterministic image whose samples are all different from their
 /// neighbours, so a wrong rotation or filter cannot pass.
-fn pattern(format: PixelFormat, width: u32, height: u32, bytes_per_pixel: usize) -> RawImage {
-    let data: Vec<u8> = (0..width as usize * height as usize * bytes_per_pixel).map(|i| (i * 151 % 251) as u8).collect();
+fn pattern(format: PixelFormat, width: u32, height: u32) -> RawImage {
+    let len = width as usize * height as usize * imgsvc::codec::bytes_per_pixel(format);
+    let data: Vec<u8> = (0..len).map(|i| (i * 151 % 251) as u8).collect();
     RawImage { format, width, height, data: data.into() }
 }
 
@@ -181,7 +182,7 @@ fn legacy_refusals_reach_grpcio_as_invalid_argument_with_our_message() {
     let pki = Pki::new(&["alpha"]);
     let server = ServerProcess::spawn(&pki);
     let short = json!({ "color": true, "width": 4, "height": 3, "data": base64_of(&[7; 35]) });
-    let valid = pattern(PixelFormat::Gray8, 3, 2, 1);
+    let valid = pattern(PixelFormat::Gray8, 3, 2);
     let results = grpcio(
         &server,
         &pki,
@@ -213,7 +214,7 @@ fn v1_process_pipelines_from_grpcio_match_the_reference_kernels_and_refusals_car
         (photo("rocket.jpg"), vec![Op::MeanFilter, Op::Rotate(QuarterTurns::Three)]),
         // 16-bit samples travel little-endian.
         (photo("chessboard_RGB.png"), vec![Op::Rotate(QuarterTurns::One), Op::MeanFilter, Op::Rotate(QuarterTurns::Two)]),
-        (pattern(PixelFormat::Graya8, 7, 4, 2), vec![Op::Rotate(QuarterTurns::One), Op::Rotate(QuarterTurns::One), Op::MeanFilter]),
+        (pattern(PixelFormat::Graya8, 7, 4), vec![Op::Rotate(QuarterTurns::One), Op::Rotate(QuarterTurns::One), Op::MeanFilter]),
     ];
     assert_eq!(cases[1].0.format, PixelFormat::Rgb16, "the fixture is 16-bit");
     let mut calls: Vec<Value> = cases
@@ -248,7 +249,7 @@ fn v1_process_stream_from_grpcio_reassembles_chunked_images_both_ways() {
     // Chunk sizes that split rows anywhere (a rocket.jpg row is 1920 bytes).
     let cases = [
         (photo("rocket.jpg"), vec![Op::Rotate(QuarterTurns::One), Op::MeanFilter], 100_000),
-        (pattern(PixelFormat::Rgba8, 33, 17, 4), vec![Op::MeanFilter, Op::Rotate(QuarterTurns::Two)], 1000),
+        (pattern(PixelFormat::Rgba8, 33, 17), vec![Op::MeanFilter, Op::Rotate(QuarterTurns::Two)], 1000),
     ];
     let mut calls: Vec<Value> = cases
         .iter()
