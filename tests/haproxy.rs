@@ -26,10 +26,6 @@ use imgsvc::{
 
 const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/haproxy.cfg");
 
-fn works(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
 /// The haproxy binary, installed from Debian's package when missing (once
 /// per test process: the tests here would otherwise race for dpkg's lock).
 fn ensure_haproxy() -> Option<PathBuf> {
@@ -38,27 +34,15 @@ fn ensure_haproxy() -> Option<PathBuf> {
 }
 
 fn install_haproxy() -> Option<PathBuf> {
-    let found = || ["haproxy", "/usr/sbin/haproxy"].into_iter().find(|c| works(c, &["-v"])).map(PathBuf::from);
+    let found = || ["haproxy", "/usr/sbin/haproxy"].into_iter().find(|c| command_succeeds(c, &["-v"])).map(PathBuf::from);
     if let Some(path) = found() {
         return Some(path);
     }
-    if !works("apt-get", &["--version"]) {
+    if !apt_get_available() {
         eprintln!("SKIPPED: haproxy is not installed and apt-get is not available to install it");
         return None;
     }
-    let install = || {
-        Command::new("apt-get")
-            // Another apt run on the machine: wait for its lock instead of failing.
-            .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends", "haproxy"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        // A fresh machine has no package lists yet.
-        assert!(works("apt-get", &["-o", "DPkg::Lock::Timeout=300", "update", "-q"]), "apt-get update failed");
-        assert!(install(), "apt-get install haproxy failed");
-    }
+    apt_get_install("haproxy");
     Some(found().expect("haproxy runs after apt-get install"))
 }
 

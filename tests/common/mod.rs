@@ -359,12 +359,18 @@ pub fn all_turns() -> [(QuarterTurns, &'static str); 4] {
 /// A server config file for `pki`: loopback, gRPC and admin on port 0,
 /// plus `extra` TOML lines appended (other sections).
 pub fn write_server_config(dir: &Path, pki: &Pki, extra: &str) -> PathBuf {
+    write_server_config_with_tls(dir, pki, "", extra)
+}
+
+/// [`write_server_config`] with `tls_extra` TOML lines in its `[tls]`
+/// section (e.g. `crl_files`), which `extra` cannot reopen.
+pub fn write_server_config_with_tls(dir: &Path, pki: &Pki, tls_extra: &str, extra: &str) -> PathBuf {
     let p = pki.paths();
     let path = dir.join("imgsvc.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\nhost = \"127.0.0.1\"\nport = 0\nworker_threads = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n[log]\nlevel = \"info\"\n{extra}\n{}",
+            "[server]\nhost = \"127.0.0.1\"\nport = 0\nworker_threads = 2\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n{tls_extra}\n[log]\nlevel = \"info\"\n{extra}\n{}",
             p.server_cert().display(),
             p.server_key().display(),
             p.ca_cert().display(),
@@ -422,8 +428,15 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(pki: &Pki) -> Self {
+        Self::spawn_logged(pki, "", "").0
+    }
+
+    /// [`ServerProcess::spawn`] with config lines added (see
+    /// [`write_server_config_with_tls`]), handing back the server's log
+    /// lines from after its startup lines.
+    pub fn spawn_logged(pki: &Pki, tls_extra: &str, extra: &str) -> (Self, std::sync::mpsc::Receiver<String>) {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_server_config(dir.path(), pki, "");
+        let cfg = write_server_config_with_tls(dir.path(), pki, tls_extra, extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
             .args(["--config", cfg.to_str().unwrap()])
             .env_remove("RUST_LOG")
@@ -446,7 +459,7 @@ impl ServerProcess {
             addr = addr.or_else(|| after(&line, "listening on "));
             admin_addr = admin_addr.or_else(|| after(&line, "admin on http://"));
         }
-        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), _dir: dir }
+        (Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), _dir: dir }, rx)
     }
 
     /// SIGKILL: no drain, connections cut mid-request.
@@ -465,4 +478,32 @@ impl Drop for ServerProcess {
 /// A tonic-free target for a server process (certificates name localhost).
 pub fn target_of(addr: SocketAddr) -> Target {
     Target { host: addr.ip().to_string(), port: addr.port(), ..target(0) }
+}
+
+/// Whether `cmd args` runs and exits 0 (output discarded).
+pub fn command_succeeds(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Whether `apt-get` is there to install what a test needs.
+pub fn apt_get_available() -> bool {
+    command_succeeds("apt-get", &["--version"])
+}
+
+/// Installs Debian `package` with apt-get (CI runs as root), running
+/// `apt-get update` first when a fresh machine has no package lists yet.
+/// Panics, saying so, when that fails.
+pub fn apt_get_install(package: &str) {
+    let install = || {
+        Command::new("apt-get")
+            // Another apt run on the machine: wait for its lock instead of failing.
+            .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        assert!(command_succeeds("apt-get", &["-o", "DPkg::Lock::Timeout=300", "update", "-q"]), "apt-get update failed");
+        assert!(install(), "apt-get install {package} failed");
+    }
 }

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Calls imgsvc with grpcio (gRPC C-core), for tests/interop_grpcio.rs.
+
+Reads one JSON job on stdin:
+
+    {"target": "127.0.0.1:PORT", "server_name": "localhost",
+     "ca": PATH, "cert": PATH, "key": PATH, "proto_dir": PATH,
+     "calls": [{"rpc": "RotateImage" | "MeanFilter" | "Process" | "HealthCheck",
+                "request": {...}},
+               {"rpc": "ProcessStream", "requests": [{...}, ...]}]}
+
+Requests are protobuf messages in the proto3 JSON mapping (bytes in
+base64), built by field name from stubs that grpcio-tools generates here
+from `proto_dir`. Writes one JSON object on stdout: {"grpcio": version,
+"results": [...]}, one result per call, in order: {"response": {...}},
+{"responses": [{...}, ...]} for ProcessStream, or {"error": {"code":
+"INVALID_ARGUMENT", "details": "..."}}. Anything else (no server, bad
+certificates) ends the script with a traceback and a non-zero exit.
+"""
+
+import importlib
+import json
+import sys
+import tempfile
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_tools import protoc
+
+PROTOS = ["nlimage.proto", "imgsvc/v1/imgsvc.proto"]
+CALL_TIMEOUT_SECS = 30
+
+
+def generate_stubs(proto_dir, out_dir):
+    args = ["protoc", f"-I{proto_dir}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}", *PROTOS]
+    if protoc.main(args) != 0:
+        sys.exit(f"grpcio-tools could not compile {PROTOS} from {proto_dir}")
+    sys.path.insert(0, out_dir)
+    modules = ["nlimage_pb2", "nlimage_pb2_grpc", "imgsvc.v1.imgsvc_pb2", "imgsvc.v1.imgsvc_pb2_grpc"]
+    return [importlib.import_module(m) for m in modules]
+
+
+def message_dict(message):
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def main():
+    job = json.load(sys.stdin)
+    with tempfile.TemporaryDirectory(prefix="imgsvc-stubs-") as stubs:
+        nl_pb2, nl_grpc, v1_pb2, v1_grpc = generate_stubs(job["proto_dir"], stubs)
+
+        def read(key):
+            with open(job[key], "rb") as f:
+                return f.read()
+
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read("ca"), private_key=read("key"), certificate_chain=read("cert")
+        )
+        options = [("grpc.ssl_target_name_override", job["server_name"])]
+        with grpc.secure_channel(job["target"], credentials, options=options) as channel:
+            nl = nl_grpc.NLImageServiceStub(channel)
+            v1 = v1_grpc.ImageServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            unary = {
+                "RotateImage": (nl.RotateImage, nl_pb2.NLImageRotateRequest),
+                "MeanFilter": (nl.MeanFilter, nl_pb2.NLImage),
+                "Process": (v1.Process, v1_pb2.ProcessRequest),
+                "HealthCheck": (health.Check, health_pb2.HealthCheckRequest),
+            }
+            results = []
+            for call in job["calls"]:
+                try:
+                    if call["rpc"] == "ProcessStream":
+                        requests = [json_format.ParseDict(r, v1_pb2.ProcessStreamRequest()) for r in call["requests"]]
+                        responses = v1.ProcessStream(iter(requests), timeout=CALL_TIMEOUT_SECS)
+                        results.append({"responses": [message_dict(r) for r in responses]})
+                    else:
+                        method, request_type = unary[call["rpc"]]
+                        request = json_format.ParseDict(call["request"], request_type())
+                        results.append({"response": message_dict(method(request, timeout=CALL_TIMEOUT_SECS))})
+                except grpc.RpcError as e:
+                    results.append({"error": {"code": e.code().name, "details": e.details()}})
+    json.dump({"grpcio": grpc.__version__, "results": results}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
