@@ -7,9 +7,10 @@
 //!   kernels compiled with AVX2 (resp. AVX-512F+BW) enabled through
 //!   `#[target_feature]`, plus hand-written kernels (module `x86`):
 //!   256-bit transposes for 90°/270° rotation of 1-, 2-, 3-, 4- and 8-byte
-//!   pixels (streaming stores for outputs >= 16 MiB), `pshufb` row
-//!   reversal for 180° (512-bit for 1/2/4/8-byte pixels on `Avx512`), and
-//!   the u8 mean-filter interior (256- / 512-bit).
+//!   pixels (streaming stores for outputs >= 16 MiB; RGB joins 4 blocks into
+//!   48-byte rows for that), `pshufb` row reversal for 180° (512-bit for
+//!   1/2/4/8-byte pixels on `Avx512`), and the u8 mean filter (AVX2: per-row
+//!   interior; AVX-512: register-resident column strips over whole bands).
 //!
 //! A path is only run after `is_x86_feature_detected!` confirmed its
 //! features ([`KernelPath::check`]).
