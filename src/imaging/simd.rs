@@ -489,11 +489,29 @@ mod x86 {
             }
             ct = ct_end;
         }
+        transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
+    }
+
+    /// The portable part of a SIMD 90°/270° band: everything outside output
+    /// rows `0..simd_rows` x output columns `simd_cols`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn transpose_fringes<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        ccw90: bool,
+        dst: &mut [u8],
+        row0: usize,
+        simd_rows: usize,
+        simd_cols: std::ops::Range<usize>,
+    ) {
+        let rows = dst.len() / (h * B);
         let (s, _) = src.as_chunks::<B>();
         let (d, _) = dst.as_chunks_mut::<B>();
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, 0..cs);
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, ce..h);
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, full_rows..rows, 0..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, 0..simd_cols.start);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, simd_cols.end..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows..rows, 0..h);
     }
 
     /// Rotation band on an AVX-512BW CPU: as [`rotate_band`], with 512-bit
@@ -695,12 +713,8 @@ mod x86 {
                     }
                     ct = ct_end;
                 }
-                let (s, _) = src.as_chunks::<B>();
-                let (d, _) = dst.as_chunks_mut::<B>();
                 // Fringes, after the SIMD part (B = 3 relies on this order).
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, 0..cs);
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, ce..h);
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, full_rows..rows, 0..h);
+                transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
             }
         };
     }
