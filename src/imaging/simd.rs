@@ -893,11 +893,12 @@ mod x86 {
         x: usize,
     ) {
         let zero = [[_mm512_setzero_si512(); V]; 2];
-        // SAFETY (all hsum_u8 calls): rows y0-1 .. ys.end are < h and
-        // x + 64V + 2C <= rs (caller contract).
+        // SAFETY: row ys.start < ys.end <= h, and x + 64V + 2C <= rs
+        // (caller contract).
         let mut hc = unsafe { hsum_u8::<V, C>(sp, rs, ys.start, x) };
         // Pair sums: rows y-1 and y (row -1 counts as zero).
         let mut pair = if ys.start > 0 {
+            // SAFETY: as above, for row ys.start - 1.
             let hp = unsafe { hsum_u8::<V, C>(sp, rs, ys.start - 1, x) };
             std::array::from_fn(|p| std::array::from_fn(|v| _mm512_add_epi16(hp[p][v], hc[p][v])))
         } else {
@@ -909,6 +910,7 @@ mod x86 {
         let (inner, edge) = (div(9), if h == 1 { div(3) } else { div(6) });
         for y in ys {
             let below = y + 1 < h;
+            // SAFETY: as above, for row y + 1 < h.
             let hn = if below { unsafe { hsum_u8::<V, C>(sp, rs, y + 1, x) } } else { zero };
             let m = if y > 0 && below { inner } else { edge };
             for v in 0..V {
