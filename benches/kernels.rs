@@ -4,12 +4,14 @@
 //! rayon's global pool). All variants write into a preallocated destination.
 //!
 //! Run: `cargo bench --bench kernels` (about 4 minutes). Ratios within a
-//! group are what matter on a shared machine.
+//! group are what matter on a shared machine. `cargo bench --bench kernels
+//! -- --min-of 200` prints single-thread min-of-200 ratios to memcpy instead
+//! (~20 s), steadier than medians on a busy machine.
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use imgsvc::imaging::{Layout, Parallelism, QuarterTurns, mean_filter_into_with, rotate_into_with};
 
 struct Image {
@@ -57,16 +59,21 @@ impl Op {
     }
 }
 
-fn kernels(c: &mut Criterion) {
-    let images = [
+fn images() -> [Image; 5] {
+    [
         image("1024x1024_gray8", 1024, 1024, 1),
         image("1024x1024_rgb8", 1024, 1024, 3),
         image("3840x2160_gray8", 3840, 2160, 1),
         image("3840x2160_rgb8", 3840, 2160, 3),
         image("3840x2160_rgba8", 3840, 2160, 4),
-    ];
-    let ops = [Op::Rotate(QuarterTurns::One), Op::Rotate(QuarterTurns::Two), Op::Rotate(QuarterTurns::Three), Op::Mean];
-    for op in ops {
+    ]
+}
+
+const OPS: [Op; 4] = [Op::Rotate(QuarterTurns::One), Op::Rotate(QuarterTurns::Two), Op::Rotate(QuarterTurns::Three), Op::Mean];
+
+fn kernels(c: &mut Criterion) {
+    let images = images();
+    for op in OPS {
         for img in &images {
             let mut group = c.benchmark_group(format!("{}/{}", op.name(), img.name));
             group
@@ -84,5 +91,43 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
+/// Single-thread ratios to memcpy as minimums over `runs` alternating runs
+/// (memcpy, kernel, memcpy, ...): on a shared machine the minimum catches
+/// the runs that had a core to themselves, and alternating exposes both to
+/// the same load. Prints a markdown table.
+fn min_of_table(runs: usize) {
+    fn secs(f: &mut impl FnMut()) -> f64 {
+        let start = Instant::now();
+        f();
+        start.elapsed().as_secs_f64()
+    }
+    println!("| operation | image | memcpy µs | 1 thread µs | 1t ÷ memcpy |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    let images = images();
+    for op in OPS {
+        for img in &images {
+            let (mut copy_dst, mut dst) = (vec![0u8; img.data.len()], vec![0u8; img.data.len()]);
+            let (mut copy, mut kernel) = (f64::MAX, f64::MAX);
+            for _ in 0..runs {
+                copy = copy.min(secs(&mut || copy_dst.copy_from_slice(black_box(&img.data))));
+                kernel = kernel.min(secs(&mut || op.run(black_box(&img.data), img.layout, &mut dst, Parallelism::Single)));
+            }
+            let (name, image) = (op.name(), img.name);
+            println!("| {name} | {image} | {:.1} | {:.1} | {:.2}× |", copy * 1e6, kernel * 1e6, kernel / copy);
+        }
+    }
+}
+
 criterion_group!(benches, kernels);
-criterion_main!(benches);
+
+/// `cargo bench --bench kernels` runs criterion; `-- --min-of N` prints the
+/// min-of-N single-thread table instead.
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--min-of") {
+        min_of_table(args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(40));
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

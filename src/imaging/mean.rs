@@ -21,6 +21,12 @@ pub(super) fn no_fast<T>(_: &[&[T]], _: &mut [T], _: usize) -> usize {
     0
 }
 
+/// For bands whose row interiors a band-level kernel already filled: claims
+/// the whole interior, so only the edge pixels are computed here.
+pub(super) fn interior_done<T>(_: &[&[T]], o: &mut [T], _: usize) -> usize {
+    o.len()
+}
+
 /// Output rows `row0..row0 + dst.len() / row_len` of the mean filter.
 #[inline(always)]
 pub(super) fn mean_band<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize, fast: Interior<T>) {

@@ -15,7 +15,7 @@
 //! output length ([`rotate_into`], [`mean_filter_into`]). The allocating form
 //! allocates the output and calls the `_into` form: there is one
 //! implementation. The hot paths allocate nothing besides that output buffer
-//! (no heap scratch; the SIMD u8 mean kernels use a 1 KiB stack buffer).
+//! (no heap scratch; the AVX2 u8 mean kernel uses a 1 KiB stack buffer).
 //!
 //! # Semantics
 //! * Rotation is counter-clockwise: for 90° (`QuarterTurns::One`) the output
@@ -55,9 +55,11 @@
 //!   `pshufb` reversals, and the u8 mean-filter interior in 16-bit lanes with
 //!   a `mulhi` division. Outputs of at least 16 MiB with 16-byte aligned
 //!   rows use streaming (non-temporal) stores for the transpose.
-//! * `Avx512`: the same, with the u8 mean-filter interior and the 180°
-//!   reversal of 1/2/4/8-byte pixels on 512-bit vectors, and the portable
-//!   code compiled with AVX-512BW enabled.
+//! * `Avx512`: the same, with the 180° reversal of 1/2/4/8-byte pixels on
+//!   512-bit vectors, the u8 mean filter as 512-bit column strips that slide
+//!   down the rows keeping the horizontal sums in registers (each source row
+//!   loaded once per strip, a `pmulhrsw` division), and the portable code
+//!   compiled with AVX-512BW enabled.
 //!
 //! u16 images use the portable mean filter (compiled per path) and the same
 //! byte-level rotation kernels (a u16 pixel is 2 to 8 bytes).

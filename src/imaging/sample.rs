@@ -44,6 +44,21 @@ pub(super) const fn recip16(n: u32) -> u32 {
     65536u32.div_ceil(n)
 }
 
+/// Multiplier for dividing a u8 window sum by `n` with rounding in one
+/// signed "multiply high with round" (`pmulhrsw`): `(sum * m + 2^14) >> 15`
+/// equals `(sum + n/2) / n` for every `sum <= 255 * n` (checked exhaustively
+/// by `tests::u8_mulhrs_division_exact`), so the SIMD kernels need no
+/// separate `+ n/2`.
+pub(super) const fn recip15(n: u32) -> u32 {
+    32768u32.div_ceil(n)
+}
+
+/// The scalar model of that instruction on non-negative 16-bit inputs.
+#[cfg(test)]
+const fn mulhrs(x: u32, m: u32) -> u32 {
+    (x * m + (1 << 14)) >> 15
+}
+
 impl Sample for u8 {
     const MAX: u8 = u8::MAX;
     type Acc = u16;
@@ -134,6 +149,15 @@ mod tests {
         check_u8::<4>();
         check_u8::<6>();
         check_u8::<9>();
+    }
+
+    #[test]
+    fn u8_mulhrs_division_exact() {
+        for n in [1, 2, 3, 4, 6, 9] {
+            for sum in 0..=(255 * n) {
+                assert_eq!(mulhrs(sum, recip15(n)), (sum + n / 2) / n, "n={n} sum={sum}");
+            }
+        }
     }
 
     #[test]

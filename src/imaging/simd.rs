@@ -7,9 +7,10 @@
 //!   kernels compiled with AVX2 (resp. AVX-512F+BW) enabled through
 //!   `#[target_feature]`, plus hand-written kernels (module `x86`):
 //!   256-bit transposes for 90°/270° rotation of 1-, 2-, 3-, 4- and 8-byte
-//!   pixels (streaming stores for outputs >= 16 MiB), `pshufb` row
-//!   reversal for 180° (512-bit for 1/2/4/8-byte pixels on `Avx512`), and
-//!   the u8 mean-filter interior (256- / 512-bit).
+//!   pixels (streaming stores for outputs >= 16 MiB; RGB joins 4 blocks into
+//!   48-byte rows for that), `pshufb` row reversal for 180° (512-bit for
+//!   1/2/4/8-byte pixels on `Avx512`), and the u8 mean filter (AVX2: per-row
+//!   interior; AVX-512: register-resident column strips over whole bands).
 //!
 //! A path is only run after `is_x86_feature_detected!` confirmed its
 //! features ([`KernelPath::check`]).
@@ -180,7 +181,11 @@ pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, 
         KernelPath::Avx512 => {
             #[target_feature(enable = "avx2,avx512f,avx512bw")]
             fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
-                mean::mean_band(src, layout, dst, row0, x86::mean_interior_avx512::<T>)
+                if x86::mean_band_avx512(src, layout, dst, row0) {
+                    mean::mean_band(src, layout, dst, row0, mean::interior_done)
+                } else {
+                    mean::mean_band(src, layout, dst, row0, x86::mean_interior_avx512::<T>)
+                }
             }
             // SAFETY: `path` is Avx512, whose availability (AVX-512F and
             // AVX-512BW detected at run time) the caller checked.
@@ -198,7 +203,7 @@ pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::{QuarterTurns, Sample, rotate};
+    use super::super::{Layout, QuarterTurns, Sample, rotate};
     use std::arch::x86_64::*;
 
     /// Rotation band on an AVX2-capable CPU: SIMD transposes for 1/2/3/4/8-byte
@@ -238,13 +243,9 @@ mod x86 {
     /// lane 1 = right block) is read at `s + i * ss`; transposed row `j` of the
     /// left block is written at `d0 + j * ds`, of the right block at
     /// `d1 + j * ds`. For B = 3 each lane holds 4 pixels (12 of its 16
-    /// bytes: the right block is read at `s + 12`), widened to 4-byte pixels
-    /// by a byte shuffle, and each store writes 12 pixel bytes followed by 4
-    /// garbage bytes that the caller must overwrite later.
-    ///
-    /// Each stage interleaves row `i` with row `i + K/2` (`unpacklo/hi` at
-    /// pixel granularity, per 128-bit lane), which rotates the bits of the
-    /// (row, column) index by one; log2(K) stages swap row and column bits.
+    /// bytes: the right block is read at `s + 12`), and each store writes 12
+    /// pixel bytes followed by 4 garbage bytes that the caller must
+    /// overwrite later.
     ///
     /// # Safety
     /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +28`), and
@@ -254,6 +255,41 @@ mod x86 {
     #[inline]
     unsafe fn block2<const B: usize, const NT: bool>(s: *const u8, ss: isize, d: [*mut u8; 2], ds: isize) {
         let [d0, d1] = d;
+        // SAFETY: the reads are the caller's contract.
+        let r = unsafe { transpose2::<B>(s, ss) };
+        let k = if B == 3 { 4 } else { 16 / B };
+        for (j, v) in r.iter().enumerate().take(k) {
+            let (lo, hi) = (_mm256_castsi256_si128(*v), _mm256_extracti128_si256::<1>(*v));
+            let (p0, p1) = (d0.wrapping_offset(j as isize * ds), d1.wrapping_offset(j as isize * ds));
+            // SAFETY: p0..p0+16 and p1..p1+16 are writable (and 16-aligned
+            // with NT) by the caller contract.
+            unsafe {
+                if NT {
+                    _mm_stream_si128(p0.cast(), lo);
+                    _mm_stream_si128(p1.cast(), hi);
+                } else {
+                    _mm_storeu_si128(p0.cast(), lo);
+                    _mm_storeu_si128(p1.cast(), hi);
+                }
+            }
+        }
+    }
+
+    /// The transpose of [`block2`] in registers: element `j < K` holds
+    /// transposed row `j` of the left block in lane 0 and of the right block
+    /// in lane 1 (B = 3: 12 pixel bytes then 4 zero bytes per lane).
+    ///
+    /// Each stage interleaves row `i` with row `i + K/2` (`unpacklo/hi` at
+    /// pixel granularity, per 128-bit lane), which rotates the bits of the
+    /// (row, column) index by one; log2(K) stages swap row and column bits.
+    /// RGB pixels are widened to 4 bytes by a byte shuffle first and
+    /// narrowed again after.
+    ///
+    /// # Safety
+    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +28`).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn transpose2<const B: usize>(s: *const u8, ss: isize) -> [__m256i; 16] {
         const EXPAND3: [i8; 16] = [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1];
         const SHRINK3: [i8; 16] = [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1];
         let k = if B == 3 { 4 } else { 16 / B };
@@ -302,43 +338,131 @@ mod x86 {
             r = t;
             n /= 2;
         }
-        for (j, v) in r.iter().enumerate().take(k) {
-            let mut v = *v;
-            if B == 3 {
-                let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
-                    SHRINK3[0],
-                    SHRINK3[1],
-                    SHRINK3[2],
-                    SHRINK3[3],
-                    SHRINK3[4],
-                    SHRINK3[5],
-                    SHRINK3[6],
-                    SHRINK3[7],
-                    SHRINK3[8],
-                    SHRINK3[9],
-                    SHRINK3[10],
-                    SHRINK3[11],
-                    SHRINK3[12],
-                    SHRINK3[13],
-                    SHRINK3[14],
-                    SHRINK3[15],
-                ));
-                v = _mm256_shuffle_epi8(v, m);
-            }
-            let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-            let (p0, p1) = (d0.wrapping_offset(j as isize * ds), d1.wrapping_offset(j as isize * ds));
-            // SAFETY: p0..p0+16 and p1..p1+16 are writable (and 16-aligned
-            // with NT) by the caller contract.
-            unsafe {
-                if NT {
-                    _mm_stream_si128(p0.cast(), lo);
-                    _mm_stream_si128(p1.cast(), hi);
-                } else {
-                    _mm_storeu_si128(p0.cast(), lo);
-                    _mm_storeu_si128(p1.cast(), hi);
-                }
+        if B == 3 {
+            let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+                SHRINK3[0],
+                SHRINK3[1],
+                SHRINK3[2],
+                SHRINK3[3],
+                SHRINK3[4],
+                SHRINK3[5],
+                SHRINK3[6],
+                SHRINK3[7],
+                SHRINK3[8],
+                SHRINK3[9],
+                SHRINK3[10],
+                SHRINK3[11],
+                SHRINK3[12],
+                SHRINK3[13],
+                SHRINK3[14],
+                SHRINK3[15],
+            ));
+            for v in r.iter_mut().take(k) {
+                *v = _mm256_shuffle_epi8(*v, m);
             }
         }
+        r
+    }
+
+    /// Output columns per strip of [`transpose_rgb_stream`] (~1 KiB of
+    /// output row, as in `transpose_simd`).
+    const RGB_STREAM_STRIP: usize = 336;
+
+    /// 90° / 270° band of a 3-byte-pixel image with streaming stores: four
+    /// [`transpose2`] results (16 source rows) are joined into 48 bytes =
+    /// three aligned 16-byte vectors per output row, so no store overlaps
+    /// another (the plain kernel's 12-byte pieces cannot stream). Needs
+    /// 16-byte aligned rows (`stream`); SIMD over output columns
+    /// `cs..ce` (multiples of 16, leaving out the last source row, which the
+    /// 4-byte over-reads must not pass) and rows `0..full_rows`, portable
+    /// code for the fringes.
+    #[target_feature(enable = "avx2")]
+    fn transpose_rgb_stream(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
+        const B: usize = 3;
+        let rows = dst.len() / (h * B);
+        // Invariants every block address below relies on.
+        assert!(src.len() == w * h * B && dst.len() == rows * h * B && row0 + rows <= w);
+        let full_rows = rows / 8 * 8;
+        let cs = if ccw90 { 0 } else { 16 };
+        let ce = cs + h.saturating_sub(1 + cs) / 16 * 16;
+        let ss = (w * B) as isize;
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut ct = cs;
+        while ct < ce {
+            let ct_end = (ct + RGB_STREAM_STRIP).min(ce);
+            for g in (0..full_rows).step_by(8) {
+                let yo = row0 + g;
+                for c in (ct..ct_end).step_by(16) {
+                    // As in `transpose_simd` (B = 3, k = 4, two lanes), for
+                    // output columns c..c+16: source rows c..c+16 (90°, at
+                    // most h-2) or h-1-c down to h-c-16 (270°, c >= 16).
+                    let (x0, s0, sstep) = if ccw90 { (w - yo - 8, c, ss) } else { (yo, h - 1 - c, -ss) };
+                    // Lane 0 is source column x0 + j, lane 1 x0 + 4 + j:
+                    // 90°: output rows g+7-j and g+3-j; 270°: g+j, g+4+j.
+                    let out_rows = |j: usize| if ccw90 { [g + 7 - j, g + 3 - j] } else { [g + j, g + 4 + j] };
+                    // Sub-block b (source rows 4b.. of the 16) gives 12 bytes
+                    // per output row (4 zero bytes above): bytes 12b..12b+12
+                    // of the 48. Written out, not looped, so that everything
+                    // stays in registers.
+                    let piece = |b: usize| {
+                        let row = s0 as isize + (4 * b) as isize * sstep.signum();
+                        // SAFETY: reads 4 source rows (of the 16 above),
+                        // bytes x0*B .. x0*B + 28 = (x0+8)*B + 4: the 4
+                        // extra bytes are in the next source row, which
+                        // exists as no row read is the last one.
+                        let q = unsafe { transpose2::<B>(sp.offset(row * ss + (x0 * B) as isize), sstep) };
+                        [q[0], q[1], q[2], q[3]]
+                    };
+                    let store = |t: usize, v: [__m256i; 4]| {
+                        for (j, v) in v.into_iter().enumerate() {
+                            let [r0, r1] = out_rows(j);
+                            let at = |r: usize| dp.wrapping_add(r * h * B + c * B + 16 * t);
+                            // SAFETY: output rows r0, r1 < full_rows of the
+                            // band, bytes c*3 + 16t .. +16 <= (c+16)*3 <=
+                            // h*3; 16-aligned as dst, the row length and c*3
+                            // (c multiple of 16) are (`stream`).
+                            unsafe {
+                                _mm_stream_si128(at(r0).cast(), _mm256_castsi256_si128(v));
+                                _mm_stream_si128(at(r1).cast(), _mm256_extracti128_si256::<1>(v));
+                            }
+                        }
+                    };
+                    let join = |lo: [__m256i; 4], hi: [__m256i; 4], f: fn(__m256i) -> __m256i| {
+                        std::array::from_fn(|j| _mm256_or_si256(lo[j], f(hi[j])))
+                    };
+                    let (p0, p1) = (piece(0), piece(1));
+                    store(0, join(p0, p1, |v| _mm256_bslli_epi128::<12>(v)));
+                    let p2 = piece(2);
+                    store(1, join(p1.map(|v| _mm256_bsrli_epi128::<4>(v)), p2, |v| _mm256_bslli_epi128::<8>(v)));
+                    let p3 = piece(3);
+                    store(2, join(p2.map(|v| _mm256_bsrli_epi128::<8>(v)), p3, |v| _mm256_bslli_epi128::<4>(v)));
+                }
+            }
+            ct = ct_end;
+        }
+        transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
+    }
+
+    /// The portable part of a SIMD 90°/270° band: everything outside output
+    /// rows `0..simd_rows` x output columns `simd_cols`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn transpose_fringes<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        ccw90: bool,
+        dst: &mut [u8],
+        row0: usize,
+        simd_rows: usize,
+        simd_cols: std::ops::Range<usize>,
+    ) {
+        let rows = dst.len() / (h * B);
+        let (s, _) = src.as_chunks::<B>();
+        let (d, _) = dst.as_chunks_mut::<B>();
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, 0..simd_cols.start);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, simd_cols.end..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows..rows, 0..h);
     }
 
     /// Rotation band on an AVX-512BW CPU: as [`rotate_band`], with 512-bit
@@ -418,7 +542,10 @@ mod x86 {
     #[inline]
     fn transpose_band<const B: usize>(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
         let rows = dst.len() / (h * B);
-        if B != 3 && stream(dst, h * B, src.len()) {
+        if B == 3 && stream(dst, h * B, src.len()) {
+            transpose_rgb_stream(src, w, h, ccw90, dst, row0);
+            _mm_sfence();
+        } else if stream(dst, h * B, src.len()) {
             transpose_simd::<B, true>(src, w, h, ccw90, dst, row0, rows);
             // Order the streaming stores before whatever synchronisation
             // hands the buffer to another thread.
@@ -515,12 +642,8 @@ mod x86 {
                     }
                     ct = ct_end;
                 }
-                let (s, _) = src.as_chunks::<B>();
-                let (d, _) = dst.as_chunks_mut::<B>();
                 // Fringes, after the SIMD part (B = 3 relies on this order).
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, 0..cs);
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..full_rows, ce..h);
-                rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, full_rows..rows, 0..h);
+                transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
             }
         };
     }
@@ -564,6 +687,170 @@ mod x86 {
                 2 => mean_u8_avx512::<2, 6>(&rows, o, c),
                 _ => mean_u8_avx512::<1, 3>(&rows, o, c),
             }
+        }
+    }
+
+    /// Fills the interior samples (all but the first and last pixel) of
+    /// every row of a u8 mean-filter band with AVX-512BW and returns true;
+    /// returns false (nothing written) for u16 samples or rows whose
+    /// interior is shorter than one vector. Only called from the AVX-512
+    /// path, which runs only after AVX-512F/BW were detected.
+    pub(super) fn mean_band_avx512<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) -> bool {
+        let (h, c, rs) = (layout.height(), layout.channels(), layout.row_samples());
+        if size_of::<T>() != 1 || rs < 64 + 2 * c {
+            return false;
+        }
+        // T is u8 (Sample is sealed to u8 and u16): the byte views are the samples.
+        let (src, dst) = (super::as_bytes(src), super::as_bytes_mut(dst));
+        // SAFETY: only used on KernelPath::Avx512, whose AVX-512F/BW support
+        // was checked at run time.
+        unsafe { mean_u8_strips_avx512(src, h, rs, c, dst, row0) };
+        true
+    }
+
+    /// Output rows per block of the strip kernel: each 256-sample strip is
+    /// swept down this many rows before moving right.
+    const MEAN_ROW_BLOCK: usize = 64;
+
+    /// Interior of the band's rows (`rs` samples each, `c` channels,
+    /// `rs - 2c >= 64`) in vertical strips of 256 (then 64) output samples:
+    /// a strip slides down the rows keeping the horizontal 3-tap sums of the
+    /// previous rows in registers, so each source row is loaded once per
+    /// strip instead of three times, and nothing goes through memory.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn mean_u8_strips_avx512(src: &[u8], h: usize, rs: usize, c: usize, dst: &mut [u8], row0: usize) {
+        match c {
+            1 => mean_u8_strips::<1>(src, h, rs, dst, row0),
+            2 => mean_u8_strips::<2>(src, h, rs, dst, row0),
+            3 => mean_u8_strips::<3>(src, h, rs, dst, row0),
+            _ => mean_u8_strips::<4>(src, h, rs, dst, row0),
+        }
+    }
+
+    /// [`mean_u8_strips_avx512`] for `C` channels.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn mean_u8_strips<const C: usize>(src: &[u8], h: usize, rs: usize, dst: &mut [u8], row0: usize) {
+        let n = rs - 2 * C;
+        let rows = dst.len() / rs;
+        // Invariants every address in `mean_strip_u8` relies on.
+        assert!(src.len() == h * rs && dst.len() == rows * rs && row0 + rows <= h && n >= 64);
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut y0 = row0;
+        while y0 < row0 + rows {
+            let y1 = (y0 + MEAN_ROW_BLOCK).min(row0 + rows);
+            // (Starting at 64-byte aligned outputs measured slower at 4K.)
+            let mut x = 0;
+            while x + 256 <= n {
+                // SAFETY: x + 256 <= n, y0 < y1 <= row0 + rows <= h (asserted above).
+                unsafe { mean_strip_u8::<4, C>(sp, dp, h, rs, row0, y0..y1, x) };
+                x += 256;
+            }
+            while x < n {
+                // The last step moves back to overlap the previous one.
+                let xs = x.min(n - 64);
+                // SAFETY: xs + 64 <= n, rows as above.
+                unsafe { mean_strip_u8::<1, C>(sp, dp, h, rs, row0, y0..y1, xs) };
+                x = xs + 64;
+            }
+            y0 = y1;
+        }
+    }
+
+    /// Even and odd bytes (as u16 lanes) of the horizontal 3-tap sums
+    /// `r[i] + r[i+C] + r[i+2C]` for `i` in `x .. x + 64V` of source row `y`.
+    ///
+    /// # Safety
+    /// Source row `y` (at `sp + y*rs`) has at least `x + 64V + 2C` bytes.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[inline]
+    unsafe fn hsum_u8<const V: usize, const C: usize>(sp: *const u8, rs: usize, y: usize, x: usize) -> [[__m512i; V]; 2] {
+        let lo = _mm512_set1_epi16(0x00ff);
+        let ones = _mm512_set1_epi8(1);
+        let mut e = [_mm512_setzero_si512(); V];
+        let mut o = [_mm512_setzero_si512(); V];
+        for v in 0..V {
+            // SAFETY: bytes x + 64v .. x + 64v + 64 + 2C of row y are inside
+            // the row (caller contract).
+            let q = unsafe { sp.add(y * rs + x + 64 * v) };
+            if C == 1 {
+                // Gray: with p(a) = a[2j] + a[2j+1] (`pmaddubsw` by ones),
+                // even i = 2j: p(r at 0) + r[2j+2]; odd: r[2j+1] + p(r at 2).
+                // SAFETY: as above (2C = 2).
+                let (a, b) = unsafe { (_mm512_loadu_si512(q.cast()), _mm512_loadu_si512(q.add(2).cast())) };
+                e[v] = _mm512_add_epi16(_mm512_maddubs_epi16(a, ones), _mm512_and_si512(b, lo));
+                o[v] = _mm512_add_epi16(_mm512_srli_epi16::<8>(a), _mm512_maddubs_epi16(b, ones));
+            } else {
+                // SAFETY: as above.
+                let (a, b, d) =
+                    unsafe { (_mm512_loadu_si512(q.cast()), _mm512_loadu_si512(q.add(C).cast()), _mm512_loadu_si512(q.add(2 * C).cast())) };
+                let ev = _mm512_add_epi16(_mm512_and_si512(a, lo), _mm512_and_si512(b, lo));
+                e[v] = _mm512_add_epi16(ev, _mm512_and_si512(d, lo));
+                let od = _mm512_add_epi16(_mm512_srli_epi16::<8>(a), _mm512_srli_epi16::<8>(b));
+                o[v] = _mm512_add_epi16(od, _mm512_srli_epi16::<8>(d));
+            }
+        }
+        [e, o]
+    }
+
+    /// One strip: output samples `C + x .. C + x + 64V` of output rows `ys`
+    /// (image rows; the band starts at image row `row0` at `dp`). The sums
+    /// stay in u16 lanes split into even and odd bytes (max 9 * 255), are
+    /// divided with rounding by one `pmulhrsw` with `recip15(n)` (exact, see
+    /// there), and the even/odd results are merged back into bytes with a
+    /// shift and an or: no packing or lane permutes. (Not `pmulhuw`: LLVM
+    /// rewrote that into 32-bit multiplies in this loop.)
+    ///
+    /// # Safety
+    /// `sp` is an `h` x `rs` u8 image, `dp` the band of output rows
+    /// `row0..` with every row of `ys` in it, `ys.end <= h`,
+    /// `x + 64V + 2C <= rs`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[inline]
+    unsafe fn mean_strip_u8<const V: usize, const C: usize>(
+        sp: *const u8,
+        dp: *mut u8,
+        h: usize,
+        rs: usize,
+        row0: usize,
+        ys: std::ops::Range<usize>,
+        x: usize,
+    ) {
+        let zero = [[_mm512_setzero_si512(); V]; 2];
+        // SAFETY: row ys.start < ys.end <= h, and x + 64V + 2C <= rs
+        // (caller contract).
+        let mut hc = unsafe { hsum_u8::<V, C>(sp, rs, ys.start, x) };
+        // Pair sums: rows y-1 and y (row -1 counts as zero).
+        let mut pair = if ys.start > 0 {
+            // SAFETY: as above, for row ys.start - 1.
+            let hp = unsafe { hsum_u8::<V, C>(sp, rs, ys.start - 1, x) };
+            std::array::from_fn(|p| std::array::from_fn(|v| _mm512_add_epi16(hp[p][v], hc[p][v])))
+        } else {
+            hc
+        };
+        // Multipliers for windows of 9 (interior rows) and 6 (top or bottom
+        // row; 3 when the image is one row high).
+        let div = |n: u32| _mm512_set1_epi16(super::super::sample::recip15(n) as i16);
+        let (inner, edge) = (div(9), if h == 1 { div(3) } else { div(6) });
+        for y in ys {
+            let below = y + 1 < h;
+            // SAFETY: as above, for row y + 1 < h.
+            let hn = if below { unsafe { hsum_u8::<V, C>(sp, rs, y + 1, x) } } else { zero };
+            let m = if y > 0 && below { inner } else { edge };
+            for v in 0..V {
+                let se = _mm512_add_epi16(pair[0][v], hn[0][v]);
+                let so = _mm512_add_epi16(pair[1][v], hn[1][v]);
+                // (sum + n/2) / n, exactly (see `recip15`).
+                let (qe, qo) = (_mm512_mulhrs_epi16(se, m), _mm512_mulhrs_epi16(so, m));
+                // Odd results (< 256) to the high byte of their word.
+                let out = _mm512_or_si512(qe, _mm512_slli_epi16::<8>(qo));
+                // SAFETY: output row y is in the band, and samples
+                // C + x + 64v .. +64 <= C + x + 64V <= rs - C are in the row.
+                unsafe { _mm512_storeu_si512(dp.add((y - row0) * rs + C + x + 64 * v).cast(), out) };
+                pair[0][v] = _mm512_add_epi16(hc[0][v], hn[0][v]);
+                pair[1][v] = _mm512_add_epi16(hc[1][v], hn[1][v]);
+            }
+            hc = hn;
         }
     }
 
