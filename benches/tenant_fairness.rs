@@ -47,7 +47,7 @@ fn main() {
     }
     let settings = Settings::validate(raw, "fairness bench".into()).unwrap();
     let threads = settings.worker_threads;
-    imgsvc::telemetry::init(&settings.log);
+    let _ = imgsvc::telemetry::init(&settings.log, None);
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
