@@ -15,14 +15,14 @@ use std::{
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::nlimage::{nl_image_service_client::NlImageServiceClient, NlImage};
+use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
-        trace_service_server::{TraceService, TraceServiceServer},
         ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
     },
-    common::v1::{any_value::Value, KeyValue},
-    trace::v1::{span::SpanKind, Span},
+    common::v1::{KeyValue, any_value::Value},
+    trace::v1::{Span, span::SpanKind},
 };
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

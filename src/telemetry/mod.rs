@@ -14,7 +14,7 @@ use std::{
 };
 
 use thiserror::Error;
-use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer, Registry};
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::{LogFormat, LogSettings, TraceExportSettings};
 
@@ -23,7 +23,11 @@ type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
 #[derive(Debug, Error)]
 pub enum TelemetryError {
     #[error("cannot set up OTLP trace export to {endpoint}")]
-    Exporter { endpoint: String, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Exporter {
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("trace export is configured, but this build has no OTLP support: rebuild with --features otlp")]
     FeatureMissing,
 }

@@ -5,18 +5,18 @@
 use std::sync::atomic::Ordering;
 
 use opentelemetry::{
-    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
     Context, KeyValue,
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
 };
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{
-    trace::{Sampler, SdkTracerProvider},
     Resource,
+    trace::{Sampler, SdkTracerProvider},
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{filter::Targets, Layer};
+use tracing_subscriber::{Layer, filter::Targets};
 
-use super::{traceparent::TraceParent, BoxedLayer, TelemetryError};
+use super::{BoxedLayer, TelemetryError, traceparent::TraceParent};
 use crate::config::TraceExportSettings;
 
 /// The layer that exports spans, and the provider that flushes them.
