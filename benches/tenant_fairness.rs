@@ -47,7 +47,7 @@ fn main() {
     }
     let settings = Settings::validate(raw, "fairness bench".into()).unwrap();
     let threads = settings.worker_threads;
-    imgsvc::telemetry::init(&settings.log);
+    let _ = imgsvc::telemetry::init(&settings.log, None);
 
     // Server, light client and heavy client each get their own runtime, as
     // separate processes would: the flood's client-side encoding and TLS

@@ -74,6 +74,7 @@ pub struct RawConfig {
     pub tls: RawTls,
     pub limits: RawLimits,
     pub log: RawLog,
+    pub telemetry: RawTelemetry,
     pub admin: RawAdmin,
     pub tenancy: RawTenancy,
     pub tenant_defaults: RawTenantLimits,
@@ -209,6 +210,25 @@ impl Default for RawLog {
     }
 }
 
+/// OpenTelemetry trace export; exporting needs the `otlp` cargo feature.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; unset or `""`:
+    /// no export.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// Share of traces started here (requests without a sampled
+    /// `traceparent`) that are exported.
+    pub sample_ratio: f64,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "imgsvc".into(), sample_ratio: 1.0 }
+    }
+}
+
 /// The plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -256,6 +276,8 @@ pub struct Settings {
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
+    /// Where request spans are exported; `None`: nowhere.
+    pub trace_export: Option<TraceExportSettings>,
     pub tenancy: TenancyConfig,
     pub admin: AdminSettings,
 }
@@ -297,6 +319,17 @@ pub struct AdminSettings {
 pub struct LogSettings {
     pub level: String,
     pub format: LogFormat,
+}
+
+/// OTLP/gRPC trace export (only ever set in builds with the `otlp` feature).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceExportSettings {
+    /// `http://host:port` of the collector.
+    pub endpoint: String,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// Sampling ratio, 0..=1, for traces that start here.
+    pub sample_ratio: f64,
 }
 
 impl Settings {
@@ -393,6 +426,7 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&raw.log.level)
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
+        let trace_export = resolve_trace_export(&raw.telemetry, &invalid)?;
         let tenancy = resolve_tenancy(&raw, &origin)?;
         let admin_listen = match raw.admin.listen.trim() {
             _ if !raw.admin.enabled => None,
@@ -433,10 +467,53 @@ impl Settings {
                 stream_response_chunk_bytes,
             },
             log: LogSettings { level: raw.log.level, format: raw.log.format },
+            trace_export,
             tenancy,
             admin: AdminSettings { listen: admin_listen },
         })
     }
+}
+
+fn resolve_trace_export(
+    raw: &RawTelemetry,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<TraceExportSettings>, ConfigError> {
+    let service_name = raw.service_name.trim();
+    if service_name.is_empty() {
+        return Err(invalid("telemetry.service_name", "must not be empty".into()));
+    }
+    if !raw.sample_ratio.is_finite() || !(0.0..=1.0).contains(&raw.sample_ratio) {
+        return Err(invalid("telemetry.sample_ratio", format!("{} is out of range 0..=1", raw.sample_ratio)));
+    }
+    let Some(endpoint) = raw.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    if !cfg!(feature = "otlp") {
+        return Err(invalid(
+            "telemetry.otlp_endpoint",
+            "is set, but this imgsvc-server was built without OTLP export: rebuild with --features otlp \
+             (cargo build --release --locked --features otlp), or remove the key"
+                .into(),
+        ));
+    }
+    // The exporter speaks plaintext gRPC only (no collector CA to trust is
+    // configurable): a collector or agent on the host or a trusted network.
+    let uri: tonic::codegen::http::Uri = endpoint
+        .parse()
+        .map_err(|e| invalid("telemetry.otlp_endpoint", format!("{endpoint:?} is not a URL: {e} (e.g. \"http://127.0.0.1:4317\")")))?;
+    if uri.scheme_str() == Some("https") {
+        return Err(invalid(
+            "telemetry.otlp_endpoint",
+            format!("{endpoint:?}: TLS to the collector is not supported; use http:// to a collector on this host or a trusted network"),
+        ));
+    }
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port().is_none() || !matches!(uri.path(), "" | "/") {
+        return Err(invalid(
+            "telemetry.otlp_endpoint",
+            format!("{endpoint:?} is not of the form http://HOST:PORT (e.g. \"http://127.0.0.1:4317\")"),
+        ));
+    }
+    Ok(Some(TraceExportSettings { endpoint: endpoint.to_string(), service_name: service_name.to_string(), sample_ratio: raw.sample_ratio }))
 }
 
 /// Built-in tenant limits, under `[tenant_defaults]`.
@@ -742,6 +819,50 @@ mod tests {
         assert_eq!(s.http2_keepalive_interval, None);
         let err = load(&format!("{MINIMAL}\n[server]\nmax_concurrent_streams = 0\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("server.max_concurrent_streams") && err.contains("1..=100000"), "{err}");
+    }
+
+    #[test]
+    fn telemetry_exports_nothing_by_default_or_with_an_empty_endpoint() {
+        assert_eq!(load(MINIMAL, &[]).unwrap().trace_export, None);
+        let s = load(&format!("{MINIMAL}\n[telemetry]\notlp_endpoint = \"\"\nservice_name = \"edge\"\n"), &[]).unwrap();
+        assert_eq!(s.trace_export, None);
+    }
+
+    #[test]
+    fn telemetry_values_are_checked_with_or_without_the_otlp_feature() {
+        let cases = [
+            ("sample_ratio = 1.5", "telemetry.sample_ratio", "1.5 is out of range 0..=1"),
+            ("sample_ratio = -0.1", "telemetry.sample_ratio", "-0.1 is out of range 0..=1"),
+            ("service_name = \" \"", "telemetry.service_name", "must not be empty"),
+        ];
+        for (extra, key, problem) in cases {
+            let err = load(&format!("{MINIMAL}\n[telemetry]\n{extra}\n"), &[]).unwrap_err().to_string();
+            assert_eq!(err, format!("config test.toml: key `{key}`: {problem}"), "{extra}");
+        }
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn otlp_endpoint_is_resolved_with_its_defaults() {
+        let s = load(MINIMAL, &[("IMGSVC_TELEMETRY__OTLP_ENDPOINT", "http://127.0.0.1:4317")]).unwrap();
+        let expected = TraceExportSettings { endpoint: "http://127.0.0.1:4317".into(), service_name: "imgsvc".into(), sample_ratio: 1.0 };
+        assert_eq!(s.trace_export, Some(expected));
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn otlp_endpoint_must_be_plain_http_with_a_port() {
+        let cases = [
+            ("https://collector:4317", "TLS to the collector is not supported"),
+            ("collector:4317", "is not of the form http://HOST:PORT"),
+            ("http://collector", "is not of the form http://HOST:PORT"),
+            ("http://collector:4317/v1/traces", "is not of the form http://HOST:PORT"),
+            ("http://bad host:4317", "is not a URL"),
+        ];
+        for (endpoint, problem) in cases {
+            let err = load(MINIMAL, &[("IMGSVC_TELEMETRY__OTLP_ENDPOINT", endpoint)]).unwrap_err().to_string();
+            assert!(err.contains("key `telemetry.otlp_endpoint`") && err.contains(problem), "{endpoint}: {err}");
+        }
     }
 
     #[test]

@@ -406,6 +406,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
     check("log.level", old.log.level != new.log.level);
     check("log.format", old.log.format != new.log.format);
+    check("telemetry.*", old.trace_export != new.trace_export);
     changed
 }
 

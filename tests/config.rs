@@ -196,3 +196,29 @@ fn check_config_catches_a_key_that_does_not_match_the_certificate() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("do not form a usable identity") && err.contains("KeyMismatch"), "{err}");
 }
+
+/// Default builds have no OTLP exporter: a config asking for one must say
+/// so at once rather than start without the traces it asked for.
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn otlp_endpoint_without_the_otlp_feature_names_file_key_and_fix() {
+    let pki = Pki::new(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &pki, "");
+    let text = std::fs::read_to_string(&cfg).unwrap() + "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\n";
+    std::fs::write(&cfg, text).unwrap();
+    let expected = format!(
+        "imgsvc-server: error: config {}: key `telemetry.otlp_endpoint`: is set, but this imgsvc-server was built without OTLP export: \
+         rebuild with --features otlp (cargo build --release --locked --features otlp), or remove the key\n",
+        cfg.display()
+    );
+    for check in [true, false] {
+        let mut cmd = server_cmd(dir.path());
+        if check {
+            cmd.arg("--check-config");
+        }
+        let out = cmd.args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+        assert_eq!(out.status.code(), Some(78), "--check-config {check}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "--check-config {check}");
+    }
+}

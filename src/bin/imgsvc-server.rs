@@ -59,18 +59,31 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e)),
     };
-    telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("imgsvc-io").build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot start the async runtime")),
+    };
+    // Span export runs on the runtime (the exporter's connection lives
+    // there); checking a config exports nothing.
+    let export = if args.check_config { None } else { settings.trace_export.as_ref() };
+    let initialized = {
+        let _in_runtime = runtime.enter();
+        telemetry::init(&settings.log, export)
+    };
+    let telemetry = match initialized {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
+    };
     if args.config.is_none() {
         tracing::warn!("no --config given: running the embedded development config (never use it in production)");
     }
     if args.check_config {
         return check_config(&settings);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("imgsvc-io").build() {
-        Ok(rt) => rt,
-        Err(e) => return fail(1, anyhow::Error::new(e).context("cannot start the async runtime")),
-    };
-    runtime.block_on(run(settings, source, overrides))
+    let code = runtime.block_on(run(settings, source, overrides));
+    // The last requests' spans are still buffered: export them before exit.
+    telemetry.shutdown();
+    code
 }
 
 /// Command-line values that override the config file, at start and on

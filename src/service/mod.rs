@@ -131,8 +131,10 @@ impl Processor {
     /// tenant's queue, and records the image in the span.
     pub async fn process(&self, admission: &Admission, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
         let span = tracing::Span::current();
-        span.record("width", input.layout().width());
-        span.record("height", input.layout().height());
+        // As i64: OpenTelemetry has no unsigned integers, and exports u64
+        // fields as strings.
+        span.record("width", input.layout().width() as i64);
+        span.record("height", input.layout().height() as i64);
         span.record("format", input.format().as_str_name().trim_start_matches("PIXEL_FORMAT_"));
         crate::telemetry::metrics::note_request_bytes(input.data().len());
         if pipeline.steps().is_empty() {

@@ -3,8 +3,8 @@
 //! trace id so our logs join the caller's trace.
 //!
 //! Parsing is strict: anything that is not a valid header is ignored (the
-//! request is served, just without a parent trace). It does not export
-//! spans anywhere; that is OpenTelemetry's job.
+//! request is served, just without a parent trace). Exporting spans is the
+//! `otlp` feature's job (`telemetry::otlp`).
 
 /// A parsed `traceparent`: `version-traceid-parentid-flags`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,13 +73,19 @@ fn to_hex(bytes: &[u8]) -> String {
 
 /// The span every gRPC request runs in (tonic's `trace_fn`): the RPC span
 /// of `service::traced` nests inside it. `trace_id` and `parent_span_id`
-/// are set when the request carries a valid `traceparent`.
+/// are set when the request carries a valid `traceparent`; when spans are
+/// exported (feature `otlp`), that caller's span is the exported parent.
 pub fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    let span = tracing::info_span!("request", trace_id = tracing::field::Empty, parent_span_id = tracing::field::Empty);
-    if let Some(parent) = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceParent::parse) {
+    use tracing::field::Empty;
+    // otel.* stay empty (and out of the logs) unless spans are exported.
+    let span = tracing::info_span!("request", trace_id = Empty, parent_span_id = Empty, otel.name = Empty, otel.kind = Empty);
+    let parent = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    if let Some(parent) = &parent {
         span.record("trace_id", parent.trace_id_hex());
         span.record("parent_span_id", parent.parent_id_hex());
     }
+    #[cfg(feature = "otlp")]
+    super::otlp::export_request_span(&span, request.uri().path().trim_start_matches('/'), parent.as_ref());
     span
 }
 

@@ -126,7 +126,8 @@ impl TestServer {
         let mut raw = raw_config(pki);
         edit(&mut raw);
         let settings = Settings::validate(raw, "test config".into()).unwrap();
-        imgsvc::telemetry::init(&settings.log);
+        // Logs only: span export is tested through the binary (tests/otlp_export.rs).
+        let _ = imgsvc::telemetry::init(&settings.log, None);
         let admin = settings.admin;
         let server = Server::new(settings).unwrap();
         let (reload_handle, tenancy) = (server.reload_handle(), server.tenancy().clone());
@@ -423,18 +424,31 @@ pub struct ServerProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The server's log lines after the address lines.
+    pub lines: std::sync::mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
 
 impl ServerProcess {
     pub fn spawn(pki: &Pki) -> Self {
-        Self::spawn_logged(pki, "", "").0
+        Self::spawn_full(pki, "", "", &[])
+    }
+
+    /// With `extra_config` TOML sections and `env` variables.
+    pub fn spawn_with(pki: &Pki, extra_config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_full(pki, "", extra_config, env)
     }
 
     /// [`ServerProcess::spawn`] with config lines added (see
     /// [`write_server_config_with_tls`]), handing back the server's log
     /// lines from after its startup lines.
     pub fn spawn_logged(pki: &Pki, tls_extra: &str, extra: &str) -> (Self, std::sync::mpsc::Receiver<String>) {
+        let mut server = Self::spawn_full(pki, tls_extra, extra, &[]);
+        let lines = std::mem::replace(&mut server.lines, std::sync::mpsc::channel().1);
+        (server, lines)
+    }
+
+    fn spawn_full(pki: &Pki, tls_extra: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = write_server_config_with_tls(dir.path(), pki, tls_extra, extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
@@ -442,6 +456,7 @@ impl ServerProcess {
             .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -459,7 +474,21 @@ impl ServerProcess {
             addr = addr.or_else(|| after(&line, "listening on "));
             admin_addr = admin_addr.or_else(|| after(&line, "admin on http://"));
         }
-        (Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), _dir: dir }, rx)
+        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), lines: rx, _dir: dir }
+    }
+
+    /// SIGTERM, then waits (at most 60 s) for the graceful exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not exit within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: no drain, connections cut mid-request.
