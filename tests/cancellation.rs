@@ -11,16 +11,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::v1::{self, image_service_client::ImageServiceClient, operation::Kind, Image, PixelFormat, ProcessRequest};
-use tonic::{transport::Channel, Code};
+use imgsvc::proto::v1::{self, Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient, operation::Kind};
+use tonic::{Code, transport::Channel};
 
 const HOLDER: &str = "cancel-holder";
 const CANCELLED: &str = "cancel-queued";
 const PROCESS: &str = "imgsvc.v1.ImageService/Process";
 
-/// Mean filters in the request that holds the only worker: long enough
-/// (seconds) that the steps below finish while it runs.
-const HOLD_OPERATIONS: usize = 400;
+/// Mean filters in the request that holds the only worker: the most a
+/// request may have, about 3 s of work, several times what the steps below
+/// take while it runs.
+const HOLD_OPERATIONS: usize = 1024;
 const HOLD_SIDE: u32 = 2000;
 /// Queued requests: above `limits.inline_max_pixels` (64Ki), so that they
 /// wait for the worker instead of running on the connection's thread.
@@ -29,7 +30,13 @@ const QUEUED_SIDE: u32 = 300;
 fn request(side: u32, mean_filters: usize) -> ProcessRequest {
     let bytes = (side * side * 3) as usize;
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Rgb8 as i32, width: side, height: side, data: Bytes::from(vec![9u8; bytes]), encoded: None }),
+        image: Some(Image {
+            format: PixelFormat::Rgb8 as i32,
+            width: side,
+            height: side,
+            data: Bytes::from(vec![9u8; bytes]),
+            encoded: None,
+        }),
         operations: vec![v1::Operation { kind: Some(Kind::MeanFilter(v1::MeanFilter {})) }; mean_filters],
         output: None,
     }
@@ -73,19 +80,25 @@ async fn a_deadline_or_a_disconnect_cancels_queued_work_before_it_runs() {
 
     // A deadline that passes while the request waits.
     let mut with_deadline = tonic::Request::new(request(QUEUED_SIDE, 1));
-    with_deadline.set_timeout(Duration::from_secs(1));
+    with_deadline.set_timeout(Duration::from_millis(300));
     let status = client(channel.clone()).process(with_deadline).await.unwrap_err();
     assert_eq!((status.code(), status.message()), (Code::Cancelled, "Timeout expired"));
     let cancelled = until_metric(admin, "imgsvc_cancelled_while_queued_total", &[tenant], 2.0, Duration::from_secs(10)).await;
     assert_eq!(cancelled, Some(2.0), "the request past its deadline is counted as cancelled");
 
     // Neither ran nor took memory, and the queue is empty.
-    assert_eq!(server.tenancy().load(&imgsvc::identity::TenantId::parse(HOLDER).unwrap()).running, 1, "the holder still runs (else make it longer)");
+    assert_eq!(
+        server.tenancy().load(&imgsvc::identity::TenantId::parse(HOLDER).unwrap()).running,
+        1,
+        "the holder still runs (else make it longer)"
+    );
     assert_eq!(server.tenancy().load(&imgsvc::identity::TenantId::parse(CANCELLED).unwrap()), Default::default());
     assert_eq!(sample("imgsvc_jobs_started_total", &[tenant]), None, "no job of the cancelled requests started");
     assert_eq!(sample("imgsvc_queue_depth", &[tenant]), Some(0.0));
     assert_eq!(sample("imgsvc_memory_in_flight_bytes", &[]), Some(held_bytes), "the budget holds the holder's images only");
-    let cancelled_calls = until_metric(admin, "imgsvc_requests_total", &[tenant, ("method", PROCESS), ("code", "CANCELLED")], 2.0, Duration::from_secs(10)).await;
+    let cancelled_calls =
+        until_metric(admin, "imgsvc_requests_total", &[tenant, ("method", PROCESS), ("code", "CANCELLED")], 2.0, Duration::from_secs(10))
+            .await;
     assert_eq!(cancelled_calls, Some(2.0));
 
     // The holder finishes, its memory is released, and the tenant whose
