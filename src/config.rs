@@ -351,7 +351,10 @@ impl Settings {
             return Err(invalid("server.worker_nice", format!("{} is out of range 0..=19", raw.server.worker_nice)));
         }
         if raw.server.idle_timeout_secs > 86_400 {
-            return Err(invalid("server.idle_timeout_secs", format!("{} is out of range 0..=86400 (0 = never)", raw.server.idle_timeout_secs)));
+            return Err(invalid(
+                "server.idle_timeout_secs",
+                format!("{} is out of range 0..=86400 (0 = never)", raw.server.idle_timeout_secs),
+            ));
         }
         let worker_threads = match raw.server.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

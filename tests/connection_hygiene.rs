@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::v1::{
-    image_service_client::ImageServiceClient, process_stream_request::Part, ProcessStreamRequest, StreamHeader,
-};
+use imgsvc::proto::v1::{ProcessStreamRequest, StreamHeader, image_service_client::ImageServiceClient, process_stream_request::Part};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -103,7 +101,8 @@ async fn a_client_that_never_starts_tls_is_closed_after_the_handshake_timeout() 
     let read = tokio::time::timeout(CLOSE_WITHIN, tcp.read(&mut [0u8; 64])).await.expect("the server closes the connection");
     assert_eq!(read.unwrap(), 0, "closed without a byte");
     assert!(started.elapsed() >= Duration::from_secs(1) - SLACK, "closed after {:?}", started.elapsed());
-    let counted = until_metric(admin, "imgsvc_tls_handshake_failures_total", &[("reason", "timeout")], before + 1.0, Duration::from_secs(10)).await;
+    let counted =
+        until_metric(admin, "imgsvc_tls_handshake_failures_total", &[("reason", "timeout")], before + 1.0, Duration::from_secs(10)).await;
     assert_eq!(counted, Some(before + 1.0));
 }
 

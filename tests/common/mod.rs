@@ -552,15 +552,16 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// Waits (at most `within`) for a log line containing `needle`; returns it.
-    pub fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+    /// Waits (at most `within`) for a log line containing one of `needles`;
+    /// returns it.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> String {
         let deadline = std::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.logs.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if needles.iter().any(|n| line.contains(n)) => return line,
                 Ok(_) => {}
-                Err(e) => panic!("no log line with {needle:?} within {within:?} ({e})"),
+                Err(e) => panic!("no log line with any of {needles:?} within {within:?} ({e})"),
             }
         }
     }
@@ -595,6 +596,10 @@ impl ProcessUsage {
 }
 
 pub const MIB: u64 = 1 << 20;
+
+/// A `log.level` for a [`ServerProcess`] under load: no line per request,
+/// but the start line it waits for.
+pub const QUIET_LOG: &str = "warn,imgsvc::server=info";
 
 /// A tonic-free target for a server process (certificates name localhost).
 pub fn target_of(addr: SocketAddr) -> Target {
