@@ -203,7 +203,7 @@ async fn slow_readers_hold_their_own_results_only_and_do_not_block_other_clients
     eprintln!("slow readers: warm {warm:?}, stalled {stalled_usage:?}, later {later:?}, results {} MiB", result_bytes / MIB);
     // The high-water mark (not RSS, which the allocator trims and regrows).
     assert!(later.peak_rss <= stalled_usage.peak_rss + 16 * MIB, "grew while the readers stalled: {stalled_usage:?} -> {later:?}");
-    // The bound of tests/memory.rs: 2.5 times the image bytes of the calls
+    // The bound of the 4K peak test (tests/soak.rs): 2.5 times the image bytes of the calls
     // (an input, a result and part of an encoding copy each, at worst).
     assert!(
         later.peak_rss * 2 <= (warm.rss * 2 + 5 * result_bytes).max(warm.peak_rss * 2),

@@ -3,7 +3,9 @@
 //! streamed, legacy), several image sizes, three tenants. No unexpected
 //! error and every result exact; the server's memory stays within its
 //! memory budget over its idle size; no file descriptors or threads are
-//! left behind.
+//! left behind. And peak memory per request: eight concurrent 3840x2160
+//! RGB8 unary calls peak (VmHWM) within 2.5 times the image bytes in
+//! flight over the idle server.
 //!
 //! CI runs 200 clients for 10 s; `IMGSVC_SOAK_SECS=60` (and
 //! `IMGSVC_SOAK_CLIENTS`) for the full run. Figures go to stderr
@@ -35,6 +37,12 @@ const GROWTH_MIB: u64 = 64;
 /// File descriptors and threads the server may hold beyond its warm-up
 /// count at the end (timers, a blocking-pool thread winding down).
 const TOLERANCE: usize = 4;
+
+/// Peak memory per request: eight concurrent 3840x2160 RGB8 unary calls.
+const UHD_CALLS: usize = 8;
+const UHD_WIDTH: u32 = 3840;
+const UHD_HEIGHT: u32 = 2160;
+const UHD_BYTES: u64 = UHD_WIDTH as u64 * UHD_HEIGHT as u64 * 3;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")))
@@ -205,4 +213,52 @@ async fn many_clients_for_a_while_get_exact_results_and_leave_no_growth_behind()
     assert!(end.fds <= warm.fds + TOLERANCE, "file descriptors grew: {warm:?} -> {end:?}");
     assert!(end.threads <= warm.threads + TOLERANCE, "threads grew: {warm:?} -> {end:?}");
     assert_eq!(closed.fds, idle.fds, "every connection's descriptor is released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_4k_requests_peak_within_two_and_a_half_times_the_bytes_in_flight() {
+    let pki = Pki::new(&["soak-uhd"]);
+    let server = ServerProcess::spawn_with(&pki, "", &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let idle = server.usage();
+
+    // Connected first, so that all eight requests are sent at once.
+    let mut channels = Vec::new();
+    for _ in 0..UHD_CALLS {
+        channels.push(client::connect(&target_of(server.addr), &pki.credentials("soak-uhd")).await.unwrap());
+    }
+    let calls: Vec<_> = channels
+        .into_iter()
+        .enumerate()
+        .map(|(i, channel)| {
+            // Constant images: every result is known without a reference run.
+            let image = RawImage {
+                format: PixelFormat::Rgb8,
+                width: UHD_WIDTH,
+                height: UHD_HEIGHT,
+                data: Bytes::from(vec![i as u8; UHD_BYTES as usize]),
+            };
+            let (api, op) = if i % 2 == 0 { (Api::V1, Op::Rotate(QuarterTurns::One)) } else { (Api::Legacy, Op::MeanFilter) };
+            tokio::spawn(async move { (op, client::process(channel, api, image, &[op], "localhost").await) })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let (op, result) = call.await.unwrap();
+        let out = result.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        let dims = if op == Op::MeanFilter { (UHD_WIDTH, UHD_HEIGHT) } else { (UHD_HEIGHT, UHD_WIDTH) };
+        assert_eq!((out.width, out.height), dims, "request {i}");
+        assert!(out.data.len() as u64 == UHD_BYTES && out.data.iter().all(|&b| b == i as u8), "request {i}");
+    }
+
+    let peak = server.usage().peak_rss;
+    let in_flight = UHD_CALLS as u64 * UHD_BYTES;
+    let over_idle = peak.saturating_sub(idle.rss);
+    eprintln!(
+        "memory: idle RSS {} MiB, peak RSS {} MiB: {} MiB over idle for {} MiB of images in flight = {:.2}x",
+        idle.rss / MIB,
+        peak / MIB,
+        over_idle / MIB,
+        in_flight / MIB,
+        over_idle as f64 / in_flight as f64
+    );
+    assert!(over_idle * 2 <= in_flight * 5, "peak {} MiB over idle, more than 2.5 x {} MiB", over_idle / MIB, in_flight / MIB);
 }
