@@ -124,35 +124,34 @@ async fn a_client_silent_after_the_tls_handshake_is_closed_after_the_idle_timeou
     assert!(started.elapsed() >= Duration::from_secs(1) - SLACK, "closed after {:?}", started.elapsed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_client_that_makes_no_call_is_closed_after_the_idle_timeout_even_answering_pings() {
+/// Runs [`h2_until_closed`] against a server with these idle and keepalive
+/// settings (seconds); returns what the client saw and how long it lasted.
+async fn h2_lifetime(idle: u64, ping_interval: u64, ping_timeout: u64, answer_pings: bool) -> (Duration, Seen) {
     let pki = Pki::new(&["hygiene"]);
     let server = TestServer::start_with(&pki, |raw| {
-        raw.server.idle_timeout_secs = 3;
-        raw.server.http2_keepalive_interval_secs = 1;
-        raw.server.http2_keepalive_timeout_secs = 10;
+        raw.server.idle_timeout_secs = idle;
+        raw.server.http2_keepalive_interval_secs = ping_interval;
+        raw.server.http2_keepalive_timeout_secs = ping_timeout;
     });
     let mut tls = tls_connect(server.addr, &pki, "hygiene").await;
     let started = Instant::now();
-    let seen = h2_until_closed(&mut tls, true).await;
-    assert!(started.elapsed() >= Duration::from_secs(3) - SLACK, "closed after {:?}: {seen:?}", started.elapsed());
+    let seen = h2_until_closed(&mut tls, answer_pings).await;
+    (started.elapsed(), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_makes_no_call_is_closed_after_the_idle_timeout_even_answering_pings() {
+    let (lasted, seen) = h2_lifetime(3, 1, 10, true).await;
+    assert!(lasted >= Duration::from_secs(3) - SLACK, "closed after {lasted:?}: {seen:?}");
     assert!(seen.pings_answered >= 1, "the server pinged meanwhile, and was answered: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_answering_pings_is_closed_after_the_keepalive_timeout() {
-    let pki = Pki::new(&["hygiene"]);
-    let server = TestServer::start_with(&pki, |raw| {
-        raw.server.idle_timeout_secs = 600;
-        raw.server.http2_keepalive_interval_secs = 1;
-        raw.server.http2_keepalive_timeout_secs = 1;
-    });
-    let mut tls = tls_connect(server.addr, &pki, "hygiene").await;
-    let started = Instant::now();
-    let seen = h2_until_closed(&mut tls, false).await;
+    let (lasted, seen) = h2_lifetime(600, 1, 1, false).await;
     assert!(seen.pings_ignored >= 1, "{seen:?}");
     // Interval + timeout, well before the idle timeout.
-    assert!(started.elapsed() >= Duration::from_secs(2) - SLACK, "closed after {:?}: {seen:?}", started.elapsed());
+    assert!(lasted >= Duration::from_secs(2) - SLACK, "closed after {lasted:?}: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

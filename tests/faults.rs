@@ -105,17 +105,36 @@ async fn assert_serves_on(channel: tonic::transport::Channel) {
     }
 }
 
+/// A call on its own HTTP/2 connection, to be cut off half-way.
+struct CutCall {
+    send: h2::client::SendRequest<Bytes>,
+    connection: tokio::task::JoinHandle<()>,
+    body: h2::SendStream<Bytes>,
+}
+
+impl CutCall {
+    async fn start(server: &ServerProcess, pki: &Pki, tenant: &str, path: &str) -> Self {
+        let (mut send, connection) = h2_connect(server, pki, tenant).await;
+        let (_response, body) = start_call(&mut send, path).await;
+        Self { send, connection, body }
+    }
+
+    /// Drops the connection as a crashed client would.
+    fn cut(self) {
+        self.connection.abort();
+        drop((self.send, self.body));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_half_way_through_a_unary_request_is_forgotten() {
     let pki = Pki::new(&["faults-unary"]);
     let server = ServerProcess::spawn(&pki);
     let fds = server.usage().fds;
-    let (mut send, connection) = h2_connect(&server, &pki, "faults-unary").await;
-    let (_response, mut body) = start_call(&mut send, "/NLImageService/MeanFilter").await;
+    let mut call = CutCall::start(&server, &pki, "faults-unary", "/NLImageService/MeanFilter").await;
     let mut message = grpc_message(&uhd_rgb(7));
-    send_flow_controlled(&mut body, message.split_to(message.len() / 2)).await;
-    connection.abort();
-    drop((send, body));
+    send_flow_controlled(&mut call.body, message.split_to(message.len() / 2)).await;
+    call.cut();
 
     until_fds(&server, fds).await;
     let text = scrape(server.admin_addr);
@@ -128,19 +147,17 @@ async fn a_client_gone_half_way_through_a_stream_is_counted_as_cancelled() {
     let pki = Pki::new(&["faults-stream"]);
     let server = ServerProcess::spawn(&pki);
     let fds = server.usage().fds;
-    let (mut send, connection) = h2_connect(&server, &pki, "faults-stream").await;
-    let (_response, mut body) = start_call(&mut send, "/imgsvc.v1.ImageService/ProcessStream").await;
+    let mut call = CutCall::start(&server, &pki, "faults-stream", "/imgsvc.v1.ImageService/ProcessStream").await;
     let header = StreamHeader { format: PixelFormat::Rgb8 as i32, width: UHD.0, height: UHD.1, operations: vec![] };
-    send_flow_controlled(&mut body, grpc_message(&ProcessStreamRequest { part: Some(Part::Header(header)) })).await;
+    send_flow_controlled(&mut call.body, grpc_message(&ProcessStreamRequest { part: Some(Part::Header(header)) })).await;
     for _ in 0..3 {
         let chunk = ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from(vec![1u8; 1 << 20]))) };
-        send_flow_controlled(&mut body, grpc_message(&chunk)).await;
+        send_flow_controlled(&mut call.body, grpc_message(&chunk)).await;
     }
     let labels = [("tenant", "faults-stream"), ("method", "imgsvc.v1.ImageService/ProcessStream")];
     let admin = server.admin_addr;
     assert_eq!(until_metric(admin, "imgsvc_in_flight_requests", &labels, 1.0, Duration::from_secs(10)).await, Some(1.0));
-    connection.abort();
-    drop((send, body));
+    call.cut();
 
     until_fds(&server, fds).await;
     assert_eq!(until_metric(admin, "imgsvc_in_flight_requests", &labels, 0.0, Duration::from_secs(10)).await, Some(0.0));
