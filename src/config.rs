@@ -131,6 +131,7 @@ pub struct RawServer {
     pub http2_keepalive_timeout_secs: u64,
     pub max_concurrent_streams: u32,
     pub worker_nice: i32,
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for RawServer {
@@ -145,6 +146,7 @@ impl Default for RawServer {
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
             worker_nice: 5,
+            idle_timeout_secs: 300,
         }
     }
 }
@@ -273,6 +275,8 @@ pub struct Settings {
     pub max_concurrent_streams: u32,
     /// Nice value added to the worker threads (below the I/O threads).
     pub worker_nice: i32,
+    /// A connection with no open call for this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -379,6 +383,12 @@ impl Settings {
         if !(0..=19).contains(&raw.server.worker_nice) {
             return Err(invalid("server.worker_nice", format!("{} is out of range 0..=19", raw.server.worker_nice)));
         }
+        if raw.server.idle_timeout_secs > 86_400 {
+            return Err(invalid(
+                "server.idle_timeout_secs",
+                format!("{} is out of range 0..=86400 (0 = never)", raw.server.idle_timeout_secs),
+            ));
+        }
         let worker_threads = match raw.server.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -448,6 +458,7 @@ impl Settings {
             http2_keepalive_timeout: Duration::from_secs(raw.server.http2_keepalive_timeout_secs),
             max_concurrent_streams: raw.server.max_concurrent_streams,
             worker_nice: raw.server.worker_nice,
+            idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
@@ -863,6 +874,15 @@ mod tests {
             let err = load(MINIMAL, &[("IMGSVC_TELEMETRY__OTLP_ENDPOINT", endpoint)]).unwrap_err().to_string();
             assert!(err.contains("key `telemetry.otlp_endpoint`") && err.contains(problem), "{endpoint}: {err}");
         }
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_five_minutes_and_zero_turns_it_off() {
+        assert_eq!(load(MINIMAL, &[]).unwrap().idle_timeout, Some(Duration::from_secs(300)));
+        let s = load(&format!("{MINIMAL}\n[server]\nidle_timeout_secs = 0\n"), &[]).unwrap();
+        assert_eq!(s.idle_timeout, None);
+        let err = load(&format!("{MINIMAL}\n[server]\nidle_timeout_secs = 86401\n"), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `server.idle_timeout_secs`: 86401 is out of range 0..=86400 (0 = never)");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`tenancy`]: per-tenant admission, limits and fair scheduling.
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
 //! - [`server`]: binds, serves, and shuts down gracefully.
+//! - [`connection`]: calls open per connection, and the idle timeout.
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
 //! - [`loadgen`]: the bounded load generator behind `imgsvc-client bench`.
 //! - [`telemetry`]: tracing subscriber set-up.
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod connection;
 pub mod fsutil;
 pub mod identity;
 pub mod imaging;

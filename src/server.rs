@@ -32,6 +32,7 @@ use tonic::codec::CompressionEncoding;
 use crate::{
     admin,
     config::{AdminSettings, Settings, TlsSettings},
+    connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
@@ -271,38 +272,45 @@ impl Server {
 
         let (conn_tx, conn_rx) = mpsc::channel::<LingeringStream>(64);
         let lingering = TaskTracker::new();
-        let mut accept_tasks = JoinSet::new();
+        let mut admin_task = JoinSet::new();
         if let Some(listener) = admin {
-            accept_tasks.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
+            admin_task.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
         }
+        let mut grpc_accept = JoinSet::new();
         for listener in listeners {
-            accept_tasks.spawn(accept_loop(
-                listener,
-                tls_config.subscribe(),
-                settings.tls.handshake_timeout,
-                settings.tls.trust_domain.clone(),
-                conn_tx.clone(),
-                lingering.clone(),
-            ));
+            let accepting = Accepting {
+                tls_config: tls_config.subscribe(),
+                handshake_timeout: settings.tls.handshake_timeout,
+                trust_domain: settings.tls.trust_domain.clone(),
+                idle_timeout: settings.idle_timeout,
+                connections: conn_tx.clone(),
+                lingering: lingering.clone(),
+            };
+            grpc_accept.spawn(accept_loop(listener, accepting));
         }
-        drop(conn_tx);
         let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
         // The listeners are bound and their accept loops run: a client that
         // connects now is served.
         phase.send_replace(Phase::Serving);
 
-        // The shutdown signal flips health first, then lets tonic stop
-        // accepting and drain; `draining` starts the drain deadline.
+        // The shutdown signal first closes the gRPC listeners (new clients
+        // get "connection refused" rather than a connection closed after
+        // the handshake), then flips readiness and health, then lets tonic
+        // drain; `draining` starts the drain deadline.
         let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
         let health_for_shutdown = health.clone();
         let on_shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections, draining in-flight requests");
+            grpc_accept.shutdown().await;
             phase.send_replace(Phase::Draining);
             for name in std::iter::once("").chain(SERVICE_NAMES) {
                 health_for_shutdown.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }
             let _ = draining_tx.send(true);
+            // Held until here: tonic stops at the end of `incoming` without
+            // waiting for this future, which must set `draining` first.
+            drop(conn_tx);
         };
 
         let router = tonic::transport::Server::builder()
@@ -312,6 +320,7 @@ impl Server {
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .initial_stream_window_size(Some(4 * 1024 * 1024))
             .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .layer(TrackCallsLayer)
             .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
             .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
             .add_service(health_service)
@@ -337,7 +346,7 @@ impl Server {
                 Ok(())
             }
         };
-        accept_tasks.shutdown().await;
+        admin_task.shutdown().await;
         // Let connections closed during the drain finish their lingering
         // close, so the last responses reach the clients intact.
         lingering.close();
@@ -401,6 +410,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
+    check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
@@ -420,13 +430,25 @@ const LINGER: Duration = Duration::from_secs(2);
 /// a reset, and the client's kernel then discards the response bytes it has
 /// not read yet. So on drop the connection half-closes (FIN after all data)
 /// and keeps reading, for at most [`LINGER`], until the client closes too.
+///
+/// It also closes the connection once it has had no open call for
+/// `server.idle_timeout_secs` (see [`crate::connection`]): its reads then
+/// end as if the client had closed, and hyper closes the connection.
 pub struct LingeringStream {
     inner: Option<TlsStream<TcpStream>>,
     identity: PeerIdentity,
     lingering: TaskTracker,
+    activity: Arc<Activity>,
+    idle: Option<IdleTimer>,
 }
 
 impl LingeringStream {
+    fn new(inner: TlsStream<TcpStream>, identity: PeerIdentity, lingering: TaskTracker, idle_timeout: Option<Duration>) -> Self {
+        let activity = Activity::new();
+        let idle = idle_timeout.map(|timeout| IdleTimer::new(activity.clone(), timeout));
+        Self { inner: Some(inner), identity, lingering, activity, idle }
+    }
+
     fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<TcpStream>> {
         std::pin::Pin::new(self.get_mut().inner.as_mut().expect("present until drop"))
     }
@@ -459,10 +481,15 @@ impl Drop for LingeringStream {
 
 impl tokio::io::AsyncRead for LingeringStream {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(idle) = self.idle.as_mut() {
+            if idle.poll_expired(cx).is_ready() {
+                return std::task::Poll::Ready(Ok(())); // end of stream: hyper closes the connection
+            }
+        }
         self.stream().poll_read(cx, buf)
     }
 }
@@ -490,10 +517,12 @@ impl tokio::io::AsyncWrite for LingeringStream {
 }
 
 impl tonic::transport::server::Connected for LingeringStream {
-    // Copied into every request's extensions, where TenantInterceptor reads it.
-    type ConnectInfo = PeerIdentity;
+    // Copied into every request's extensions: `TrackCallsLayer` counts the
+    // call on the connection's activity and hands the identity on to
+    // TenantInterceptor.
+    type ConnectInfo = ConnectionInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.identity.clone()
+        ConnectionInfo { identity: self.identity.clone(), activity: self.activity.clone() }
     }
 }
 
@@ -514,17 +543,21 @@ fn message_limit_status<B>(mut response: tonic::codegen::http::Response<B>) -> t
     response
 }
 
-/// Accepts TCP connections, runs each TLS handshake under a deadline on its
-/// own task, and hands finished handshakes to the server. Refused handshakes
-/// (no client certificate, wrong CA, expired…) are logged with the peer.
-async fn accept_loop(
-    listener: TcpListener,
+/// What an accept loop needs besides its listener.
+struct Accepting {
     tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
     trust_domain: TrustDomain,
+    idle_timeout: Option<Duration>,
     connections: mpsc::Sender<LingeringStream>,
     lingering: TaskTracker,
-) {
+}
+
+/// Accepts TCP connections, runs each TLS handshake under a deadline on its
+/// own task, and hands finished handshakes to the server. Refused handshakes
+/// (no client certificate, wrong CA, expired…) are logged with the peer.
+async fn accept_loop(listener: TcpListener, accepting: Accepting) {
+    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, connections, lingering } = accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -551,7 +584,7 @@ async fn accept_loop(
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
-                    let _ = connections.send(LingeringStream { inner: Some(stream), identity, lingering }).await;
+                    let _ = connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout)).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);

@@ -54,8 +54,8 @@ fn wait_listening(child: &mut Child) -> (u16, mpsc::Receiver<String>) {
     panic!("server did not report listening within 60 s");
 }
 
-fn stop(mut child: Child) -> std::process::ExitStatus {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+fn stop(mut child: KillOnDrop) -> std::process::ExitStatus {
+    send_signal(child.id(), "TERM");
     child.wait().unwrap()
 }
 
@@ -68,12 +68,9 @@ fn environment_variable_overrides_the_file() {
     let cfg = write_config(dir.path(), &pki, "");
     let text = std::fs::read_to_string(&cfg).unwrap().replace("port = 0", &format!("port = {}", taken.local_addr().unwrap().port()));
     std::fs::write(&cfg, text).unwrap();
-    let mut child = server_cmd(dir.path())
-        .args(["--config", cfg.to_str().unwrap()])
-        .env("IMGSVC_SERVER__PORT", "0")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        server_cmd(dir.path()).args(["--config", cfg.to_str().unwrap()]).env("IMGSVC_SERVER__PORT", "0").stderr(Stdio::piped()),
+    );
     let (port, _lines) = wait_listening(&mut child);
     assert_ne!(port, taken.local_addr().unwrap().port());
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -140,7 +137,7 @@ fn check_config_accepts_a_valid_config_without_binding() {
 #[test]
 fn dev_quickstart_generates_certificates_and_serves_the_printed_client_command() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = server_cmd(dir.path()).env("IMGSVC_SERVER__PORT", "0").stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = KillOnDrop::spawn(server_cmd(dir.path()).env("IMGSVC_SERVER__PORT", "0").stderr(Stdio::piped()));
     let (port, _lines) = wait_listening(&mut child);
     let certs = dir.path().join("certs/dev");
     for key in ["ca-key.pem", "server-key.pem", "client-dev-key.pem"] {
@@ -174,7 +171,7 @@ fn dev_quickstart_generates_certificates_and_serves_the_printed_client_command()
 
     // A second start reuses the PKI it made.
     let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-    let mut child = server_cmd(dir.path()).env("IMGSVC_SERVER__PORT", "0").stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = KillOnDrop::spawn(server_cmd(dir.path()).env("IMGSVC_SERVER__PORT", "0").stderr(Stdio::piped()));
     let (_, lines) = wait_listening(&mut child);
     let status = stop(child);
     assert!(status.success(), "{status:?}: {:?}", lines.try_iter().collect::<Vec<_>>());

@@ -12,7 +12,7 @@ mod common;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -63,35 +63,24 @@ fn test_config(listen: SocketAddr, backends: &[(SocketAddr, SocketAddr)]) -> Str
     config.join("\n") + "\n"
 }
 
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr)]) -> (Haproxy, SocketAddr) {
+fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr)]) -> (KillOnDrop, SocketAddr) {
     // haproxy binds its own port: take a free one (retried, bounded, should
     // another process grab it in between).
     for _ in 0..5 {
         let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let cfg = dir.join("haproxy.cfg");
         std::fs::write(&cfg, test_config(listen, backends)).unwrap();
-        let mut child = Command::new(haproxy).args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut child = KillOnDrop::spawn(Command::new(haproxy).args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 break; // exited: the port was taken, try another
             }
             if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
-                return (Haproxy(child), listen);
+                return (child, listen);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
     panic!("haproxy did not start");
 }

@@ -13,7 +13,7 @@ fn ipv6_loopback_available() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()
 }
 
-fn start_binary(pki: &Pki, host: &str) -> (std::process::Child, Vec<String>) {
+fn start_binary(pki: &Pki, host: &str) -> (KillOnDrop, Vec<String>) {
     let p = pki.paths();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("imgsvc.toml");
@@ -27,14 +27,14 @@ fn start_binary(pki: &Pki, host: &str) -> (std::process::Child, Vec<String>) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap(), "--host", host, "--port", "0"])
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--config", cfg.to_str().unwrap(), "--host", host, "--port", "0"])
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0")
+            .stderr(Stdio::piped()),
+    );
     let stderr = child.stderr.take().unwrap();
     let line = BufReader::new(stderr).lines().map_while(Result::ok).take(50).find(|l| l.contains("listening on")).expect("server started");
     // listen=["127.0.0.1:1234", "[::1]:5678"]
@@ -62,22 +62,18 @@ fn binds_ipv6_loopback_when_asked() {
         return;
     }
     let pki = Pki::new(&["alpha"]);
-    let (mut child, addrs) = start_binary(&pki, "::1");
+    let (_child, addrs) = start_binary(&pki, "::1");
     assert_eq!(addrs.len(), 1, "{addrs:?}");
     assert!(addrs[0].starts_with("[::1]:"), "{addrs:?}");
     connect_ok(&pki, "::1", port_of(&addrs[0]));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[test]
 fn binds_ipv4_loopback_when_asked() {
     let pki = Pki::new(&["alpha"]);
-    let (mut child, addrs) = start_binary(&pki, "127.0.0.1");
+    let (_child, addrs) = start_binary(&pki, "127.0.0.1");
     assert_eq!(addrs.len(), 1, "{addrs:?}");
     connect_ok(&pki, "127.0.0.1", port_of(&addrs[0]));
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test]

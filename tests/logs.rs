@@ -13,16 +13,16 @@ use bytes::Bytes;
 use common::*;
 use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 
-fn spawn_server(pki: &Pki, dir: &std::path::Path, log_format: &str) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+fn spawn_server(pki: &Pki, dir: &std::path::Path, log_format: &str) -> (KillOnDrop, u16, std::sync::mpsc::Receiver<String>) {
     let cfg = write_server_config(dir, pki, "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .env("IMGSVC_LOG__FORMAT", log_format)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .env("IMGSVC_LOG__FORMAT", log_format)
+            .stderr(Stdio::piped()),
+    );
     let rx = forward_lines(child.stderr.take().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -47,11 +47,10 @@ async fn call(pki: &Pki, port: u16, traceparent: Option<&str>) -> Result<(), ton
 async fn traceparent_puts_the_callers_trace_id_on_the_request_log_line() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, port, lines) = spawn_server(&pki, dir.path(), "json");
+    let (child, port, lines) = spawn_server(&pki, dir.path(), "json");
     call(&pki, port, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")).await.unwrap();
     call(&pki, port, Some("00-not-a-valid-traceparent")).await.unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child); // killed: the log ends
     let finished: Vec<String> = lines.iter().take(200).filter(|l| l.contains("request finished")).collect();
     assert_eq!(finished.len(), 2, "{finished:?}");
     assert!(finished[0].contains(r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#), "{}", finished[0]);
@@ -70,6 +69,4 @@ async fn a_closed_log_pipe_does_not_break_requests() {
         call(&pki, port, None).await.unwrap();
     }
     assert_eq!(child.try_wait().unwrap(), None, "the server is still running");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -16,10 +16,8 @@ use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceCli
 
 const MEAN: &str = "NLImageService/MeanFilter";
 
-fn scrape(server: &TestServer) -> String {
-    let (status, body) = http_get(server.admin_addr.expect("admin listener"), "/metrics");
-    assert_eq!(status, 200);
-    body
+fn scrape_of(server: &TestServer) -> String {
+    scrape(server.admin_addr.expect("admin listener"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +30,7 @@ async fn a_request_is_counted_under_its_tenant_method_and_status() {
     let bad = NlImage { color: true, width: 4, height: 3, data: Bytes::from(vec![7u8; 35]) };
     assert_eq!(client.mean_filter(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 
-    let text = scrape(&server);
+    let text = scrape_of(&server);
     let t = ("tenant", "metrics-alpha");
     let m = ("method", MEAN);
     assert_eq!(metric(&text, "imgsvc_requests_total", &[t, m, ("code", "OK")]), Some(1.0), "{text}");
@@ -56,7 +54,7 @@ async fn tenants_are_counted_apart() {
             client.rotate_image(imgsvc::proto::nlimage::NlImageRotateRequest { rotation: 1, image: Some(image) }).await.unwrap();
         }
     }
-    let text = scrape(&server);
+    let text = scrape_of(&server);
     for (tenant, calls) in [("metrics-one", 3.0), ("metrics-two", 2.0)] {
         let labels = [("tenant", tenant), ("method", "NLImageService/RotateImage"), ("code", "OK")];
         assert_eq!(metric(&text, "imgsvc_requests_total", &labels), Some(calls), "{tenant}");
@@ -67,24 +65,9 @@ async fn tenants_are_counted_apart() {
 fn the_build_version_is_published() {
     let pki = Pki::new(&["metrics-build"]);
     let server = TestServer::start(&pki);
-    let text = scrape(&server);
+    let text = scrape_of(&server);
     assert_eq!(metric(&text, "imgsvc_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
     assert!(text.contains("# TYPE imgsvc_build_info gauge"), "{text}");
-}
-
-/// Polls `/metrics` (bounded) until `name{labels}` reaches `want`: the server
-/// counts a refused handshake on its own task, after the client saw it.
-fn wait_for_metric(server: &TestServer, name: &str, labels: &[(&str, &str)], want: f64) -> Option<f64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut seen = None;
-    for _ in 0..200 {
-        seen = metric(&scrape(server), name, labels);
-        if seen == Some(want) || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +75,7 @@ async fn refused_tls_handshakes_are_counted_by_reason() {
     let pki = Pki::new(&["metrics-tls"]);
     let other = Pki::new(&["metrics-tls"]);
     let server = TestServer::start(&pki);
-    let before = |reason: &str| metric(&scrape(&server), "imgsvc_tls_handshake_failures_total", &[("reason", reason)]).unwrap_or(0.0);
+    let before = |reason: &str| metric(&scrape_of(&server), "imgsvc_tls_handshake_failures_total", &[("reason", reason)]).unwrap_or(0.0);
     let (unknown_ca, no_cert) = (before("unknown_ca"), before("no_client_certificate"));
 
     // A client certificate from another CA, from a client that trusts the
@@ -111,23 +94,18 @@ async fn refused_tls_handshakes_are_counted_by_reason() {
     let err = read_error_without_client_certificate(server.addr, &pki).await;
     assert!(err.to_string().contains("CertificateRequired"), "{err}");
 
-    let server = tokio::task::spawn_blocking(move || {
-        let labels = [("reason", "unknown_ca")];
-        assert_eq!(wait_for_metric(&server, "imgsvc_tls_handshake_failures_total", &labels, unknown_ca + 1.0), Some(unknown_ca + 1.0));
-        let labels = [("reason", "no_client_certificate")];
-        assert_eq!(wait_for_metric(&server, "imgsvc_tls_handshake_failures_total", &labels, no_cert + 1.0), Some(no_cert + 1.0));
-        server
-    })
-    .await
-    .unwrap();
-    drop(server);
+    // The server counts a refused handshake on its own task, after the client saw it.
+    let admin = server.admin_addr.unwrap();
+    let (name, within) = ("imgsvc_tls_handshake_failures_total", Duration::from_secs(10));
+    assert_eq!(until_metric(admin, name, &[("reason", "unknown_ca")], unknown_ca + 1.0, within).await, Some(unknown_ca + 1.0));
+    assert_eq!(until_metric(admin, name, &[("reason", "no_client_certificate")], no_cert + 1.0, within).await, Some(no_cert + 1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_without_tenant_is_counted_as_unauthenticated() {
     let pki = Pki::new(&["metrics-none"]);
     let server = TestServer::start(&pki);
-    let before = metric(&scrape(&server), "imgsvc_unauthenticated_requests_total", &[]).unwrap_or(0.0);
+    let before = metric(&scrape_of(&server), "imgsvc_unauthenticated_requests_total", &[]).unwrap_or(0.0);
     let (cert, key) = pki.sign_custom(
         "no-tenant",
         vec![rcgen::SanType::DnsName("client.example".try_into().unwrap())],
@@ -141,5 +119,5 @@ async fn a_request_without_tenant_is_counted_as_unauthenticated() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     // Other tests of this binary never send a tenant-less request.
-    assert_eq!(metric(&scrape(&server), "imgsvc_unauthenticated_requests_total", &[]), Some(before + 1.0));
+    assert_eq!(metric(&scrape_of(&server), "imgsvc_unauthenticated_requests_total", &[]), Some(before + 1.0));
 }

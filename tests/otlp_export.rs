@@ -126,7 +126,7 @@ async fn request_spans_reach_the_collector_under_the_callers_trace_and_are_flush
     assert_eq!(collector.received().len(), 0, "nothing is exported before the batch delay or shutdown");
 
     let status = server.terminate();
-    let log: Vec<String> = server.lines.try_iter().collect();
+    let log: Vec<String> = server.logs.try_iter().collect();
     assert!(status.success(), "{status:?}: {log:#?}");
     assert!(log.iter().any(|l| l.contains("flushed spans to the OTLP collector")), "{log:#?}");
 
@@ -168,7 +168,7 @@ async fn an_unreachable_collector_does_not_affect_serving_or_shutdown() {
     mean_filter(&pki, &server, Some(&format!("00-{TRACE_ID}-{PARENT_ID}-01"))).await;
     let started = std::time::Instant::now();
     let status = server.terminate();
-    let log: Vec<String> = server.lines.try_iter().collect();
+    let log: Vec<String> = server.logs.try_iter().collect();
     assert!(status.success(), "{status:?}: {log:#?}");
     assert!(started.elapsed() < Duration::from_secs(15), "the flush gives up within its deadline: {:?}", started.elapsed());
     assert!(log.iter().any(|l| l.contains("flushing spans to the OTLP collector failed")), "{log:#?}");

@@ -1,17 +1,17 @@
 //! Graceful shutdown: in-flight requests finish, new connections are
-//! refused, the process exits 0; a drain that overruns its deadline is cut.
+//! refused, the process exits 0 (in-process and the daemon on SIGTERM under
+//! load); a drain that overruns its deadline is cut.
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
+use imgsvc::proto::{
+    nlimage::{NlImage, nl_image_service_client::NlImageServiceClient},
+    v1::{self, Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient},
+};
 
 fn big_gray(seed: u8) -> NlImage {
     let (w, h) = (3000, 2000);
@@ -73,35 +73,68 @@ async fn drain_deadline_cuts_a_stuck_drain_short() {
     }
 }
 
-#[test]
-fn sigterm_stops_the_daemon_with_exit_code_zero() {
+/// A request that keeps the daemon's only worker busy for a while: mean
+/// filters over a 1000x1000 RGB image (constant, so the result is too).
+fn slow_v1_request(fill: u8) -> ProcessRequest {
+    ProcessRequest {
+        image: Some(Image {
+            format: PixelFormat::Rgb8 as i32,
+            width: 1000,
+            height: 1000,
+            data: Bytes::from(vec![fill; 3_000_000]),
+            encoded: None,
+        }),
+        operations: vec![v1::Operation { kind: Some(v1::operation::Kind::MeanFilter(v1::MeanFilter {})) }; SLOW_OPERATIONS],
+        output: None,
+    }
+}
+
+const SLOW_OPERATIONS: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_the_requests_in_flight_refuses_new_clients_and_exits_zero() {
+    const CLIENTS: usize = 6;
     let pki = Pki::new(&["alpha"]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = pki.paths();
-    let cfg = dir.path().join("imgsvc.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nport = 0\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
-            p.server_cert().display(),
-            p.server_key().display(),
-            p.ca_cert().display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env("IMGSVC_ADMIN__LISTEN", "127.0.0.1:0")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
-    assert!(lines.by_ref().take(50).any(|l| l.contains("listening on")), "server did not start");
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let rest: Vec<String> = lines.take(50).collect();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{rest:?}");
-    assert!(rest.iter().any(|l| l.contains("shutdown requested") && l.contains("SIGTERM")), "{rest:?}");
-    assert!(rest.iter().any(|l| l.contains("shutdown complete")), "{rest:?}");
+    // One worker: the requests queue, so the drain still has work when new
+    // clients try to connect.
+    let extra = format!("[limits]\nmax_operations = {SLOW_OPERATIONS}\n");
+    let mut server = ServerProcess::spawn_with(&pki, &extra, &[("IMGSVC_SERVER__WORKER_THREADS", "1")]);
+    let mut calls = Vec::new();
+    for fill in 0..CLIENTS as u8 {
+        let channel = imgsvc::client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
+        calls.push(tokio::spawn(async move { ImageServiceClient::new(channel).process(slow_v1_request(fill)).await }));
+    }
+    let in_flight = [("tenant", "alpha"), ("method", "imgsvc.v1.ImageService/Process")];
+    let all_in = until_metric(server.admin_addr, "imgsvc_in_flight_requests", &in_flight, CLIENTS as f64, Duration::from_secs(30)).await;
+    assert_eq!(all_in, Some(CLIENTS as f64));
+
+    send_signal(server.pid(), "TERM");
+    // Readiness turns once the gRPC listeners are closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(server.admin_addr, "/readyz") != (503, "draining\n".to_string()) {
+        assert!(std::time::Instant::now() < deadline, "/readyz never said draining");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = std::net::TcpStream::connect(server.addr).map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "a new connection during the drain");
+    let err = imgsvc::client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap_err();
+    assert!(err.to_string().contains("nothing accepts connections at that address"), "{err}");
+    let in_flight_now = metric(&scrape(server.admin_addr), "imgsvc_in_flight_requests", &in_flight).unwrap();
+    assert!(in_flight_now >= 1.0, "the checks above ran during the drain");
+
+    for (fill, call) in calls.into_iter().enumerate() {
+        let image = call.await.unwrap().expect("an in-flight request completes").into_inner().image.unwrap();
+        assert_eq!((image.width, image.height), (1000, 1000));
+        assert!(image.data.iter().all(|&b| b == fill as u8), "request {fill}");
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        // Ends once the exited daemon's stderr is read to its end.
+        let logs: Vec<String> = server.logs.iter().collect();
+        (status, logs)
+    });
+    let (status, logs) = tokio::time::timeout(Duration::from_secs(30), status).await.expect("the daemon exits").unwrap();
+    assert_eq!(status.code(), Some(0), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("shutdown requested") && l.contains("SIGTERM")), "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("shutdown complete")), "{logs:?}");
 }

@@ -38,7 +38,7 @@ fn has_line(msg: &str, line: &str) -> bool {
 
 /// Starts the daemon on `cfg` with `NOTIFY_SOCKET` set to a fresh socket in
 /// `dir`, and `WATCHDOG_USEC` if given. Returns the child and the socket.
-fn spawn_notifying(cfg: &std::path::Path, dir: &std::path::Path, watchdog_usec: Option<&str>) -> (std::process::Child, UnixDatagram) {
+fn spawn_notifying(cfg: &std::path::Path, dir: &std::path::Path, watchdog_usec: Option<&str>) -> (KillOnDrop, UnixDatagram) {
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"));
@@ -51,7 +51,7 @@ fn spawn_notifying(cfg: &std::path::Path, dir: &std::path::Path, watchdog_usec: 
     if let Some(usec) = watchdog_usec {
         cmd.env("WATCHDOG_USEC", usec);
     }
-    (cmd.spawn().unwrap(), socket)
+    (KillOnDrop::spawn(&mut cmd), socket)
 }
 
 #[test]
@@ -80,7 +80,7 @@ fn notifies_ready_after_the_port_accepts_watchdog_pings_and_stopping_on_sigterm(
     let (watchdog, _) = receive_until(&socket, |m| has_line(m, "WATCHDOG=1"));
     assert_eq!(watchdog, "WATCHDOG=1\n");
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    send_signal(child.id(), "TERM");
     let (stopping, _) = receive_until(&socket, |m| has_line(m, "STOPPING=1"));
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
     assert_eq!(child.wait().unwrap().code(), Some(0));
@@ -111,7 +111,7 @@ fn sighup_reload_is_bracketed_by_reloading_then_ready_even_when_it_fails() {
     let cfg = write_server_config(dir.path(), &pki, "");
     let (mut child, socket) = spawn_notifying(&cfg, dir.path(), None);
     receive_until(&socket, |m| has_line(m, "READY=1"));
-    let hup = || Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    let hup = || send_signal(child.id(), "HUP");
 
     // A good reload.
     hup();
@@ -128,7 +128,7 @@ fn sighup_reload_is_bracketed_by_reloading_then_ready_even_when_it_fails() {
     receive_until(&socket, |m| has_line(m, "RELOADING=1"));
     receive_until(&socket, |m| has_line(m, "READY=1"));
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    send_signal(child.id(), "TERM");
     receive_until(&socket, |m| has_line(m, "STOPPING=1"));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -202,15 +202,6 @@ fn slow_request() -> ProcessRequest {
     }
 }
 
-async fn until_running(server: &TestServer, tenant: &str, running: u32) {
-    let tenant = TenantId::parse(tenant).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.tenancy().load(&tenant).running != running {
-        assert!(Instant::now() < deadline, "tenant never had {running} running");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 fn big_client(ch: Channel) -> ImageServiceClient<Channel> {
     ImageServiceClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
 }
@@ -230,7 +221,7 @@ async fn concurrency_limit_refuses_at_once_while_a_request_is_held_open() {
         let mut c = big_client(ch.clone());
         async move { c.process(slow_request()).await }
     });
-    until_running(&server, "alpha", 1).await;
+    until_load(&server, "alpha", "1 running", |l| l.running == 1).await;
     let started = Instant::now();
     let status = ImageServiceClient::new(ch.clone()).process(v1_request(2, 2, vec![mean_op()])).await.unwrap_err();
     assert_eq!(
@@ -259,7 +250,7 @@ async fn a_reload_changes_a_limit_without_touching_the_request_in_flight() {
         let mut c = big_client(ch.clone());
         async move { c.process(slow_request()).await }
     });
-    until_running(&server, "alpha", 1).await;
+    until_load(&server, "alpha", "1 running", |l| l.running == 1).await;
     let report = server.reload(&pki, |raw| configure(raw, "alpha", |t| t.max_image_pixels = Some(100))).unwrap();
     assert!(report.restart_needed.is_empty(), "{report:?}");
     let done = in_flight.await.unwrap().expect("the in-flight request completes under the old terms");
@@ -314,13 +305,13 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
         p.ca_cert().display()
     );
     std::fs::write(&cfg, format!("{base}[tenants.alpha]\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-        .args(["--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop::spawn(
+        Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--config", cfg.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped()),
+    );
     let (tx, lines) = mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -349,7 +340,7 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
         .collect::<String>()
         .parse()
         .unwrap();
-    let hup = || Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    let hup = || send_signal(child.id(), "HUP");
     let mean = || async {
         let ch = imgsvc::client::connect(&target(port), &pki.credentials("alpha")).await.unwrap();
         NlImageServiceClient::new(ch).mean_filter(gray(3, 3)).await
@@ -368,6 +359,6 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
     let status = mean().await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    send_signal(child.id(), "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -86,8 +86,9 @@ pub enum ServiceError {
     Kernel(#[from] ImagingError),
     #[error("request carries no tenant")]
     NoTenant,
-    /// Reading the request stream failed (client gone, transport error):
-    /// passed on as received.
+    /// Reading the request stream failed: passed on as received, except
+    /// that a broken connection (which tonic reports as UNKNOWN) becomes
+    /// CANCELLED, gRPC's code for a call its client abandoned.
     #[error("{}", .0.message())]
     Transport(tonic::Status),
     /// Encoding a valid result failed: a bug, not bad input.
@@ -125,6 +126,7 @@ impl From<ServiceError> for tonic::Status {
             ) => Code::ResourceExhausted,
             ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) | ServiceError::Encode(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
+            ServiceError::Transport(status) if status.code() == Code::Unknown => Code::Cancelled,
             ServiceError::Transport(status) => return status.clone(),
         };
         let mut status = tonic::Status::new(code, err.to_string());
@@ -136,5 +138,19 @@ impl From<ServiceError> for tonic::Status {
             }
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_stream_cut_by_the_connection_is_cancelled_and_other_stream_errors_keep_their_code() {
+        let broken = tonic::Status::unknown("error reading a body from connection");
+        let status = tonic::Status::from(ServiceError::Transport(broken));
+        assert_eq!((status.code(), status.message()), (tonic::Code::Cancelled, "error reading a body from connection"));
+        let too_large = tonic::Status::out_of_range("Error, decoded message length too large");
+        assert_eq!(tonic::Status::from(ServiceError::Transport(too_large)).code(), tonic::Code::OutOfRange);
     }
 }

@@ -18,9 +18,12 @@
 //!    thread, within the same tenant and memory limits (see
 //!    [`reserve_inline`]).
 //!
-//! A request cancelled while queued leaves the queue; resources of a running
-//! job are released when the job actually finishes (by a guard that travels
-//! with the job onto the worker thread), so the accounting never lies.
+//! A request cancelled while queued leaves the queue and its job never runs
+//! (`imgsvc_cancelled_while_queued_total{tenant}` counts it;
+//! `imgsvc_jobs_started_total{tenant}` counts jobs that ran); resources
+//! of a running job are released when the job actually finishes (by a guard
+//! that travels with the job onto the worker thread), so the accounting
+//! never lies.
 //! [`Tenancy::reconfigure`] swaps the policy at once for new requests
 //! (config reload); admitted requests keep the terms they were admitted on.
 
@@ -301,7 +304,7 @@ impl Tenancy {
             gauge_queue_depth(&state, tenant);
             self.dispatch(&mut state);
         }
-        let mut waiting = Waiting { shared: &self.shared, started: Some(started) };
+        let mut waiting = Waiting { shared: &self.shared, tenant, started: Some(started) };
         let reservation = match waiting.started.as_mut().expect("set above").await {
             Ok(r) => r,
             // The sender is only dropped unsent when the process is going away.
@@ -309,10 +312,14 @@ impl Tenancy {
         };
         waiting.started = None;
         // The reservation travels with the job: released when it finishes.
+        // The pool skips a job whose caller went away while it waited for a
+        // thread: `not_started` counts that as cancelled too.
+        let not_started = NotStarted { tenant: Some(tenant.clone()) };
         Ok(self
             .shared
             .pool
             .run(move || {
+                not_started.start();
                 let _reservation = reservation;
                 job()
             })
@@ -378,6 +385,7 @@ fn run_inline<R, F>(reservation: Reservation, job: F) -> Result<R, TenancyError>
 where
     F: FnOnce() -> R,
 {
+    count_started(&reservation.tenant);
     let result = std::panic::catch_unwind(AssertUnwindSafe(job));
     drop(reservation);
     result.map_err(|panic| WorkerError::Panicked(crate::worker::panic_message(&panic)).into())
@@ -429,6 +437,7 @@ impl Drop for Reservation {
 /// the scheduler starts it.
 struct Waiting<'a> {
     shared: &'a Arc<Shared>,
+    tenant: &'a TenantId,
     started: Option<oneshot::Receiver<Reservation>>,
 }
 
@@ -438,9 +447,44 @@ impl Drop for Waiting<'_> {
             drop(rx); // closes the channel: the scheduler sees the job as cancelled
             let mut state = lock(&self.shared.state);
             state.scheduler.retain(|p| !p.start.is_closed());
-            metrics::counter!("imgsvc_cancelled_while_queued_total").increment(1);
+            gauge_queue_depth(&state, self.tenant);
+            drop(state);
+            count_cancelled(self.tenant);
         }
     }
+}
+
+/// A job handed to the worker pool: counted as started when a worker runs
+/// it, or as cancelled when it is dropped unrun.
+struct NotStarted {
+    /// Taken when the job starts.
+    tenant: Option<TenantId>,
+}
+
+impl NotStarted {
+    fn start(mut self) {
+        if let Some(tenant) = self.tenant.take() {
+            count_started(&tenant);
+        }
+    }
+}
+
+impl Drop for NotStarted {
+    fn drop(&mut self) {
+        if let Some(tenant) = &self.tenant {
+            count_cancelled(tenant);
+        }
+    }
+}
+
+/// Counts a job (kernels, decoding, encoding) that began to run, inline or
+/// on a worker.
+fn count_started(tenant: &TenantId) {
+    metrics::counter!("imgsvc_jobs_started_total", "tenant" => tenant.to_string()).increment(1);
+}
+
+fn count_cancelled(tenant: &TenantId) {
+    metrics::counter!("imgsvc_cancelled_while_queued_total", "tenant" => tenant.to_string()).increment(1);
 }
 
 /// The state stays consistent across a panic elsewhere (every update is a

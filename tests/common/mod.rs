@@ -204,6 +204,17 @@ impl Drop for TestServer {
     }
 }
 
+/// Polls (every ms, at most 30 s) until `tenant`'s running and queued
+/// requests satisfy `wanted`; panics naming `what` otherwise.
+pub async fn until_load(server: &TestServer, tenant: &str, what: &str, wanted: impl Fn(imgsvc::tenancy::TenantLoad) -> bool) {
+    let tenant = TenantId::parse(tenant).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !wanted(server.tenancy().load(&tenant)) {
+        assert!(std::time::Instant::now() < deadline, "{tenant} never had {what}: {:?}", server.tenancy().load(&tenant));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A plain HTTP/1.1 GET over loopback (the admin listener): status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -215,6 +226,28 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
     (status, body.to_string())
+}
+
+/// `/metrics` of the admin listener at `admin`.
+pub fn scrape(admin: SocketAddr) -> String {
+    let (status, body) = http_get(admin, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Polls `/metrics` at `admin` (every 20 ms, at most `within`) until
+/// `name{labels}` is `want`; returns the last value seen (`None`: absent).
+/// For counts the server records on its own tasks, after the client saw
+/// the outcome.
+pub async fn until_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)], want: f64, within: Duration) -> Option<f64> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let seen = metric(&scrape(admin), name, labels);
+        if seen == Some(want) || std::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The value of one Prometheus sample, e.g.
@@ -418,14 +451,64 @@ pub async fn read_error_without_client_certificate(server: SocketAddr, pki: &Pki
     tls.read(&mut [0u8; 64]).await.unwrap_err()
 }
 
-/// The real server binary in its own process, for tests that kill it or
-/// put something (haproxy) in front of it. Killed on drop.
+/// A child process that is killed (SIGKILL) and reaped when dropped, so
+/// that a test failing half-way (a panic unwinds through it) never leaves a
+/// daemon running. Derefs to the [`std::process::Child`].
+pub struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    pub fn spawn(command: &mut Command) -> Self {
+        Self(command.spawn().unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")))
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Fails harmlessly when the process has already been reaped.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `signal` ("TERM", "HUP", "INT"…) to the process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// Completes a mutual-TLS handshake with the server at `addr` as `tenant`
+/// (ALPN h2) and nothing more: for clients that speak HTTP/2 themselves.
+pub async fn tls_connect(addr: SocketAddr, pki: &Pki, tenant: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = pki.credentials(tenant).rustls_config().unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap()
+}
+
+/// The real server binary in its own process, for tests that signal or
+/// kill it, measure its memory, or put something (haproxy) in front of it.
+/// Killed on drop.
 pub struct ServerProcess {
-    pub child: std::process::Child,
+    pub child: KillOnDrop,
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// The server's log lines after the address lines.
-    pub lines: std::sync::mpsc::Receiver<String>,
+    /// The server's log (stderr), line by line, from after the start line.
+    pub logs: std::sync::mpsc::Receiver<String>,
+    /// The config file the server runs on (a SIGHUP re-reads it).
+    pub config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -434,9 +517,11 @@ impl ServerProcess {
         Self::spawn_full(pki, "", "", &[])
     }
 
-    /// With `extra_config` TOML sections and `env` variables.
-    pub fn spawn_with(pki: &Pki, extra_config: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn_full(pki, "", extra_config, env)
+    /// With `extra` TOML appended to the config (other sections than
+    /// `[server]`, see [`write_server_config`]) and `env` set, e.g.
+    /// `("IMGSVC_SERVER__WORKER_THREADS", "1")`.
+    pub fn spawn_with(pki: &Pki, extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_full(pki, "", extra, env)
     }
 
     /// [`ServerProcess::spawn`] with config lines added (see
@@ -444,22 +529,22 @@ impl ServerProcess {
     /// lines from after its startup lines.
     pub fn spawn_logged(pki: &Pki, tls_extra: &str, extra: &str) -> (Self, std::sync::mpsc::Receiver<String>) {
         let mut server = Self::spawn_full(pki, tls_extra, extra, &[]);
-        let lines = std::mem::replace(&mut server.lines, std::sync::mpsc::channel().1);
-        (server, lines)
+        let logs = std::mem::replace(&mut server.logs, std::sync::mpsc::channel().1);
+        (server, logs)
     }
 
     fn spawn_full(pki: &Pki, tls_extra: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_server_config_with_tls(dir.path(), pki, tls_extra, extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
-            .args(["--config", cfg.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let config = write_server_config_with_tls(dir.path(), pki, tls_extra, extra);
+        let mut child = KillOnDrop::spawn(
+            Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+                .args(["--config", config.to_str().unwrap()])
+                .env_remove("RUST_LOG")
+                .env_remove("NOTIFY_SOCKET")
+                .env("NO_COLOR", "1")
+                .envs(env.iter().copied())
+                .stderr(std::process::Stdio::piped()),
+        );
         let rx = forward_lines(child.stderr.take().unwrap());
         let after = |line: &str, marker: &str| -> Option<SocketAddr> {
             let rest = line.split(marker).nth(1)?;
@@ -474,13 +559,12 @@ impl ServerProcess {
             addr = addr.or_else(|| after(&line, "listening on "));
             admin_addr = admin_addr.or_else(|| after(&line, "admin on http://"));
         }
-        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), lines: rx, _dir: dir }
+        Self { child, addr: addr.unwrap(), admin_addr: admin_addr.unwrap(), logs: rx, config, _dir: dir }
     }
 
     /// SIGTERM, then waits (at most 60 s) for the graceful exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(sent.success(), "kill -TERM failed");
+        send_signal(self.pid(), "TERM");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -496,13 +580,59 @@ impl ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most `within`) for a log line containing one of `needles`;
+    /// returns it.
+    pub fn wait_for_log(&self, needles: &[&str], within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(line) if needles.iter().any(|n| line.contains(n)) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no log line with any of {needles:?} within {within:?} ({e})"),
+            }
+        }
+    }
+
+    /// The server's memory and resource use now.
+    pub fn usage(&self) -> ProcessUsage {
+        ProcessUsage::of(self.pid())
     }
 }
+
+/// A process's memory, file descriptors and threads, from /proc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessUsage {
+    /// Resident memory now (VmRSS), bytes.
+    pub rss: u64,
+    /// Peak resident memory so far (VmHWM), bytes.
+    pub peak_rss: u64,
+    pub fds: usize,
+    pub threads: usize,
+}
+
+impl ProcessUsage {
+    pub fn of(pid: u32) -> Self {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib = |key: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"));
+            line[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+        };
+        let count = |dir: &str| std::fs::read_dir(format!("/proc/{pid}/{dir}")).unwrap().count();
+        Self { rss: kib("VmRSS:"), peak_rss: kib("VmHWM:"), fds: count("fd"), threads: count("task") }
+    }
+}
+
+pub const MIB: u64 = 1 << 20;
+
+/// A `log.level` for a [`ServerProcess`] under load: no line per request,
+/// but the start line it waits for.
+pub const QUIET_LOG: &str = "warn,imgsvc::server=info";
 
 /// A tonic-free target for a server process (certificates name localhost).
 pub fn target_of(addr: SocketAddr) -> Target {

@@ -1,0 +1,252 @@
+//! Per-connection bookkeeping on the gRPC port: which calls a connection
+//! has open, and closing connections that stay idle.
+//!
+//! hyper and tonic have no idle timeout: a client that finishes the TLS
+//! handshake and then sends nothing (or opens HTTP/2 and stays silent,
+//! answering PINGs) would hold its connection and memory forever. So every
+//! accepted connection gets an [`Activity`], shared between
+//! - [`TrackCalls`], a tower layer that counts a call as open from its
+//!   request until its response body is dropped (sent, or reset), and
+//! - [`IdleTimer`], polled from the connection's reads, which reports the
+//!   connection expired once it has had no open call for the timeout.
+//!
+//! The two meet through the connection's [`ConnectionInfo`], which tonic
+//! puts into every request's extensions.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use hyper::body::{Body, Frame, SizeHint};
+use tonic::codegen::http;
+
+use crate::identity::PeerIdentity;
+
+/// What tonic attaches to each request of a connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub identity: PeerIdentity,
+    pub activity: Arc<Activity>,
+}
+
+/// The calls a connection has open, and since when it has had none.
+#[derive(Debug)]
+pub struct Activity {
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    open: usize,
+    idle_since: Instant,
+    /// The connection's reader, parked while calls are open: the end of the
+    /// last call wakes it to start the idle timer.
+    reader: Option<Waker>,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { state: Mutex::new(ActivityState { open: 0, idle_since: Instant::now(), reader: None }) })
+    }
+
+    /// Calls open right now.
+    pub fn open_calls(&self) -> usize {
+        self.lock().open
+    }
+
+    fn begin(self: &Arc<Self>) -> OpenCall {
+        self.lock().open += 1;
+        OpenCall(self.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ActivityState> {
+        // Two integers and a waker: consistent even after a panic elsewhere.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One open call; closed on drop.
+struct OpenCall(Arc<Activity>);
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        let reader = {
+            let mut state = self.0.lock();
+            state.open -= 1;
+            if state.open > 0 {
+                return;
+            }
+            state.idle_since = Instant::now();
+            state.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+}
+
+/// Tells when a connection has had no open call for `timeout`.
+pub struct IdleTimer {
+    activity: Arc<Activity>,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    expired: bool,
+}
+
+impl IdleTimer {
+    pub fn new(activity: Arc<Activity>, timeout: Duration) -> Self {
+        let sleep = Box::pin(tokio::time::sleep(timeout));
+        Self { activity, timeout, sleep, armed: false, expired: false }
+    }
+
+    /// Ready (and from then on always ready) once the connection has been
+    /// idle for the timeout; otherwise registers `cx` to be woken when that
+    /// may have happened.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.expired {
+            return Poll::Ready(());
+        }
+        loop {
+            if self.armed {
+                if self.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.armed = false;
+            }
+            let mut state = self.activity.lock();
+            if state.open > 0 {
+                if !state.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    state.reader = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            let deadline = state.idle_since + self.timeout;
+            drop(state);
+            if Instant::now() >= deadline {
+                self.expired = true;
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline.into());
+            self.armed = true;
+        }
+    }
+}
+
+/// Counts each call as open on its connection's [`Activity`] until its
+/// response body is dropped. Requests without a [`ConnectionInfo`] pass
+/// through uncounted. Also puts the connection's [`PeerIdentity`] into the
+/// request, where [`crate::identity::TenantInterceptor`] looks for it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackCallsLayer;
+
+impl<S> tower::Layer<S> for TrackCallsLayer {
+    type Service = TrackCalls<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TrackCalls { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrackCalls<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<CallBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let open = request.extensions().get::<ConnectionInfo>().cloned().map(|info| {
+            let open = info.activity.begin();
+            request.extensions_mut().insert(info.identity);
+            open
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| CallBody { inner, _open: open }))
+        })
+    }
+}
+
+/// A response body that keeps its call open until it is dropped.
+pub struct CallBody<B> {
+    inner: B,
+    _open: Option<OpenCall>,
+}
+
+impl<B: Body + Unpin> Body for CallBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(200);
+
+    /// Waits (at most 10 s) for the timer to expire; returns how long it took.
+    async fn until_expired(timer: &mut IdleTimer) -> Duration {
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| timer.poll_expired(cx)))
+            .await
+            .expect("the idle timer expires");
+        started.elapsed()
+    }
+
+    fn poll_now(timer: &mut IdleTimer) -> Poll<()> {
+        timer.poll_expired(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn expires_once_the_timeout_passes_with_no_call_open_and_stays_expired() {
+        let mut timer = IdleTimer::new(Activity::new(), TIMEOUT);
+        assert!(poll_now(&mut timer).is_pending());
+        assert!(until_expired(&mut timer).await >= TIMEOUT - Duration::from_millis(5));
+        assert!(poll_now(&mut timer).is_ready());
+    }
+
+    #[tokio::test]
+    async fn an_open_call_holds_the_connection_and_its_end_restarts_the_timeout() {
+        let activity = Activity::new();
+        let mut timer = IdleTimer::new(activity.clone(), TIMEOUT);
+        let call = activity.begin();
+        assert!(poll_now(&mut timer).is_pending());
+        // Time passing with a call open is what is under test here.
+        tokio::time::sleep(TIMEOUT * 2).await;
+        assert!(poll_now(&mut timer).is_pending(), "a call is open");
+        assert_eq!(activity.open_calls(), 1);
+        drop(call);
+        assert_eq!(activity.open_calls(), 0);
+        assert!(until_expired(&mut timer).await >= TIMEOUT - Duration::from_millis(5), "the timeout counts from the end of the call");
+    }
+}
