@@ -19,10 +19,10 @@ const CANCELLED: &str = "cancel-queued";
 const PROCESS: &str = "imgsvc.v1.ImageService/Process";
 
 /// The request that holds the only worker: the most mean filters a request
-/// may have (`limits.max_operations` at most) over a 3000x3000 RGB image,
+/// may have (`limits.max_operations` at most) over a 2500x2500 RGB image,
 /// seconds of work, several times what the steps below take while it runs.
 const HOLD_OPERATIONS: usize = 1024;
-const HOLD_SIDE: u32 = 3000;
+const HOLD_SIDE: u32 = 2500;
 /// Queued requests: above `limits.inline_max_pixels` (64Ki), so that they
 /// wait for the worker instead of running on the connection's thread.
 const QUEUED_SIDE: u32 = 300;
