@@ -6,11 +6,13 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use imgsvc::{
-    client::{image_io::RawImage, stream::{process_stream, request_messages}, Op},
-    imaging::QuarterTurns,
-    proto::v1::{
-        image_service_client::ImageServiceClient, process_stream_request::Part, Image, PixelFormat, ProcessRequest,
+    client::{
+        Op,
+        image_io::RawImage,
+        stream::{process_stream, request_messages},
     },
+    imaging::QuarterTurns,
+    proto::v1::{Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient, process_stream_request::Part},
 };
 use tonic::Code;
 

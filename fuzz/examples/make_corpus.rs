@@ -13,14 +13,14 @@ use std::path::Path;
 
 use bytes::Bytes;
 use imgsvc::{
-    client::{stream::request_messages, Op},
+    client::{Op, stream::request_messages},
     codec::{self, EncodeOptions, Encoding, RawImage},
     imaging::QuarterTurns,
     proto::{
         nlimage::{NlImage, NlImageRotateRequest},
         v1::{
-            operation::Kind, process_stream_request::Part, rotate::Amount, EncodedImage, Image, ImageEncoding, MeanFilter,
-            Operation, OutputEncoding, PixelFormat, ProcessRequest, ProcessStreamRequest, Rotate, StreamHeader,
+            EncodedImage, Image, ImageEncoding, MeanFilter, Operation, OutputEncoding, PixelFormat, ProcessRequest, ProcessStreamRequest,
+            Rotate, StreamHeader, operation::Kind, process_stream_request::Part, rotate::Amount,
         },
     },
 };
@@ -148,7 +148,10 @@ fn v1_request() -> Seeds {
         ("zero_height", process(Image { height: 0, ..raw(F::Gray8, 3, 1).into_v1() }, ops(), None)),
         ("overflows_64_bits", process(Image { width: u32::MAX, height: u32::MAX, ..raw(F::Rgba16, 1, 1).into_v1() }, ops(), None)),
         ("encoded_with_raw_fields", process(Image { width: 6, ..encoded_image(png.clone(), ImageEncoding::Png) }, ops(), None)),
-        ("output_encoding_unknown", process(long_image(), ops(), output(ImageEncoding::Unspecified, 0).map(|o| OutputEncoding { encoding: 77, ..o }))),
+        (
+            "output_encoding_unknown",
+            process(long_image(), ops(), output(ImageEncoding::Unspecified, 0).map(|o| OutputEncoding { encoding: 77, ..o })),
+        ),
         ("output_gif", process(long_image(), ops(), output(ImageEncoding::Gif, 0))),
         ("jpeg_quality_101", process(long_image(), ops(), output(ImageEncoding::Jpeg, 101))),
         ("encoded_empty", process(encoded_image(vec![], ImageEncoding::Png), ops(), None)),
@@ -215,7 +218,7 @@ fn decode_image() -> Seeds {
         ("tiff_gray16", detect(encoded(&raw(F::Gray16, 3, 5), Encoding::Tiff))),
         ("tiff_multipage_page0", detect(multipage.clone())),
         ("tiff_multipage_page1", [vec![7], multipage.clone()].concat()),
-        ("tiff_multipage_page2", [vec![14], multipage]. concat()),
+        ("tiff_multipage_page2", [vec![14], multipage].concat()),
         ("webp_rgba8", detect(encoded(&raw(F::Rgba8, 5, 5), Encoding::WebP))),
         ("bmp_rgb8", detect(encoded(&raw(F::Rgb8, 7, 2), Encoding::Bmp))),
         ("gif_1x1", detect(GIF_1X1.to_vec())),

@@ -14,13 +14,13 @@ use imgsvc::{
     imaging::Layout,
     proto::{
         nlimage::{NlImage, NlImageRotateRequest},
-        v1::{process_stream_request::Part, ProcessRequest, ProcessStreamRequest},
+        v1::{ProcessRequest, ProcessStreamRequest, process_stream_request::Part},
     },
     service::{
+        ImageShape, InvalidRequest, Pipeline, PixelBuffer, ServiceError, Step,
         codec::{self, EncodedInput},
         legacy, run_reference, stream,
         v1::{self, RequestImage},
-        ImageShape, InvalidRequest, Pipeline, PixelBuffer, ServiceError, Step,
     },
 };
 use prost::Message;

@@ -3,13 +3,11 @@
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{tenant_of, traced, InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step};
+use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, tenant_of, traced};
 use crate::{
     imaging::QuarterTurns,
+    proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService},
     tenancy::policy::Operation,
-    proto::nlimage::{
-        nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService, NlImage, NlImageRotateRequest,
-    },
 };
 
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::error::StreamProtocolError;
-use crate::proto::v1::{process_stream_request::Part, ProcessStreamRequest, StreamHeader};
+use crate::proto::v1::{ProcessStreamRequest, StreamHeader, process_stream_request::Part};
 
 /// The header a stream must start with, from its first message (`None`:
 /// the stream ended before it).
@@ -121,6 +121,23 @@ mod tests {
         let mut r = Reassembly::new(10, 4);
         assert_eq!(r.push(&[]), Err(StreamProtocolError::EmptyChunk { index: 1 }));
         assert_eq!(r.push(&[0; 5]), Err(StreamProtocolError::ChunkTooLarge { index: 2, len: 5, limit: 4 }));
+    }
+
+    #[test]
+    fn the_first_message_must_be_the_header_and_later_ones_chunks() {
+        let header = || ProcessStreamRequest { part: Some(Part::Header(StreamHeader { width: 2, ..Default::default() })) };
+        let chunk = || ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2]))) };
+        let empty = ProcessStreamRequest { part: None };
+        assert_eq!(header_of(Some(header())).map(|h| h.width), Ok(2));
+        assert_eq!(header_of(None), Err(StreamProtocolError::NoHeader));
+        assert_eq!(header_of(Some(chunk())), Err(StreamProtocolError::ChunkBeforeHeader { index: 0 }));
+        assert_eq!(header_of(Some(empty.clone())), Err(StreamProtocolError::EmptyMessage { index: 0 }));
+        let mut r = Reassembly::new(4, 4);
+        assert_eq!(r.accept(chunk()), Ok(()));
+        assert_eq!(r.accept(header()), Err(StreamProtocolError::SecondHeader { index: 2 }));
+        assert_eq!(r.accept(empty), Err(StreamProtocolError::EmptyMessage { index: 3 }));
+        assert_eq!(r.accept(chunk()), Ok(()));
+        assert_eq!(&r.finish().unwrap()[..], &[1, 2, 1, 2]);
     }
 
     #[test]

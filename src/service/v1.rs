@@ -7,18 +7,20 @@ use std::pin::Pin;
 
 use tokio_stream::Stream;
 
-use super::{codec, tenant_of, traced, InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step};
 use super::{
-    stream::{self, chunks, Reassembly},
     ImageShape,
+    stream::{self, Reassembly, chunks},
 };
+use super::{InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, tenant_of, traced};
 use crate::{codec::DecodeLimits, tenancy::JobCost};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
-        image_service_server::ImageService, operation::Kind, process_stream_response,
-        rotate::{Amount, Angle}, Image, Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse,
-        StreamHeader,
+        Image, Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse, StreamHeader,
+        image_service_server::ImageService,
+        operation::Kind,
+        process_stream_response,
+        rotate::{Amount, Angle},
     },
 };
 
