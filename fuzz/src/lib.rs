@@ -24,6 +24,7 @@ use imgsvc::{
     },
 };
 use prost::Message;
+use std::sync::Once;
 use tonic::Code;
 
 /// Largest image (width × height) the targets accept.
@@ -61,6 +62,7 @@ pub fn legacy_request(data: &[u8]) {
 /// `imgsvc.v1.ImageService/Process` runs it (encoded images decoded,
 /// results encoded when asked).
 pub fn v1_request(data: &[u8]) {
+    let_dependency_panics_unwind();
     let Ok(request) = ProcessRequest::decode(data) else { return };
     let checked = (|| {
         let steps = v1::steps_from(&request.operations, MAX_OPERATIONS)?;
@@ -110,6 +112,7 @@ pub fn stream_reassembly(data: &[u8]) {
 /// `data[0]`: the declared encoding (`% 7`: 0 = detect, else
 /// `Encoding::ALL[n - 1]`) and TIFF page (`/ 7 % 3`); the rest: the file.
 pub fn decode_image(data: &[u8]) {
+    let_dependency_panics_unwind();
     let Some((&selector, file)) = data.split_first() else { return };
     let encoding = match usize::from(selector % 7) {
         0 => None,
@@ -124,6 +127,25 @@ pub fn decode_image(data: &[u8]) {
         }
         Err(err) => assert_refused(err),
     }
+}
+
+/// Lets a panic raised inside a crates.io dependency unwind. Third-party
+/// decoders can panic on malformed files, and `codec::decode` catches that
+/// and refuses the file, as the server must; libfuzzer-sys's panic hook
+/// aborts on every panic, which would report those handled cases as
+/// crashes. A panic anywhere else (imgsvc's code, std) still aborts at once,
+/// and so does a dependency's panic that nothing catches (libfuzzer-sys
+/// aborts on whatever unwinds out of a target).
+fn let_dependency_panics_unwind() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let abort = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !info.location().is_some_and(|at| at.file().contains("/registry/src/")) {
+                abort(info);
+            }
+        }));
+    });
 }
 
 /// Runs `steps` through the service's pipeline and checks the result
