@@ -268,9 +268,24 @@ pub struct Decoded {
     pub encoding: Encoding,
 }
 
+/// What a decoder that panicked on a file says (see [`decode`]).
+pub const DECODER_PANICKED: &str = "the decoder failed on malformed data";
+
 /// Decodes `data`: header first, limits checked, then the pixels, then the
 /// EXIF orientation applied.
+///
+/// The decoders are third-party code that can panic on malformed files
+/// (fuzzing found zune-jpeg 0.5.15 doing so in its AVX2 IDCT); such a file is
+/// refused as undecodable like any other, so a caller sees INVALID_ARGUMENT
+/// or a clear client error, never a crash or INTERNAL.
 pub fn decode(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecError> {
+    std::panic::catch_unwind(|| decode_unguarded(data, options)).unwrap_or_else(|_| {
+        let encoding = options.encoding.map_or_else(|| Encoding::detect(data), Ok)?;
+        Err(CodecError::Undecodable { encoding: encoding.name(), reason: DECODER_PANICKED.into() })
+    })
+}
+
+fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecError> {
     let encoding = match options.encoding {
         Some(e) => e,
         None => Encoding::detect(data)?,
@@ -505,6 +520,13 @@ mod tests {
         assert_eq!(decode(&data, &tight), Err(CodecError::TooManyPixels { width: 40, height: 30, pixels: 1200, limit: 1000 }));
         let small_alloc = DecodeOptions { limits: DecodeLimits { max_pixels: 1 << 20, max_alloc_bytes: 1000 }, ..opts(0) };
         assert_eq!(decode(&data, &small_alloc), Err(CodecError::TooLarge { width: 40, height: 30, bytes: 1200, limit: 1000 }));
+    }
+
+    #[test]
+    fn a_file_the_decoder_panics_on_is_refused_as_undecodable() {
+        let data = include_bytes!("../tests/fixtures/malformed-jpeg-decoder-panic.jpg");
+        let err = decode(data, &opts(0)).unwrap_err();
+        assert_eq!(err, CodecError::Undecodable { encoding: "JPEG", reason: DECODER_PANICKED.into() });
     }
 
     #[test]

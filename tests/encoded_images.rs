@@ -132,6 +132,25 @@ async fn undecodable_data_is_invalid_argument_naming_the_problem() {
     assert!(status.message().starts_with("the data is not a valid JPEG image: "), "{}", status.message());
 }
 
+/// Found by fuzzing (fuzz/ decode_image): zune-jpeg 0.5.15 panics on this
+/// file, which the server used to answer with INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_the_decoder_panics_on_is_invalid_argument_and_the_server_keeps_serving() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
+    let malformed = std::fs::read(fixture("malformed-jpeg-decoder-panic.jpg")).unwrap();
+    let request = ProcessRequest { image: encoded(malformed, ImageEncoding::Unspecified), operations: ops(), output: None };
+    let status = client.process(request).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::InvalidArgument, "the data is not a valid JPEG image: the decoder failed on malformed data")
+    );
+    let png = std::fs::read(fixture("chessboard_RGB.png")).unwrap();
+    let request = ProcessRequest { image: encoded(png, ImageEncoding::Png), operations: ops(), output: None };
+    assert_eq!(client.process(request).await.unwrap().into_inner().image.unwrap().width, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_encoded_requests_are_invalid_argument() {
     let pki = Pki::new(&["alpha"]);

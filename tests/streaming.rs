@@ -1,5 +1,5 @@
-//! ProcessStream: images beyond the unary limit, chunk edge cases, and
-//! every protocol violation refused with INVALID_ARGUMENT and a message.
+//! ProcessStream: images beyond the unary limit, chunk edge cases, tenant
+//! rules on the header. Protocol violations: tests/invalid_input.rs.
 
 mod common;
 
@@ -12,34 +12,13 @@ use imgsvc::{
         stream::{process_stream, request_messages},
     },
     imaging::QuarterTurns,
-    proto::v1::{
-        Image, PixelFormat, ProcessRequest, ProcessStreamRequest, StreamHeader, image_service_client::ImageServiceClient,
-        process_stream_request::Part,
-    },
+    proto::v1::{Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient, process_stream_request::Part},
 };
 use tonic::Code;
 
 fn pattern_image(format: PixelFormat, w: u32, h: u32, channels: usize) -> RawImage {
     let len = w as usize * h as usize * channels;
     RawImage { format, width: w, height: h, data: Bytes::from((0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>()) }
-}
-
-async fn send_raw(server: &TestServer, pki: &Pki, messages: Vec<ProcessStreamRequest>) -> tonic::Status {
-    let mut client = ImageServiceClient::new(channel(server, pki, "alpha").await);
-    match client.process_stream(tokio_stream::iter(messages)).await {
-        Err(status) => status,
-        Ok(response) => response.into_inner().message().await.expect_err("the server must refuse"),
-    }
-}
-
-fn header(w: u32, h: u32) -> ProcessStreamRequest {
-    ProcessStreamRequest {
-        part: Some(Part::Header(StreamHeader { format: PixelFormat::Gray8 as i32, width: w, height: h, operations: vec![] })),
-    }
-}
-
-fn chunk(len: usize) -> ProcessStreamRequest {
-    ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from(vec![1u8; len]))) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,36 +58,6 @@ async fn one_byte_chunks_and_chunks_that_do_not_divide_a_row_reassemble_exactly(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn protocol_violations_are_invalid_argument_with_a_message() {
-    let pki = Pki::new(&["alpha"]);
-    let server = TestServer::start_with(&pki, |raw| raw.stream.max_chunk_bytes = Some(64));
-    let empty = ProcessStreamRequest { part: None };
-    let cases: Vec<(&str, Vec<ProcessStreamRequest>, &str)> = vec![
-        ("no messages", vec![], "the stream ended before its header"),
-        ("chunk first", vec![chunk(4), header(2, 2)], "message 0 is a chunk, but the first message must be the header"),
-        ("empty first message", vec![empty.clone()], "message 0 has neither header nor chunk"),
-        ("second header", vec![header(2, 2), chunk(2), header(2, 2)], "message 2 is a second header; a stream has exactly one"),
-        ("empty message", vec![header(2, 2), empty], "message 1 has neither header nor chunk"),
-        (
-            "data past the declared size",
-            vec![header(2, 2), chunk(3), chunk(2)],
-            "message 2 brings the data to 5 bytes, past the 4 bytes the header declared",
-        ),
-        ("truncated", vec![header(4, 4), chunk(10)], "the stream ended after 10 of the 16 bytes the header declared"),
-        ("empty chunk", vec![header(2, 2), chunk(0)], "message 1 is an empty chunk"),
-        ("oversized chunk", vec![header(10, 10), chunk(65)], "message 1 is a chunk of 65 bytes, over the limit of 64 bytes per chunk"),
-        ("zero width", vec![header(0, 2)], "image width must be at least 1, got 0"),
-    ];
-    for (name, messages, message) in cases {
-        let status = send_raw(&server, &pki, messages).await;
-        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, message), "{name}");
-    }
-    // Still serving.
-    let image = pattern_image(PixelFormat::Gray8, 5, 5, 1);
-    assert!(process_stream(channel(&server, &pki, "alpha").await, image, &[Op::MeanFilter], 8, "localhost", None).await.is_ok());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_headers_are_subject_to_tenant_rules_before_any_data() {
     let pki = Pki::new(&["alpha"]);
     let server = TestServer::start_with(&pki, |raw| {
@@ -116,8 +65,9 @@ async fn stream_headers_are_subject_to_tenant_rules_before_any_data() {
         t.allowed_operations = Some(vec!["rotate".into()]);
         t.max_image_pixels = Some(100);
     });
+    let mut client = ImageServiceClient::new(channel(&server, &pki, "alpha").await);
     let mut messages = request_messages(pattern_image(PixelFormat::Gray8, 5, 5, 1), &[Op::MeanFilter], 5);
-    let status = send_raw(&server, &pki, messages.clone()).await;
+    let status = refused_stream(&mut client, messages.clone()).await;
     assert_eq!(
         (status.code(), status.message()),
         (Code::PermissionDenied, "operation mean_filter is not allowed for tenant \"alpha\" (allowed: rotate)")
@@ -125,7 +75,7 @@ async fn stream_headers_are_subject_to_tenant_rules_before_any_data() {
     // Too many pixels: refused from the header alone (no data sent).
     messages = request_messages(pattern_image(PixelFormat::Gray8, 11, 10, 1), &[Op::Rotate(QuarterTurns::One)], 5);
     messages.truncate(1);
-    let status = send_raw(&server, &pki, messages).await;
+    let status = refused_stream(&mut client, messages).await;
     assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "image has 110 pixels (11x10), over the limit of 100"));
 }
 

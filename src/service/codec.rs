@@ -37,6 +37,9 @@ pub fn encoded_input(image: &mut Option<v1::Image>, limits: DecodeLimits) -> Res
     if img.format != 0 || img.width != 0 || img.height != 0 || !img.data.is_empty() {
         return Err(InvalidRequest::EncodedWithRawFields.into());
     }
+    if encoded.data.is_empty() {
+        return Err(InvalidRequest::EmptyEncodedData.into());
+    }
     let encoding = from_wire("image.encoded.encoding", encoded.encoding)?;
     Ok(Some(EncodedInput { data: encoded.data, options: DecodeOptions { encoding, page: encoded.page, limits } }))
 }

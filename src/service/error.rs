@@ -23,7 +23,9 @@ pub enum InvalidRequest {
     UnspecifiedFormat,
     #[error("pixel format {value} is not a known PixelFormat value (1..=7)")]
     UnknownFormat { value: i32 },
-    #[error("operation {index} is empty: set rotate or mean_filter")]
+    /// Also an operation of a kind added after this server (protobuf drops
+    /// the unknown field, so both look alike).
+    #[error("operation {index} is empty or of a kind this server does not know: set rotate or mean_filter")]
     EmptyOperation { index: usize },
     #[error("operation {index} (rotate) has no amount: set quarter_turns or angle")]
     MissingRotateAmount { index: usize },
@@ -31,6 +33,8 @@ pub enum InvalidRequest {
     InvalidAngle { index: usize, value: i32 },
     #[error(transparent)]
     Stream(#[from] StreamProtocolError),
+    #[error("image.encoded.data is empty: send the bytes of an image file (PNG, JPEG, TIFF, WebP, BMP or GIF)")]
+    EmptyEncodedData,
     #[error("the image has both encoded content and raw pixel fields (format, width, height or data): send one or the other")]
     EncodedWithRawFields,
     #[error("{field} {value} is not a known ImageEncoding value (0..=6)")]

@@ -31,6 +31,19 @@ fn quarter_turns(rotation: i32) -> Result<QuarterTurns, InvalidRequest> {
     }
 }
 
+/// A RotateImage request checked within `max_pixels`: its image and the one
+/// step to run. Pure and synchronous, so the fuzz targets run exactly what
+/// the handler runs.
+pub fn rotate_request(request: NlImageRotateRequest, max_pixels: u64) -> Result<(PixelBuffer, Step), ServiceError> {
+    let turns = quarter_turns(request.rotation)?;
+    Ok((PixelBuffer::from_legacy(request.image, max_pixels)?, Step::Rotate(turns)))
+}
+
+/// A MeanFilter request checked within `max_pixels` (see [`rotate_request`]).
+pub fn mean_filter_request(image: NlImage, max_pixels: u64) -> Result<(PixelBuffer, Step), ServiceError> {
+    Ok((PixelBuffer::from_legacy(Some(image), max_pixels)?, Step::MeanFilter))
+}
+
 #[tonic::async_trait]
 impl NlImageService for LegacyService {
     async fn rotate_image(&self, request: Request<NlImageRotateRequest>) -> Result<Response<NlImage>, Status> {
@@ -40,9 +53,8 @@ impl NlImageService for LegacyService {
             Box::pin(async move {
                 let req = request.into_inner();
                 let admission = processor.admit(&tenant, &[Operation::Rotate], req.encoded_len())?;
-                let turns = quarter_turns(req.rotation)?;
-                let input = PixelBuffer::from_legacy(req.image, admission.max_image_pixels)?;
-                let out = processor.process(&admission, input, Pipeline::new([Step::Rotate(turns)])).await?;
+                let (input, step) = rotate_request(req, admission.max_image_pixels)?;
+                let out = processor.process(&admission, input, Pipeline::new([step])).await?;
                 Ok::<_, ServiceError>(Response::new(out.into_legacy()))
             })
         })
@@ -56,8 +68,8 @@ impl NlImageService for LegacyService {
             Box::pin(async move {
                 let image = request.into_inner();
                 let admission = processor.admit(&tenant, &[Operation::MeanFilter], image.encoded_len())?;
-                let input = PixelBuffer::from_legacy(Some(image), admission.max_image_pixels)?;
-                let out = processor.process(&admission, input, Pipeline::new([Step::MeanFilter])).await?;
+                let (input, step) = mean_filter_request(image, admission.max_image_pixels)?;
+                let out = processor.process(&admission, input, Pipeline::new([step])).await?;
                 Ok::<_, ServiceError>(Response::new(out.into_legacy()))
             })
         })

@@ -69,29 +69,54 @@ impl Pipeline {
 
     /// Runs the pipeline. CPU-bound: call it on the worker pool.
     pub fn run(&self, input: PixelBuffer) -> Result<PixelBuffer, imaging::ImagingError> {
-        let mut current = input;
-        for &step in &self.steps {
-            current = match current.depth() {
-                Depth::Eight => {
-                    let (layout, out) = apply(step, current.data(), current.layout())?;
-                    current.with_data(layout, Bytes::from(out))
-                }
-                Depth::Sixteen => {
-                    let samples: Vec<u16> = current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                    let (layout, out) = apply(step, &samples, current.layout())?;
-                    let bytes: Vec<u8> = out.iter().flat_map(|s| s.to_le_bytes()).collect();
-                    current.with_data(layout, Bytes::from(bytes))
-                }
-            };
-        }
-        Ok(current)
+        run_steps(&self.steps, input, Kernels::Fast)
     }
 }
 
-fn apply<T: imaging::Sample + Default>(step: Step, src: &[T], layout: Layout) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
-    Ok(match step {
-        Step::Rotate(turns) => (layout.rotated(turns), imaging::rotate(src, layout, turns)?),
-        Step::MeanFilter => (layout, imaging::mean_filter(src, layout)?),
+/// Runs `steps` one by one, as requested (no folding), with the plain
+/// reference kernels ([`imaging::reference`]): the oracle that tests and
+/// fuzz targets hold [`Pipeline::run`] to. Slow; never on a request path.
+pub fn run_reference(steps: &[Step], input: PixelBuffer) -> PixelBuffer {
+    run_steps(steps, input, Kernels::Reference).expect("the reference kernels accept every validated buffer")
+}
+
+#[derive(Clone, Copy)]
+enum Kernels {
+    Fast,
+    Reference,
+}
+
+fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<PixelBuffer, imaging::ImagingError> {
+    let mut current = input;
+    for &step in steps {
+        current = match current.depth() {
+            Depth::Eight => {
+                let (layout, out) = apply(step, current.data(), current.layout(), kernels)?;
+                current.with_data(layout, Bytes::from(out))
+            }
+            Depth::Sixteen => {
+                let samples: Vec<u16> = current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                let (layout, out) = apply(step, &samples, current.layout(), kernels)?;
+                let bytes: Vec<u8> = out.iter().flat_map(|s| s.to_le_bytes()).collect();
+                current.with_data(layout, Bytes::from(bytes))
+            }
+        };
+    }
+    Ok(current)
+}
+
+fn apply<T: imaging::Sample + Default>(
+    step: Step,
+    src: &[T],
+    layout: Layout,
+    kernels: Kernels,
+) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
+    use imaging::reference;
+    Ok(match (step, kernels) {
+        (Step::Rotate(turns), Kernels::Fast) => (layout.rotated(turns), imaging::rotate(src, layout, turns)?),
+        (Step::Rotate(turns), Kernels::Reference) => (layout.rotated(turns), reference::rotate(src, layout, turns)),
+        (Step::MeanFilter, Kernels::Fast) => (layout, imaging::mean_filter(src, layout)?),
+        (Step::MeanFilter, Kernels::Reference) => (layout, reference::mean_filter(src, layout)),
     })
 }
 

@@ -4,6 +4,18 @@
 use bytes::{Bytes, BytesMut};
 
 use super::error::StreamProtocolError;
+use crate::proto::v1::{ProcessStreamRequest, StreamHeader, process_stream_request::Part};
+
+/// The header a stream must start with, from its first message (`None`:
+/// the stream ended before it).
+pub fn header_of(first: Option<ProcessStreamRequest>) -> Result<StreamHeader, StreamProtocolError> {
+    match first.map(|m| m.part) {
+        None => Err(StreamProtocolError::NoHeader),
+        Some(Some(Part::Header(header))) => Ok(header),
+        Some(Some(Part::Chunk(_))) => Err(StreamProtocolError::ChunkBeforeHeader { index: 0 }),
+        Some(None) => Err(StreamProtocolError::EmptyMessage { index: 0 }),
+    }
+}
 
 /// Collects the chunks of one image. Pure: no I/O, no async, so its rules
 /// are tested (and fuzzed) directly.
@@ -23,9 +35,14 @@ impl Reassembly {
         Self { declared, max_chunk, data: BytesMut::with_capacity(declared as usize), messages: 1 }
     }
 
-    /// Index (0-based) the next message will have.
-    pub fn next_index(&self) -> u64 {
-        self.messages
+    /// Takes the next message after the header: a chunk, or the error it
+    /// is (a second header, an empty message, a chunk out of bounds).
+    pub fn accept(&mut self, message: ProcessStreamRequest) -> Result<(), StreamProtocolError> {
+        match message.part {
+            Some(Part::Chunk(chunk)) => self.push(&chunk),
+            Some(Part::Header(_)) => Err(self.reject(|index| StreamProtocolError::SecondHeader { index })),
+            None => Err(self.reject(|index| StreamProtocolError::EmptyMessage { index })),
+        }
     }
 
     pub fn push(&mut self, chunk: &[u8]) -> Result<(), StreamProtocolError> {
@@ -45,17 +62,11 @@ impl Reassembly {
         Ok(())
     }
 
-    /// A message that is neither header nor chunk, or a second header.
-    pub fn reject_header(&mut self) -> StreamProtocolError {
+    /// Counts a message that is not a chunk and names it in `error`.
+    fn reject(&mut self, error: impl FnOnce(u64) -> StreamProtocolError) -> StreamProtocolError {
         let index = self.messages;
         self.messages += 1;
-        StreamProtocolError::SecondHeader { index }
-    }
-
-    pub fn reject_empty(&mut self) -> StreamProtocolError {
-        let index = self.messages;
-        self.messages += 1;
-        StreamProtocolError::EmptyMessage { index }
+        error(index)
     }
 
     /// The complete image data, or how much is missing.
@@ -110,6 +121,23 @@ mod tests {
         let mut r = Reassembly::new(10, 4);
         assert_eq!(r.push(&[]), Err(StreamProtocolError::EmptyChunk { index: 1 }));
         assert_eq!(r.push(&[0; 5]), Err(StreamProtocolError::ChunkTooLarge { index: 2, len: 5, limit: 4 }));
+    }
+
+    #[test]
+    fn the_first_message_must_be_the_header_and_later_ones_chunks() {
+        let header = || ProcessStreamRequest { part: Some(Part::Header(StreamHeader { width: 2, ..Default::default() })) };
+        let chunk = || ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2]))) };
+        let empty = ProcessStreamRequest { part: None };
+        assert_eq!(header_of(Some(header())).map(|h| h.width), Ok(2));
+        assert_eq!(header_of(None), Err(StreamProtocolError::NoHeader));
+        assert_eq!(header_of(Some(chunk())), Err(StreamProtocolError::ChunkBeforeHeader { index: 0 }));
+        assert_eq!(header_of(Some(empty.clone())), Err(StreamProtocolError::EmptyMessage { index: 0 }));
+        let mut r = Reassembly::new(4, 4);
+        assert_eq!(r.accept(chunk()), Ok(()));
+        assert_eq!(r.accept(header()), Err(StreamProtocolError::SecondHeader { index: 2 }));
+        assert_eq!(r.accept(empty), Err(StreamProtocolError::EmptyMessage { index: 3 }));
+        assert_eq!(r.accept(chunk()), Ok(()));
+        assert_eq!(&r.finish().unwrap()[..], &[1, 2, 1, 2]);
     }
 
     #[test]

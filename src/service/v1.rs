@@ -8,18 +8,18 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 
 use super::{
-    ImageShape, StreamProtocolError,
-    stream::{Reassembly, chunks},
+    ImageShape,
+    stream::{self, Reassembly, chunks},
 };
 use super::{InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, tenant_of, traced};
-use crate::tenancy::JobCost;
+use crate::{codec::DecodeLimits, tenancy::JobCost};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
-        Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse, StreamHeader,
+        Image, Operation, ProcessRequest, ProcessResponse, ProcessStreamRequest, ProcessStreamResponse, StreamHeader,
         image_service_server::ImageService,
         operation::Kind,
-        process_stream_request, process_stream_response,
+        process_stream_response,
         rotate::{Amount, Angle},
     },
 };
@@ -66,6 +66,25 @@ pub fn steps_from(operations: &[Operation], max_operations: usize) -> Result<Vec
     Ok(steps)
 }
 
+/// The image of a Process request, checked.
+#[derive(Debug)]
+pub enum RequestImage {
+    /// Raw pixels, validated.
+    Raw(PixelBuffer),
+    /// An encoded file, to decode on the worker pool ([`codec::decode`]).
+    Encoded(codec::EncodedInput),
+}
+
+/// Checks the image of a Process request within `limits` (the tenant's
+/// pixel limit). Pure and synchronous, so the fuzz targets run exactly what
+/// the handler runs.
+pub fn request_image(mut image: Option<Image>, limits: DecodeLimits) -> Result<RequestImage, ServiceError> {
+    Ok(match codec::encoded_input(&mut image, limits)? {
+        Some(encoded) => RequestImage::Encoded(encoded),
+        None => RequestImage::Raw(PixelBuffer::from_v1(image, limits.max_pixels)?),
+    })
+}
+
 /// Receives a whole ProcessStream request: header first, then chunks.
 async fn receive_stream(
     processor: &Processor,
@@ -73,15 +92,7 @@ async fn receive_stream(
     mut stream: tonic::Streaming<ProcessStreamRequest>,
 ) -> Result<(crate::tenancy::Admission, PixelBuffer, Vec<Step>), ServiceError> {
     let next = |m: Result<Option<ProcessStreamRequest>, Status>| m.map_err(ServiceError::Transport);
-    let refuse = |e: StreamProtocolError| Err(ServiceError::from(InvalidRequest::from(e)));
-    let header = match next(stream.message().await)? {
-        None => return refuse(StreamProtocolError::NoHeader),
-        Some(message) => match message.part {
-            Some(process_stream_request::Part::Header(h)) => h,
-            Some(process_stream_request::Part::Chunk(_)) => return refuse(StreamProtocolError::ChunkBeforeHeader { index: 0 }),
-            None => return refuse(StreamProtocolError::EmptyMessage { index: 0 }),
-        },
-    };
+    let header = stream::header_of(next(stream.message().await)?).map_err(InvalidRequest::from)?;
     let policy = processor.policy();
     let steps = steps_from(&header.operations, policy.limits.max_operations)?;
     let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
@@ -91,11 +102,7 @@ async fn receive_stream(
     let shape = ImageShape::from_v1(header.format, header.width, header.height, admission.max_image_pixels)?;
     let mut reassembly = Reassembly::new(shape.bytes(), policy.limits.stream_max_chunk_bytes);
     while let Some(message) = next(stream.message().await)? {
-        match message.part {
-            Some(process_stream_request::Part::Chunk(chunk)) => reassembly.push(&chunk).map_err(InvalidRequest::from)?,
-            Some(process_stream_request::Part::Header(_)) => return Err(InvalidRequest::from(reassembly.reject_header()).into()),
-            None => return Err(InvalidRequest::from(reassembly.reject_empty()).into()),
-        }
+        reassembly.accept(message).map_err(InvalidRequest::from)?;
     }
     let data = reassembly.finish().map_err(InvalidRequest::from)?;
     Ok((admission, shape.with_data(data)?, steps))
@@ -140,7 +147,7 @@ impl ImageService for V1Service {
         let processor = self.processor.clone();
         traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
-                let mut req = request.into_inner();
+                let req = request.into_inner();
                 let policy = processor.policy();
                 // Every cheap check before any work.
                 let steps = steps_from(&req.operations, policy.limits.max_operations)?;
@@ -149,14 +156,14 @@ impl ImageService for V1Service {
                 let admission = processor.admit(&tenant, &operations, req.encoded_len())?;
                 let mut decode_limits = codec::decode_limits(&policy.limits);
                 decode_limits.max_pixels = admission.max_image_pixels;
-                let input = match codec::encoded_input(&mut req.image, decode_limits)? {
-                    Some(encoded) => {
+                let input = match request_image(req.image, decode_limits)? {
+                    RequestImage::Encoded(encoded) => {
                         // The decoded size is unknown until the header is read
                         // (on the worker): the encoded size stands in for it.
                         let n = encoded.data.len() as u64;
                         processor.run(&admission, JobCost::estimated(n, n), move || codec::decode(&encoded)).await?
                     }
-                    None => PixelBuffer::from_v1(req.image, admission.max_image_pixels)?,
+                    RequestImage::Raw(buffer) => buffer,
                 };
                 let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
                 let image = match output {

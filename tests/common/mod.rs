@@ -14,10 +14,10 @@ use imgsvc::{
     client::{self, RawImage, Target},
     config::{RawConfig, Settings},
     identity::{TenantId, TrustDomain},
-    imaging::{Layout, QuarterTurns, Sample, reference},
+    imaging::QuarterTurns,
     pki::{self, IssueRequest, PkiPaths},
-    proto::v1::PixelFormat,
     server::{Phase, Server, ServerError, bind, bind_admin},
+    service::{self, PixelBuffer, Step},
     tls::ClientCredentials,
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
@@ -322,38 +322,15 @@ pub fn stderr(out: &Output) -> String {
 /// What the service must return for `ops` applied to `image`, computed
 /// with the plain reference kernels (every v1 pixel format).
 pub fn expected(image: &RawImage, ops: &[client::Op]) -> RawImage {
-    let (channels, sixteen) = match image.format {
-        PixelFormat::Gray8 => (1, false),
-        PixelFormat::Graya8 => (2, false),
-        PixelFormat::Rgb8 => (3, false),
-        PixelFormat::Rgba8 => (4, false),
-        PixelFormat::Gray16 => (1, true),
-        PixelFormat::Rgb16 => (3, true),
-        PixelFormat::Rgba16 => (4, true),
-        PixelFormat::Unspecified => panic!("no pixel format"),
-    };
-    let layout = Layout::new(image.width as usize, image.height as usize, channels).unwrap();
-    let (data, layout) = if sixteen {
-        let samples: Vec<u16> = image.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-        let (out, layout) = apply_reference(samples, layout, ops);
-        (out.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>(), layout)
-    } else {
-        apply_reference(image.data.to_vec(), layout, ops)
-    };
-    RawImage { format: image.format, width: layout.width() as u32, height: layout.height() as u32, data: data.into() }
-}
-
-fn apply_reference<T: Sample + Default>(mut data: Vec<T>, mut layout: Layout, ops: &[client::Op]) -> (Vec<T>, Layout) {
-    for op in ops {
-        match *op {
-            client::Op::MeanFilter => data = reference::mean_filter(&data, layout),
-            client::Op::Rotate(t) => {
-                data = reference::rotate(&data, layout, t);
-                layout = layout.rotated(t);
-            }
-        }
-    }
-    (data, layout)
+    let input = PixelBuffer::from_v1(Some(image.clone().into_v1()), u64::MAX).expect("a valid test image");
+    let steps: Vec<Step> = ops
+        .iter()
+        .map(|op| match *op {
+            client::Op::MeanFilter => Step::MeanFilter,
+            client::Op::Rotate(turns) => Step::Rotate(turns),
+        })
+        .collect();
+    RawImage::from_v1(service::run_reference(&steps, input).into_v1())
 }
 
 /// Runs the client binary against `server` as `tenant` with `extra` args.
@@ -429,6 +406,19 @@ pub fn forward_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Rece
         }
     });
     rx
+}
+
+/// Sends a whole ProcessStream request that the server must refuse, and
+/// returns the refusal (whether it comes before or after the response
+/// headers).
+pub async fn refused_stream(
+    client: &mut imgsvc::proto::v1::image_service_client::ImageServiceClient<Channel>,
+    messages: Vec<imgsvc::proto::v1::ProcessStreamRequest>,
+) -> tonic::Status {
+    match client.process_stream(tokio_stream::iter(messages)).await {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.expect_err("the server must refuse"),
+    }
 }
 
 /// Connects with TLS but without a client certificate; returns the error
