@@ -3,7 +3,8 @@
 //! one that finishes it but sends nothing, or opens HTTP/2 and makes no
 //! call (answering PINGs), after `server.idle_timeout_secs`; a peer that
 //! stops answering HTTP/2 PINGs after the keepalive timeout. A call that
-//! stays open longer than the idle timeout keeps its connection.
+//! stays open longer than the idle timeout keeps its connection, and a
+//! client whose idle connection was closed reconnects for its next call.
 //!
 //! The HTTP/2 clients here write frames by hand, so that the test decides
 //! exactly which frames are answered.
@@ -174,4 +175,26 @@ async fn a_call_open_longer_than_the_idle_timeout_keeps_its_connection() {
     }
     use imgsvc::proto::v1::process_stream_response::Part as Out;
     assert!(matches!(&parts[..], [Out::Header(h), Out::Chunk(c)] if (h.width, h.height) == (2, 2) && c[..] == [1, 2, 3, 4]), "{parts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_idle_connection_was_closed_is_served_on_its_next_call() {
+    let pki = Pki::new(&["hygiene"]);
+    let server = TestServer::start_with(&pki, |raw| raw.server.idle_timeout_secs = 1);
+    let channel = channel(&server, &pki, "hygiene").await;
+    let image = imgsvc::client::RawImage {
+        format: imgsvc::proto::v1::PixelFormat::Gray8,
+        width: 2,
+        height: 2,
+        data: Bytes::from_static(&[1, 2, 3, 4]),
+    };
+    let ops = [imgsvc::client::Op::MeanFilter];
+    for api in [imgsvc::client::Api::V1, imgsvc::client::Api::Legacy] {
+        imgsvc::client::process(channel.clone(), api, image.clone(), &ops, "localhost").await.unwrap();
+        // The server closes the idle connection after 1 s; the channel
+        // reconnects for the next call.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    let out = imgsvc::client::process(channel, imgsvc::client::Api::V1, image.clone(), &ops, "localhost").await;
+    assert_eq!(out.unwrap(), expected(&image, &ops));
 }
