@@ -132,23 +132,20 @@ fn several_inputs_into_an_existing_file_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let existing = dir.path().join("out.png");
     std::fs::write(&existing, b"x").unwrap();
-    let (ca, cert, key) = pki.client_files("alpha");
-    let result = run_client(&[
-        "--port",
-        "9",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        fixture("camera.png").to_str().unwrap(),
-        fixture("logo.png").to_str().unwrap(),
-        "--output",
-        existing.to_str().unwrap(),
-        "--mean",
-    ]);
+    let result = run_client_as(
+        &pki,
+        "alpha",
+        &[
+            "--port",
+            "9",
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            fixture("logo.png").to_str().unwrap(),
+            "--output",
+            existing.to_str().unwrap(),
+            "--mean",
+        ],
+    );
     assert_eq!(result.status.code(), Some(64));
     assert!(stderr(&result).contains("is a file, but several inputs or a directory need an output directory"), "{}", stderr(&result));
 }

@@ -130,23 +130,20 @@ fn unreadable_input_exits_65_and_writes_nothing() {
 fn unsupported_output_extension_is_refused_before_any_request() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki.client_files("alpha");
     // Port 9 (discard) has no server: the error must come before connecting.
-    let out = run_client(&[
-        "--port",
-        "9",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        fixture("camera.png").to_str().unwrap(),
-        "--output",
-        dir.path().join("out.gif").to_str().unwrap(),
-        "--mean",
-    ]);
+    let out = run_client_as(
+        &pki,
+        "alpha",
+        &[
+            "--port",
+            "9",
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            "--output",
+            dir.path().join("out.gif").to_str().unwrap(),
+            "--mean",
+        ],
+    );
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("unsupported output extension \"gif\""), "{}", stderr(&out));
     assert!(files_in(dir.path()).is_empty());
@@ -173,22 +170,19 @@ fn unreachable_server_exits_69_with_an_explanation() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
     let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (ca, cert, key) = pki.client_files("alpha");
-    let out = run_client(&[
-        "--port",
-        &free_port.to_string(),
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        fixture("camera.png").to_str().unwrap(),
-        "--output",
-        dir.path().join("out.png").to_str().unwrap(),
-        "--mean",
-    ]);
+    let out = run_client_as(
+        &pki,
+        "alpha",
+        &[
+            "--port",
+            &free_port.to_string(),
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            "--output",
+            dir.path().join("out.png").to_str().unwrap(),
+            "--mean",
+        ],
+    );
     assert_eq!(out.status.code(), Some(69));
     assert!(stderr(&out).contains("nothing accepts connections at that address"), "{}", stderr(&out));
     assert!(files_in(dir.path()).is_empty());

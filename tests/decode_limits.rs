@@ -98,22 +98,11 @@ fn client_refuses_a_png_declaring_100000x100000_from_its_header() {
     // The client binary says the same and exits 65 (bad input image)
     // before contacting any server (port 9 has none).
     let pki = Pki::new(&["alpha"]);
-    let (ca, cert, key) = pki.client_files("alpha");
-    let out = run_client(&[
-        "--port",
-        "9",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        path.to_str().unwrap(),
-        "--output",
-        dir.path().join("o.png").to_str().unwrap(),
-        "--mean",
-    ]);
+    let out = run_client_as(
+        &pki,
+        "alpha",
+        &["--port", "9", "--input", path.to_str().unwrap(), "--output", dir.path().join("o.png").to_str().unwrap(), "--mean"],
+    );
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert!(stderr(&out).contains("over the limit of 100000000 pixels"), "{}", stderr(&out));
     assert!(!dir.path().join("o.png").exists());

@@ -97,31 +97,28 @@ fn cli_endpoints_skip_a_dead_server() {
     let pki = Pki::new(&["lb"]);
     let alive = ServerProcess::spawn(&pki);
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed again at once
-    let (ca, cert, key) = pki.client_files("lb");
     let out_dir = tempfile::tempdir().unwrap();
     let output = out_dir.path().join("out.png");
     // Whichever the run starts with (it depends on the process id), the
     // dead endpoint is retried on the live one.
-    let out = run_client(&[
-        "--endpoint",
-        &dead.to_string(),
-        "--endpoint",
-        &alive.addr.to_string(),
-        "--server-name",
-        "localhost",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--input",
-        fixture("camera.png").to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--rotate",
-        "NINETY_DEG",
-    ]);
+    let out = run_client_as(
+        &pki,
+        "lb",
+        &[
+            "--endpoint",
+            &dead.to_string(),
+            "--endpoint",
+            &alive.addr.to_string(),
+            "--server-name",
+            "localhost",
+            "--input",
+            fixture("camera.png").to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--rotate",
+            "NINETY_DEG",
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(output.exists());
 }

@@ -296,23 +296,25 @@ pub fn run_client(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `--ca --cert --key` of `tenant` for the client binary.
+pub fn credential_args(pki: &Pki, tenant: &str) -> Vec<String> {
+    let (ca, cert, key) = pki.client_files(tenant);
+    ["--ca", ca.to_str().unwrap(), "--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()].map(String::from).to_vec()
+}
+
+/// Runs the client binary with `tenant`'s credentials and `args`.
+pub fn run_client_as(pki: &Pki, tenant: &str, args: &[&str]) -> Output {
+    let mut all = credential_args(pki, tenant);
+    all.extend(args.iter().map(|a| a.to_string()));
+    run_client(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// `--host --port --ca --cert --key --server-name` for the client binary.
 pub fn client_args(server: &TestServer, pki: &Pki, tenant: &str) -> Vec<String> {
-    let (ca, cert, key) = pki.client_files(tenant);
-    vec![
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        server.port().to_string(),
-        "--ca".into(),
-        ca.display().to_string(),
-        "--cert".into(),
-        cert.display().to_string(),
-        "--key".into(),
-        key.display().to_string(),
-        "--server-name".into(),
-        "localhost".into(),
-    ]
+    let mut args = vec!["--host".into(), "127.0.0.1".into(), "--port".into(), server.port().to_string()];
+    args.extend(credential_args(pki, tenant));
+    args.extend(["--server-name".into(), "localhost".into()]);
+    args
 }
 
 pub fn stderr(out: &Output) -> String {
