@@ -132,6 +132,8 @@ pub struct RawServer {
     pub max_concurrent_streams: u32,
     pub worker_nice: i32,
     pub idle_timeout_secs: u64,
+    pub io_threads: usize,
+    pub max_io_lanes: usize,
 }
 
 impl Default for RawServer {
@@ -147,6 +149,8 @@ impl Default for RawServer {
             max_concurrent_streams: 256,
             worker_nice: 5,
             idle_timeout_secs: 300,
+            io_threads: 0,
+            max_io_lanes: 64,
         }
     }
 }
@@ -277,6 +281,11 @@ pub struct Settings {
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Threads of each tenant's I/O lane (see `crate::lanes`); resolved
+    /// from 0 to the number of cores.
+    pub io_threads: usize,
+    /// Lanes at most; tenants beyond share one.
+    pub max_io_lanes: usize,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -389,6 +398,16 @@ impl Settings {
                 format!("{} is out of range 0..=86400 (0 = never)", raw.server.idle_timeout_secs),
             ));
         }
+        if raw.server.io_threads > 1024 {
+            return Err(invalid("server.io_threads", format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.io_threads)));
+        }
+        if !(1..=4096).contains(&raw.server.max_io_lanes) {
+            return Err(invalid("server.max_io_lanes", format!("{} is out of range 1..=4096", raw.server.max_io_lanes)));
+        }
+        let io_threads = match raw.server.io_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let worker_threads = match raw.server.worker_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -459,6 +478,8 @@ impl Settings {
             max_concurrent_streams: raw.server.max_concurrent_streams,
             worker_nice: raw.server.worker_nice,
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
+            io_threads,
+            max_io_lanes: raw.server.max_io_lanes,
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
@@ -874,6 +895,18 @@ mod tests {
             let err = load(MINIMAL, &[("IMGSVC_TELEMETRY__OTLP_ENDPOINT", endpoint)]).unwrap_err().to_string();
             assert!(err.contains("key `telemetry.otlp_endpoint`") && err.contains(problem), "{endpoint}: {err}");
         }
+    }
+
+    #[test]
+    fn io_lanes_default_to_one_thread_per_core_and_64_lanes() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!((s.io_threads, s.max_io_lanes), (std::thread::available_parallelism().unwrap().get(), 64));
+        let s = load(&format!("{MINIMAL}\n[server]\nio_threads = 3\nmax_io_lanes = 1\n"), &[]).unwrap();
+        assert_eq!((s.io_threads, s.max_io_lanes), (3, 1));
+        let err = load(&format!("{MINIMAL}\n[server]\nmax_io_lanes = 0\n"), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `server.max_io_lanes`: 0 is out of range 1..=4096");
+        let err = load(&format!("{MINIMAL}\n[server]\nio_threads = 5000\n"), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `server.io_threads`: 5000 is out of range 0..=1024 (0 = one per core)");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod connection;
 pub mod fsutil;
 pub mod identity;
 pub mod imaging;
+pub mod lanes;
 pub mod loadgen;
 pub mod pki;
 pub mod proto;

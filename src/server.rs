@@ -19,11 +19,7 @@ use std::{
 };
 
 use thiserror::Error;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::task::TaskTracker;
@@ -34,6 +30,7 @@ use crate::{
     config::{AdminSettings, Settings, TlsSettings},
     connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
+    lanes::{IoLanes, LaneTcp, ServeLane},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
     service::{Processor, legacy::LegacyService, v1::V1Service},
@@ -270,8 +267,12 @@ impl Server {
             addrs.join(", "),
         );
 
-        let (conn_tx, conn_rx) = mpsc::channel::<LingeringStream>(64);
         let lingering = TaskTracker::new();
+        let lanes = Arc::new(IoLanes::new(
+            settings.io_threads,
+            settings.max_io_lanes,
+            lane_server(&settings, health_service, reflection, legacy, v1),
+        ));
         let mut admin_task = JoinSet::new();
         if let Some(listener) = admin {
             admin_task.spawn(admin::serve(listener, admin::AdminState { phase: phase.subscribe(), metrics }));
@@ -283,23 +284,24 @@ impl Server {
                 handshake_timeout: settings.tls.handshake_timeout,
                 trust_domain: settings.tls.trust_domain.clone(),
                 idle_timeout: settings.idle_timeout,
-                connections: conn_tx.clone(),
+                lanes: lanes.clone(),
                 lingering: lingering.clone(),
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
-        let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
         // The listeners are bound and their accept loops run: a client that
         // connects now is served.
         phase.send_replace(Phase::Serving);
 
         // The shutdown signal first closes the gRPC listeners (new clients
         // get "connection refused" rather than a connection closed after
-        // the handshake), then flips readiness and health, then lets tonic
-        // drain; `draining` starts the drain deadline.
+        // the handshake), then flips readiness and health, then closes the
+        // lanes, whose routers drain their connections; `draining` starts
+        // the drain deadline.
         let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
         let health_for_shutdown = health.clone();
-        let on_shutdown = async move {
+        let lanes_for_shutdown = lanes.clone();
+        let serve = async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new connections, draining in-flight requests");
             grpc_accept.shutdown().await;
@@ -308,28 +310,14 @@ impl Server {
                 health_for_shutdown.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }
             let _ = draining_tx.send(true);
-            // Held until here: tonic stops at the end of `incoming` without
-            // waiting for this future, which must set `draining` first.
-            drop(conn_tx);
+            for served in lanes_for_shutdown.close() {
+                match served.await {
+                    Ok(result) => result.map_err(ServerError::Transport)?,
+                    Err(e) => tracing::error!(error = %e, "an I/O lane failed"),
+                }
+            }
+            Ok(())
         };
-
-        let router = tonic::transport::Server::builder()
-            .trace_fn(telemetry::traceparent::request_span)
-            .http2_keepalive_interval(settings.http2_keepalive_interval)
-            .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
-            .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(8 * 1024 * 1024))
-            .layer(TrackCallsLayer)
-            .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
-            .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(legacy)
-            .add_service(v1);
-        let serve = router.serve_with_incoming_shutdown(incoming, on_shutdown);
-        tokio::pin!(serve);
-
         let drain_timeout = settings.drain_timeout;
         let deadline = async move {
             while !*draining_rx.borrow_and_update() {
@@ -339,8 +327,9 @@ impl Server {
             }
             tokio::time::sleep(drain_timeout).await;
         };
+        tokio::pin!(serve);
         let result = tokio::select! {
-            result = &mut serve => result.map_err(ServerError::Transport),
+            result = &mut serve => result,
             () = deadline => {
                 tracing::warn!(drain_timeout_secs = drain_timeout.as_secs(), "drain deadline passed: cutting remaining requests short");
                 Ok(())
@@ -351,11 +340,43 @@ impl Server {
         // close, so the last responses reach the clients intact.
         lingering.close();
         let _ = tokio::time::timeout(LINGER + Duration::from_millis(500), lingering.wait()).await;
+        drop(lanes);
         if result.is_ok() {
             tracing::info!("shutdown complete");
         }
         result
     }
+}
+
+/// The gRPC router every I/O lane serves, as a [`ServeLane`].
+#[allow(clippy::too_many_arguments)]
+fn lane_server(
+    settings: &Settings,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    reflection: tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    legacy: NlImageServiceServer<LegacyService>,
+    v1: ImageServiceServer<V1Service>,
+) -> ServeLane<LingeringStream> {
+    let router = tonic::transport::Server::builder()
+        .trace_fn(telemetry::traceparent::request_span)
+        .http2_keepalive_interval(settings.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(settings.max_concurrent_streams))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .layer(TrackCallsLayer)
+        .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
+        .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(legacy)
+        .add_service(v1);
+    Arc::new(move |incoming| {
+        let incoming = ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
+        // The end of `incoming` (the lane closed) starts tonic's graceful
+        // drain; the signal itself never fires.
+        Box::pin(router.clone().serve_with_incoming_shutdown(incoming, std::future::pending::<()>()))
+    })
 }
 
 /// Applies a new configuration to a running server: all or nothing.
@@ -411,6 +432,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
+    check("server.io_threads", old.io_threads != new.io_threads);
+    check("server.max_io_lanes", old.max_io_lanes != new.max_io_lanes);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
@@ -435,7 +458,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// `server.idle_timeout_secs` (see [`crate::connection`]): its reads then
 /// end as if the client had closed, and hyper closes the connection.
 pub struct LingeringStream {
-    inner: Option<TlsStream<TcpStream>>,
+    inner: Option<TlsStream<LaneTcp>>,
     identity: PeerIdentity,
     lingering: TaskTracker,
     activity: Arc<Activity>,
@@ -443,13 +466,13 @@ pub struct LingeringStream {
 }
 
 impl LingeringStream {
-    fn new(inner: TlsStream<TcpStream>, identity: PeerIdentity, lingering: TaskTracker, idle_timeout: Option<Duration>) -> Self {
+    fn new(inner: TlsStream<LaneTcp>, identity: PeerIdentity, lingering: TaskTracker, idle_timeout: Option<Duration>) -> Self {
         let activity = Activity::new();
         let idle = idle_timeout.map(|timeout| IdleTimer::new(activity.clone(), timeout));
         Self { inner: Some(inner), identity, lingering, activity, idle }
     }
 
-    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<TcpStream>> {
+    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<LaneTcp>> {
         std::pin::Pin::new(self.get_mut().inner.as_mut().expect("present until drop"))
     }
 }
@@ -460,7 +483,7 @@ impl Drop for LingeringStream {
         self.lingering.spawn_on(
             async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let (mut tcp, _) = stream.into_inner();
+                let mut tcp = stream.into_inner().0.into_inner();
                 if tcp.shutdown().await.is_err() {
                     return;
                 }
@@ -549,7 +572,7 @@ struct Accepting {
     handshake_timeout: Duration,
     trust_domain: TrustDomain,
     idle_timeout: Option<Duration>,
-    connections: mpsc::Sender<LingeringStream>,
+    lanes: Arc<IoLanes<LingeringStream>>,
     lingering: TaskTracker,
 }
 
@@ -557,7 +580,7 @@ struct Accepting {
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, connections, lingering } = accepting;
+    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering } = accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -578,13 +601,27 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
         let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
-        let (connections, lingering, trust_domain) = (connections.clone(), lingering.clone(), trust_domain.clone());
+        let (lanes, lingering, trust_domain) = (lanes.clone(), lingering.clone(), trust_domain.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(LaneTcp::new(tcp))).await {
+                Ok(Ok(mut stream)) => {
                     let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
-                    let _ = connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout)).await;
+                    // Served on the tenant's I/O lane (see `crate::lanes`);
+                    // none once shutting down: the connection is dropped.
+                    let lane = match lanes.lane(identity.tenant.as_ref().ok()) {
+                        Ok(Some(lane)) => lane,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::error!(%peer, error = %e, "cannot start an I/O lane: dropping connection");
+                            return;
+                        }
+                    };
+                    if let Err(e) = stream.get_mut().0.rehome(&lane.runtime) {
+                        tracing::warn!(%peer, error = %e, "cannot move the connection to its I/O lane: dropping it");
+                        return;
+                    }
+                    let _ = lane.connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout)).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);
