@@ -3,7 +3,7 @@
 //! 3840×2160 RGB mean-filter requests. Goal: the light tenant's p99 under
 //! flood ≤ 3× its p99 alone.
 //!
-//!     cargo bench --bench tenant_fairness [-- --seconds 10 --flood-concurrency 16]
+//!     cargo bench --bench tenant_fairness [-- --seconds 10 --flood-concurrency 16 --heavy-nice 0]
 //!
 //! Server, load generators and kernels share this machine's cores; the
 //! server runs in-process on 127.0.0.1 with mutual TLS, as in production.
@@ -25,7 +25,22 @@ fn arg(name: &str, default: u64) -> u64 {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: i32) {
+    use rustix::{process, thread};
+    let tid = Some(thread::gettid());
+    if nice > 0 {
+        let current = process::getpriority_process(tid).unwrap();
+        process::setpriority_process(tid, (current + nice).min(19)).unwrap();
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: i32) {}
+
 fn main() {
+    // As the daemon does (src/bin/imgsvc-server.rs).
+    imgsvc::allocator::tune_for_image_buffers();
     let seconds = arg("--seconds", 10);
     let flood_concurrency = arg("--flood-concurrency", 16) as usize;
     let dir = tempfile::tempdir().unwrap();
@@ -54,7 +69,16 @@ fn main() {
     // must not delay the light client's tasks in a shared run queue.
     let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let light_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let heavy_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    // `--heavy-nice N`: the flood's load generator runs N nice steps lower,
+    // taking the CPU left over rather than competing with the server and
+    // the light client for it, as clients on other machines would.
+    let heavy_nice = arg("--heavy-nice", 0) as i32;
+    let heavy_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(move || lower_priority(heavy_nice))
+        .enable_all()
+        .build()
+        .unwrap();
 
     let (port, stop, serving) = server_rt.block_on(async {
         let server = Server::new(settings).unwrap();

@@ -24,6 +24,7 @@
 //! - [`systemd`]: `sd_notify` readiness, reload, stop and watchdog messages.
 
 pub mod admin;
+pub mod allocator;
 pub mod client;
 pub mod codec;
 pub mod config;

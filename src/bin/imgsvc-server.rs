@@ -43,6 +43,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let allocator = imgsvc::allocator::tune_for_image_buffers();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -59,7 +60,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("imgsvc-io").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("imgsvc-accept").build() {
         Ok(rt) => rt,
         Err(e) => return fail(1, anyhow::Error::new(e).context("cannot start the async runtime")),
     };
@@ -74,6 +75,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
     };
+    tracing::debug!(?allocator, "malloc tuned for image buffers (see src/allocator.rs)");
     if args.config.is_none() {
         tracing::warn!("no --config given: running the embedded development config (never use it in production)");
     }
