@@ -1,5 +1,6 @@
 //! Multi-tenancy through the real server: each refusal with its status and
-//! message in both APIs, limits held open, reloads, and revocation.
+//! message in both APIs, limits held open, reloads, revocation, and each
+//! tenant's connections on an I/O lane of its own.
 
 mod common;
 
@@ -361,4 +362,47 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
 
     send_signal(child.id(), "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Names of the server process's threads (Linux: /proc/PID/task/*/comm).
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn rotate_as(server: &ServerProcess, pki: &Pki, tenant: &str) {
+    let channel = imgsvc::client::connect(&target_of(server.addr), &pki.credentials(tenant)).await.unwrap();
+    let request = NlImageRotateRequest { rotation: 1, image: Some(gray(3, 2)) };
+    let rotated = NlImageServiceClient::new(channel).rotate_image(request).await.unwrap().into_inner();
+    assert_eq!((rotated.width, rotated.height), (2, 3), "{tenant}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_is_served_on_an_io_lane_of_its_own() {
+    let pki = Pki::new(&["lane-a", "lane-b"]);
+    let server = ServerProcess::spawn_with(&pki, "", &[("IMGSVC_SERVER__IO_THREADS", "1")]);
+    assert!(!thread_names(server.pid()).iter().any(|n| n.starts_with("imgsvc-io-")), "lanes start with a tenant's first connection");
+    rotate_as(&server, &pki, "lane-a").await;
+    rotate_as(&server, &pki, "lane-b").await;
+    rotate_as(&server, &pki, "lane-a").await; // a's second connection: a's lane again
+    assert_eq!(metric(&scrape(server.admin_addr), "imgsvc_io_lanes", &[]), Some(2.0));
+    let lanes: Vec<String> = thread_names(server.pid()).into_iter().filter(|n| n.starts_with("imgsvc-io-")).collect();
+    assert_eq!(lanes, ["imgsvc-io-0", "imgsvc-io-1"], "one thread per lane (server.io_threads = 1)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_io_lanes_one_serves_every_tenant_on_one_shared_lane() {
+    let pki = Pki::new(&["shared-a", "shared-b"]);
+    let env = [("IMGSVC_SERVER__IO_THREADS", "1"), ("IMGSVC_SERVER__MAX_IO_LANES", "1")];
+    let server = ServerProcess::spawn_with(&pki, "", &env);
+    rotate_as(&server, &pki, "shared-a").await;
+    rotate_as(&server, &pki, "shared-b").await;
+    assert_eq!(metric(&scrape(server.admin_addr), "imgsvc_io_lanes", &[]), Some(1.0));
+    let lanes: Vec<String> = thread_names(server.pid()).into_iter().filter(|n| n.starts_with("imgsvc-io-")).collect();
+    assert_eq!(lanes, ["imgsvc-io-0"]);
 }
