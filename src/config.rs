@@ -119,6 +119,9 @@ pub struct RawTenantLimits {
     pub enabled: Option<bool>,
 }
 
+/// `server.io_threads = 0` means one per core, but at most this many.
+pub const DEFAULT_MAX_IO_THREADS: usize = 8;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
@@ -282,7 +285,7 @@ pub struct Settings {
     /// A connection with no open call for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
     /// Threads of each tenant's I/O lane (see `crate::lanes`); resolved
-    /// from 0 to the number of cores.
+    /// from 0 to the number of cores, at most [`DEFAULT_MAX_IO_THREADS`].
     pub io_threads: usize,
     /// Lanes at most; tenants beyond share one.
     pub max_io_lanes: usize,
@@ -399,13 +402,18 @@ impl Settings {
             ));
         }
         if raw.server.io_threads > 1024 {
-            return Err(invalid("server.io_threads", format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.io_threads)));
+            return Err(invalid(
+                "server.io_threads",
+                format!("{} is out of range 0..=1024 (0 = one per core, at most 8)", raw.server.io_threads),
+            ));
         }
         if !(1..=4096).contains(&raw.server.max_io_lanes) {
             return Err(invalid("server.max_io_lanes", format!("{} is out of range 1..=4096", raw.server.max_io_lanes)));
         }
+        // Each tenant's lane gets these threads: bounded by default so that
+        // many tenants on a many-core machine do not mean thousands of threads.
         let io_threads = match raw.server.io_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(DEFAULT_MAX_IO_THREADS),
             n => n,
         };
         let worker_threads = match raw.server.worker_threads {
@@ -898,15 +906,16 @@ mod tests {
     }
 
     #[test]
-    fn io_lanes_default_to_one_thread_per_core_and_64_lanes() {
+    fn io_lanes_default_to_one_thread_per_core_up_to_8_and_64_lanes() {
         let s = load(MINIMAL, &[]).unwrap();
-        assert_eq!((s.io_threads, s.max_io_lanes), (std::thread::available_parallelism().unwrap().get(), 64));
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!((s.io_threads, s.max_io_lanes), (cores.min(DEFAULT_MAX_IO_THREADS), 64));
         let s = load(&format!("{MINIMAL}\n[server]\nio_threads = 3\nmax_io_lanes = 1\n"), &[]).unwrap();
         assert_eq!((s.io_threads, s.max_io_lanes), (3, 1));
         let err = load(&format!("{MINIMAL}\n[server]\nmax_io_lanes = 0\n"), &[]).unwrap_err().to_string();
         assert_eq!(err, "config test.toml: key `server.max_io_lanes`: 0 is out of range 1..=4096");
         let err = load(&format!("{MINIMAL}\n[server]\nio_threads = 5000\n"), &[]).unwrap_err().to_string();
-        assert_eq!(err, "config test.toml: key `server.io_threads`: 5000 is out of range 0..=1024 (0 = one per core)");
+        assert_eq!(err, "config test.toml: key `server.io_threads`: 5000 is out of range 0..=1024 (0 = one per core, at most 8)");
     }
 
     #[test]
