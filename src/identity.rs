@@ -105,10 +105,10 @@ pub fn tenant_from_cert(der: &[u8], trust_domain: &TrustDomain) -> Result<Tenant
         let GeneralName::URI(uri) = name else { continue };
         if let Some(tenant) = uri.strip_prefix(&prefix) {
             let tenant = TenantId::parse(tenant)?;
-            if let Some(first) = &found {
-                if *first != tenant {
-                    return Err(IdentityError::Ambiguous { first: first.to_string(), second: tenant.to_string() });
-                }
+            if let Some(first) = &found
+                && *first != tenant
+            {
+                return Err(IdentityError::Ambiguous { first: first.to_string(), second: tenant.to_string() });
             }
             found = Some(tenant);
         } else if uri.starts_with("spiffe://") {

@@ -3,7 +3,9 @@
 //! [`Server::new`] does everything that can fail because of config (dev
 //! certificates, TLS files, the worker pool) without binding a port, so a
 //! bad config exits before anything listens. [`bind`] resolves the host and
-//! binds every address it names. [`Server::serve`] runs until `shutdown`
+//! binds every address it names. [`Server::serve`] accepts connections and
+//! runs their TLS handshakes, then hands each one to its tenant's I/O lane
+//! ([`crate::lanes`]), until `shutdown`
 //! completes, then: health NOT_SERVING → stop accepting → drain in-flight
 //! requests within `drain_timeout` → return (warning if the drain was cut
 //! short). [`Server::phase`] follows that life cycle for readiness
@@ -349,7 +351,6 @@ impl Server {
 }
 
 /// The gRPC router every I/O lane serves, as a [`ServeLane`].
-#[allow(clippy::too_many_arguments)]
 fn lane_server(
     settings: &Settings,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
@@ -508,10 +509,10 @@ impl tokio::io::AsyncRead for LingeringStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(idle) = self.idle.as_mut() {
-            if idle.poll_expired(cx).is_ready() {
-                return std::task::Poll::Ready(Ok(())); // end of stream: hyper closes the connection
-            }
+        if let Some(idle) = self.idle.as_mut()
+            && idle.poll_expired(cx).is_ready()
+        {
+            return std::task::Poll::Ready(Ok(())); // end of stream: hyper closes the connection
         }
         self.stream().poll_read(cx, buf)
     }

@@ -378,7 +378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("a.png");
         touch(&input);
-        let plan = plan(&[input.clone()], &dir.path().join("b.webp"), None).unwrap();
+        let plan = plan(std::slice::from_ref(&input), &dir.path().join("b.webp"), None).unwrap();
         assert!(plan.single);
         assert_eq!(plan.jobs, [Job { input, output: dir.path().join("b.webp"), encoding: Encoding::WebP }]);
     }
@@ -391,7 +391,7 @@ mod tests {
             touch(&src.join(f));
         }
         let out = dir.path().join("out");
-        let kept = plan(&[src.clone()], &out, None).unwrap();
+        let kept = plan(std::slice::from_ref(&src), &out, None).unwrap();
         assert!(!kept.single);
         let got: Vec<_> = kept.jobs.iter().map(|j| (j.output.strip_prefix(&out).unwrap().to_path_buf(), j.encoding)).collect();
         assert_eq!(
