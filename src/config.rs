@@ -368,48 +368,19 @@ impl Settings {
         if raw.server.host.trim().is_empty() {
             return Err(invalid("server.host", "must not be empty (use 0.0.0.0 or :: for all interfaces)".into()));
         }
-        if raw.server.worker_threads > 1024 {
-            return Err(invalid(
-                "server.worker_threads",
-                format!("{} is out of range 0..=1024 (0 = one per core)", raw.server.worker_threads),
-            ));
-        }
-        if raw.server.http2_keepalive_interval_secs > 86_400 {
-            return Err(invalid(
-                "server.http2_keepalive_interval_secs",
-                format!("{} is out of range 0..=86400 (0 = no pings)", raw.server.http2_keepalive_interval_secs),
-            ));
-        }
-        if !(1..=3600).contains(&raw.server.http2_keepalive_timeout_secs) {
-            return Err(invalid(
-                "server.http2_keepalive_timeout_secs",
-                format!("{} is out of range 1..=3600", raw.server.http2_keepalive_timeout_secs),
-            ));
-        }
-        if !(1..=100_000).contains(&raw.server.max_concurrent_streams) {
-            return Err(invalid(
-                "server.max_concurrent_streams",
-                format!("{} is out of range 1..=100000", raw.server.max_concurrent_streams),
-            ));
-        }
-        if !(0..=19).contains(&raw.server.worker_nice) {
-            return Err(invalid("server.worker_nice", format!("{} is out of range 0..=19", raw.server.worker_nice)));
-        }
-        if raw.server.idle_timeout_secs > 86_400 {
-            return Err(invalid(
-                "server.idle_timeout_secs",
-                format!("{} is out of range 0..=86400 (0 = never)", raw.server.idle_timeout_secs),
-            ));
-        }
-        if raw.server.io_threads > 1024 {
-            return Err(invalid(
-                "server.io_threads",
-                format!("{} is out of range 0..=1024 (0 = one per core, at most 8)", raw.server.io_threads),
-            ));
-        }
-        if !(1..=4096).contains(&raw.server.max_io_lanes) {
-            return Err(invalid("server.max_io_lanes", format!("{} is out of range 1..=4096", raw.server.max_io_lanes)));
-        }
+        // "N is out of range A..=B (note)" for an integer key outside its range.
+        let in_range = |key: &str, value: i128, range: std::ops::RangeInclusive<i128>, note: &str| {
+            if range.contains(&value) { Ok(()) } else { Err(invalid(key, format!("{value} is out of range {range:?}{note}"))) }
+        };
+        let server = &raw.server;
+        in_range("server.worker_threads", server.worker_threads as i128, 0..=1024, " (0 = one per core)")?;
+        in_range("server.http2_keepalive_interval_secs", server.http2_keepalive_interval_secs.into(), 0..=86_400, " (0 = no pings)")?;
+        in_range("server.http2_keepalive_timeout_secs", server.http2_keepalive_timeout_secs.into(), 1..=3600, "")?;
+        in_range("server.max_concurrent_streams", server.max_concurrent_streams.into(), 1..=100_000, "")?;
+        in_range("server.worker_nice", server.worker_nice.into(), 0..=19, "")?;
+        in_range("server.idle_timeout_secs", server.idle_timeout_secs.into(), 0..=86_400, " (0 = never)")?;
+        in_range("server.io_threads", server.io_threads as i128, 0..=1024, " (0 = one per core, at most 8)")?;
+        in_range("server.max_io_lanes", server.max_io_lanes as i128, 1..=4096, "")?;
         // Each tenant's lane gets these threads: bounded by default so that
         // many tenants on a many-core machine do not mean thousands of threads.
         let io_threads = match raw.server.io_threads {
@@ -420,9 +391,7 @@ impl Settings {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        if raw.server.drain_timeout_secs > 3600 {
-            return Err(invalid("server.drain_timeout_secs", format!("{} is out of range 0..=3600", raw.server.drain_timeout_secs)));
-        }
+        in_range("server.drain_timeout_secs", raw.server.drain_timeout_secs.into(), 0..=3600, "")?;
         for (key, path) in [("tls.cert", &raw.tls.cert), ("tls.key", &raw.tls.key), ("tls.client_ca", &raw.tls.client_ca)] {
             if path.as_os_str().is_empty() {
                 return Err(invalid(key, "is required: the server serves mutual TLS only".into()));
@@ -839,6 +808,26 @@ mod tests {
         for (extra, key, problem) in cases {
             let err = load(&format!("{MINIMAL}\n{extra}\n"), &[]).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(problem), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn server_keys_out_of_range_say_the_value_the_range_and_what_zero_means() {
+        let cases = [
+            ("worker_threads = 1025", "server.worker_threads", "1025 is out of range 0..=1024 (0 = one per core)"),
+            ("drain_timeout_secs = 3601", "server.drain_timeout_secs", "3601 is out of range 0..=3600"),
+            (
+                "http2_keepalive_interval_secs = 86401",
+                "server.http2_keepalive_interval_secs",
+                "86401 is out of range 0..=86400 (0 = no pings)",
+            ),
+            ("http2_keepalive_timeout_secs = 0", "server.http2_keepalive_timeout_secs", "0 is out of range 1..=3600"),
+            ("max_concurrent_streams = 0", "server.max_concurrent_streams", "0 is out of range 1..=100000"),
+            ("worker_nice = -1", "server.worker_nice", "-1 is out of range 0..=19"),
+        ];
+        for (line, key, problem) in cases {
+            let err = load(&format!("{MINIMAL}\n[server]\n{line}\n"), &[]).unwrap_err().to_string();
+            assert_eq!(err, format!("config test.toml: key `{key}`: {problem}"), "{line}");
         }
     }
 
