@@ -351,6 +351,32 @@ fn large_streaming_rotations_match_reference() {
     }
 }
 
+/// Mean-filter outputs of 16 MiB or more with rows a multiple of 64 bytes
+/// take the streaming-store strips, which start at the first cache-line
+/// boundary of the output: check them wherever the output buffer starts
+/// relative to a line (and to the source), on every path, single and
+/// parallel.
+#[test]
+fn large_streaming_mean_filter_matches_reference_at_every_alignment() {
+    for (w, h, c) in [(4096usize, 4097usize, 1usize), (2048, 4097, 2), (2048, 2731, 3), (1024, 4097, 4)] {
+        let l = layout(w, h, c);
+        assert!(l.samples() >= 16 << 20 && (w * c) % 64 == 0);
+        let src: Vec<u8> = noise(l.samples(), (w * c) as u64);
+        let want = reference::mean_filter(&src, l);
+        let mut buf = vec![0u8; l.samples() + 64];
+        for offset in [0, 1, 2, 3, 4, 5, 17, 63] {
+            for path in available_paths() {
+                for par in [Parallelism::Single, Parallelism::Auto] {
+                    let dst = &mut buf[offset..offset + l.samples()];
+                    dst.fill(0);
+                    mean_filter_into_using(path, &src, l, dst, par).unwrap();
+                    assert!(*dst == want[..], "{l:?} offset {offset} {path:?} {par:?}");
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Errors.
 
