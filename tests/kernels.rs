@@ -351,6 +351,42 @@ fn large_streaming_rotations_match_reference() {
     }
 }
 
+/// The 90°/270° SIMD kernels start at the output row that makes their
+/// source loads 32-byte aligned and cover the rows before it (and after the
+/// last whole group) with overlapping groups: check every source alignment,
+/// on sizes whose source rows are a multiple of 32 bytes, and odd ones.
+#[test]
+fn quarter_turns_match_reference_at_every_source_alignment() {
+    let sizes = [
+        (96usize, 70usize, 1usize),
+        (64, 33, 1),
+        (160, 17, 2),
+        (48, 40, 4),
+        (40, 9, 4),
+        (24, 70, 2),
+        (99, 35, 1),
+        (64, 64, 3),
+        (1024, 67, 1),
+    ];
+    for (w, h, c) in sizes {
+        let l = layout(w, h, c);
+        let noise: Vec<u8> = noise(l.samples() + 64, (w * h * c) as u64);
+        for offset in 0..32 {
+            let src = &noise[offset..offset + l.samples()];
+            for t in [QuarterTurns::One, QuarterTurns::Three] {
+                let want = reference::rotate(src, l, t);
+                for path in available_paths() {
+                    for par in [Parallelism::Single, Parallelism::Auto] {
+                        let mut dst = vec![0u8; l.samples()];
+                        rotate_into_using(path, src, l, t, &mut dst, par).unwrap();
+                        assert!(dst == want, "{l:?} source offset {offset} {t:?} {path:?} {par:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Mean-filter outputs of 16 MiB or more with rows a multiple of 64 bytes
 /// take the streaming-store strips, which start at the first cache-line
 /// boundary of the output: check them wherever the output buffer starts

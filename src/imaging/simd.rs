@@ -440,11 +440,11 @@ mod x86 {
             }
             ct = ct_end;
         }
-        transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
+        transpose_fringes::<B>(src, w, h, ccw90, dst, row0, 0..full_rows, cs..ce);
     }
 
     /// The portable part of a SIMD 90°/270° band: everything outside output
-    /// rows `0..simd_rows` x output columns `simd_cols`.
+    /// rows `simd_rows` x output columns `simd_cols`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn transpose_fringes<const B: usize>(
@@ -454,15 +454,16 @@ mod x86 {
         ccw90: bool,
         dst: &mut [u8],
         row0: usize,
-        simd_rows: usize,
+        simd_rows: std::ops::Range<usize>,
         simd_cols: std::ops::Range<usize>,
     ) {
         let rows = dst.len() / (h * B);
         let (s, _) = src.as_chunks::<B>();
         let (d, _) = dst.as_chunks_mut::<B>();
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, 0..simd_cols.start);
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows, simd_cols.end..h);
-        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows..rows, 0..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows.start, 0..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows.clone(), 0..simd_cols.start);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows.clone(), simd_cols.end..h);
+        rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows.end..rows, 0..h);
     }
 
     /// Rotation band on an AVX-512BW CPU: as [`rotate_band`], with 512-bit
@@ -557,7 +558,7 @@ mod x86 {
 
     /// Defines a 90°/270° band kernel with `$lanes` K x K blocks per SIMD
     /// step (`$block`, compiled with `$features`): SIMD over output rows
-    /// `0..full_rows` (multiple of `$lanes * K`) and output columns `cs..ce`,
+    /// `0..rows` (in groups of `$lanes * K`, see there) and output columns `cs..ce`,
     /// portable code for the fringes.
     macro_rules! transpose_simd {
         ($name:ident, $features:literal, $lanes:literal, $block:ident) => {
@@ -577,7 +578,19 @@ mod x86 {
                 let k = if B == 3 { 4 } else { 16 / B };
                 // Invariants every block address below relies on.
                 assert!(src.len() == w * h * B && dst.len() == rows * h * B && row0 + rows <= w);
-                let full_rows = rows / (L * k) * (L * k);
+                // SIMD groups of L*k output rows from first_row on, plus
+                // one group at each end overlapping them to cover the rest
+                // (its outputs are written twice, with the same values).
+                // Output rows are source columns: starting a few rows in
+                // makes every 32-byte source load line-aligned when the
+                // source rows are (a load split across two lines costs ~15%
+                // at 4K GRAY8).
+                let step = L * k;
+                let first_row = aligned_first_row::<B>(src.as_ptr(), w, ccw90, row0, rows, step);
+                let full_rows = first_row + (rows - first_row) / step * step;
+                let lead = (first_row > 0).then_some(0);
+                let tail = (full_rows < rows && rows >= step).then(|| rows - step);
+                let simd_rows = if rows >= step { 0..rows } else { 0..0 };
                 // SIMD output columns cs..ce. For B = 3 the 16-byte stores
                 // write 4 bytes past each block (overwritten by the next block
                 // of the row, or by the portable fringe: ce + 2 <= h keeps them
@@ -604,8 +617,7 @@ mod x86 {
                 let mut ct = cs;
                 while ct < ce {
                     let ct_end = (ct + tc).min(ce);
-                    let mut g = 0;
-                    while g < full_rows {
+                    for g in lead.into_iter().chain((first_row..full_rows).step_by(step)).chain(tail) {
                         let yo = row0 + g;
                         let mut c = ct;
                         while c < ct_end {
@@ -621,7 +633,7 @@ mod x86 {
                                 // SAFETY: reads source rows c..c+k, bytes
                                 // x0*B..(x0+L*k)*B (B = 3: +4 more, inside the
                                 // next source row since c+k <= h-2); writes
-                                // output rows g..g+L*k (<= full_rows <= rows),
+                                // output rows g..g+L*k <= rows,
                                 // bytes c*B..c*B+16 <= h*B (B = 3: ce+2 <= h).
                                 // src and dst are distinct slices. NT: row
                                 // starts and c*B are multiples of 16 on an
@@ -638,14 +650,30 @@ mod x86 {
                             }
                             c += k;
                         }
-                        g += L * k;
                     }
                     ct = ct_end;
                 }
                 // Fringes, after the SIMD part (B = 3 relies on this order).
-                transpose_fringes::<B>(src, w, h, ccw90, dst, row0, full_rows, cs..ce);
+                transpose_fringes::<B>(src, w, h, ccw90, dst, row0, simd_rows, cs..ce);
             }
         };
+    }
+
+    /// The first band-relative output row (< `step`, and 0 when no such row
+    /// exists or the band is shorter) from which the `step`-pixel groups of
+    /// source columns that [`transpose_simd`] loads start on a 32-byte
+    /// boundary in every source row. Output row `g` of the band is source
+    /// column `w - 1 - (row0 + g)` (90°) or `row0 + g` (270°).
+    fn aligned_first_row<const B: usize>(sp: *const u8, w: usize, ccw90: bool, row0: usize, rows: usize, step: usize) -> usize {
+        if B == 3 || !(w * B).is_multiple_of(32) || rows < 2 * step {
+            return 0;
+        }
+        // Byte address (mod 32) of the first group's first source column
+        // when starting at output row 0.
+        let start = if ccw90 { sp as usize + (w - row0 - step) * B } else { sp as usize + row0 * B };
+        // Starting g rows later moves it by -g*B (90°) or +g*B (270°).
+        let shift = if ccw90 { start % 32 } else { (32 - start % 32) % 32 };
+        if shift.is_multiple_of(B) && shift / B < step { shift / B } else { 0 }
     }
 
     transpose_simd!(transpose_simd, "avx2", 2, block2);
