@@ -329,6 +329,29 @@ fn parallel_equals_single_equals_reference() {
     par_check::<u8>(layout(1100, 1000, 4), 8);
 }
 
+/// Parallel 90°/270° bands start where the SIMD groups are line-aligned for
+/// the source at hand: check the split at many source alignments.
+#[test]
+fn parallel_bands_match_reference_at_every_source_alignment() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    let l = layout(2112, 1000, 1);
+    assert!(l.pixels() >= PARALLEL_MIN_PIXELS);
+    let noise: Vec<u8> = noise(l.samples() + 64, 11);
+    pool.install(|| {
+        for offset in (0..64).step_by(5) {
+            let src = &noise[offset..offset + l.samples()];
+            for t in [QuarterTurns::One, QuarterTurns::Three] {
+                let want = reference::rotate(src, l, t);
+                for path in available_paths() {
+                    let mut dst = vec![0u8; l.samples()];
+                    rotate_into_using(path, src, l, t, &mut dst, Parallelism::Auto).unwrap();
+                    assert!(dst == want, "source offset {offset} {t:?} {path:?}");
+                }
+            }
+        }
+    });
+}
+
 /// Outputs of 16 MiB or more with 16-byte aligned output rows take the
 /// streaming-store transpose: check it on every path, single and parallel.
 #[test]

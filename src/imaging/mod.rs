@@ -120,12 +120,14 @@ fn check_src<T>(src: &[T], layout: Layout) -> Result<(), ImagingError> {
 /// Splits `dst` (`rows` rows of `row_len` samples) into bands of whole rows
 /// and calls `f(first_row, band)` for each, in parallel on the current rayon
 /// pool when `parallel`, else once for the whole buffer on this thread.
-/// Band heights are multiples of `row_align` (except the last).
+/// Band heights are multiples of `row_align` (except the last), and every
+/// band but the first starts `anchor` rows past such a multiple (the first
+/// is longer by `anchor`).
 fn for_each_band<T: Send>(
     dst: &mut [T],
     row_len: usize,
     rows: usize,
-    row_align: usize,
+    (row_align, anchor): (usize, usize),
     parallel: bool,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) {
@@ -137,7 +139,12 @@ fn for_each_band<T: Send>(
     // A few bands per thread so work stealing can even out a noisy core.
     let bands = threads * 4;
     let band_rows = rows.div_ceil(bands).next_multiple_of(row_align.max(1));
-    dst.par_chunks_mut(band_rows * row_len).enumerate().for_each(|(i, band)| f(i * band_rows, band));
+    let first = (anchor + band_rows).min(rows);
+    let (head, rest) = dst.split_at_mut(first * row_len);
+    rayon::join(
+        || f(0, head),
+        || rest.par_chunks_mut(band_rows * row_len).enumerate().for_each(|(i, band)| f(first + i * band_rows, band)),
+    );
 }
 
 fn wants_parallel(layout: Layout, par: Parallelism) -> bool {
@@ -191,7 +198,10 @@ pub fn rotate_into_using<T: Sample>(
     let dst_b = simd::as_bytes_mut(dst);
     let px = layout.channels() * size_of::<T>();
     let (w, h) = (layout.width(), layout.height());
-    for_each_band(dst_b, out.width() * px, out.height(), rotate::BAND_ROW_ALIGN, wants_parallel(layout, par), |row0, band| {
+    // Bands start where the SIMD groups are line-aligned, so each band has
+    // no extra overlapping group at its start.
+    let anchor = simd::rotate_band_anchor(path, px, src_b, w, h, turns) % rotate::BAND_ROW_ALIGN;
+    for_each_band(dst_b, out.width() * px, out.height(), (rotate::BAND_ROW_ALIGN, anchor), wants_parallel(layout, par), |row0, band| {
         simd::rotate_band(path, px, src_b, w, h, turns, band, row0)
     });
     Ok(())
@@ -228,7 +238,7 @@ pub fn mean_filter_into_using<T: Sample>(
 ) -> Result<(), ImagingError> {
     check_lengths(src, layout, dst)?;
     path.check()?;
-    for_each_band(dst, layout.row_samples(), layout.height(), 1, wants_parallel(layout, par), |row0, band| {
+    for_each_band(dst, layout.row_samples(), layout.height(), (1, 0), wants_parallel(layout, par), |row0, band| {
         simd::mean_band(path, src, layout, band, row0)
     });
     Ok(())

@@ -135,6 +135,20 @@ pub(super) fn rotate_band(path: KernelPath, px: usize, src: &[u8], w: usize, h: 
     }
 }
 
+/// The output row at which [`rotate_band`]'s 90°/270° SIMD groups start
+/// line-aligned when a band starts at row 0 (0 when nothing aligns): bands
+/// that start this many rows (plus a multiple of 64) in need no extra
+/// overlapping group at their start.
+pub(super) fn rotate_band_anchor(path: KernelPath, px: usize, src: &[u8], w: usize, h: usize, turns: QuarterTurns) -> usize {
+    match (path, turns) {
+        #[cfg(target_arch = "x86_64")]
+        (KernelPath::Avx2 | KernelPath::Avx512, QuarterTurns::One | QuarterTurns::Three) => {
+            x86::transpose_anchor(path == KernelPath::Avx512, px, src, w, h, turns == QuarterTurns::One)
+        }
+        _ => 0,
+    }
+}
+
 fn rotate_portable<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
     let (src, _) = src.as_chunks::<B>();
     let (dst, _) = dst.as_chunks_mut::<B>();
@@ -495,6 +509,21 @@ mod x86 {
             }
         } else {
             rotate_band::<B>(src, w, h, turns, dst, row0)
+        }
+    }
+
+    /// See `super::rotate_band_anchor`: the first row of the SIMD groups
+    /// of a band starting at row 0, for the kernel `rotate_band` (AVX2) or
+    /// `rotate_band512` (`wide`) picks for `px`-byte pixels.
+    pub(super) fn transpose_anchor(wide: bool, px: usize, src: &[u8], w: usize, h: usize, ccw90: bool) -> usize {
+        let sp = src.as_ptr();
+        match px {
+            1 if wide && !aliasing_rows(h) => aligned_first_row::<1>(sp, w, ccw90, 0, w, 64),
+            1 => aligned_first_row::<1>(sp, w, ccw90, 0, w, 32),
+            2 => aligned_first_row::<2>(sp, w, ccw90, 0, w, 16),
+            4 => aligned_first_row::<4>(sp, w, ccw90, 0, w, 8),
+            8 => aligned_first_row::<8>(sp, w, ccw90, 0, w, 4),
+            _ => 0,
         }
     }
 
