@@ -266,7 +266,7 @@ mod x86 {
     /// overwrite later.
     ///
     /// # Safety
-    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +28`), and
+    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +24`), and
     /// `d0 + j*ds .. +16`, `d1 + j*ds .. +16` writable, not overlapping the
     /// source; with `NT`, every destination address 16-byte aligned.
     #[target_feature(enable = "avx2")]
@@ -304,37 +304,25 @@ mod x86 {
     /// narrowed again after.
     ///
     /// # Safety
-    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +28`).
+    /// For every `i < K`: `s + i*ss .. +32` readable (B = 3: `.. +24`).
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn transpose2<const B: usize>(s: *const u8, ss: isize) -> [__m256i; 16] {
         const EXPAND3: [i8; 16] = [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1];
+        const EXPAND3_HI: [i8; 16] = [4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1];
         const SHRINK3: [i8; 16] = [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1];
         let k = if B == 3 { 4 } else { 16 / B };
         let mut r = [_mm256_setzero_si256(); 16];
         for (i, v) in r.iter_mut().enumerate().take(k) {
             let p = s.wrapping_offset(i as isize * ss);
             if B == 3 {
-                // SAFETY: bytes p..p+16 and p+12..p+28 are readable (caller contract).
-                let (lo, hi) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(12).cast())) };
-                let m = _mm256_broadcastsi128_si256(_mm_setr_epi8(
-                    EXPAND3[0],
-                    EXPAND3[1],
-                    EXPAND3[2],
-                    EXPAND3[3],
-                    EXPAND3[4],
-                    EXPAND3[5],
-                    EXPAND3[6],
-                    EXPAND3[7],
-                    EXPAND3[8],
-                    EXPAND3[9],
-                    EXPAND3[10],
-                    EXPAND3[11],
-                    EXPAND3[12],
-                    EXPAND3[13],
-                    EXPAND3[14],
-                    EXPAND3[15],
-                ));
+                // Lane 0 widens pixels 0..4 of the 8 (bytes 0..12 of the low
+                // load), lane 1 pixels 4..8 (bytes 4..16 of the high load at
+                // +8): the 24 bytes of the 8 pixels, nothing past them.
+                // SAFETY: bytes p..p+16 and p+8..p+24 are readable (caller contract).
+                let (lo, hi) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(8).cast())) };
+                // SAFETY: the masks are 16-byte arrays read in full.
+                let m = unsafe { _mm256_set_m128i(_mm_loadu_si128(EXPAND3_HI.as_ptr().cast()), _mm_loadu_si128(EXPAND3.as_ptr().cast())) };
                 *v = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), m);
             } else {
                 // SAFETY: bytes p..p+32 are readable (caller contract).
@@ -390,10 +378,9 @@ mod x86 {
     /// [`transpose2`] results (16 source rows) are joined into 48 bytes =
     /// three aligned 16-byte vectors per output row, so no store overlaps
     /// another (the plain kernel's 12-byte pieces cannot stream). Needs
-    /// 16-byte aligned rows (`stream`); SIMD over output columns
-    /// `cs..ce` (multiples of 16, leaving out the last source row, which the
-    /// 4-byte over-reads must not pass) and rows `0..full_rows`, portable
-    /// code for the fringes.
+    /// 16-byte aligned rows (`stream`); SIMD over output columns `0..ce`
+    /// (a multiple of 16) and rows `0..full_rows`, portable code for the
+    /// fringes.
     #[target_feature(enable = "avx2")]
     fn transpose_rgb_stream(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
         const B: usize = 3;
@@ -401,8 +388,7 @@ mod x86 {
         // Invariants every block address below relies on.
         assert!(src.len() == w * h * B && dst.len() == rows * h * B && row0 + rows <= w);
         let full_rows = rows / 8 * 8;
-        let cs = if ccw90 { 0 } else { 16 };
-        let ce = cs + h.saturating_sub(1 + cs) / 16 * 16;
+        let (cs, ce) = (0, h / 16 * 16);
         let ss = (w * B) as isize;
         let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
         let mut ct = cs;
@@ -412,8 +398,8 @@ mod x86 {
                 let yo = row0 + g;
                 for c in (ct..ct_end).step_by(16) {
                     // As in `transpose_simd` (B = 3, k = 4, two lanes), for
-                    // output columns c..c+16: source rows c..c+16 (90°, at
-                    // most h-2) or h-1-c down to h-c-16 (270°, c >= 16).
+                    // output columns c..c+16: source rows c..c+16 (90°) or
+                    // h-1-c down to h-c-16 (270°), c + 16 <= h.
                     let (x0, s0, sstep) = if ccw90 { (w - yo - 8, c, ss) } else { (yo, h - 1 - c, -ss) };
                     // Lane 0 is source column x0 + j, lane 1 x0 + 4 + j:
                     // 90°: output rows g+7-j and g+3-j; 270°: g+j, g+4+j.
@@ -425,9 +411,7 @@ mod x86 {
                     let piece = |b: usize| {
                         let row = s0 as isize + (4 * b) as isize * sstep.signum();
                         // SAFETY: reads 4 source rows (of the 16 above),
-                        // bytes x0*B .. x0*B + 28 = (x0+8)*B + 4: the 4
-                        // extra bytes are in the next source row, which
-                        // exists as no row read is the last one.
+                        // bytes x0*B .. (x0+8)*B <= w*B.
                         let q = unsafe { transpose2::<B>(sp.offset(row * ss + (x0 * B) as isize), sstep) };
                         [q[0], q[1], q[2], q[3]]
                     };
@@ -649,17 +633,8 @@ mod x86 {
                 // SIMD output columns cs..ce. For B = 3 the 16-byte stores
                 // write 4 bytes past each block (overwritten by the next block
                 // of the row, or by the portable fringe: ce + 2 <= h keeps them
-                // inside the row), and the loads read up to 4 bytes past the
-                // block's last source pixel, which stays inside `src` as long
-                // as the last source row is left out (90°: output column h-1;
-                // 270°: output column 0).
-                let (cs, ce) = if B == 3 {
-                    let cs = usize::from(!ccw90);
-                    let span = h.saturating_sub(2 + cs);
-                    (cs, cs + span / k * k)
-                } else {
-                    (0, h / k * k)
-                };
+                // inside the row).
+                let (cs, ce) = if B == 3 { (0, h.saturating_sub(2) / k * k) } else { (0, h / k * k) };
                 let (ss, ds) = ((w * B) as isize, (h * B) as isize);
                 let sp = src.as_ptr();
                 let dp = dst.as_mut_ptr();
@@ -690,9 +665,8 @@ mod x86 {
                                 // rows from g+L*k-1-l*k downwards.
                                 let x0 = w - yo - L * k;
                                 let d: [*mut u8; L] = std::array::from_fn(|l| dp.wrapping_add(((g + L * k - 1 - l * k) * h + c) * B));
-                                // SAFETY: reads source rows c..c+k, bytes
-                                // x0*B..(x0+L*k)*B (B = 3: +4 more, inside the
-                                // next source row since c+k <= h-2); writes
+                                // SAFETY: reads source rows c..c+k <= h, bytes
+                                // x0*B..(x0+L*k)*B; writes
                                 // output rows g..g+L*k <= rows,
                                 // bytes c*B..c*B+16 <= h*B (B = 3: ce+2 <= h).
                                 // src and dst are distinct slices. NT: row
@@ -702,8 +676,7 @@ mod x86 {
                             } else {
                                 // Output rows g..g+L*k are source columns
                                 // yo..yo+L*k <= w; output columns c..c+k are
-                                // source rows h-1-c down to h-c-k >= 0
-                                // (B = 3: c >= 1 so rows <= h-2).
+                                // source rows h-1-c down to h-c-k >= 0.
                                 let d: [*mut u8; L] = std::array::from_fn(|l| dp.wrapping_add(((g + l * k) * h + c) * B));
                                 // SAFETY: as above, with source rows read bottom-up.
                                 unsafe { $block::<B, NT>(sp.add(((h - 1 - c) * w + yo) * B), -ss, d, ds) }
