@@ -3,7 +3,7 @@
 //! destination), `1t` (Parallelism::Single) and `mt` (Parallelism::Auto on
 //! rayon's global pool). All variants write into a preallocated destination.
 //!
-//! Run: `cargo bench --bench kernels` (about 4 minutes). Ratios within a
+//! Run: `cargo bench --bench kernels` (about 2 minutes). Ratios within a
 //! group are what matter on a shared machine. `cargo bench --bench kernels
 //! -- --min-of 200` prints single-thread min-of-200 ratios to memcpy instead
 //! (~20 s), steadier than medians on a busy machine.

@@ -55,11 +55,14 @@
 //!   `pshufb` reversals, and the u8 mean-filter interior in 16-bit lanes with
 //!   a `mulhi` division. Outputs of at least 16 MiB with 16-byte aligned
 //!   rows use streaming (non-temporal) stores for the transpose.
-//! * `Avx512`: the same, with the 180° reversal of 1/2/4/8-byte pixels on
-//!   512-bit vectors, the u8 mean filter as 512-bit column strips that slide
-//!   down the rows keeping the horizontal sums in registers (each source row
-//!   loaded once per strip, a `pmulhrsw` division), and the portable code
-//!   compiled with AVX-512BW enabled.
+//! * `Avx512` (F, BW and VL): the same, with the 180° reversal of
+//!   1/2/4/8-byte pixels on 512-bit vectors, GRAY8 90°/270° as four 16x16
+//!   blocks (a whole 64-byte source line) per step in AVX-512VL's 32
+//!   registers, the u8 mean filter as 512-bit column strips that slide down
+//!   the rows keeping the horizontal sums in registers (each source row
+//!   loaded once per strip, a `pmulhrsw` division; streaming stores for
+//!   outputs of at least 16 MiB), and the portable code compiled with
+//!   AVX-512BW enabled.
 //!
 //! u16 images use the portable mean filter (compiled per path) and the same
 //! byte-level rotation kernels (a u16 pixel is 2 to 8 bytes).

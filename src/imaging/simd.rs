@@ -4,13 +4,16 @@
 //! * [`KernelPath::Portable`]: the plain-Rust kernels compiled for the
 //!   target's baseline (SSE2 on x86_64).
 //! * [`KernelPath::Avx2`] / [`KernelPath::Avx512`] (x86_64 only): the same
-//!   kernels compiled with AVX2 (resp. AVX-512F+BW) enabled through
+//!   kernels compiled with AVX2 (resp. AVX-512F+BW+VL) enabled through
 //!   `#[target_feature]`, plus hand-written kernels (module `x86`):
 //!   256-bit transposes for 90°/270° rotation of 1-, 2-, 3-, 4- and 8-byte
-//!   pixels (streaming stores for outputs >= 16 MiB; RGB joins 4 blocks into
-//!   48-byte rows for that), `pshufb` row reversal for 180° (512-bit for
-//!   1/2/4/8-byte pixels on `Avx512`), and the u8 mean filter (AVX2: per-row
-//!   interior; AVX-512: register-resident column strips over whole bands).
+//!   pixels with line-aligned source loads (four blocks, a whole source
+//!   line, per step for GRAY8 on `Avx512`; streaming stores for outputs
+//!   >= 16 MiB; RGB joins 4 blocks into 48-byte rows for that), `pshufb`
+//!   row reversal for 180° (512-bit for 1/2/4/8-byte pixels on `Avx512`),
+//!   and the u8 mean filter (AVX2: per-row interior; AVX-512:
+//!   register-resident column strips over whole bands, streaming stores
+//!   for outputs >= 16 MiB).
 //!
 //! A path is only run after `is_x86_feature_detected!` confirmed its
 //! features ([`KernelPath::check`]).
@@ -24,7 +27,7 @@ pub enum KernelPath {
     Portable,
     /// x86_64 with AVX2.
     Avx2,
-    /// x86_64 with AVX-512F and AVX-512BW.
+    /// x86_64 with AVX-512F, AVX-512BW and AVX-512VL.
     Avx512,
 }
 
