@@ -379,7 +379,8 @@ fn large_streaming_rotations_match_reference() {
 /// The 90°/270° SIMD kernels start at the output row that makes their
 /// source loads 32-byte aligned and cover the rows before it (and after the
 /// last whole group) with overlapping groups: check every source alignment,
-/// on sizes whose source rows are a multiple of 32 bytes, and odd ones.
+/// on sizes whose source rows are a multiple of 32 bytes, and odd ones
+/// (GRAY8 with 2048- and 4096-byte output rows takes the tall-block kernel).
 #[test]
 fn quarter_turns_match_reference_at_every_source_alignment() {
     let sizes = [
@@ -392,6 +393,9 @@ fn quarter_turns_match_reference_at_every_source_alignment() {
         (99, 35, 1),
         (64, 64, 3),
         (1024, 67, 1),
+        (192, 20, 1),
+        (48, 2048, 1),
+        (37, 4096, 1),
     ];
     for (w, h, c) in sizes {
         let l = layout(w, h, c);
