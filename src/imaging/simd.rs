@@ -486,7 +486,7 @@ mod x86 {
                 let y = h - 1 - (row0 + i);
                 reverse_row512::<B>(&src[y * rb..y * rb + rb], drow);
             }
-        } else if B == 1 && matches!(turns, QuarterTurns::One | QuarterTurns::Three) && !aliasing_rows(h * B) {
+        } else if B == 1 && matches!(turns, QuarterTurns::One | QuarterTurns::Three) && four_block_gray(h) {
             let (rows, ccw90) = (dst.len() / (h * B), turns == QuarterTurns::One);
             if stream(dst, h * B, src.len()) {
                 transpose_simd4::<B, true>(src, w, h, ccw90, dst, row0, rows);
@@ -505,13 +505,20 @@ mod x86 {
     pub(super) fn transpose_anchor(wide: bool, px: usize, src: &[u8], w: usize, h: usize, ccw90: bool) -> usize {
         let sp = src.as_ptr();
         match px {
-            1 if wide && !aliasing_rows(h) => aligned_first_row::<1>(sp, w, ccw90, 0, w, 64),
+            1 if wide && four_block_gray(h) => aligned_first_row::<1>(sp, w, ccw90, 0, w, 64),
             1 => aligned_first_row::<1>(sp, w, ccw90, 0, w, 32),
             2 => aligned_first_row::<2>(sp, w, ccw90, 0, w, 16),
             4 => aligned_first_row::<4>(sp, w, ccw90, 0, w, 8),
             8 => aligned_first_row::<8>(sp, w, ccw90, 0, w, 4),
             _ => 0,
         }
+    }
+
+    /// Whether `rotate_band512` rotates GRAY8 into rows of `h` bytes with
+    /// the four-block kernel (`transpose_simd4`); `transpose_anchor` must
+    /// agree with it.
+    fn four_block_gray(h: usize) -> bool {
+        !aliasing_rows(h)
     }
 
     /// Whether output rows of `row_bytes` alias in a 4 KiB-way L1 cache so
