@@ -8,12 +8,12 @@
 //!   `#[target_feature]`, plus hand-written kernels (module `x86`):
 //!   256-bit transposes for 90°/270° rotation of 1-, 2-, 3-, 4- and 8-byte
 //!   pixels with line-aligned source loads (four blocks, a whole source
-//!   line, per step for GRAY8 on `Avx512`; streaming stores for outputs
-//!   >= 16 MiB; RGB joins 4 blocks into 48-byte rows for that), `pshufb`
+//!   line, per step for GRAY8 on `Avx512`; streaming stores for outputs of
+//!   16 MiB or more; RGB joins 4 blocks into 48-byte rows for that), `pshufb`
 //!   row reversal for 180° (512-bit for 1/2/4/8-byte pixels on `Avx512`),
 //!   and the u8 mean filter (AVX2: per-row interior; AVX-512:
 //!   register-resident column strips over whole bands, streaming stores
-//!   for outputs >= 16 MiB).
+//!   for outputs of 16 MiB or more).
 //!
 //! A path is only run after `is_x86_feature_detected!` confirmed its
 //! features ([`KernelPath::check`]).
