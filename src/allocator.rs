@@ -11,6 +11,13 @@
 //! for reuse (up to [`TRIM_THRESHOLD`] per arena) instead of returned at
 //! once; peak memory is unchanged.
 //!
+//! Memory kept for reuse is given back after a burst: [`spawn_trimmer`]
+//! watches the memory budget's accounting, and once what requests hold has
+//! fallen well below what they held (by [`TRIM_AFTER_DROP`]), it asks glibc
+//! to return the free pages of every arena (`malloc_trim`), so resident
+//! memory comes back near idle within a few seconds instead of staying at
+//! the burst's peak.
+//!
 //! Skipped when the operator set glibc's own knobs (`GLIBC_TUNABLES`,
 //! `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), which then apply.
 
@@ -19,6 +26,55 @@
 pub const MMAP_THRESHOLD: usize = 32 << 20;
 /// Free memory an arena keeps at its top before giving it back.
 pub const TRIM_THRESHOLD: usize = 128 << 20;
+
+/// How far what requests hold must fall below its recent peak before the
+/// free memory is returned to the system.
+pub const TRIM_AFTER_DROP: u64 = 32 << 20;
+/// How often the trimmer looks.
+pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts a thread that returns free memory to the system after bursts
+/// (see the module docs); it ends when the budget is dropped. Does nothing
+/// where glibc's allocator is not in use.
+pub fn spawn_trimmer(budget: &std::sync::Arc<crate::tenancy::memory::Budget>) {
+    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        return;
+    }
+    let budget = std::sync::Arc::downgrade(budget);
+    let spawned = std::thread::Builder::new().name("imgsvc-trim".into()).spawn(move || {
+        // Whether anything was held since the last trim.
+        let mut busy = false;
+        loop {
+            std::thread::sleep(TRIM_PERIOD);
+            let Some(budget) = budget.upgrade() else { return };
+            let (high, now) = budget.take_high_water();
+            busy |= high > 0;
+            // After a large drop, and once more when the server falls idle
+            // (connections closed after their last call free buffers that
+            // the budget does not see).
+            if high.saturating_sub(now) >= TRIM_AFTER_DROP || (busy && high == 0) {
+                trim();
+                busy = high > 0;
+                metrics::counter!("imgsvc_allocator_trims_total").increment(1);
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the allocator trimmer: memory freed after bursts stays with the process");
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only returns free memory to the system; it
+    // takes the arenas' locks itself.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
 
 /// What [`tune_for_image_buffers`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -285,30 +285,56 @@ pub fn decode(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecErro
     })
 }
 
-fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecError> {
+/// The bytes of the pixel buffer `data` decodes to, from its header alone
+/// (checked against the limits as [`decode`] checks them): what to charge
+/// to the memory budget before decoding. Cheap: no pixel is decoded.
+pub fn decoded_bytes(data: &[u8], options: &DecodeOptions) -> Result<u64, CodecError> {
+    std::panic::catch_unwind(|| {
+        let (encoding, data) = page_data(data, options)?;
+        let (reader, failed, _) = header_reader(&data, encoding, options.limits);
+        let decoder = reader.into_decoder().map_err(failed)?;
+        checked_size(&decoder, options.limits)
+    })
+    .unwrap_or_else(|_| {
+        let encoding = options.encoding.map_or_else(|| Encoding::detect(data), Ok)?;
+        Err(CodecError::Undecodable { encoding: encoding.name(), reason: DECODER_PANICKED.into() })
+    })
+}
+
+/// The encoding of `data`, and the bytes to decode (a TIFF page moved first).
+fn page_data<'a>(data: &'a [u8], options: &DecodeOptions) -> Result<(Encoding, Cow<'a, [u8]>), CodecError> {
     let encoding = match options.encoding {
         Some(e) => e,
         None => Encoding::detect(data)?,
     };
-    let limits = options.limits;
     let data: Cow<'_, [u8]> = match (encoding, options.page) {
         (_, 0) => Cow::Borrowed(data),
         (Encoding::Tiff, page) => Cow::Owned(tiff_page(data, page)?),
         (other, page) => return Err(CodecError::NotPaged { encoding: other.name(), page }),
     };
-    let failed = |e: ImageError| match e {
+    Ok((encoding, data))
+}
+
+/// A reader of `data` that reads the header under the allocation limit,
+/// the mapping of its errors, and the limits it was given.
+fn header_reader(
+    data: &[u8],
+    encoding: Encoding,
+    limits: DecodeLimits,
+) -> (ImageReader<Cursor<&[u8]>>, impl Fn(ImageError) -> CodecError + Copy + use<>, image::Limits) {
+    let failed = move |e: ImageError| match e {
         ImageError::Limits(_) => CodecError::DecoderLimit { encoding: encoding.name(), limit: limits.max_alloc_bytes },
         other => CodecError::Undecodable { encoding: encoding.name(), reason: other.to_string() },
     };
-
-    // Header only: the decoder is built (it reads the header) under the
-    // allocation limit, and the dimensions are checked before any pixel
-    // buffer exists.
-    let mut reader = ImageReader::with_format(Cursor::new(&*data), encoding.image_format());
+    let mut reader = ImageReader::with_format(Cursor::new(data), encoding.image_format());
     let mut header_limits = image::Limits::default();
     header_limits.max_alloc = Some(limits.max_alloc_bytes);
     reader.limits(header_limits.clone());
-    let mut decoder = reader.into_decoder().map_err(failed)?;
+    (reader, failed, header_limits)
+}
+
+/// The header's dimensions and buffer size, checked against `limits`.
+fn checked_size(decoder: &impl ImageDecoder, limits: DecodeLimits) -> Result<u64, CodecError> {
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels > limits.max_pixels {
@@ -318,6 +344,18 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     if bytes > limits.max_alloc_bytes {
         return Err(CodecError::TooLarge { width, height, bytes, limit: limits.max_alloc_bytes });
     }
+    Ok(bytes)
+}
+
+fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecError> {
+    let limits = options.limits;
+    let (encoding, data) = page_data(data, options)?;
+    // Header only: the decoder is built (it reads the header) under the
+    // allocation limit, and the dimensions are checked before any pixel
+    // buffer exists.
+    let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
+    let mut decoder = reader.into_decoder().map_err(failed)?;
+    let bytes = checked_size(&decoder, limits)?;
     // As `ImageReader::decode` does: the output buffer counts against the
     // allocation limit, the decoder gets what is left; and the side limits
     // make the decoder itself refuse anything larger than we checked.

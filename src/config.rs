@@ -95,11 +95,22 @@ pub struct RawStream {
 pub struct RawTenancy {
     pub unknown_tenants: UnknownTenants,
     pub memory_budget_bytes: u64,
+    pub memory_wait_ms: u64,
 }
+
+/// Default `tenancy.memory_budget_bytes`: 1 GiB, which with the fixed
+/// overhead fits the shipped Kubernetes memory limit (docs/configuration.md).
+pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 1 << 30;
+/// Default `tenancy.memory_wait_ms`.
+pub const DEFAULT_MEMORY_WAIT_MS: u64 = 5_000;
 
 impl Default for RawTenancy {
     fn default() -> Self {
-        Self { unknown_tenants: UnknownTenants::Refuse, memory_budget_bytes: 2 << 30 }
+        Self {
+            unknown_tenants: UnknownTenants::Refuse,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            memory_wait_ms: DEFAULT_MEMORY_WAIT_MS,
+        }
     }
 }
 
@@ -114,6 +125,7 @@ pub struct RawTenantLimits {
     pub max_queued_requests: Option<u32>,
     pub max_image_pixels: Option<u64>,
     pub max_request_bytes: Option<u64>,
+    pub max_memory_bytes: Option<u64>,
     pub allowed_operations: Option<Vec<String>>,
     pub weight: Option<u32>,
     pub enabled: Option<bool>,
@@ -133,6 +145,8 @@ pub struct RawServer {
     pub http2_keepalive_interval_secs: u64,
     pub http2_keepalive_timeout_secs: u64,
     pub max_concurrent_streams: u32,
+    pub http2_stream_window_bytes: u32,
+    pub http2_connection_window_bytes: u32,
     pub worker_nice: i32,
     pub idle_timeout_secs: u64,
     pub io_threads: usize,
@@ -150,6 +164,8 @@ impl Default for RawServer {
             http2_keepalive_interval_secs: 60,
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
+            http2_stream_window_bytes: 1 << 20,
+            http2_connection_window_bytes: 2 << 20,
             worker_nice: 5,
             idle_timeout_secs: 300,
             io_threads: 0,
@@ -280,6 +296,11 @@ pub struct Settings {
     pub http2_keepalive_timeout: Duration,
     /// Concurrent streams (calls) per connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control windows the server grants: request bytes a
+    /// stream, and a connection, may have in flight unread. Each
+    /// connection's window is charged to its tenant's memory share.
+    pub http2_stream_window_bytes: u32,
+    pub http2_connection_window_bytes: u32,
     /// Nice value added to the worker threads (below the I/O threads).
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
@@ -377,6 +398,10 @@ impl Settings {
         in_range("server.http2_keepalive_interval_secs", server.http2_keepalive_interval_secs.into(), 0..=86_400, " (0 = no pings)")?;
         in_range("server.http2_keepalive_timeout_secs", server.http2_keepalive_timeout_secs.into(), 1..=3600, "")?;
         in_range("server.max_concurrent_streams", server.max_concurrent_streams.into(), 1..=100_000, "")?;
+        // HTTP/2's own bounds (RFC 9113 6.9.2).
+        let windows = 65_535..=i128::from(i32::MAX);
+        in_range("server.http2_stream_window_bytes", server.http2_stream_window_bytes.into(), windows.clone(), "")?;
+        in_range("server.http2_connection_window_bytes", server.http2_connection_window_bytes.into(), windows, "")?;
         in_range("server.worker_nice", server.worker_nice.into(), 0..=19, "")?;
         in_range("server.idle_timeout_secs", server.idle_timeout_secs.into(), 0..=86_400, " (0 = never)")?;
         in_range("server.io_threads", server.io_threads as i128, 0..=1024, " (0 = one per core, at most 8)")?;
@@ -453,6 +478,8 @@ impl Settings {
                 .then(|| Duration::from_secs(raw.server.http2_keepalive_interval_secs)),
             http2_keepalive_timeout: Duration::from_secs(raw.server.http2_keepalive_timeout_secs),
             max_concurrent_streams: raw.server.max_concurrent_streams,
+            http2_stream_window_bytes: raw.server.http2_stream_window_bytes,
+            http2_connection_window_bytes: raw.server.http2_connection_window_bytes,
             worker_nice: raw.server.worker_nice,
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
             io_threads,
@@ -537,16 +564,21 @@ fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, Confi
             format!("{} is below the minimum of 1048576 (1 MiB)", raw.tenancy.memory_budget_bytes),
         ));
     }
-    let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, &invalid)?;
+    if !(1..=600_000).contains(&raw.tenancy.memory_wait_ms) {
+        return Err(invalid("tenancy.memory_wait_ms".into(), format!("{} is out of range 1..=600000", raw.tenancy.memory_wait_ms)));
+    }
+    let budget = raw.tenancy.memory_budget_bytes;
+    let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, budget, &invalid)?;
     let mut tenants = HashMap::new();
     for (name, limits) in &raw.tenants {
         let section = format!("tenants.{name}");
         let id = TenantId::parse(name).map_err(|e| invalid(section.clone(), e.to_string()))?;
-        tenants.insert(id, resolve_tenant(&section, limits, &raw.tenant_defaults, &raw.limits, &invalid)?);
+        tenants.insert(id, resolve_tenant(&section, limits, &raw.tenant_defaults, &raw.limits, budget, &invalid)?);
     }
     Ok(TenancyConfig {
         unknown_tenants: raw.tenancy.unknown_tenants,
-        memory_budget_bytes: raw.tenancy.memory_budget_bytes,
+        memory_budget_bytes: budget,
+        memory_wait: std::time::Duration::from_millis(raw.tenancy.memory_wait_ms),
         defaults,
         tenants,
     })
@@ -557,6 +589,7 @@ fn resolve_tenant(
     own: &RawTenantLimits,
     defaults: &RawTenantLimits,
     global: &RawLimits,
+    memory_budget: u64,
     invalid: &dyn Fn(String, String) -> ConfigError,
 ) -> Result<TenantPolicy, ConfigError> {
     let key = |k: &str| format!("{section}.{k}");
@@ -603,6 +636,15 @@ fn resolve_tenant(
         global.max_message_bytes as u64,
         " (at most limits.max_message_bytes)",
     )?;
+    // Half the budget unless set: one tenant's flood leaves the other half
+    // to everyone else.
+    let max_memory_bytes = in_range(
+        "max_memory_bytes",
+        own.max_memory_bytes.or(defaults.max_memory_bytes).unwrap_or(memory_budget / 2),
+        1,
+        memory_budget,
+        " (at most tenancy.memory_budget_bytes)",
+    )?;
     let weight = in_range("weight", own.weight.or(defaults.weight).unwrap_or(1).into(), 1, 1000, "")? as u32;
     let mut allowed_operations = match own.allowed_operations.as_ref().or(defaults.allowed_operations.as_ref()) {
         None => Operation::ALL.to_vec(),
@@ -625,6 +667,7 @@ fn resolve_tenant(
         max_queued_requests,
         max_image_pixels,
         max_request_bytes,
+        max_memory_bytes,
         allowed_operations,
         weight,
     })

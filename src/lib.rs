@@ -17,13 +17,15 @@
 //! - [`connection`]: calls open per connection, and the idle timeout.
 //! - [`client`]: what `imgsvc-client` uses to talk to a server.
 //! - [`loadgen`]: the bounded load generator behind `imgsvc-client bench`.
-//! - [`telemetry`]: tracing subscriber set-up.
+//! - [`admission`]: admission at the request's headers and the byte
+//!   accounting of request and response bodies (a tower layer).
 //! - [`telemetry`]: tracing subscriber set-up, Prometheus metrics, W3C
 //!   trace context.
 //! - [`admin`]: the plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`systemd`]: `sd_notify` readiness, reload, stop and watchdog messages.
 
 pub mod admin;
+pub mod admission;
 pub mod allocator;
 pub mod client;
 pub mod codec;

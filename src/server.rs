@@ -29,6 +29,7 @@ use tonic::codec::CompressionEncoding;
 
 use crate::{
     admin,
+    admission::AdmissionLayer,
     config::{AdminSettings, Settings, TlsSettings},
     connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
@@ -231,7 +232,8 @@ impl Server {
 
         let worker_threads = settings.worker_threads;
         let tenant_count = settings.tenancy.tenants.len();
-        let processor = Processor::new(tenancy);
+        let processor = Processor::new(tenancy.clone());
+        crate::allocator::spawn_trimmer(tenancy.budget());
         // Compressed requests are always accepted. Responses are compressed
         // only when configured: many clients (grpcio among them) advertise
         // gzip by default, and gzipping megabytes of pixels costs far more
@@ -273,7 +275,7 @@ impl Server {
         let lanes = Arc::new(IoLanes::new(
             settings.io_threads,
             settings.max_io_lanes,
-            lane_server(&settings, health_service, reflection, legacy, v1),
+            lane_server(&settings, &tenancy, health_service, reflection, legacy, v1),
         ));
         let mut admin_task = JoinSet::new();
         if let Some(listener) = admin {
@@ -288,6 +290,8 @@ impl Server {
                 idle_timeout: settings.idle_timeout,
                 lanes: lanes.clone(),
                 lingering: lingering.clone(),
+                tenancy: tenancy.clone(),
+                connection_window: settings.http2_connection_window_bytes.into(),
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
@@ -353,6 +357,7 @@ impl Server {
 /// The gRPC router every I/O lane serves, as a [`ServeLane`].
 fn lane_server(
     settings: &Settings,
+    tenancy: &Tenancy,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     reflection: tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     legacy: NlImageServiceServer<LegacyService>,
@@ -363,11 +368,12 @@ fn lane_server(
         .http2_keepalive_interval(settings.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .initial_stream_window_size(Some(settings.http2_stream_window_bytes))
+        .initial_connection_window_size(Some(settings.http2_connection_window_bytes))
         .layer(TrackCallsLayer)
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
+        .layer(AdmissionLayer::new(tenancy.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(legacy)
@@ -431,6 +437,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
+    check("server.http2_stream_window_bytes", old.http2_stream_window_bytes != new.http2_stream_window_bytes);
+    check("server.http2_connection_window_bytes", old.http2_connection_window_bytes != new.http2_connection_window_bytes);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
     check("server.io_threads", old.io_threads != new.io_threads);
@@ -464,13 +472,21 @@ pub struct LingeringStream {
     lingering: TaskTracker,
     activity: Arc<Activity>,
     idle: Option<IdleTimer>,
+    /// The connection's HTTP/2 window, charged while it lives.
+    _window: Option<Arc<crate::tenancy::memory::Account>>,
 }
 
 impl LingeringStream {
-    fn new(inner: TlsStream<LaneTcp>, identity: PeerIdentity, lingering: TaskTracker, idle_timeout: Option<Duration>) -> Self {
+    fn new(
+        inner: TlsStream<LaneTcp>,
+        identity: PeerIdentity,
+        lingering: TaskTracker,
+        idle_timeout: Option<Duration>,
+        window: Option<Arc<crate::tenancy::memory::Account>>,
+    ) -> Self {
         let activity = Activity::new();
         let idle = idle_timeout.map(|timeout| IdleTimer::new(activity.clone(), timeout));
-        Self { inner: Some(inner), identity, lingering, activity, idle }
+        Self { inner: Some(inner), identity, lingering, activity, idle, _window: window }
     }
 
     fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<LaneTcp>> {
@@ -575,13 +591,16 @@ struct Accepting {
     idle_timeout: Option<Duration>,
     lanes: Arc<IoLanes<LingeringStream>>,
     lingering: TaskTracker,
+    tenancy: Tenancy,
+    /// Charged to the tenant's memory share for each connection's life.
+    connection_window: u64,
 }
 
 /// Accepts TCP connections, runs each TLS handshake under a deadline on its
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering } = accepting;
+    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window } = accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -602,12 +621,25 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
         let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
-        let (lanes, lingering, trust_domain) = (lanes.clone(), lingering.clone(), trust_domain.clone());
+        let (lanes, lingering, trust_domain, tenancy) = (lanes.clone(), lingering.clone(), trust_domain.clone(), tenancy.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(handshake_timeout, acceptor.accept(LaneTcp::new(tcp))).await {
                 Ok(Ok(mut stream)) => {
                     let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
+                    // The request bytes HTTP/2 may buffer for this connection
+                    // unread: charged to the tenant, or the connection is
+                    // closed (its share is taken by its other connections
+                    // and calls).
+                    let window = match identity.tenant.as_ref().map(|t| tenancy.connection_account(t, connection_window)) {
+                        Ok(Ok(window)) => window,
+                        Ok(Err(e)) => {
+                            metrics::counter!("imgsvc_connections_refused_total", "reason" => "memory").increment(1);
+                            tracing::warn!(%peer, error = %e, "no memory for the connection's HTTP/2 window: closing it");
+                            return;
+                        }
+                        Err(_) => None, // no tenant: its calls are refused
+                    };
                     // Served on the tenant's I/O lane (see `crate::lanes`);
                     // none once shutting down: the connection is dropped.
                     let lane = match lanes.lane(identity.tenant.as_ref().ok()) {
@@ -622,7 +654,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         tracing::warn!(%peer, error = %e, "cannot move the connection to its I/O lane: dropping it");
                         return;
                     }
-                    let _ = lane.connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout)).await;
+                    let _ = lane.connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout, window)).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);

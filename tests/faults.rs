@@ -33,49 +33,6 @@ use tonic::codegen::http;
 const UHD: (u32, u32) = (3840, 2160);
 const UHD_RGB_BYTES: usize = 3840 * 2160 * 3;
 
-/// An HTTP/2 connection to `server` as `tenant`, driven on its own task.
-async fn h2_connect(server: &ServerProcess, pki: &Pki, tenant: &str) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
-    let tls = tls_connect(server.addr, pki, tenant).await;
-    let (send, connection) = h2::client::handshake(tls).await.unwrap();
-    (
-        send,
-        tokio::spawn(async move {
-            let _ = connection.await;
-        }),
-    )
-}
-
-/// Starts a gRPC call to `path`: its request headers are sent.
-async fn start_call(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("https://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    send.clone().ready().await.unwrap().send_request(request, false).unwrap()
-}
-
-/// A gRPC length-prefixed message.
-fn grpc_message(message: &impl Message) -> Bytes {
-    let mut out = Vec::with_capacity(5 + message.encoded_len());
-    out.push(0);
-    out.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
-    message.encode(&mut out).unwrap();
-    out.into()
-}
-
-/// Sends `data` as the server's flow control allows: when this returns,
-/// the server has taken in all but at most one window of it.
-async fn send_flow_controlled(stream: &mut h2::SendStream<Bytes>, mut data: Bytes) {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await.expect("capacity").expect("stream open");
-        stream.send_data(data.split_to(granted.min(data.len())), false).unwrap();
-    }
-}
-
 fn uhd_rgb(fill: u8) -> NlImage {
     NlImage { color: true, width: UHD.0 as i32, height: UHD.1 as i32, data: Bytes::from(vec![fill; UHD_RGB_BYTES]) }
 }

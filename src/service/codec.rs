@@ -44,6 +44,12 @@ pub fn encoded_input(image: &mut Option<v1::Image>, limits: DecodeLimits) -> Res
     Ok(Some(EncodedInput { data: encoded.data, options: DecodeOptions { encoding, page: encoded.page, limits } }))
 }
 
+/// The bytes `input` decodes to, from its header (cheap: no pixel is
+/// decoded), within its limits.
+pub fn decoded_bytes(input: &EncodedInput) -> Result<u64, ServiceError> {
+    Ok(codec::decoded_bytes(&input.data, &input.options)?)
+}
+
 /// Decodes an encoded input into a validated buffer. CPU-bound.
 pub fn decode(input: &EncodedInput) -> Result<PixelBuffer, ServiceError> {
     let decoded = codec::decode(&input.data, &input.options)?;

@@ -126,6 +126,7 @@ impl From<ServiceError> for tonic::Status {
                 | T::TenantBusy { .. }
                 | T::ServerBusy { .. }
                 | T::MemoryBudget { .. }
+                | T::Memory(_)
                 | T::Worker(WorkerError::Busy { .. }),
             ) => Code::ResourceExhausted,
             ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) | ServiceError::Encode(_) => Code::Internal,
@@ -134,7 +135,12 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::Transport(status) => return status.clone(),
         };
         let mut status = tonic::Status::new(code, err.to_string());
-        if let ServiceError::Tenancy(T::RateLimited { retry_after, .. }) = &err {
+        let retry_after = match &err {
+            ServiceError::Tenancy(T::RateLimited { retry_after, .. }) => Some(*retry_after),
+            ServiceError::Tenancy(T::Memory(memory)) => memory.retry_after(),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             // gRPC's retry pushback: clients that implement retries wait this long.
             let ms = retry_after.as_millis().max(1).to_string();
             if let Ok(value) = ms.parse() {

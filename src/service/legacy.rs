@@ -3,7 +3,7 @@
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, tenant_of, traced};
+use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, message_bytes, tenant_of, traced};
 use crate::{
     imaging::QuarterTurns,
     proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService},
@@ -51,11 +51,11 @@ impl NlImageService for LegacyService {
         let processor = self.processor.clone();
         traced("NLImageService/RotateImage", tenant, move |tenant| {
             Box::pin(async move {
-                let req = request.into_inner();
-                let admission = processor.admit(&tenant, &[Operation::Rotate], req.encoded_len())?;
-                let (input, step) = rotate_request(req, admission.max_image_pixels)?;
-                let out = processor.process(&admission, input, Pipeline::new([step])).await?;
-                Ok::<_, ServiceError>(Response::new(out.into_legacy()))
+                let call = processor.call(&request, &tenant, &[Operation::Rotate], || request.get_ref().encoded_len())?;
+                let (input, step) = rotate_request(request.into_inner(), call.admission.max_image_pixels)?;
+                let out = processor.process(&call, input, Pipeline::new([step])).await?.into_legacy();
+                processor.hold(&call.account, message_bytes(&out)).await?;
+                Ok::<_, ServiceError>(Response::new(out))
             })
         })
         .await
@@ -66,11 +66,11 @@ impl NlImageService for LegacyService {
         let processor = self.processor.clone();
         traced("NLImageService/MeanFilter", tenant, move |tenant| {
             Box::pin(async move {
-                let image = request.into_inner();
-                let admission = processor.admit(&tenant, &[Operation::MeanFilter], image.encoded_len())?;
-                let (input, step) = mean_filter_request(image, admission.max_image_pixels)?;
-                let out = processor.process(&admission, input, Pipeline::new([step])).await?;
-                Ok::<_, ServiceError>(Response::new(out.into_legacy()))
+                let call = processor.call(&request, &tenant, &[Operation::MeanFilter], || request.get_ref().encoded_len())?;
+                let (input, step) = mean_filter_request(request.into_inner(), call.admission.max_image_pixels)?;
+                let out = processor.process(&call, input, Pipeline::new([step])).await?.into_legacy();
+                processor.hold(&call.account, message_bytes(&out)).await?;
+                Ok::<_, ServiceError>(Response::new(out))
             })
         })
         .await

@@ -22,9 +22,14 @@ pub use error::{InvalidRequest, LimitExceeded, ServiceError, StreamProtocolError
 pub use pixels::{Depth, ImageShape, PixelBuffer, RequestError};
 
 use crate::{
+    admission::CallMemory,
     identity::{Tenant, TenantId},
     imaging::{self, Layout, QuarterTurns},
-    tenancy::{Admission, JobCost, RuntimePolicy, Tenancy, policy::Operation},
+    tenancy::{
+        JobCost, RuntimePolicy, Tenancy, TenancyError,
+        memory::{self, Account, Stage},
+        policy::Operation,
+    },
 };
 
 /// One step of a pipeline.
@@ -136,25 +141,62 @@ impl Processor {
         self.tenancy.policy()
     }
 
-    /// Admission control for `tenant` running `operations` on a request of
-    /// `request_bytes` (see [`crate::tenancy`]).
-    pub fn admit(&self, tenant: &TenantId, operations: &[Operation], request_bytes: usize) -> Result<Admission, ServiceError> {
-        Ok(self.tenancy.admit(tenant, operations, request_bytes as u64)?)
+    /// The admission and memory account of a call: the ones the admission
+    /// layer made at the request's headers ([`crate::admission`]), or, for
+    /// a request that did not pass it, an admission of `operations` on
+    /// `request_bytes` and a fresh account.
+    pub fn call<T>(
+        &self,
+        request: &tonic::Request<T>,
+        tenant: &TenantId,
+        operations: &[Operation],
+        request_bytes: impl FnOnce() -> usize,
+    ) -> Result<CallMemory, ServiceError> {
+        if let Some(call) = request.extensions().get::<CallMemory>() {
+            return Ok(call.clone());
+        }
+        let admission = self.tenancy.admit(tenant, operations, request_bytes() as u64)?;
+        let account = self.tenancy.account(&admission, Stage::Receiving);
+        Ok(CallMemory { admission, account })
+    }
+
+    /// Makes `account` hold exactly `target` bytes: gives back the excess,
+    /// or charges the difference, waiting up to `tenancy.memory_wait_ms`
+    /// for it.
+    pub async fn hold(&self, account: &Account, target: u64) -> Result<(), ServiceError> {
+        let held = account.held();
+        if target <= held {
+            account.release(held - target);
+            return Ok(());
+        }
+        let wait = self.tenancy.policy().tenancy.memory_wait;
+        let tenant = account.tenant().clone();
+        account.reserve(target - held, wait, || memory::count_wait(&tenant)).await.map_err(TenancyError::from)?;
+        Ok(())
+    }
+
+    /// Charges `n` more bytes to `account`, waiting up to
+    /// `tenancy.memory_wait_ms` for them.
+    pub async fn reserve(&self, account: &Account, n: u64) -> Result<(), ServiceError> {
+        self.hold(account, account.held() + n).await
     }
 
     /// Runs other CPU-bound work of an admitted request (decoding,
-    /// encoding) on the worker pool, through the tenant's queue.
-    pub async fn run<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, ServiceError>
+    /// encoding) on the worker pool, through the tenant's queue, with
+    /// `cost.bytes` held by the call's `account` while it runs.
+    pub async fn run<R, F>(&self, call: &CallMemory, cost: JobCost, job: F) -> Result<R, ServiceError>
     where
         F: FnOnce() -> Result<R, ServiceError> + Send + 'static,
         R: Send + 'static,
     {
-        self.tenancy.run(admission, cost, job).await?
+        self.tenancy.run_charged(&call.admission, cost, &call.account, job).await?
     }
 
     /// Runs an admitted, validated pipeline on the worker pool through the
-    /// tenant's queue, and records the image in the span.
-    pub async fn process(&self, admission: &Admission, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
+    /// tenant's queue, and records the image in the span. The call's
+    /// account holds the input and the images the pipeline makes while it
+    /// runs, then only the output.
+    pub async fn process(&self, call: &CallMemory, input: PixelBuffer, pipeline: Pipeline) -> Result<PixelBuffer, ServiceError> {
         let span = tracing::Span::current();
         // As i64: OpenTelemetry has no unsigned integers, and exports u64
         // fields as strings.
@@ -164,20 +206,33 @@ impl Processor {
         crate::telemetry::metrics::note_request_bytes(input.data().len());
         if pipeline.steps().is_empty() {
             crate::telemetry::metrics::note_response(0, input.data().len());
+            self.hold(&call.account, input.data().len() as u64).await?;
             return Ok(input); // nothing to do: hand the request's bytes back
         }
         let layout = input.layout();
         let image_bytes = input.data().len() as u64;
         let pixels = layout.width() as u64 * layout.height() as u64;
-        // In flight: the input plus at most two buffers of the same size
-        // (a step's output, and the previous step's while it is read).
-        let live_buffers = 1 + pipeline.steps().len().min(2) as u64;
         let work = pixels * pipeline.steps().len() as u64;
-        let cost = JobCost::kernels(work, image_bytes * live_buffers);
-        let output = self.tenancy.run(admission, cost, move || pipeline.run(input)).await??;
+        let cost = JobCost::kernels(work, image_bytes * live_buffers(pipeline.steps().len()));
+        let output = self.tenancy.run_charged(&call.admission, cost, &call.account, move || pipeline.run(input)).await??;
+        // The input and intermediates are gone: the account holds the output.
+        self.hold(&call.account, output.data().len() as u64).await?;
         crate::telemetry::metrics::note_response(pixels, output.data().len());
         Ok(output)
     }
+}
+
+/// Images in flight while `steps` steps run: the input plus at most two
+/// buffers of the same size (a step's output, and the previous step's
+/// while it is read).
+pub fn live_buffers(steps: usize) -> u64 {
+    1 + steps.min(2) as u64
+}
+
+/// What a unary answer holds once encoded: the message and its 5-byte gRPC
+/// prefix.
+pub fn message_bytes(message: &impl prost::Message) -> u64 {
+    message.encoded_len() as u64 + 5
 }
 
 /// The tenant the identity layer attached to a request.

@@ -11,8 +11,11 @@ use super::{
     ImageShape,
     stream::{self, Reassembly, chunks},
 };
-use super::{InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, tenant_of, traced};
-use crate::{codec::DecodeLimits, tenancy::JobCost};
+use super::{
+    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, live_buffers, message_bytes, tenant_of,
+    traced,
+};
+use crate::{admission::CallMemory, codec::DecodeLimits, tenancy::JobCost};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
@@ -85,27 +88,30 @@ pub fn request_image(mut image: Option<Image>, limits: DecodeLimits) -> Result<R
     })
 }
 
-/// Receives a whole ProcessStream request: header first, then chunks.
+/// Receives a whole ProcessStream request: header first, then chunks. The
+/// image the header declares is charged to the call's account before its
+/// buffer is allocated (with the images its pipeline will make).
 async fn receive_stream(
     processor: &Processor,
-    tenant: &crate::identity::TenantId,
+    call: &CallMemory,
     mut stream: tonic::Streaming<ProcessStreamRequest>,
-) -> Result<(crate::tenancy::Admission, PixelBuffer, Vec<Step>), ServiceError> {
+) -> Result<(PixelBuffer, Vec<Step>), ServiceError> {
     let next = |m: Result<Option<ProcessStreamRequest>, Status>| m.map_err(ServiceError::Transport);
     let header = stream::header_of(next(stream.message().await)?).map_err(InvalidRequest::from)?;
     let policy = processor.policy();
     let steps = steps_from(&header.operations, policy.limits.max_operations)?;
     let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
+    call.admission.check_operations(&operations)?;
     // max_request_bytes bounds request messages; a streamed image as a whole
     // is bounded by the pixel limit, its chunks by stream.max_chunk_bytes.
-    let admission = processor.admit(tenant, &operations, header.encoded_len())?;
-    let shape = ImageShape::from_v1(header.format, header.width, header.height, admission.max_image_pixels)?;
+    let shape = ImageShape::from_v1(header.format, header.width, header.height, call.admission.max_image_pixels)?;
+    processor.reserve(&call.account, shape.bytes() * live_buffers(steps.len())).await?;
     let mut reassembly = Reassembly::new(shape.bytes(), policy.limits.stream_max_chunk_bytes);
     while let Some(message) = next(stream.message().await)? {
         reassembly.accept(message).map_err(InvalidRequest::from)?;
     }
     let data = reassembly.finish().map_err(InvalidRequest::from)?;
-    Ok((admission, shape.with_data(data)?, steps))
+    Ok((shape.with_data(data)?, steps))
 }
 
 #[tonic::async_trait]
@@ -120,8 +126,12 @@ impl ImageService for V1Service {
         let processor = self.processor.clone();
         traced("imgsvc.v1.ImageService/ProcessStream", tenant, move |tenant| {
             Box::pin(async move {
-                let (admission, input, steps) = receive_stream(&processor, &tenant, request.into_inner()).await?;
-                let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
+                let call = processor.call(&request, &tenant, &[], || 0)?;
+                let (input, steps) = receive_stream(&processor, &call, request.into_inner()).await?;
+                let out = processor.process(&call, input, Pipeline::new(steps)).await?;
+                // The output, and the frames that carry its chunks while the
+                // transport holds them.
+                processor.hold(&call.account, out.data().len() as u64 * 2).await?;
                 let chunk = processor.policy().limits.stream_response_chunk_bytes;
                 let image = out.into_v1();
                 let header = ProcessStreamResponse {
@@ -147,33 +157,38 @@ impl ImageService for V1Service {
         let processor = self.processor.clone();
         traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
+                let call = processor.call(&request, &tenant, &[], || request.get_ref().encoded_len())?;
                 let req = request.into_inner();
                 let policy = processor.policy();
                 // Every cheap check before any work.
                 let steps = steps_from(&req.operations, policy.limits.max_operations)?;
                 let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
                 let output = codec::output_options(req.output.as_ref())?;
-                let admission = processor.admit(&tenant, &operations, req.encoded_len())?;
+                call.admission.check_operations(&operations)?;
                 let mut decode_limits = codec::decode_limits(&policy.limits);
-                decode_limits.max_pixels = admission.max_image_pixels;
+                decode_limits.max_pixels = call.admission.max_image_pixels;
                 let input = match request_image(req.image, decode_limits)? {
                     RequestImage::Encoded(encoded) => {
-                        // The decoded size is unknown until the header is read
-                        // (on the worker): the encoded size stands in for it.
+                        // The decoded size, from the file's header, is charged
+                        // before decoding: the file, the decoded pixels and
+                        // their conversion to a raw image.
                         let n = encoded.data.len() as u64;
-                        processor.run(&admission, JobCost::estimated(n, n), move || codec::decode(&encoded)).await?
+                        let decoded = codec::decoded_bytes(&encoded)?;
+                        processor.run(&call, JobCost::estimated(decoded, n + 2 * decoded), move || codec::decode(&encoded)).await?
                     }
                     RequestImage::Raw(buffer) => buffer,
                 };
-                let out = processor.process(&admission, input, Pipeline::new(steps)).await?;
+                let out = processor.process(&call, input, Pipeline::new(steps)).await?;
                 let image = match output {
                     Some(options) => {
                         let cost = JobCost::estimated(out.layout().pixels() as u64, out.data().len() as u64 * 2);
-                        processor.run(&admission, cost, move || codec::encode(out, &options)).await?
+                        processor.run(&call, cost, move || codec::encode(out, &options)).await?
                     }
                     None => out.into_v1(),
                 };
-                Ok::<_, ServiceError>(Response::new(ProcessResponse { image: Some(image) }))
+                let response = ProcessResponse { image: Some(image) };
+                processor.hold(&call.account, message_bytes(&response)).await?;
+                Ok::<_, ServiceError>(Response::new(response))
             })
         })
         .await

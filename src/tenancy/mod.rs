@@ -27,6 +27,7 @@
 //! [`Tenancy::reconfigure`] swaps the policy at once for new requests
 //! (config reload); admitted requests keep the terms they were admitted on.
 
+pub mod memory;
 pub mod policy;
 pub mod rate;
 pub mod scheduler;
@@ -46,6 +47,7 @@ use crate::{
     identity::TenantId,
     worker::{WorkerError, WorkerPool},
 };
+use memory::{Account, Budget, MemoryError, Stage};
 use policy::{Operation, TenancyConfig, TenantPolicy};
 use rate::TokenBucket;
 use scheduler::DrrScheduler;
@@ -72,6 +74,8 @@ pub enum TenancyError {
     #[error("image needs {needed} bytes in flight, over the server's memory budget of {budget} bytes (tenancy.memory_budget_bytes)")]
     MemoryBudget { needed: u64, budget: u64 },
     #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
     Worker(#[from] WorkerError),
 }
 
@@ -87,6 +91,8 @@ impl TenancyError {
             Self::TenantBusy { .. } => "tenant_busy",
             Self::ServerBusy { .. } => "server_busy",
             Self::MemoryBudget { .. } => "memory_budget",
+            Self::Memory(MemoryError::NeverFits { .. }) => "memory_share",
+            Self::Memory(MemoryError::Exhausted { .. }) => "memory_exhausted",
             Self::Worker(_) => "worker",
         }
     }
@@ -107,6 +113,27 @@ pub struct Admission {
     /// The tenant's pixel limit (never above the server's).
     pub max_image_pixels: u64,
     pub max_operations: usize,
+}
+
+impl Admission {
+    /// The operations a request turned out to need (a v1 body names them):
+    /// allowed for this tenant?
+    pub fn check_operations(&self, operations: &[Operation]) -> Result<(), TenancyError> {
+        match operations.iter().find(|op| !self.policy.allows(**op)) {
+            Some(op) => {
+                Err(TenancyError::OperationNotAllowed { tenant: self.tenant.clone(), operation: *op, allowed: self.policy.allowed_list() })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A request message of `bytes`: within the tenant's limit?
+    pub fn check_request_bytes(&self, bytes: u64) -> Result<(), TenancyError> {
+        if bytes > self.policy.max_request_bytes {
+            return Err(TenancyError::RequestTooLarge { tenant: self.tenant.clone(), bytes, limit: self.policy.max_request_bytes });
+        }
+        Ok(())
+    }
 }
 
 /// What a job costs the scheduler (pixels) and the memory budget (bytes).
@@ -134,6 +161,8 @@ impl JobCost {
 
 struct Pending {
     start: oneshot::Sender<Reservation>,
+    /// Held by the job's account since before it was queued; counted in
+    /// `imgsvc_memory_in_flight_bytes` while the job runs.
     bytes: u64,
     max_concurrent: u32,
     enqueued: Instant,
@@ -144,7 +173,13 @@ struct State {
     buckets: HashMap<TenantId, TokenBucket>,
     running: HashMap<TenantId, u32>,
     running_total: usize,
+    /// Bytes of the jobs running now (a gauge; the budget itself is
+    /// enforced by [`Budget`]).
     memory_in_use: u64,
+    /// Jobs waiting for their memory before they are queued.
+    waiting_memory: HashMap<TenantId, u32>,
+    /// Calls holding a [`CallSlot`].
+    calls: HashMap<TenantId, u32>,
     scheduler: DrrScheduler<Pending>,
 }
 
@@ -152,6 +187,7 @@ struct Shared {
     state: Mutex<State>,
     pool: WorkerPool,
     worker_slots: usize,
+    budget: Arc<Budget>,
 }
 
 /// Per-tenant admission and fair scheduling of pixel work.
@@ -176,15 +212,41 @@ pub struct TenantLoad {
 impl Tenancy {
     pub fn new(policy: RuntimePolicy, pool: WorkerPool) -> Self {
         let worker_slots = pool.threads();
+        let budget = Budget::new(policy.tenancy.memory_budget_bytes);
         let state = State {
             policy: Arc::new(policy),
             buckets: HashMap::new(),
             running: HashMap::new(),
             running_total: 0,
             memory_in_use: 0,
+            waiting_memory: HashMap::new(),
+            calls: HashMap::new(),
             scheduler: DrrScheduler::default(),
         };
-        Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots }) }
+        Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots, budget }) }
+    }
+
+    /// The memory budget every request's bytes are charged to.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.shared.budget
+    }
+
+    /// An account holding `bytes` for one connection of `tenant` (its
+    /// HTTP/2 window), if they fit its share now; `None` for a tenant that
+    /// is not served (its calls are refused anyway).
+    pub fn connection_account(&self, tenant: &TenantId, bytes: u64) -> Result<Option<Arc<Account>>, MemoryError> {
+        let share = match self.policy().tenancy.policy(tenant) {
+            Some(policy) => policy.max_memory_bytes,
+            None => return Ok(None),
+        };
+        let account = self.shared.budget.account(tenant.clone(), share, Stage::Receiving);
+        account.try_reserve(bytes)?;
+        Ok(Some(account))
+    }
+
+    /// A new, empty memory account for one call of an admitted tenant.
+    pub fn account(&self, admission: &Admission, stage: Stage) -> Arc<Account> {
+        self.shared.budget.account(admission.tenant.clone(), admission.policy.max_memory_bytes, stage)
     }
 
     pub fn policy(&self) -> Arc<RuntimePolicy> {
@@ -205,13 +267,35 @@ impl Tenancy {
             }
             None => false,
         });
+        self.shared.budget.set_total(policy.tenancy.memory_budget_bytes);
         state.policy = Arc::new(policy);
     }
 
     /// How many of `tenant`'s requests are running and queued right now.
     pub fn load(&self, tenant: &TenantId) -> TenantLoad {
         let state = lock(&self.shared.state);
-        TenantLoad { running: state.running.get(tenant).copied().unwrap_or(0), queued: state.scheduler.queued(tenant) as u32 }
+        let waiting = state.waiting_memory.get(tenant).copied().unwrap_or(0);
+        TenantLoad { running: state.running.get(tenant).copied().unwrap_or(0), queued: state.scheduler.queued(tenant) as u32 + waiting }
+    }
+
+    /// Step 1 at the request's headers, before a byte of its body is read:
+    /// [`Tenancy::admit`] (with the operations the method names, and no
+    /// size yet), and one of the tenant's call slots
+    /// (`max_concurrent_requests + max_queued_requests` calls at once,
+    /// from their headers until their answer has been sent).
+    pub fn admit_call(&self, tenant: &TenantId, operations: &[Operation]) -> Result<(Admission, CallSlot), TenancyError> {
+        let admission = self.admit(tenant, operations, 0)?;
+        let mut state = lock(&self.shared.state);
+        let (max_concurrent, max_queued) = (admission.policy.max_concurrent_requests, admission.policy.max_queued_requests);
+        let calls = state.calls.entry(tenant.clone()).or_default();
+        if *calls >= max_concurrent.saturating_add(max_queued) {
+            let error = TenancyError::TenantBusy { tenant: tenant.clone(), admitted: *calls, max_concurrent, max_queued };
+            drop(state);
+            metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => error.reason()).increment(1);
+            return Err(error);
+        }
+        *calls += 1;
+        Ok((admission, CallSlot { shared: self.shared.clone(), tenant: tenant.clone() }))
     }
 
     /// Step 1: is this tenant allowed these operations, now, at this size?
@@ -241,69 +325,95 @@ impl Tenancy {
         if !policy.enabled {
             return Err(TenancyError::Disabled { tenant: tenant.clone() });
         }
-        if let Some(op) = operations.iter().find(|op| !policy.allows(**op)) {
-            return Err(TenancyError::OperationNotAllowed { tenant: tenant.clone(), operation: *op, allowed: policy.allowed_list() });
-        }
-        if let Some((rate, burst)) = policy.rate {
-            let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
-            bucket.try_take(now).map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
-        }
-        if request_bytes > policy.max_request_bytes {
-            return Err(TenancyError::RequestTooLarge { tenant: tenant.clone(), bytes: request_bytes, limit: policy.max_request_bytes });
-        }
-        Ok(Admission {
+        let admission = Admission {
             tenant: tenant.clone(),
             policy: policy.clone(),
             max_image_pixels: policy.max_image_pixels.min(runtime.limits.max_image_pixels),
             max_operations: runtime.limits.max_operations,
-        })
+        };
+        admission.check_operations(operations)?;
+        if let Some((rate, burst)) = policy.rate {
+            let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
+            bucket.try_take(now).map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
+        }
+        admission.check_request_bytes(request_bytes)?;
+        Ok(admission)
     }
 
     /// Step 2: queues `job` for the admitted tenant and runs it on the
-    /// worker pool when the scheduler picks it.
+    /// worker pool when the scheduler picks it. Its memory (`cost.bytes`)
+    /// is charged to a fresh account for the job's lifetime.
     pub async fn run<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, TenancyError>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let result = self.run_inner(admission, cost, job).await;
+        let account = self.account(admission, Stage::Queued);
+        self.run_charged(admission, cost, &account, job).await
+    }
+
+    /// [`Tenancy::run`] for a job whose memory is held by `account` (the
+    /// call's): before the job is queued the account is topped up to
+    /// `cost.bytes` (what it already holds, the request body say, counts),
+    /// waiting up to `tenancy.memory_wait_ms` for memory to come back.
+    pub async fn run_charged<R, F>(&self, admission: &Admission, cost: JobCost, account: &Arc<Account>, job: F) -> Result<R, TenancyError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let result = self.run_inner(admission, cost, account, job).await;
         if let Err(e) = &result {
             metrics::counter!("imgsvc_refusals_total", "tenant" => admission.tenant.to_string(), "reason" => e.reason()).increment(1);
         }
         result
     }
 
-    async fn run_inner<R, F>(&self, admission: &Admission, cost: JobCost, job: F) -> Result<R, TenancyError>
+    async fn run_inner<R, F>(&self, admission: &Admission, cost: JobCost, account: &Arc<Account>, job: F) -> Result<R, TenancyError>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
         let tenant = &admission.tenant;
-        let (start, started) = oneshot::channel();
-        {
-            let mut state = lock(&self.shared.state);
+        let memory_wait = {
+            let state = lock(&self.shared.state);
             let budget = state.policy.tenancy.memory_budget_bytes;
             if cost.bytes > budget {
                 return Err(TenancyError::MemoryBudget { needed: cost.bytes, budget });
             }
             let (max_concurrent, max_queued) = (admission.policy.max_concurrent_requests, admission.policy.max_queued_requests);
-            let admitted = state.running.get(tenant).copied().unwrap_or(0) + state.scheduler.queued(tenant) as u32;
+            let admitted = state.running.get(tenant).copied().unwrap_or(0)
+                + state.scheduler.queued(tenant) as u32
+                + state.waiting_memory.get(tenant).copied().unwrap_or(0);
             if admitted >= max_concurrent.saturating_add(max_queued) {
                 return Err(TenancyError::TenantBusy { tenant: tenant.clone(), admitted, max_concurrent, max_queued });
             }
+            state.policy.tenancy.memory_wait
+        };
+        let missing = cost.bytes.saturating_sub(account.held());
+        if missing > 0 && account.try_reserve(missing).is_err() {
+            // Counted as queued while it waits, so the tenant's limits see it.
+            let _waiting = WaitingMemory::new(&self.shared, tenant);
+            account.reserve(missing, memory_wait, || memory::count_wait(tenant)).await?;
+        }
+        let (start, started) = oneshot::channel();
+        {
+            let mut state = lock(&self.shared.state);
             if let Some(reservation) = reserve_inline(&self.shared, &mut state, admission, cost) {
                 drop(state);
+                account.set_stage(Stage::Processing);
                 return run_inline(reservation, job);
             }
             let queued = state.scheduler.len();
             if queued >= state.policy.limits.max_queued_jobs {
                 return Err(TenancyError::ServerBusy { queued });
             }
+            let max_concurrent = admission.policy.max_concurrent_requests;
             let pending = Pending { start, bytes: cost.bytes, max_concurrent, enqueued: Instant::now() };
             state.scheduler.push(tenant, admission.policy.weight, cost.pixels.max(1), pending);
             gauge_queue_depth(&state, tenant);
             self.dispatch(&mut state);
         }
+        account.set_stage(Stage::Queued);
         let mut waiting = Waiting { shared: &self.shared, tenant, started: Some(started) };
         let reservation = match waiting.started.as_mut().expect("set above").await {
             Ok(r) => r,
@@ -311,16 +421,21 @@ impl Tenancy {
             Err(_) => return Err(WorkerError::Panicked("scheduler dropped the job".into()).into()),
         };
         waiting.started = None;
+        account.set_stage(Stage::Processing);
         // The reservation travels with the job: released when it finishes.
         // The pool skips a job whose caller went away while it waited for a
         // thread: `not_started` counts that as cancelled too.
         let not_started = NotStarted { tenant: Some(tenant.clone()) };
+        // So does the account: the job's buffers are held until it ends,
+        // even if the caller has gone away.
+        let job_account = account.clone();
         Ok(self
             .shared
             .pool
             .run(move || {
                 not_started.start();
                 let _reservation = reservation;
+                let _account = job_account;
                 job()
             })
             .await?)
@@ -334,11 +449,11 @@ impl Tenancy {
 
 fn dispatch(shared: &Arc<Shared>, state: &mut State) {
     while state.running_total < shared.worker_slots {
-        let budget_left = state.policy.tenancy.memory_budget_bytes.saturating_sub(state.memory_in_use);
         let running = &state.running;
-        let picked = state.scheduler.pop(|tenant, p| {
-            p.start.is_closed() || (running.get(tenant).copied().unwrap_or(0) < p.max_concurrent && p.bytes <= budget_left)
-        });
+        // A queued job's memory is already held (see `Tenancy::run_charged`).
+        let picked = state
+            .scheduler
+            .pop(|tenant, p| p.start.is_closed() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent);
         let Some((tenant, pending)) = picked else { break };
         gauge_queue_depth(state, &tenant);
         if pending.start.is_closed() {
@@ -358,7 +473,7 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
 }
 
 /// A tiny image's slot for running on the calling thread, if the tenant's
-/// concurrency and the memory budget allow it now. Such jobs cost less CPU
+/// concurrency allows it now (its memory is already held). Such jobs cost less CPU
 /// than receiving their request did (64Ki pixels ≈ 50 µs of mean filter), so
 /// they skip the queue and the hand-off to the worker pool: a tenant sending
 /// small images is not stuck behind another's 4K images (whose jobs run for
@@ -367,11 +482,9 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
 /// `max_concurrent_requests` and the memory budget.
 fn reserve_inline(shared: &Arc<Shared>, state: &mut State, admission: &Admission, cost: JobCost) -> Option<Reservation> {
     let running = state.running.get(&admission.tenant).copied().unwrap_or(0);
-    let budget_left = state.policy.tenancy.memory_budget_bytes.saturating_sub(state.memory_in_use);
     let fits = cost.kernels_only
         && cost.pixels <= state.policy.limits.inline_max_pixels
-        && running < admission.policy.max_concurrent_requests
-        && cost.bytes <= budget_left;
+        && running < admission.policy.max_concurrent_requests;
     if !fits {
         return None;
     }
@@ -429,6 +542,57 @@ impl Drop for Reservation {
             let mut state = lock(&shared.state);
             self.release(&mut state);
             dispatch(&shared, &mut state);
+        }
+    }
+}
+
+/// One of a tenant's calls, from its headers until its answer is sent
+/// ([`Tenancy::admit_call`]). Released on drop.
+pub struct CallSlot {
+    shared: Arc<Shared>,
+    tenant: TenantId,
+}
+
+impl std::fmt::Debug for CallSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallSlot").field("tenant", &self.tenant).finish()
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared.state);
+        if let Some(n) = state.calls.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                state.calls.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A job waiting for its memory before it is queued: counted among the
+/// tenant's queued jobs.
+struct WaitingMemory<'a> {
+    shared: &'a Arc<Shared>,
+    tenant: &'a TenantId,
+}
+
+impl<'a> WaitingMemory<'a> {
+    fn new(shared: &'a Arc<Shared>, tenant: &'a TenantId) -> Self {
+        *lock(&shared.state).waiting_memory.entry(tenant.clone()).or_default() += 1;
+        Self { shared, tenant }
+    }
+}
+
+impl Drop for WaitingMemory<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared.state);
+        if let Some(n) = state.waiting_memory.get_mut(self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                state.waiting_memory.remove(self.tenant);
+            }
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct TenantPolicy {
     pub max_queued_requests: u32,
     pub max_image_pixels: u64,
     pub max_request_bytes: u64,
+    /// Bytes this tenant's requests may hold at once (its share of the
+    /// memory budget, see [`crate::tenancy::memory`]).
+    pub max_memory_bytes: u64,
     /// Sorted, no duplicates.
     pub allowed_operations: Vec<Operation>,
     pub weight: u32,
@@ -78,9 +81,12 @@ impl TenantPolicy {
 #[derive(Clone, Debug, PartialEq)]
 pub struct TenancyConfig {
     pub unknown_tenants: UnknownTenants,
-    /// Bytes of images in flight (inputs, outputs and intermediates of
-    /// running jobs) across all tenants.
+    /// Bytes held for requests (bodies being received, images queued and
+    /// in flight, answers being sent) across all tenants.
     pub memory_budget_bytes: u64,
+    /// How long a request waits for memory (its body not read) before it
+    /// is refused.
+    pub memory_wait: std::time::Duration,
     pub defaults: TenantPolicy,
     pub tenants: HashMap<TenantId, TenantPolicy>,
 }

@@ -15,6 +15,8 @@ fn policy_with(max_concurrent: u32, max_queued: u32) -> TenantPolicy {
         max_queued_requests: max_queued,
         max_image_pixels: 1000,
         max_request_bytes: 10_000,
+        // No share of its own: the budget bounds these tests' tenants.
+        max_memory_bytes: u64::MAX,
         allowed_operations: Operation::ALL.to_vec(),
         weight: 1,
     }
@@ -34,6 +36,7 @@ fn runtime(tenants: &[(&str, TenantPolicy)], budget: u64) -> RuntimePolicy {
         tenancy: TenancyConfig {
             unknown_tenants: UnknownTenants::Refuse,
             memory_budget_bytes: budget,
+            memory_wait: Duration::from_secs(30),
             defaults: policy_with(4, 4),
             tenants: tenants.iter().map(|(n, p)| (t(n), p.clone())).collect(),
         },

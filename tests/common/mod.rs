@@ -3,6 +3,7 @@
 //! to drive it with the real client binary or a tonic client.
 #![allow(dead_code)]
 
+use bytes::Bytes;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -658,3 +659,47 @@ pub fn apt_get_install(package: &str) {
         assert!(install(), "apt-get install {package} failed");
     }
 }
+
+/// An HTTP/2 connection to `server` as `tenant`, driven on its own task.
+pub async fn h2_connect(server: &ServerProcess, pki: &Pki, tenant: &str) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tls = tls_connect(server.addr, pki, tenant).await;
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    (
+        send,
+        tokio::spawn(async move {
+            let _ = connection.await;
+        }),
+    )
+}
+
+/// Starts a gRPC call to `path`: its request headers are sent.
+pub async fn start_call(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    send.clone().ready().await.unwrap().send_request(request, false).unwrap()
+}
+
+/// A gRPC length-prefixed message.
+pub fn grpc_message(message: &impl prost::Message) -> Bytes {
+    let mut out = Vec::with_capacity(5 + message.encoded_len());
+    out.push(0);
+    out.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
+    message.encode(&mut out).unwrap();
+    out.into()
+}
+
+/// Sends `data` as the server's flow control allows: when this returns,
+/// the server has taken in all but at most one window of it.
+pub async fn send_flow_controlled(stream: &mut h2::SendStream<Bytes>, mut data: Bytes) {
+    while !data.is_empty() {
+        stream.reserve_capacity(data.len());
+        let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx)).await.expect("capacity").expect("stream open");
+        stream.send_data(data.split_to(granted.min(data.len())), false).unwrap();
+    }
+}
+

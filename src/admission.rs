@@ -1,0 +1,458 @@
+//! Admission at the headers and byte accounting of request and response
+//! bodies: the tower layer between tonic's router and the image services.
+//!
+//! For every image call ([`ImageMethod`]), when its headers arrive and
+//! before a byte of its body is read:
+//! 1. [`Tenancy::admit_call`] decides tenant, method and the tenant's slots
+//!    (known and enabled, operations the method names, rate, calls in
+//!    flight). A refusal is answered at once; the body is never read, and
+//!    HTTP/2 resets the stream so the client stops sending it.
+//! 2. The call gets a memory [`Account`]. The request body is wrapped
+//!    ([`ChargedRequest`]): when a gRPC message's 5-byte length prefix
+//!    arrives, the message's bytes (times the method's
+//!    [`ImageMethod::reserve_factor`], which covers the images the call
+//!    will hold while it is processed and answered) are charged before any
+//!    of them is handed on. If the memory is not there, the body is not
+//!    polled: HTTP/2 flow control holds the sender, other streams keep
+//!    flowing. After `tenancy.memory_wait_ms` the call is refused with
+//!    RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms`; a message that can
+//!    never fit is refused at once.
+//! 3. The handler finds the [`Admission`] and the account in the request's
+//!    extensions ([`CallMemory`]); it sizes the account to what each stage
+//!    holds (see `crate::service`).
+//! 4. The response body is wrapped ([`ChargedResponse`]): each data frame
+//!    takes over its size from the call's account, and releases it when
+//!    the transport drops the frame, i.e. once it has been written to the
+//!    socket (a slow reader holds its answer's memory, and that is
+//!    counted). No byte is copied: frames are re-wrapped with
+//!    [`Bytes::from_owner`].
+//!
+//! Health and reflection calls pass through untouched (tonic bounds their
+//! messages at 4 MiB; they carry no images).
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tonic::{Status, codegen::http};
+
+use crate::{
+    identity::Tenant,
+    service::ServiceError,
+    tenancy::{
+        Admission, CallSlot, Tenancy, TenancyError,
+        memory::{self, Account, Stage},
+        policy::Operation,
+    },
+};
+
+/// The image methods of both APIs, as the layer sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageMethod {
+    LegacyRotate,
+    LegacyMeanFilter,
+    Process,
+    ProcessStream,
+}
+
+impl ImageMethod {
+    pub fn from_path(path: &str) -> Option<Self> {
+        Some(match path {
+            "/NLImageService/RotateImage" => Self::LegacyRotate,
+            "/NLImageService/MeanFilter" => Self::LegacyMeanFilter,
+            "/imgsvc.v1.ImageService/Process" => Self::Process,
+            "/imgsvc.v1.ImageService/ProcessStream" => Self::ProcessStream,
+            _ => return None,
+        })
+    }
+
+    /// The name used in spans, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LegacyRotate => "NLImageService/RotateImage",
+            Self::LegacyMeanFilter => "NLImageService/MeanFilter",
+            Self::Process => "imgsvc.v1.ImageService/Process",
+            Self::ProcessStream => "imgsvc.v1.ImageService/ProcessStream",
+        }
+    }
+
+    /// The operations the method itself names (v1 names them in the body,
+    /// checked once it is decoded).
+    pub fn operations(self) -> &'static [Operation] {
+        match self {
+            Self::LegacyRotate => &[Operation::Rotate],
+            Self::LegacyMeanFilter => &[Operation::MeanFilter],
+            Self::Process | Self::ProcessStream => &[],
+        }
+    }
+
+    /// Bytes charged per byte of a request message when its prefix
+    /// arrives: the input, plus the output of a legacy call (one step), or
+    /// up to two images of a v1 pipeline (the handler gives back what its
+    /// pipeline does not need). A stream's messages are chunks, charged
+    /// once; its image is charged by the handler when the header declares
+    /// it.
+    pub fn reserve_factor(self) -> u64 {
+        match self {
+            Self::LegacyRotate | Self::LegacyMeanFilter => 2,
+            Self::Process => 3,
+            Self::ProcessStream => 1,
+        }
+    }
+}
+
+/// What the layer hands the handler of an admitted image call.
+#[derive(Clone, Debug)]
+pub struct CallMemory {
+    pub admission: Admission,
+    pub account: Arc<Account>,
+}
+
+/// The layer; see the module docs.
+#[derive(Clone, Debug)]
+pub struct AdmissionLayer {
+    tenancy: Tenancy,
+}
+
+impl AdmissionLayer {
+    pub fn new(tenancy: Tenancy) -> Self {
+        Self { tenancy }
+    }
+}
+
+impl<S> tower::Layer<S> for AdmissionLayer {
+    type Service = Admit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Admit { inner, tenancy: self.tenancy.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Admit<S> {
+    inner: S,
+    tenancy: Tenancy,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Admit<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let method = ImageMethod::from_path(request.uri().path());
+        let tenant = request.extensions().get::<Tenant>().map(|t| t.0.clone());
+        let (Some(method), Some(tenant)) = (method, tenant) else {
+            // Not an image call, or no tenant (the interceptor has refused it).
+            return Box::pin(self.inner.call(request));
+        };
+        // The clone that was made ready is the one that serves the call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let tenancy = self.tenancy.clone();
+        Box::pin(async move {
+            let (admission, slot) = match tenancy.admit_call(&tenant, method.operations()) {
+                Ok(admitted) => admitted,
+                Err(error) => return Ok(refusal(method, &tenant, error).await),
+            };
+            let account = tenancy.account(&admission, Stage::Receiving);
+            let policy = tenancy.policy();
+            let (memory_wait, max_message_bytes) = (policy.tenancy.memory_wait, policy.limits.max_message_bytes as u64);
+            let (mut parts, body) = request.into_parts();
+            let body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
+            parts.extensions.insert(CallMemory { admission, account: account.clone() });
+            let response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
+            Ok(response.map(|body| tonic::body::Body::new(ChargedResponse::new(body, account, slot, method))))
+        })
+    }
+}
+
+/// A refusal at the headers, answered as the handler would have answered
+/// it (same span, log line and metrics), as a trailers-only response.
+async fn refusal(method: ImageMethod, tenant: &crate::identity::TenantId, error: TenancyError) -> http::Response<tonic::body::Body> {
+    let result = crate::service::traced::<(), _>(method.name(), Ok(tenant.clone()), move |_| {
+        Box::pin(async move { Err(ServiceError::from(error)) })
+    })
+    .await;
+    match result {
+        Err(status) => status.into_http(),
+        Ok(()) => unreachable!("a refusal is an error"),
+    }
+}
+
+/// Where the request body is in its current gRPC message.
+#[derive(Debug)]
+enum Framing {
+    /// Reading a 5-byte prefix: the bytes seen so far.
+    Prefix { seen: usize, prefix: [u8; 5] },
+    /// Inside a message: bytes still to come.
+    Message { remaining: u64 },
+}
+
+/// A request body whose messages are charged to the call's account before
+/// they are handed on (see the module docs).
+pub struct ChargedRequest {
+    inner: tonic::body::Body,
+    method: ImageMethod,
+    admission: Admission,
+    account: Arc<Account>,
+    memory_wait: Duration,
+    framing: Framing,
+    /// A frame held back until the memory for the message it starts is
+    /// charged.
+    held: Option<Bytes>,
+    /// Where in `held` scanning resumes.
+    scanned: usize,
+    waiting: Option<BoxFuture<Result<(), memory::MemoryError>>>,
+    /// Stream messages: charges of complete messages, given back at the
+    /// next poll (tonic has handed them to the handler by then).
+    complete: u64,
+    /// Stream messages: the charge of the message being received.
+    current: u64,
+    /// The inflation buffer of compressed messages is charged.
+    inflating: bool,
+    /// `limits.max_message_bytes`: tonic refuses larger messages itself.
+    max_message_bytes: u64,
+    failed: bool,
+}
+
+impl ChargedRequest {
+    fn new(
+        inner: tonic::body::Body,
+        method: ImageMethod,
+        admission: Admission,
+        account: Arc<Account>,
+        memory_wait: Duration,
+        max_message_bytes: u64,
+    ) -> Self {
+        Self {
+            inner,
+            method,
+            admission,
+            account,
+            memory_wait,
+            framing: Framing::Prefix { seen: 0, prefix: [0; 5] },
+            held: None,
+            scanned: 0,
+            waiting: None,
+            complete: 0,
+            current: 0,
+            inflating: false,
+            max_message_bytes,
+            failed: false,
+        }
+    }
+
+    /// What a message of `len` bytes (after its prefix) is charged, and
+    /// what of that stays charged for the rest of the call.
+    fn charge_for(&mut self, compressed: bool, len: u64) -> (u64, u64) {
+        if compressed && !self.inflating {
+            // Its size once inflated is unknown until it is inflated: tonic
+            // inflates each message of a call into one buffer, of at most
+            // the tenant's request limit (checked once inflated). That
+            // buffer is charged once, for the call's lifetime; the handler
+            // then holds what the call needs.
+            self.inflating = true;
+            let buffer = self.admission.policy.max_request_bytes;
+            return (len.saturating_add(buffer), buffer);
+        }
+        (len.saturating_mul(self.method.reserve_factor()), 0)
+    }
+
+    /// Scans `held` from `scanned`: returns the charge a new message needs
+    /// before the frame can go on, or `None` when the whole frame may go.
+    fn scan(&mut self) -> Result<Option<u64>, Status> {
+        // A cheap clone (a reference count), so `self` can be updated.
+        let frame = self.held.clone().expect("scanning a held frame");
+        let mut at = self.scanned;
+        while at < frame.len() {
+            match &mut self.framing {
+                Framing::Message { remaining } => {
+                    let take = (*remaining).min((frame.len() - at) as u64);
+                    *remaining -= take;
+                    at += take as usize;
+                    if *remaining == 0 {
+                        self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
+                        self.message_done();
+                    }
+                }
+                Framing::Prefix { seen, prefix } => {
+                    let take = (5 - *seen).min(frame.len() - at);
+                    prefix[*seen..*seen + take].copy_from_slice(&frame[at..at + take]);
+                    *seen += take;
+                    at += take;
+                    if *seen == 5 {
+                        let compressed = prefix[0] == 1;
+                        let len = u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]));
+                        self.framing = Framing::Message { remaining: len };
+                        if len == 0 {
+                            self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
+                        }
+                        self.scanned = at;
+                        if len > self.max_message_bytes {
+                            // tonic refuses it from this prefix, before reading it.
+                            return Ok(Some(0));
+                        }
+                        self.admission.check_request_bytes(len).map_err(|e| Status::from(ServiceError::from(e)))?;
+                        let (charge, kept) = self.charge_for(compressed, len);
+                        if self.method == ImageMethod::ProcessStream {
+                            self.current = charge - kept;
+                        }
+                        return Ok(Some(charge));
+                    }
+                }
+            }
+        }
+        self.scanned = at;
+        Ok(None)
+    }
+
+    fn message_done(&mut self) {
+        if self.method == ImageMethod::ProcessStream {
+            self.complete += std::mem::take(&mut self.current);
+        }
+    }
+}
+
+impl Body for ChargedRequest {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.failed {
+            return Poll::Ready(None);
+        }
+        if this.complete > 0 && this.waiting.is_none() && this.held.is_none() {
+            // Every complete stream message has been decoded and consumed.
+            this.account.release(std::mem::take(&mut this.complete));
+        }
+        loop {
+            if let Some(waiting) = this.waiting.as_mut() {
+                let result = ready!(waiting.as_mut().poll(cx));
+                this.waiting = None;
+                if let Err(error) = result {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
+                }
+            }
+            if this.held.is_some() {
+                match this.scan() {
+                    Err(status) => {
+                        this.failed = true;
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                    Ok(Some(charge)) => {
+                        if charge > 0 && this.account.try_reserve(charge).is_err() {
+                            let account = this.account.clone();
+                            let wait = this.memory_wait;
+                            this.waiting = Some(Box::pin(async move {
+                                let tenant = account.tenant().clone();
+                                account.reserve(charge, wait, || memory::count_wait(&tenant)).await
+                            }));
+                        }
+                        continue;
+                    }
+                    Ok(None) => {
+                        let frame = this.held.take().expect("scanned above");
+                        this.scanned = 0;
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                }
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.held = Some(data),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body whose data frames carry their share of the call's
+/// account until the transport drops them; holds the call's slot until
+/// the answer is sent.
+pub struct ChargedResponse {
+    inner: tonic::body::Body,
+    account: Arc<Account>,
+    _slot: CallSlot,
+}
+
+impl ChargedResponse {
+    fn new(inner: tonic::body::Body, account: Arc<Account>, slot: CallSlot, _method: ImageMethod) -> Self {
+        account.set_stage(Stage::Sending);
+        Self { inner, account, _slot: slot }
+    }
+}
+
+/// A frame's bytes and the memory they are charged as: released when the
+/// last piece of the frame is dropped.
+struct ChargedFrame {
+    bytes: Bytes,
+    _charge: Arc<Account>,
+}
+
+impl AsRef<[u8]> for ChargedFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Body for ChargedResponse {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let charge = this.account.split(data.len() as u64, Stage::Sending);
+                    if charge.held() == 0 {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(ChargedFrame { bytes: data, _charge: charge })))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => Poll::Ready(other),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
