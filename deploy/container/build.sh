@@ -5,16 +5,19 @@
 # and /etc/passwd and /etc/group naming uid/gid 10001. Nothing else: no
 # shell, no package manager, no CA store.
 #
-# Usage: deploy/container/build.sh [--binary PATH] [--tag IMAGE] [--save FILE]
+# Usage: deploy/container/build.sh [--binary PATH] [--tag IMAGE] [--save FILE] [--no-strip]
 #   --binary PATH  the imgsvc-server to package (default: build it with
 #                  cargo build --release --locked --bin imgsvc-server)
+#   --no-strip     keep the binary's line tables (file:line in backtraces;
+#                  about 6x the size). By default they are stripped
+#                  (strip --strip-debug: function names stay).
 #   --tag IMAGE    the image name (default: localhost/imgsvc:<Cargo.toml
 #                  version>, which deploy/kubernetes/deployment.yaml names)
 #   --save FILE    also write the image as an OCI archive, to load into a
 #                  cluster's nodes or push with skopeo
 # Tool: $CONTAINER_TOOL if set, else podman, else buildah, else docker (if
-# its daemon answers). Debian: apt-get install podman. The last line
-# printed is the image name.
+# its daemon answers). Debian: apt-get install podman. Prints the sizes of
+# what it packaged, then the image name as the last line.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -22,12 +25,14 @@ version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -n 1)"
 binary=""
 tag="localhost/imgsvc:$version"
 save=""
+strip=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --binary) binary="$2"; shift 2 ;;
         --tag) tag="$2"; shift 2 ;;
         --save) save="$2"; shift 2 ;;
-        -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-strip) strip=0; shift ;;
+        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
     esac
 done
@@ -54,6 +59,10 @@ trap 'rm -rf "$context"' EXIT
 rootfs="$context/rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc"
 install -m 0755 "$binary" "$rootfs/usr/local/bin/imgsvc-server"
+if [ "$strip" = 1 ]; then
+    command -v strip >/dev/null || { echo "build.sh: strip not found (Debian: apt-get install binutils), or pass --no-strip" >&2; exit 69; }
+    strip --strip-debug "$rootfs/usr/local/bin/imgsvc-server"
+fi
 # Every absolute path ldd prints: the libraries and the dynamic loader, each
 # at the path the binary asks for (symlinks resolved).
 libs="$(ldd "$binary" | grep -o '/[^ ]*' | sort -u || true)"
@@ -64,6 +73,9 @@ done
 echo 'imgsvc:x:10001:10001:imgsvc:/nonexistent:/sbin/nologin' >"$rootfs/etc/passwd"
 echo 'imgsvc:x:10001:' >"$rootfs/etc/group"
 cp "$here/Containerfile" "$context/Containerfile"
+binary_bytes="$(stat -c %s "$rootfs/usr/local/bin/imgsvc-server")"
+total_bytes="$(du -sb "$rootfs" | cut -f1)"
+echo "packaged imgsvc-server $binary_bytes bytes, everything $total_bytes bytes"
 
 labels=(--label "org.opencontainers.image.title=imgsvc" --label "org.opencontainers.image.version=$version")
 case "$tool" in
