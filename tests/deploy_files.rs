@@ -276,7 +276,9 @@ fn cert_manager_example_issues_the_mounted_server_secret_and_spiffe_tenant_certi
     let certificate = |name: &str| -> &Value {
         docs.iter().find(|d| d["kind"] == "Certificate" && get(d, "metadata.name") == name).unwrap_or_else(|| panic!("no Certificate {name}"))
     };
-    let usages = |c: &Value| -> Vec<&str> { get(c, "spec.usages").as_sequence().unwrap().iter().map(|u| u.as_str().unwrap()).collect() };
+    fn usages(c: &Value) -> Vec<&str> {
+        get(c, "spec.usages").as_sequence().unwrap().iter().map(|u| u.as_str().unwrap()).collect()
+    }
     let k8s = manifests();
     let settings = {
         let config_map = one_of_kind(&k8s, "ConfigMap");
