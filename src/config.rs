@@ -937,11 +937,17 @@ mod tests {
     fn tls_files_are_watched_by_default_with_a_half_second_debounce_and_a_14_day_warning() {
         let s = load(MINIMAL, &[]).unwrap();
         assert_eq!((s.tls.watch_files, s.tls.watch_debounce, s.tls.expiry_warning_days), (true, Duration::from_millis(500), 14));
-        let toml = "[tls]\ncert = \"s\"\nkey = \"k\"\nclient_ca = \"c\"\nwatch_files = false\nwatch_debounce_ms = 0\nexpiry_warning_days = 0\n";
+        let toml =
+            "[tls]\ncert = \"s\"\nkey = \"k\"\nclient_ca = \"c\"\nwatch_files = false\nwatch_debounce_ms = 0\nexpiry_warning_days = 0\n";
         let s = load(toml, &[]).unwrap();
         assert_eq!((s.tls.watch_files, s.tls.watch_debounce, s.tls.expiry_warning_days), (false, Duration::ZERO, 0));
         let cases = [
-            ("IMGSVC_TLS__WATCH_DEBOUNCE_MS", "60001", "tls.watch_debounce_ms", "60001 is out of range 0..=60000 (0 = reload at the first change)"),
+            (
+                "IMGSVC_TLS__WATCH_DEBOUNCE_MS",
+                "60001",
+                "tls.watch_debounce_ms",
+                "60001 is out of range 0..=60000 (0 = reload at the first change)",
+            ),
             ("IMGSVC_TLS__EXPIRY_WARNING_DAYS", "3651", "tls.expiry_warning_days", "3651 is out of range 0..=3650 (0 = never warn)"),
         ];
         for (var, value, key, problem) in cases {

@@ -418,7 +418,11 @@ pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
             issuer = Some(CertificateAuthority::load(&ca_cert, &ca_key)?);
         }
     }
-    let ca = issuer.ok_or_else(|| PkiError::ForeignCertificate { path: cert_path.clone(), dir: dir.into(), issuer: cert.issuer().to_string() })?;
+    let ca = issuer.ok_or_else(|| PkiError::ForeignCertificate {
+        path: cert_path.clone(),
+        dir: dir.into(),
+        issuer: cert.issuer().to_string(),
+    })?;
 
     let now = OffsetDateTime::now_utc();
     let crl_path = paths.crl();
@@ -569,8 +573,11 @@ fn ca_subject(path: &Path) -> Result<Vec<u8>, PkiError> {
     let der = crate::tls::read_certs("CA certificate", path)
         .map_err(|e| PkiError::Parse { what: "CA certificate", path: path.into(), reason: e.to_string() })?
         .remove(0);
-    let (_, cert) =
-        X509Certificate::from_der(&der).map_err(|e| PkiError::Parse { what: "CA certificate", path: path.into(), reason: e.to_string() })?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
+        what: "CA certificate",
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     Ok(cert.subject().as_raw().to_vec())
 }
 

@@ -123,7 +123,13 @@ fn mount_dir(dir: &Path, files: &[(&str, Vec<u8>)]) {
 /// A request that keeps the container's one worker busy for a while.
 fn slow_request(fill: u8) -> ProcessRequest {
     ProcessRequest {
-        image: Some(Image { format: PixelFormat::Rgb8 as i32, width: 1000, height: 1000, data: Bytes::from(vec![fill; 3_000_000]), encoded: None }),
+        image: Some(Image {
+            format: PixelFormat::Rgb8 as i32,
+            width: 1000,
+            height: 1000,
+            data: Bytes::from(vec![fill; 3_000_000]),
+            encoded: None,
+        }),
         operations: vec![v1::Operation { kind: Some(v1::operation::Kind::MeanFilter(v1::MeanFilter {})) }; 300],
         output: None,
     }
@@ -251,7 +257,8 @@ async fn image_from_build_script_serves_mtls_as_uid_10001_read_only_and_drains_o
         ],
     );
     assert!(client.status.success(), "{}", stderr(&client));
-    let (input, rotated) = (imgsvc::client::image_io::read_image(&fixture("camera.png")).unwrap(), imgsvc::client::image_io::read_image(&output).unwrap());
+    let (input, rotated) =
+        (imgsvc::client::image_io::read_image(&fixture("camera.png")).unwrap(), imgsvc::client::image_io::read_image(&output).unwrap());
     assert_eq!((rotated.width, rotated.height), (input.height, input.width));
 
     // SIGTERM with two slow requests in flight: both complete, exit 0.

@@ -274,7 +274,9 @@ fn cert_manager_example_issues_the_mounted_server_secret_and_spiffe_tenant_certi
     let text = std::fs::read_to_string(deploy("kubernetes/cert-manager/certificates.example.yaml")).unwrap();
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect();
     let certificate = |name: &str| -> &Value {
-        docs.iter().find(|d| d["kind"] == "Certificate" && get(d, "metadata.name") == name).unwrap_or_else(|| panic!("no Certificate {name}"))
+        docs.iter()
+            .find(|d| d["kind"] == "Certificate" && get(d, "metadata.name") == name)
+            .unwrap_or_else(|| panic!("no Certificate {name}"))
     };
     fn usages(c: &Value) -> Vec<&str> {
         get(c, "spec.usages").as_sequence().unwrap().iter().map(|u| u.as_str().unwrap()).collect()

@@ -155,7 +155,8 @@ async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> 
     // READY=1 whether the reload took or not (the old config still serves).
     let on_reload = move || {
         systemd::notify_reloading();
-        let reloaded = load_settings(&source, &overrides).map_err(anyhow::Error::new).and_then(|s| reload.reload(s).map_err(anyhow::Error::new));
+        let reloaded =
+            load_settings(&source, &overrides).map_err(anyhow::Error::new).and_then(|s| reload.reload(s).map_err(anyhow::Error::new));
         certwatch::count_reload(Trigger::Signal, reloaded.is_ok());
         match reloaded {
             Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed: keeping the previous configuration"),
