@@ -216,25 +216,21 @@ async fn kubernetes_data_symlink_swap_reaches_new_connections_while_established_
     let (established, established_serial) = single_connection(server.addr, &pki, "a").await;
     assert_eq!(established_serial, old);
 
-    let pair = new_server_pair(&pki, 30);
+    // A new server certificate and key, the CA unchanged.
     let ca = std::fs::read(p.ca_cert()).unwrap();
-    swap_secret_volume(
-        pki.dir.path(),
-        "..v2",
-        &[("server.pem", pair.cert_pem.as_bytes()), ("server-key.pem", pair.key_pem.as_bytes()), ("ca.pem", &ca)],
-    );
+    let swap_in_new_pair = |version: &str| {
+        let pair = new_server_pair(&pki, 30);
+        let files = [("server.pem", pair.cert_pem.as_bytes()), ("server-key.pem", pair.key_pem.as_bytes()), ("ca.pem", &ca[..])];
+        swap_secret_volume(pki.dir.path(), version, &files);
+    };
+    swap_in_new_pair("..v2");
     let new = file_serial(&p.server_cert());
     assert_ne!(new, old);
     until_served_serial(server.addr, &pki, &new).await;
     call(established).await.expect("the connection made before the swap still serves");
 
     // The watch follows the new target directory: a second swap is seen too.
-    let third = new_server_pair(&pki, 30);
-    swap_secret_volume(
-        pki.dir.path(),
-        "..v3",
-        &[("server.pem", third.cert_pem.as_bytes()), ("server-key.pem", third.key_pem.as_bytes()), ("ca.pem", &ca)],
-    );
+    swap_in_new_pair("..v3");
     until_served_serial(server.addr, &pki, &file_serial(&p.server_cert())).await;
     assert_eq!((reloads(server.admin_addr, "ok"), reloads(server.admin_addr, "error")), (2.0, 0.0));
 }

@@ -20,9 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use common::*;
-use imgsvc::proto::v1::{self, Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient};
+use imgsvc::proto::v1::image_service_client::ImageServiceClient;
 use serde::Deserialize;
 
 fn manifest(path: &str) -> PathBuf {
@@ -117,21 +116,6 @@ fn mount_dir(dir: &Path, files: &[(&str, Vec<u8>)]) {
         std::fs::write(&path, contents).unwrap();
         std::os::unix::fs::chown(&path, Some(0), Some(10001)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
-    }
-}
-
-/// A request that keeps the container's one worker busy for a while.
-fn slow_request(fill: u8) -> ProcessRequest {
-    ProcessRequest {
-        image: Some(Image {
-            format: PixelFormat::Rgb8 as i32,
-            width: 1000,
-            height: 1000,
-            data: Bytes::from(vec![fill; 3_000_000]),
-            encoded: None,
-        }),
-        operations: vec![v1::Operation { kind: Some(v1::operation::Kind::MeanFilter(v1::MeanFilter {})) }; 300],
-        output: None,
     }
 }
 
@@ -265,7 +249,7 @@ async fn image_from_build_script_serves_mtls_as_uid_10001_read_only_and_drains_o
     let mut calls = Vec::new();
     for fill in [3u8, 7] {
         let channel = imgsvc::client::connect(&target_of(addr), &pki.credentials("dev")).await.unwrap();
-        calls.push(tokio::spawn(async move { ImageServiceClient::new(channel).process(slow_request(fill)).await }));
+        calls.push(tokio::spawn(async move { ImageServiceClient::new(channel).process(slow_v1_request(fill, 300)).await }));
     }
     let in_flight = [("tenant", "dev"), ("method", "imgsvc.v1.ImageService/Process")];
     let all_in = until_metric(admin, "imgsvc_in_flight_requests", &in_flight, 2.0, Duration::from_secs(30)).await;
