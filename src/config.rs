@@ -184,6 +184,9 @@ pub struct RawTls {
     pub dev_auto_certs: bool,
     pub handshake_timeout_secs: u64,
     pub crl_files: Vec<PathBuf>,
+    pub watch_files: bool,
+    pub watch_debounce_ms: u64,
+    pub expiry_warning_days: u32,
 }
 
 impl Default for RawTls {
@@ -196,6 +199,9 @@ impl Default for RawTls {
             dev_auto_certs: false,
             handshake_timeout_secs: 10,
             crl_files: Vec::new(),
+            watch_files: true,
+            watch_debounce_ms: 500,
+            expiry_warning_days: 14,
         }
     }
 }
@@ -329,6 +335,12 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// Certificate revocation lists (PEM) checked at every handshake.
     pub crl_files: Vec<PathBuf>,
+    /// Reload the files above when they change (see [`crate::certwatch`]).
+    pub watch_files: bool,
+    /// Quiet time after the last change before a reload.
+    pub watch_debounce: Duration,
+    /// Warn about a certificate that expires within this many days; 0: never.
+    pub expiry_warning_days: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,6 +439,8 @@ impl Settings {
         if !(1..=300).contains(&raw.tls.handshake_timeout_secs) {
             return Err(invalid("tls.handshake_timeout_secs", format!("{} is out of range 1..=300", raw.tls.handshake_timeout_secs)));
         }
+        in_range("tls.watch_debounce_ms", raw.tls.watch_debounce_ms.into(), 0..=60_000, " (0 = reload at the first change)")?;
+        in_range("tls.expiry_warning_days", raw.tls.expiry_warning_days.into(), 0..=3650, " (0 = never warn)")?;
         let l = &raw.limits;
         if l.max_image_pixels == 0 || l.max_image_pixels > 1 << 40 {
             return Err(invalid("limits.max_image_pixels", format!("{} is out of range 1..=2^40", l.max_image_pixels)));
@@ -492,6 +506,9 @@ impl Settings {
                 dev_auto_certs: raw.tls.dev_auto_certs,
                 handshake_timeout: Duration::from_secs(raw.tls.handshake_timeout_secs),
                 crl_files: raw.tls.crl_files,
+                watch_files: raw.tls.watch_files,
+                watch_debounce: Duration::from_millis(raw.tls.watch_debounce_ms),
+                expiry_warning_days: raw.tls.expiry_warning_days,
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,
@@ -957,6 +974,29 @@ mod tests {
         assert_eq!(s.idle_timeout, None);
         let err = load(&format!("{MINIMAL}\n[server]\nidle_timeout_secs = 86401\n"), &[]).unwrap_err().to_string();
         assert_eq!(err, "config test.toml: key `server.idle_timeout_secs`: 86401 is out of range 0..=86400 (0 = never)");
+    }
+
+    #[test]
+    fn tls_files_are_watched_by_default_with_a_half_second_debounce_and_a_14_day_warning() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!((s.tls.watch_files, s.tls.watch_debounce, s.tls.expiry_warning_days), (true, Duration::from_millis(500), 14));
+        let toml =
+            "[tls]\ncert = \"s\"\nkey = \"k\"\nclient_ca = \"c\"\nwatch_files = false\nwatch_debounce_ms = 0\nexpiry_warning_days = 0\n";
+        let s = load(toml, &[]).unwrap();
+        assert_eq!((s.tls.watch_files, s.tls.watch_debounce, s.tls.expiry_warning_days), (false, Duration::ZERO, 0));
+        let cases = [
+            (
+                "IMGSVC_TLS__WATCH_DEBOUNCE_MS",
+                "60001",
+                "tls.watch_debounce_ms",
+                "60001 is out of range 0..=60000 (0 = reload at the first change)",
+            ),
+            ("IMGSVC_TLS__EXPIRY_WARNING_DAYS", "3651", "tls.expiry_warning_days", "3651 is out of range 0..=3650 (0 = never warn)"),
+        ];
+        for (var, value, key, problem) in cases {
+            let err = load(MINIMAL, &[(var, value)]).unwrap_err().to_string();
+            assert_eq!(err, format!("config test.toml: key `{key}`: {problem}"));
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   single mapping of domain errors to gRPC statuses.
 //! - [`identity`]: client certificate → tenant, applied once per request.
 //! - [`tls`]: rustls configuration for the server and the client.
+//! - [`certwatch`]: TLS files reloaded when they change; certificate expiry.
 //! - [`config`]: layered TOML/env configuration, validated in two stages.
 //! - [`pki`]: certificate authority and certificate issuing (`gen-certs`).
 //! - [`tenancy`]: per-tenant admission, limits and fair scheduling.
@@ -27,6 +28,7 @@
 pub mod admin;
 pub mod admission;
 pub mod allocator;
+pub mod certwatch;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -12,6 +12,13 @@
 //! An existing CA is reused to issue further certificates, so adding a
 //! tenant later keeps every certificate issued before valid; replacing a CA
 //! takes `force`.
+//!
+//! A CA is rotated without downtime in three steps (docs/certificate-rotation.md):
+//! [`start_ca_rotation`] puts a new CA beside the old one (`ca-new.pem`,
+//! `ca-new-key.pem`) and writes `ca-bundle.pem` holding both, to be trusted
+//! by servers and clients; while it is there, [`issue`] issues every new
+//! certificate from the new CA; [`retire_old_ca`] makes the new CA the CA
+//! (`ca.pem`) and the bundle hold it alone.
 
 use std::{
     net::IpAddr,
@@ -24,6 +31,8 @@ use rcgen::{
 };
 use thiserror::Error;
 use time::{Duration, OffsetDateTime};
+
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::identity::{TenantId, TenantIdError, TrustDomain};
 
@@ -71,6 +80,14 @@ pub enum PkiError {
     },
     #[error("{path} is not a readable {what}: {reason}")]
     Parse { what: &'static str, path: PathBuf, reason: String },
+    #[error("{dir} has no CA (ca.pem and ca-key.pem) to rotate: create one first (gen-certs without --new-ca)")]
+    NoCa { dir: PathBuf },
+    #[error("a CA rotation is already in progress in {dir} ({path} exists): finish it with --retire-old-ca first")]
+    RotationInProgress { dir: PathBuf, path: PathBuf },
+    #[error("no CA rotation is in progress in {dir} ({path} does not exist): start one with --new-ca")]
+    NoRotation { dir: PathBuf, path: PathBuf },
+    #[error("{path} was not issued by a CA in {dir} (its issuer is {issuer})")]
+    ForeignCertificate { path: PathBuf, dir: PathBuf, issuer: String },
 }
 
 /// What to issue into a PKI directory.
@@ -104,6 +121,8 @@ impl IssueRequest {
 #[derive(Clone, Debug, Default)]
 pub struct IssueReport {
     pub reused_ca: bool,
+    /// A CA rotation is in progress: the certificates come from the new CA.
+    pub from_new_ca: bool,
     pub written: Vec<PathBuf>,
 }
 
@@ -135,9 +154,33 @@ impl PkiPaths {
     pub fn client_key(&self, tenant: &TenantId) -> PathBuf {
         self.dir.join(format!("client-{tenant}-key.pem"))
     }
-    /// The revocation list `revoke` maintains (add it to `tls.crl_files`).
+    /// The revocation list `revoke` maintains (add it to `tls.crl_files`):
+    /// one CRL per CA (two during a CA rotation).
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")
+    }
+    /// The next CA's certificate, during a CA rotation.
+    pub fn new_ca_cert(&self) -> PathBuf {
+        self.dir.join("ca-new.pem")
+    }
+    /// The next CA's key, during a CA rotation.
+    pub fn new_ca_key(&self) -> PathBuf {
+        self.dir.join("ca-new-key.pem")
+    }
+    /// The CAs to trust: the old and the new one during a CA rotation, the
+    /// CA alone after it.
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.dir.join("ca-bundle.pem")
+    }
+    /// Whether a CA rotation is in progress (both new CA files exist; one
+    /// alone is an error).
+    fn rotating(&self) -> Result<bool, PkiError> {
+        match (self.new_ca_cert().exists(), self.new_ca_key().exists()) {
+            (true, true) => Ok(true),
+            (false, false) => Ok(false),
+            (true, false) => Err(PkiError::IncompleteCa { present: self.new_ca_cert(), missing: self.new_ca_key() }),
+            (false, true) => Err(PkiError::IncompleteCa { present: self.new_ca_key(), missing: self.new_ca_cert() }),
+        }
     }
 }
 
@@ -179,6 +222,33 @@ impl CertificateAuthority {
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+    /// The CA's subject, as text.
+    pub fn subject(&self) -> String {
+        X509Certificate::from_der(&self.cert_der()).map(|(_, c)| c.subject().to_string()).unwrap_or_default()
+    }
+    /// The CA's subject, raw DER (what its certificates and CRLs name as issuer).
+    fn subject_der(&self) -> Vec<u8> {
+        X509Certificate::from_der(&self.cert_der()).map(|(_, c)| c.subject().as_raw().to_vec()).unwrap_or_default()
+    }
+    fn cert_der(&self) -> Vec<u8> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map(|d| d.to_vec()).unwrap_or_default()
+    }
+    /// A CRL signed by this CA listing `revoked`, PEM; valid [`CRL_DAYS`].
+    fn crl_pem(&self, revoked: Vec<RevokedCertParams>) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(CRL_DAYS),
+            // Seconds since the epoch: increases with every run, as CRL numbers must.
+            crl_number: SerialNumber::from(now.unix_timestamp().max(0) as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(|source| PkiError::Issue { what: "CRL".into(), source })?;
+        crl.pem().map_err(|source| PkiError::Issue { what: "CRL".into(), source })
     }
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()
@@ -265,7 +335,17 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
     let mut report = IssueReport::default();
 
     let (cert_exists, key_exists) = (paths.ca_cert().exists(), paths.ca_key().exists());
+    let rotating = paths.rotating()?;
+    if rotating && req.force_new_ca {
+        return Err(PkiError::RotationInProgress { dir: req.out_dir.clone(), path: paths.new_ca_cert() });
+    }
     let ca = match (cert_exists, key_exists, req.force_new_ca) {
+        // During a CA rotation, every new certificate comes from the new CA.
+        _ if rotating => {
+            report.reused_ca = true;
+            report.from_new_ca = true;
+            CertificateAuthority::load(&paths.new_ca_cert(), &paths.new_ca_key())?
+        }
         (true, true, false) => {
             report.reused_ca = true;
             CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?
@@ -314,30 +394,45 @@ pub struct RevokeReport {
 }
 
 /// Revokes `tenant`'s current client certificate in `dir`: adds its serial
-/// to `dir/crl.pem` (keeping earlier entries) and signs the list with the
-/// CA. The server refuses the certificate at the handshake once it loads
-/// the CRL (`tls.crl_files`, then SIGHUP).
+/// to the CRL of the CA that issued it in `dir/crl.pem` (keeping earlier
+/// entries, and the other CA's CRL during a rotation) and signs the list
+/// with that CA. The server refuses the certificate at the handshake once
+/// it loads the CRL (`tls.crl_files`; reloaded when the file changes).
 pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
-    use x509_parser::prelude::FromDer;
     let paths = PkiPaths::new(dir);
-    let ca = CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?;
     let cert_path = paths.client_cert(tenant);
     let parse_err = |what, path: &Path, reason: String| PkiError::Parse { what, path: path.into(), reason };
     let cert_der = crate::tls::read_certs("client certificate", &cert_path)
         .map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?
         .remove(0);
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
-        .map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?;
     let serial = cert.raw_serial().to_vec();
+    // The CA that issued it: the current one, or the new one of a rotation.
+    let mut candidates = vec![(paths.ca_cert(), paths.ca_key())];
+    if paths.rotating()? {
+        candidates.push((paths.new_ca_cert(), paths.new_ca_key()));
+    }
+    let mut issuer = None;
+    for (ca_cert, ca_key) in candidates {
+        if ca_subject(&ca_cert)? == cert.issuer().as_raw() {
+            issuer = Some(CertificateAuthority::load(&ca_cert, &ca_key)?);
+        }
+    }
+    let ca = issuer.ok_or_else(|| PkiError::ForeignCertificate {
+        path: cert_path.clone(),
+        dir: dir.into(),
+        issuer: cert.issuer().to_string(),
+    })?;
 
     let now = OffsetDateTime::now_utc();
-    let mut revoked: Vec<RevokedCertParams> = Vec::new();
     let crl_path = paths.crl();
-    if crl_path.exists() {
-        let pem = std::fs::read(&crl_path).map_err(|source| PkiError::Io { action: "read", path: crl_path.clone(), source })?;
-        use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
-        let der = CertificateRevocationListDer::from_pem_slice(&pem).map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
-        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+    let (mut kept, mut revoked) = (Vec::new(), Vec::new());
+    for block in read_crls(&crl_path)? {
+        if block.issuer != ca.subject_der() {
+            kept.push(block.pem);
+            continue;
+        }
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&block.der)
             .map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
         for entry in crl.iter_revoked_certificates() {
             revoked.push(RevokedCertParams {
@@ -356,21 +451,138 @@ pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
             invalidity_date: None,
         });
     }
-    let params = CertificateRevocationListParams {
-        this_update: now - Duration::hours(1),
-        next_update: now + Duration::days(CRL_DAYS),
-        // Seconds since the epoch: increases with every run, as CRL numbers must.
-        crl_number: SerialNumber::from(now.unix_timestamp().max(0) as u64),
-        issuing_distribution_point: None,
-        revoked_certs: revoked,
-        key_identifier_method: KeyIdMethod::Sha256,
-    };
-    let revoked_total = params.revoked_certs.len();
-    let crl = params.signed_by(&ca.issuer).map_err(|source| PkiError::Issue { what: "CRL".into(), source })?;
-    let pem = crl.pem().map_err(|source| PkiError::Issue { what: "CRL".into(), source })?;
-    write_file(&crl_path, pem.as_bytes(), 0o644)?;
+    let revoked_total = revoked.len();
+    kept.push(ca.crl_pem(revoked)?);
+    write_file(&crl_path, kept.concat().as_bytes(), 0o644)?;
     let serial = serial.iter().map(|b| format!("{b:02x}")).collect();
     Ok(RevokeReport { crl: crl_path, serial, revoked_total })
+}
+
+/// What [`start_ca_rotation`] did.
+#[derive(Clone, Debug)]
+pub struct RotationReport {
+    /// The bundle of both CAs, to trust on servers and clients.
+    pub bundle: PathBuf,
+    pub old_subject: String,
+    pub new_subject: String,
+    pub written: Vec<PathBuf>,
+}
+
+/// Starts a CA rotation in `dir`: a new CA beside the current one (whose
+/// files stay untouched) in `ca-new.pem`/`ca-new-key.pem`, and
+/// `ca-bundle.pem` holding both. From now on [`issue`] issues from the new
+/// CA. If `dir` has a `crl.pem`, an empty CRL of the new CA is added to it:
+/// a server that checks CRLs refuses certificates of a CA it has no CRL for.
+pub fn start_ca_rotation(dir: &Path, trust_domain: &TrustDomain) -> Result<RotationReport, PkiError> {
+    let paths = PkiPaths::new(dir);
+    if paths.rotating()? {
+        return Err(PkiError::RotationInProgress { dir: dir.into(), path: paths.new_ca_cert() });
+    }
+    if !paths.ca_cert().exists() || !paths.ca_key().exists() {
+        return Err(PkiError::NoCa { dir: dir.into() });
+    }
+    let old_pem = read_to_string(&paths.ca_cert())?;
+    let old = CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?;
+    // A name of its own (the creation time), so that logs, the expiry gauge
+    // and CRLs tell the two CAs apart.
+    let now = OffsetDateTime::now_utc();
+    let stamp = format!("{} {:02}:{:02}:{:02}Z", now.date(), now.hour(), now.minute(), now.second());
+    let new = CertificateAuthority::generate(trust_domain, &format!("imgsvc CA {stamp}"))?;
+    let mut written = Vec::new();
+    write_file(&paths.new_ca_key(), new.key_pem().as_bytes(), 0o600)?;
+    write_file(&paths.new_ca_cert(), new.cert_pem().as_bytes(), 0o644)?;
+    written.extend([paths.new_ca_cert(), paths.new_ca_key()]);
+    write_file(&paths.ca_bundle(), format!("{}{}", ensure_newline(&old_pem), new.cert_pem()).as_bytes(), 0o644)?;
+    written.push(paths.ca_bundle());
+    if paths.crl().exists() {
+        let mut crls: Vec<String> = read_crls(&paths.crl())?.into_iter().map(|b| b.pem).collect();
+        crls.push(new.crl_pem(Vec::new())?);
+        write_file(&paths.crl(), crls.concat().as_bytes(), 0o644)?;
+        written.push(paths.crl());
+    }
+    Ok(RotationReport { bundle: paths.ca_bundle(), old_subject: old.subject(), new_subject: new.subject(), written })
+}
+
+/// What [`retire_old_ca`] did.
+#[derive(Clone, Debug)]
+pub struct RetireReport {
+    pub retired_subject: String,
+    pub ca_subject: String,
+    pub written: Vec<PathBuf>,
+    pub removed: Vec<PathBuf>,
+}
+
+/// Ends a CA rotation in `dir`: the new CA becomes `ca.pem`/`ca-key.pem`
+/// (the old CA's key is overwritten), `ca-bundle.pem` holds it alone, and
+/// `crl.pem` keeps only its CRL. Servers that load the bundle then refuse
+/// certificates of the old CA. Safe to run again if interrupted.
+pub fn retire_old_ca(dir: &Path) -> Result<RetireReport, PkiError> {
+    let paths = PkiPaths::new(dir);
+    if !paths.rotating()? {
+        return Err(PkiError::NoRotation { dir: dir.into(), path: paths.new_ca_cert() });
+    }
+    let new = CertificateAuthority::load(&paths.new_ca_cert(), &paths.new_ca_key())?;
+    let retired_subject = CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key()).map(|ca| ca.subject()).unwrap_or_default();
+    let mut written = Vec::new();
+    if paths.crl().exists() {
+        let mine: Vec<String> = read_crls(&paths.crl())?.into_iter().filter(|b| b.issuer == new.subject_der()).map(|b| b.pem).collect();
+        write_file(&paths.crl(), mine.concat().as_bytes(), 0o644)?;
+        written.push(paths.crl());
+    }
+    write_file(&paths.ca_key(), new.key_pem().as_bytes(), 0o600)?;
+    write_file(&paths.ca_cert(), new.cert_pem().as_bytes(), 0o644)?;
+    write_file(&paths.ca_bundle(), new.cert_pem().as_bytes(), 0o644)?;
+    written.extend([paths.ca_cert(), paths.ca_key(), paths.ca_bundle()]);
+    let mut removed = Vec::new();
+    for path in [paths.new_ca_key(), paths.new_ca_cert()] {
+        std::fs::remove_file(&path).map_err(|source| PkiError::Io { action: "remove", path: path.clone(), source })?;
+        removed.push(path);
+    }
+    Ok(RetireReport { retired_subject, ca_subject: new.subject(), written, removed })
+}
+
+/// One CRL of a PEM file: its text, DER, and issuer (raw DER name).
+struct CrlBlock {
+    pem: String,
+    der: Vec<u8>,
+    issuer: Vec<u8>,
+}
+
+/// The CRLs in `path`, in order; none if the file does not exist.
+fn read_crls(path: &Path) -> Result<Vec<CrlBlock>, PkiError> {
+    use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = read_to_string(path)?;
+    let parse_err = |reason: String| PkiError::Parse { what: "CRL", path: path.into(), reason };
+    const END: &str = "-----END X509 CRL-----";
+    let mut blocks = Vec::new();
+    for piece in text.split_inclusive(END).filter(|p| p.contains(END)) {
+        let pem = piece.trim_start().to_string() + "\n";
+        let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err(e.to_string()))?;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).map_err(|e| parse_err(e.to_string()))?;
+        let issuer = crl.issuer().as_raw().to_vec();
+        blocks.push(CrlBlock { pem, der: der.to_vec(), issuer });
+    }
+    Ok(blocks)
+}
+
+/// The subject of the certificate in `path`, raw DER.
+fn ca_subject(path: &Path) -> Result<Vec<u8>, PkiError> {
+    let der = crate::tls::read_certs("CA certificate", path)
+        .map_err(|e| PkiError::Parse { what: "CA certificate", path: path.into(), reason: e.to_string() })?
+        .remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
+        what: "CA certificate",
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    Ok(cert.subject().as_raw().to_vec())
+}
+
+fn ensure_newline(pem: &str) -> String {
+    if pem.ends_with('\n') { pem.to_string() } else { format!("{pem}\n") }
 }
 
 fn name(common_name: &str) -> DistinguishedName {

@@ -30,6 +30,7 @@ use tonic::codec::CompressionEncoding;
 use crate::{
     admin,
     admission::AdmissionLayer,
+    certwatch,
     config::{AdminSettings, Settings, TlsSettings},
     connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
@@ -159,6 +160,7 @@ pub struct Server {
     tenancy: Tenancy,
     tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
     current: Arc<Mutex<Settings>>,
+    certificates: certwatch::LoadedCertificates,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     phase: watch::Sender<Phase>,
     admin: Option<TcpListener>,
@@ -174,9 +176,12 @@ impl Server {
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
         let metrics = telemetry::metrics::install();
+        let certificates = certwatch::LoadedCertificates::default();
+        certificates.publish(&tls, settings.tls.expiry_warning_days);
         let (phase, _) = watch::channel(Phase::Starting);
         Ok(Self {
             current: Arc::new(Mutex::new(settings.clone())),
+            certificates,
             settings,
             tls,
             tenancy,
@@ -198,7 +203,12 @@ impl Server {
 
     /// A handle that applies a new configuration to the running server.
     pub fn reload_handle(&self) -> ReloadHandle {
-        ReloadHandle { tenancy: self.tenancy.clone(), tls_config: self.tls_config.clone(), current: self.current.clone() }
+        ReloadHandle {
+            tenancy: self.tenancy.clone(),
+            tls_config: self.tls_config.clone(),
+            current: self.current.clone(),
+            certificates: self.certificates.clone(),
+        }
     }
 
     /// Follows the life cycle: `Serving` once the gRPC port serves,
@@ -216,7 +226,9 @@ impl Server {
 
     /// Serves on `listeners` until `shutdown` completes, then drains.
     pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
-        let Self { settings, tls, tenancy, tls_config, current: _, metrics, phase, admin } = self;
+        // TLS files that change are reloaded (tls.watch_files) until serve returns.
+        let _watch = certwatch::spawn(self.reload_handle());
+        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin } = self;
         let limits = settings.limits;
         let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
 
@@ -392,6 +404,7 @@ pub struct ReloadHandle {
     tenancy: Tenancy,
     tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
     current: Arc<Mutex<Settings>>,
+    certificates: certwatch::LoadedCertificates,
 }
 
 /// What a reload did.
@@ -409,15 +422,48 @@ impl ReloadHandle {
     /// On error nothing changes. Established connections and in-flight
     /// requests are untouched; new connections use the new certificates.
     pub fn reload(&self, settings: Settings) -> Result<ReloadReport, ServerError> {
-        let tls = ServerTls::load(&settings.tls)?;
+        // Held while loading, so that a reload by the file watcher cannot
+        // interleave with this one.
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let tls = ServerTls::load(&settings.tls)?;
         let restart_needed = restart_only_changes(&current, &settings);
         self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
         self.tls_config.send_replace(tls.config.clone());
+        self.certificates.publish(&tls, settings.tls.expiry_warning_days);
         let report =
             ReloadReport { tenants: settings.tenancy.tenants.len(), client_ca_subject: tls.client_ca_subject.clone(), restart_needed };
         *current = settings;
         Ok(report)
+    }
+
+    /// Re-reads the TLS files of the configuration in force (not the config
+    /// file) and swaps them in if they differ from those loaded; returns
+    /// whether it did. All or nothing, like [`ReloadHandle::reload`]. Used
+    /// by the file watcher ([`crate::certwatch`]).
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let tls = ServerTls::load(&current.tls)?;
+        if !self.certificates.differs(&tls) {
+            return Ok(false);
+        }
+        self.tls_config.send_replace(tls.config.clone());
+        self.certificates.publish(&tls, current.tls.expiry_warning_days);
+        Ok(true)
+    }
+
+    /// The `[tls]` settings in force.
+    pub fn tls_settings(&self) -> TlsSettings {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).tls.clone()
+    }
+
+    /// Changes with every reload that swaps the TLS material.
+    pub fn tls_changes(&self) -> watch::Receiver<Arc<rustls::ServerConfig>> {
+        self.tls_config.subscribe()
+    }
+
+    /// The loaded certificates (expiry gauge and warnings).
+    pub fn certificates(&self) -> &certwatch::LoadedCertificates {
+        &self.certificates
     }
 }
 

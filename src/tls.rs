@@ -68,6 +68,22 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// Subject of the client CA, for the startup summary.
     pub client_ca_subject: String,
+    /// When each loaded certificate expires (server chain and client CAs).
+    pub validity: Vec<CertificateValidity>,
+    /// Identifies the certificates and CRLs loaded (not the key: a new key
+    /// comes with a new certificate), so that a reload can tell whether
+    /// anything changed.
+    pub fingerprint: u64,
+}
+
+/// When one certificate the server loaded stops being valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateValidity {
+    /// `server` (the leaf), `server_chain:<subject>` (an intermediate sent
+    /// with it) or `client_ca:<subject>`: the label of the expiry gauge.
+    pub certificate: String,
+    /// Seconds since the Unix epoch (notAfter).
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -108,6 +124,7 @@ impl ServerTls {
             }
             crls.extend(parsed);
         }
+        let (chain_copy, crl_copy) = (chain.clone(), crls.clone());
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
             .build()
@@ -120,8 +137,28 @@ impl ServerTls {
             .with_single_cert(chain, key)
             .map_err(identity_err)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]) })
+        let mut validity = Vec::with_capacity(chain_copy.len() + ca_certs.len());
+        for (i, cert) in chain_copy.iter().enumerate() {
+            let label = if i == 0 { "server".to_string() } else { format!("server_chain:{}", subject_of(cert)) };
+            validity.extend(not_after(cert).map(|not_after| CertificateValidity { certificate: label, not_after }));
+        }
+        for ca in &ca_certs {
+            let label = format!("client_ca:{}", subject_of(ca));
+            validity.extend(not_after(ca).map(|not_after| CertificateValidity { certificate: label, not_after }));
+        }
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (&chain_copy, &ca_certs, &crl_copy).hash(&mut hasher);
+            hasher.finish()
+        };
+        Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]), validity, fingerprint })
     }
+}
+
+/// The notAfter of a DER certificate, in seconds since the Unix epoch.
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::certificate::X509Certificate::from_der(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {

@@ -157,6 +157,9 @@ fn kubernetes_manifests_have_the_required_fields_and_agree_with_each_other() {
     let containers = get(pod, "containers").as_sequence().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
+    // The image deploy/container/build.sh builds (tests/container.rs runs it).
+    assert_eq!(str_at(c, "image"), format!("localhost/imgsvc:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(get(pod, "securityContext.runAsUser").as_u64(), Some(10001), "the image's user");
     assert_eq!(get(c, "securityContext.readOnlyRootFilesystem"), &Value::Bool(true));
     assert_eq!(get(c, "securityContext.allowPrivilegeEscalation"), &Value::Bool(false));
     assert_eq!(get(c, "securityContext.capabilities.drop.0"), "ALL");
@@ -258,4 +261,51 @@ fn kubernetes_manifests_pass_schema_validation() {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{said}");
     assert_eq!(said.matches(" passed for resource ").count(), 7, "{said}");
+}
+
+/// The hours of a Go duration such as `2160h`.
+fn hours(v: &Value) -> u64 {
+    let text = v.as_str().unwrap_or_else(|| panic!("not a duration: {v:?}"));
+    text.strip_suffix('h').and_then(|h| h.parse().ok()).unwrap_or_else(|| panic!("{text:?} is not a whole number of hours"))
+}
+
+#[test]
+fn cert_manager_example_issues_the_mounted_server_secret_and_spiffe_tenant_certificates() {
+    let text = std::fs::read_to_string(deploy("kubernetes/cert-manager/certificates.example.yaml")).unwrap();
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).unwrap()).collect();
+    let certificate = |name: &str| -> &Value {
+        docs.iter()
+            .find(|d| d["kind"] == "Certificate" && get(d, "metadata.name") == name)
+            .unwrap_or_else(|| panic!("no Certificate {name}"))
+    };
+    fn usages(c: &Value) -> Vec<&str> {
+        get(c, "spec.usages").as_sequence().unwrap().iter().map(|u| u.as_str().unwrap()).collect()
+    }
+    let k8s = manifests();
+    let settings = {
+        let config_map = one_of_kind(&k8s, "ConfigMap");
+        let toml = config_map["data"]["imgsvc.toml"].as_str().unwrap();
+        Settings::load_with_env(&ConfigSource::Inline { name: "configmap.yaml".into(), toml: toml.into() }, []).unwrap()
+    };
+    let deployment = one_of_kind(&k8s, "Deployment");
+    let volumes = get(deployment, "spec.template.spec.volumes").as_sequence().unwrap();
+    let mounted_secret = volumes.iter().find_map(|v| v["secret"]["secretName"].as_str()).unwrap();
+
+    let server = certificate("imgsvc-server");
+    assert_eq!(str_at(server, "spec.secretName"), mounted_secret);
+    assert_eq!(usages(server), ["digital signature", "server auth"]);
+    let tenant = certificate("imgsvc-tenant-team-a");
+    assert_eq!(usages(tenant), ["digital signature", "client auth"]);
+    let uris = get(tenant, "spec.uris").as_sequence().unwrap();
+    let team_a = imgsvc::identity::TenantId::parse("team-a").unwrap();
+    assert_eq!(uris, &[Value::from(settings.tls.trust_domain.tenant_uri(&team_a))]);
+    // Both signed by the CA issuer, so the ca.crt it writes is the client CA.
+    for c in [server, tenant] {
+        assert_eq!(str_at(c, "spec.issuerRef.name"), "imgsvc-ca");
+        let (duration, renew) = (hours(get(c, "spec.duration")), hours(get(c, "spec.renewBefore")));
+        assert!(renew < duration, "renewBefore {renew}h < duration {duration}h");
+        assert!(renew > u64::from(settings.tls.expiry_warning_days) * 24, "renewal comes before the expiry warning");
+        assert_eq!(str_at(c, "spec.privateKey.rotationPolicy"), "Always");
+    }
+    assert!(settings.tls.client_ca.ends_with("ca.crt") && settings.tls.watch_files);
 }

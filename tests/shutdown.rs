@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::*;
 use imgsvc::proto::{
     nlimage::{NlImage, nl_image_service_client::NlImageServiceClient},
-    v1::{self, Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient},
+    v1::image_service_client::ImageServiceClient,
 };
 
 fn big_gray(seed: u8) -> NlImage {
@@ -73,22 +73,7 @@ async fn drain_deadline_cuts_a_stuck_drain_short() {
     }
 }
 
-/// A request that keeps the daemon's only worker busy for a while: mean
-/// filters over a 1000x1000 RGB image (constant, so the result is too).
-fn slow_v1_request(fill: u8) -> ProcessRequest {
-    ProcessRequest {
-        image: Some(Image {
-            format: PixelFormat::Rgb8 as i32,
-            width: 1000,
-            height: 1000,
-            data: Bytes::from(vec![fill; 3_000_000]),
-            encoded: None,
-        }),
-        operations: vec![v1::Operation { kind: Some(v1::operation::Kind::MeanFilter(v1::MeanFilter {})) }; SLOW_OPERATIONS],
-        output: None,
-    }
-}
-
+/// Mean filters per request: enough to keep the daemon's only worker busy.
 const SLOW_OPERATIONS: usize = 400;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +87,7 @@ async fn sigterm_under_load_finishes_the_requests_in_flight_refuses_new_clients_
     let mut calls = Vec::new();
     for fill in 0..CLIENTS as u8 {
         let channel = imgsvc::client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
-        calls.push(tokio::spawn(async move { ImageServiceClient::new(channel).process(slow_v1_request(fill)).await }));
+        calls.push(tokio::spawn(async move { ImageServiceClient::new(channel).process(slow_v1_request(fill, SLOW_OPERATIONS)).await }));
     }
     let in_flight = [("tenant", "alpha"), ("method", "imgsvc.v1.ImageService/Process")];
     let all_in = until_metric(server.admin_addr, "imgsvc_in_flight_requests", &in_flight, CLIENTS as f64, Duration::from_secs(30)).await;

@@ -21,7 +21,15 @@ An existing CA in --out is reused; replacing it takes --force.
 
 Revocation:
   gen-certs --out certs/prod --revoke team-a   # adds team-a's certificate to certs/prod/crl.pem
-Then list crl.pem in tls.crl_files and reload the server (SIGHUP).";
+Then list crl.pem in tls.crl_files (servers reload it when it changes).
+
+CA rotation without downtime (docs/certificate-rotation.md):
+  gen-certs --out certs/prod --new-ca            # 1. new CA beside the old; trust ca-bundle.pem (both)
+  gen-certs --out certs/prod --tenant team-a --server-name imgsvc.example.org
+                                                 # 2. reissue: now from the new CA
+  gen-certs --out certs/prod --retire-old-ca     # 3. the new CA becomes ca.pem; the bundle holds it alone
+
+Leaf certificates are valid 365 days by default (--days), CAs 3650 days.";
 
 /// Create a CA, server and per-tenant client certificates for imgsvc.
 #[derive(Parser, Debug)]
@@ -46,6 +54,15 @@ struct Args {
     /// Replace an existing CA (every certificate it issued stops working).
     #[arg(long)]
     force: bool,
+    /// Start a CA rotation: a new CA beside the existing one (kept), and
+    /// ca-bundle.pem trusting both. Certificates issued from now on
+    /// (--tenant, --server-name, here or later) come from the new CA.
+    #[arg(long, conflicts_with_all = ["force", "revoke"])]
+    new_ca: bool,
+    /// Finish a CA rotation: the new CA becomes ca.pem, ca-bundle.pem holds
+    /// it alone, crl.pem keeps its CRL only.
+    #[arg(long, conflicts_with_all = ["tenants", "server_names", "force", "revoke", "new_ca"])]
+    retire_old_ca: bool,
     /// Revoke this tenant's current client certificate: add it to
     /// DIR/crl.pem, signed by the CA in DIR (repeatable).
     #[arg(long = "revoke", value_name = "TENANT", conflicts_with_all = ["tenants", "server_names", "force"])]
@@ -86,13 +103,46 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
         }
         return Ok(());
     }
+    if args.retire_old_ca {
+        let report = pki::retire_old_ca(&args.out).map_err(|e| (1, e.into()))?;
+        for path in &report.written {
+            println!("wrote {}", path.display());
+        }
+        for path in &report.removed {
+            println!("removed {}", path.display());
+        }
+        println!(
+            "retired the CA \"{}\": {} now holds \"{}\" alone; servers that load it refuse certificates of the retired CA",
+            report.retired_subject,
+            pki::PkiPaths::new(&args.out).ca_bundle().display(),
+            report.ca_subject
+        );
+        return Ok(());
+    }
+    if args.new_ca {
+        let report = pki::start_ca_rotation(&args.out, &trust_domain).map_err(|e| (1, e.into()))?;
+        for path in &report.written {
+            println!("wrote {}", path.display());
+        }
+        println!(
+            "started a CA rotation: trust both CAs, i.e. install {} as the servers' tls.client_ca and the clients' --ca:\n  \"{}\" (current)\n  \"{}\" (new: issues every certificate from now on)",
+            report.bundle.display(),
+            report.old_subject,
+            report.new_subject
+        );
+    }
     let mut req = pki::IssueRequest::new(&args.out, trust_domain);
     req.server_names = (!args.server_names.is_empty()).then_some(args.server_names);
     req.tenants = tenants;
     req.leaf_days = args.days;
     req.force_new_ca = args.force;
+    if args.new_ca && req.tenants.is_empty() && req.server_names.is_none() {
+        return Ok(());
+    }
     let report = pki::issue(&req).map_err(|e| (1, e.into()))?;
-    if report.reused_ca {
+    if report.from_new_ca {
+        println!("issued from the new CA in {} (a CA rotation is in progress)", args.out.display());
+    } else if report.reused_ca {
         println!("reused the CA in {}", args.out.display());
     }
     for path in &report.written {

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use imgsvc::{
     EXIT_CONFIG, EXIT_USAGE,
+    certwatch::{self, Trigger},
     config::{ConfigSource, Settings},
     pki::PkiPaths,
     server::{self, Server},
@@ -117,6 +118,9 @@ fn check_config(settings: &Settings) -> ExitCode {
     match tls::ServerTls::load(tls) {
         Ok(loaded) => {
             println!("config OK: {} (client CA: {})", settings.origin, loaded.client_ca_subject);
+            for warning in certwatch::expiring(&loaded.validity, certwatch::unix_now(), tls.expiry_warning_days) {
+                println!("warning: {warning} (tls.expiry_warning_days = {})", tls.expiry_warning_days);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
@@ -151,19 +155,17 @@ async fn run(settings: Settings, source: ConfigSource, overrides: Overrides) -> 
     // READY=1 whether the reload took or not (the old config still serves).
     let on_reload = move || {
         systemd::notify_reloading();
-        match load_settings(&source, &overrides) {
-            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration"),
-            Ok(settings) => match reload.reload(settings) {
-                Err(e) => {
-                    tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "reload failed: keeping the previous configuration")
+        let reloaded =
+            load_settings(&source, &overrides).map_err(anyhow::Error::new).and_then(|s| reload.reload(s).map_err(anyhow::Error::new));
+        certwatch::count_reload(Trigger::Signal, reloaded.is_ok());
+        match reloaded {
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed: keeping the previous configuration"),
+            Ok(report) => {
+                tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
+                if !report.restart_needed.is_empty() {
+                    tracing::warn!(keys = ?report.restart_needed, "changed keys take effect only after a restart");
                 }
-                Ok(report) => {
-                    tracing::info!(tenants = report.tenants, client_ca = %report.client_ca_subject, "configuration reloaded");
-                    if !report.restart_needed.is_empty() {
-                        tracing::warn!(keys = ?report.restart_needed, "changed keys take effect only after a restart");
-                    }
-                }
-            },
+            }
         }
         systemd::notify_ready(&status);
     };

@@ -703,3 +703,21 @@ pub async fn send_flow_controlled(stream: &mut h2::SendStream<Bytes>, mut data: 
     }
 }
 
+/// A v1 Process request that keeps one worker busy for a while:
+/// `operations` mean filters over a 1000x1000 RGB image of `fill` (constant,
+/// so the result is too). The server needs `limits.max_operations` at least
+/// `operations`.
+pub fn slow_v1_request(fill: u8, operations: usize) -> imgsvc::proto::v1::ProcessRequest {
+    use imgsvc::proto::v1;
+    v1::ProcessRequest {
+        image: Some(v1::Image {
+            format: v1::PixelFormat::Rgb8 as i32,
+            width: 1000,
+            height: 1000,
+            data: bytes::Bytes::from(vec![fill; 3_000_000]),
+            encoded: None,
+        }),
+        operations: vec![v1::Operation { kind: Some(v1::operation::Kind::MeanFilter(v1::MeanFilter {})) }; operations],
+        output: None,
+    }
+}
