@@ -1,5 +1,5 @@
 //! Instruction-set paths and run-time dispatch. All `unsafe` code of the
-//! imaging module is in this file.
+//! kernels crate is in this file.
 //!
 //! * [`KernelPath::Portable`]: the plain-Rust kernels compiled for the
 //!   target's baseline (SSE2 on x86_64).

@@ -2,8 +2,9 @@
 //! 3x3 edge-normalised mean filter, for 8-bit (`u8`) and 16-bit (`u16`)
 //! images with 1 to 4 interleaved channels.
 //!
-//! This module depends on nothing but `std`, `thiserror` and `rayon`: no I/O,
-//! no async runtime, no logging.
+//! This crate depends on nothing but `std`, `thiserror` and `rayon`: no I/O,
+//! no async runtime, no logging. The workspace enforces that (docs/crates.md);
+//! the service reaches it as `imgsvc::imaging`.
 //!
 //! # Buffers
 //! An image is a slice of samples described by a [`Layout`]: `height` rows of
