@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Bounded fuzzing, as CI runs it (.ci/run) and by hand:
 #
-#   fuzz/run.sh [TARGET...]          # every target when none is named
+#   fuzz/run.sh [TARGET...]          # every target when none is named, 60 s each
+#   FUZZ_SECONDS=600 fuzz/run.sh     # the full run: every target for 10 minutes
 #   FUZZ_SECONDS=600 fuzz/run.sh v1_request
+#
+# CI gives each target FUZZ_SECONDS=20 (4 targets, two at a time: 40 s of
+# fuzzing) to keep the whole of .ci/run under 10 minutes on 2 cores; it
+# catches regressions on the committed seeds and their near neighbours.
+# Run the full one (60 s or more per target) before a release and after
+# changing a parser, a decoder limit or the stream reassembly.
 #
 # Installs cargo-fuzz (pinned) into ~/.cache/imgsvc if missing, builds the
 # targets on stable Rust (--sanitizer none: stable rustc has no sanitizers;

@@ -36,8 +36,10 @@ pub enum ConfigError {
     #[error("config {origin}: {source}")]
     Parse {
         origin: String,
+        // Boxed: config's error is over 100 bytes, and every Result of the
+        // loading path would carry it (clippy::result_large_err).
         #[source]
-        source: config::ConfigError,
+        source: Box<config::ConfigError>,
     },
     #[error("config {origin}: key `{key}`: {problem}")]
     Invalid { origin: String, key: String, problem: String },
@@ -391,7 +393,7 @@ impl Settings {
     /// As [`Settings::load`], with the environment given explicitly (tests).
     pub fn load_with_env(source: &ConfigSource, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let origin = source.name();
-        let raw = read_raw(source, env).map_err(|source| ConfigError::Parse { origin: origin.clone(), source })?;
+        let raw = read_raw(source, env).map_err(|source| ConfigError::Parse { origin: origin.clone(), source: Box::new(source) })?;
         Self::validate(raw, origin)
     }
 

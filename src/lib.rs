@@ -1,7 +1,8 @@
 //! imgsvc: a multi-tenant gRPC image service over mutual TLS.
 //!
 //! Layers, each in its own module:
-//! - [`imaging`]: pure kernels over pixel slices (no I/O, no gRPC).
+//! - [`imaging`]: pure kernels over pixel slices (no I/O, no gRPC): the
+//!   `imgsvc-kernels` crate (crates/imgsvc-kernels).
 //! - [`proto`]: generated protobuf/gRPC types for both APIs.
 //! - [`codec`]: encoded image files ↔ raw pixels, bounded decoding (client
 //!   files and v1 encoded images).
@@ -35,7 +36,9 @@ pub mod config;
 pub mod connection;
 pub mod fsutil;
 pub mod identity;
-pub mod imaging;
+/// The pure kernels: the `imgsvc-kernels` workspace crate, under the name
+/// the rest of the code base uses.
+pub use imgsvc_kernels as imaging;
 pub mod lanes;
 pub mod loadgen;
 pub mod pki;

@@ -5,6 +5,9 @@
 //! `cargo test --locked --release --features otlp --test otlp_export`
 #![cfg(feature = "otlp")]
 
+// The harness of the main test binary (tests/it/); this binary uses part of it.
+#[allow(dead_code)]
+#[path = "it/common.rs"]
 mod common;
 
 use std::{

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Calls imgsvc with grpcio (gRPC C-core), for tests/interop_grpcio.rs.
+"""Calls imgsvc with grpcio (gRPC C-core), for tests/it/interop_grpcio.rs.
 
 Reads one JSON job on stdin:
 

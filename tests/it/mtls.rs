@@ -1,0 +1,175 @@
+//! Mutual TLS and tenant identity: who gets in, who is refused, how, and
+//! that the server keeps serving afterwards.
+
+use crate::common::*;
+use imgsvc::{
+    client::{self, ClientError},
+    proto::v1::{Image, PixelFormat, ProcessRequest, image_service_client::ImageServiceClient},
+};
+use rcgen::{ExtendedKeyUsagePurpose, SanType};
+use tonic::Code;
+
+fn tiny_request() -> ProcessRequest {
+    ProcessRequest {
+        image: Some(Image { format: PixelFormat::Gray8 as i32, width: 1, height: 1, data: vec![9u8].into(), encoded: None }),
+        operations: vec![],
+        output: None,
+    }
+}
+
+async fn call_with(server: &TestServer, creds: &imgsvc::tls::ClientCredentials) -> Result<(), ClientError> {
+    let ch = client::connect(&target(server.port()), creds).await?;
+    ImageServiceClient::new(ch).process(tiny_request()).await.map_err(|s| ClientError::Status {
+        code: s.code(),
+        message: s.message().to_string(),
+        hint: String::new(),
+    })?;
+    Ok(())
+}
+
+async fn assert_still_serving(server: &TestServer, pki: &Pki) {
+    call_with(server, &pki.credentials("alpha")).await.expect("a valid client is still served");
+}
+
+fn creds(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> imgsvc::tls::ClientCredentials {
+    imgsvc::tls::ClientCredentials::from_files(ca, cert, key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepts_client_certificate_signed_by_the_configured_ca() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    call_with(&server, &pki.credentials("alpha")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_connection_without_client_certificate() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    // TLS 1.3: the client's side of the handshake completes; the server's
+    // refusal arrives as an alert on the first read.
+    let err = read_error_without_client_certificate(server.addr, &pki).await;
+    assert!(err.to_string().contains("CertificateRequired"), "{err}");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_client_signed_by_another_ca_at_the_handshake() {
+    let pki = Pki::new(&["alpha"]);
+    let other = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (_, cert, key) = other.client_files("alpha");
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(
+        explanation.starts_with("the server refused the client certificate: it is not signed by a CA the server trusts"),
+        "{explanation}"
+    );
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_server_only_certificate_used_as_client_certificate() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let p = pki.paths();
+    let err = call_with(&server, &creds(&p.ca_cert(), &p.server_cert(), &p.server_key())).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.contains("not issued for client authentication"), "{explanation}");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_certificate_without_tenant_uri_with_unauthenticated() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (cert, key) =
+        pki.sign_custom("no-uri", vec![SanType::DnsName("client.example".try_into().unwrap())], ExtendedKeyUsagePurpose::ClientAuth);
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(code, Code::Unauthenticated);
+    assert_eq!(message, "the client certificate has no URI SAN of the form spiffe://test.imgsvc/tenant/<name>");
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_tenant_of_another_trust_domain_with_unauthenticated() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (cert, key) =
+        pki.sign_custom("foreign", vec![uri_san("spiffe://elsewhere.example/tenant/alpha")], ExtendedKeyUsagePurpose::ClientAuth);
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(code, Code::Unauthenticated);
+    assert_eq!(
+        message,
+        "the client certificate names tenant URI \"spiffe://elsewhere.example/tenant/alpha\", which is not in trust domain \"test.imgsvc\""
+    );
+    assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_server_whose_certificate_another_ca_signed() {
+    let pki = Pki::new(&["alpha"]);
+    let other = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let (_, cert, key) = pki.client_files("alpha");
+    let err = call_with(&server, &creds(&other.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(
+        explanation.starts_with("this client refused the server's certificate: it is not signed by the CA given with --ca"),
+        "{explanation}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refuses_a_server_name_the_certificate_does_not_cover() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut t = target(server.port());
+    t.server_name = Some("imgsvc.example.com".into());
+    let err = client::connect(&t, &pki.credentials("alpha")).await.unwrap_err();
+    let ClientError::Connect { explanation, .. } = &err else { panic!("expected a connect error, got {err}") };
+    assert!(explanation.contains("not valid for the name \"imgsvc.example.com\""), "{explanation}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_service_needs_a_tenant_certificate_and_reports_serving() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let mut health = HealthClient::new(channel(&server, &pki, "alpha").await);
+    for service in ["", "NLImageService", "imgsvc.v1.ImageService"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_tls12_clients_as_well_as_tls13() {
+    use std::sync::Arc;
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    let creds = pki.credentials("alpha");
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let base = creds.rustls_config().unwrap();
+        // Same trust and identity, one protocol version only.
+        let (ca, cert, key) = pki.client_files("alpha");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(imgsvc::tls::read_certs("ca", &ca).unwrap().remove(0)).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(imgsvc::tls::read_certs("cert", &cert).unwrap(), imgsvc::tls::read_key("key", &key).unwrap())
+            .unwrap();
+        config.alpn_protocols = base.alpn_protocols.clone();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    }
+}
