@@ -451,9 +451,7 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
     while state.running_total < shared.worker_slots {
         let running = &state.running;
         // A queued job's memory is already held (see `Tenancy::run_charged`).
-        let picked = state
-            .scheduler
-            .pop(|tenant, p| p.start.is_closed() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent);
+        let picked = state.scheduler.pop(|tenant, p| p.start.is_closed() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent);
         let Some((tenant, pending)) = picked else { break };
         gauge_queue_depth(state, &tenant);
         if pending.start.is_closed() {
@@ -482,9 +480,8 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
 /// `max_concurrent_requests` and the memory budget.
 fn reserve_inline(shared: &Arc<Shared>, state: &mut State, admission: &Admission, cost: JobCost) -> Option<Reservation> {
     let running = state.running.get(&admission.tenant).copied().unwrap_or(0);
-    let fits = cost.kernels_only
-        && cost.pixels <= state.policy.limits.inline_max_pixels
-        && running < admission.policy.max_concurrent_requests;
+    let fits =
+        cost.kernels_only && cost.pixels <= state.policy.limits.inline_max_pixels && running < admission.policy.max_concurrent_requests;
     if !fits {
         return None;
     }

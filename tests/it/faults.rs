@@ -25,8 +25,6 @@ use imgsvc::{
         v1::{self, Image, PixelFormat, ProcessRequest, ProcessStreamRequest, StreamHeader, process_stream_request::Part},
     },
 };
-use prost::Message;
-use tonic::codegen::http;
 
 const UHD: (u32, u32) = (3840, 2160);
 const UHD_RGB_BYTES: usize = 3840 * 2160 * 3;

@@ -11,8 +11,6 @@
 //! ulimits (see /work/shared/CRATES.md, trap 7): set below, in a private
 //! storage directory that the test removes.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -20,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::common::*;
 use imgsvc::proto::v1::image_service_client::ImageServiceClient;
 use serde::Deserialize;
 

@@ -7,8 +7,6 @@
 //! same run; the memory comes back afterwards. And refusals at the
 //! request's headers are answered before a byte of the body is sent.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -17,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use imgsvc::{
     client::{self, Api, CallOptions, ClientError, Op, RawImage, StreamMode},
     imaging::QuarterTurns,
@@ -272,7 +270,10 @@ async fn refusals_at_the_headers_are_answered_before_the_body_is_sent() {
     let status = refused_before_the_body(&server, &pki, "single", path).await;
     assert_eq!(
         (status.code(), status.message()),
-        (Code::ResourceExhausted, "tenant \"single\" already has 1 requests running or queued, its limit (max_concurrent_requests 1 + max_queued_requests 0)")
+        (
+            Code::ResourceExhausted,
+            "tenant \"single\" already has 1 requests running or queued, its limit (max_concurrent_requests 1 + max_queued_requests 0)"
+        )
     );
 }
 

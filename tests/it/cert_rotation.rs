@@ -6,8 +6,6 @@
 //! counted; a CA rotation with `gen-certs --new-ca … --retire-old-ca` under
 //! load fails no request; certificate expiry is a gauge and a warning.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
@@ -17,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::common::*;
 use imgsvc::{
     client::{self, ClientError},
     identity::TenantId,
