@@ -30,6 +30,8 @@ pub const TRIM_THRESHOLD: usize = 128 << 20;
 /// How far what requests hold must fall below its recent peak before the
 /// free memory is returned to the system.
 pub const TRIM_AFTER_DROP: u64 = 32 << 20;
+/// After a burst, the trimmer also trims in this many idle periods.
+const IDLE_TRIMS: u32 = 5;
 /// How often the trimmer looks.
 pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -42,19 +44,21 @@ pub fn spawn_trimmer(budget: &std::sync::Arc<crate::tenancy::memory::Budget>) {
     }
     let budget = std::sync::Arc::downgrade(budget);
     let spawned = std::thread::Builder::new().name("imgsvc-trim".into()).spawn(move || {
-        // Whether anything was held since the last trim.
-        let mut busy = false;
+        // Idle periods left in which to trim again: connections closed after
+        // their last call free buffers that the budget does not see.
+        let mut idle_trims = 0u32;
         loop {
             std::thread::sleep(TRIM_PERIOD);
             let Some(budget) = budget.upgrade() else { return };
             let (high, now) = budget.take_high_water();
-            busy |= high > 0;
-            // After a large drop, and once more when the server falls idle
-            // (connections closed after their last call free buffers that
-            // the budget does not see).
-            if high.saturating_sub(now) >= TRIM_AFTER_DROP || (busy && high == 0) {
+            if high > 0 {
+                idle_trims = IDLE_TRIMS;
+            }
+            let dropped = high.saturating_sub(now) >= TRIM_AFTER_DROP;
+            let idle = high == 0 && idle_trims > 0;
+            if dropped || idle {
+                idle_trims = idle_trims.saturating_sub(u32::from(idle));
                 trim();
-                busy = high > 0;
                 metrics::counter!("imgsvc_allocator_trims_total").increment(1);
             }
         }
