@@ -5,12 +5,14 @@
 #
 #   benches/allocators.sh [--variants system,jemalloc,mimalloc] [--rounds N]
 #                         [--duration S] [--burst-requests N] [--after S]
-#                         [--skip-build]
+#                         [--budget BYTES] [--skip-build]
 #
 # Builds the server once per variant (copies of the binary), then, round by
 # round, variant after variant (interleaved, so a busy machine hurts them
-# alike), starts a fresh server with the shipped defaults (1 GiB budget) on
-# 127.0.0.1 and measures with `imgsvc-client bench --api legacy`:
+# alike), starts a fresh server on 127.0.0.1 whose one tenant may hold the
+# whole --budget (default 2 GiB, so that the burst's 16 calls of ~75 MB each
+# all fit and the burst measures the allocator, not refusals) and measures
+# with `imgsvc-client bench --api legacy`:
 #  1. memory: RSS idle; a burst of --burst-requests 3840x2160 RGB rotations
 #     at concurrency 16; peak RSS (VmHWM); RSS every second for --after
 #     seconds (default 15) of idle afterwards;
@@ -27,6 +29,7 @@ ROUNDS=2
 DURATION=10
 BURST=48
 AFTER=15
+BUDGET=$((2 << 30))
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -35,8 +38,9 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift 2 ;;
     --burst-requests) BURST="$2"; shift 2 ;;
     --after) AFTER="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -84,7 +88,12 @@ host = "127.0.0.1"
 cert = "$WORK/pki/server.pem"
 key = "$WORK/pki/server-key.pem"
 client_ca = "$WORK/pki/ca.pem"
+[admin]
+enabled = false
+[tenancy]
+memory_budget_bytes = $BUDGET
 [tenants.bench]
+max_memory_bytes = $BUDGET
 [log]
 level = "warn"
 TOML
@@ -155,9 +164,9 @@ done
 
 OUT="$ROOT/benches/results/allocators_$(date -u +%Y-%m-%d_%H%M).txt"
 mkdir -p "$(dirname "$OUT")"
-python3 - "$RAW" "$OUT" "$BURST" "$AFTER" "$DURATION" <<'PY'
+python3 - "$RAW" "$OUT" "$BURST" "$AFTER" "$DURATION" "$BUDGET" <<'PY'
 import json, os, statistics, sys, subprocess
-raw, out, burst, after, duration = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+raw, out, burst, after, duration, budget = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 rows = [json.loads(l) for l in open(raw)]
 variants = list(dict.fromkeys(r["variant"] for r in rows))
 med = lambda xs: statistics.median(xs) if xs else float("nan")
@@ -167,7 +176,7 @@ load = open("/proc/loadavg").read().split()[:3]
 rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
 lines = [f"machine: {cpu}, {os.cpu_count()} cores; {rustc}; load average at the end {' '.join(load)}",
          f"rounds: {max(r['round'] for r in rows)}, variants interleaved; burst: {burst} x 3840x2160 RGB rotate (legacy), c16; "
-         f"CPU scenarios {duration} s each; medians over rounds (each round's value in brackets)", ""]
+         f"tenant share {budget >> 20} MiB; CPU scenarios {duration} s each; medians over rounds (each round's value in brackets)", ""]
 lines.append("| allocator | A 64x64 gray rotate c16: CPU ms/req | B 1024x1024 RGB mean c4: CPU ms/req | C 3840x2160 RGB rotate c2: CPU ms/req "
              f"| RSS idle MiB | peak RSS (VmHWM) MiB | RSS {after} s after the burst MiB | burst req/s | errors |")
 lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
