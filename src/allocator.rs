@@ -19,7 +19,24 @@
 //! the burst's peak.
 //!
 //! Skipped when the operator set glibc's own knobs (`GLIBC_TUNABLES`,
-//! `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), which then apply.
+//! `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`), which then apply,
+//! and when the crate is built with the `jemalloc` or `mimalloc` feature:
+//! `imgsvc-server` then allocates with that allocator, which purges freed
+//! memory itself (tuning and trimmer are skipped in every server of such a
+//! build, in-process test servers included). The three were compared in
+//! one run: `benches/allocators.sh`, docs/performance.md#allocators.
+
+/// The allocator `imgsvc-server` uses in this build (its features).
+pub const SERVER_ALLOCATOR: &str = if cfg!(feature = "jemalloc") {
+    "jemalloc"
+} else if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "system"
+};
+
+/// Whether glibc's malloc is the allocator to tune and trim.
+const GLIBC: bool = cfg!(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc"), not(feature = "mimalloc")));
 
 /// Allocations at least this large still get their own mapping (glibc's
 /// maximum: larger images are rare and are released at once).
@@ -39,7 +56,7 @@ pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// (see the module docs); it ends when the budget is dropped. Does nothing
 /// where glibc's allocator is not in use.
 pub fn spawn_trimmer(budget: &std::sync::Arc<crate::tenancy::memory::Budget>) {
-    if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+    if !GLIBC {
         return;
     }
     let budget = std::sync::Arc::downgrade(budget);
@@ -86,6 +103,8 @@ pub enum Tuning {
     Applied,
     /// The environment sets glibc's allocator knobs: left as they are.
     LeftToEnvironment,
+    /// `imgsvc-server` is built with another allocator ([`SERVER_ALLOCATOR`]).
+    OtherAllocator,
     /// Not glibc, or mallopt refused.
     Unavailable,
 }
@@ -93,6 +112,9 @@ pub enum Tuning {
 /// Applies [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`] to glibc's malloc.
 /// Call once, early, from the daemon's `main`.
 pub fn tune_for_image_buffers() -> Tuning {
+    if SERVER_ALLOCATOR != "system" {
+        return Tuning::OtherAllocator;
+    }
     let set_by_operator =
         ["GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"].iter().any(|name| std::env::var_os(name).is_some());
     if set_by_operator {

@@ -12,6 +12,30 @@ use imgsvc::{
     systemd, telemetry, tls,
 };
 
+// Another allocator instead of tuned glibc (features `jemalloc`, `mimalloc`;
+// src/allocator.rs skips glibc's tuning and trimmer in such builds). Compared
+// in docs/performance.md#allocators.
+#[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
+compile_error!("features `jemalloc` and `mimalloc` each choose imgsvc-server's allocator: enable at most one");
+
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read by jemalloc itself before `main` (the symbol is
+/// `_rjem_`-prefixed, as tikv-jemalloc-sys builds jemalloc; the operator's
+/// `_RJEM_MALLOC_CONF` still overrides it). Background threads purge freed
+/// pages without waiting for the next allocation, and dirty pages are
+/// returned within about a second instead of jemalloc's default ten, so
+/// memory comes back after a burst while the server sits idle.
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLES: &str = "\
 Examples:
   imgsvc-server                                   # embedded dev config, dev certificates in certs/dev/
@@ -76,7 +100,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
     };
-    tracing::debug!(?allocator, "malloc tuned for image buffers (see src/allocator.rs)");
+    tracing::debug!(?allocator, name = imgsvc::allocator::SERVER_ALLOCATOR, "allocator (see src/allocator.rs)");
     if args.config.is_none() {
         tracing::warn!("no --config given: running the embedded development config (never use it in production)");
     }
