@@ -5,11 +5,14 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use imgsvc::{
     EXIT_CONFIG, EXIT_USAGE,
-    certwatch::{self, Trigger},
     config::{ConfigSource, Settings},
     pki::PkiPaths,
-    server::{self, Server},
-    systemd, telemetry, tls,
+    serving::{
+        certwatch::{self, Trigger},
+        server::{self, Server},
+        systemd,
+    },
+    telemetry, tls,
 };
 
 const EXAMPLES: &str = "\
@@ -44,7 +47,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let allocator = imgsvc::allocator::tune_for_image_buffers();
+    let allocator = imgsvc::serving::allocator::tune_for_image_buffers();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
