@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # imgsvc-server with each allocator, side by side in one run: glibc as tuned
-# by src/allocator.rs ("system"), jemalloc (feature `jemalloc`) and
+# by src/serving/allocator.rs ("system"), jemalloc (feature `jemalloc`) and
 # mimalloc (feature `mimalloc`).
 #
 #   benches/allocators.sh [--variants system,jemalloc,mimalloc] [--rounds N]

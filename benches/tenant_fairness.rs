@@ -16,7 +16,7 @@ use imgsvc::{
     identity::{TenantId, TrustDomain},
     loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
     pki::{self, IssueRequest, PkiPaths},
-    server::{Server, bind},
+    serving::server::{Server, bind},
     tls::ClientCredentials,
 };
 
@@ -40,7 +40,7 @@ fn lower_priority(_nice: i32) {}
 
 fn main() {
     // As the daemon does (src/bin/imgsvc-server.rs).
-    imgsvc::allocator::tune_for_image_buffers();
+    imgsvc::serving::allocator::tune_for_image_buffers();
     let seconds = arg("--seconds", 10);
     let flood_concurrency = arg("--flood-concurrency", 16) as usize;
     let dir = tempfile::tempdir().unwrap();

@@ -313,7 +313,7 @@ pub struct Settings {
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
-    /// Threads of each tenant's I/O lane (see `crate::lanes`); resolved
+    /// Threads of each tenant's I/O lane (see `crate::serving::lanes`); resolved
     /// from 0 to the number of cores, at most [`DEFAULT_MAX_IO_THREADS`].
     pub io_threads: usize,
     /// Lanes at most; tenants beyond share one.
@@ -337,7 +337,7 @@ pub struct TlsSettings {
     pub handshake_timeout: Duration,
     /// Certificate revocation lists (PEM) checked at every handshake.
     pub crl_files: Vec<PathBuf>,
-    /// Reload the files above when they change (see [`crate::certwatch`]).
+    /// Reload the files above when they change (see [`crate::serving::certwatch`]).
     pub watch_files: bool,
     /// Quiet time after the last change before a reload.
     pub watch_debounce: Duration,

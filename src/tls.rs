@@ -2,7 +2,7 @@
 //! provider.
 //!
 //! The server owns a [`rustls::ServerConfig`] (instead of tonic's
-//! `ServerTlsConfig`) so that the accept loop in [`crate::server`] controls
+//! `ServerTlsConfig`) so that the accept loop in [`crate::serving::server`] controls
 //! handshake timeouts and logs refused handshakes; client certificates must
 //! chain to the configured client CA, and there is no way to switch that
 //! off. The client side builds tonic's `ClientTlsConfig` from PEM files.

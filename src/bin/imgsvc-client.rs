@@ -11,7 +11,7 @@ use imgsvc::{
         batch::{self, Job, JobSettings, RunOptions},
         credentials, image_io,
     },
-    codec::{DEFAULT_JPEG_QUALITY, DecodeOptions, Encoding},
+    imagefile::{DEFAULT_JPEG_QUALITY, DecodeOptions, Encoding},
     imaging::QuarterTurns,
     loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter},
     tls::ClientCredentials,

@@ -5,15 +5,18 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use imgsvc::{
     EXIT_CONFIG, EXIT_USAGE,
-    certwatch::{self, Trigger},
     config::{ConfigSource, Settings},
     pki::PkiPaths,
-    server::{self, Server},
-    systemd, telemetry, tls,
+    serving::{
+        certwatch::{self, Trigger},
+        server::{self, Server},
+        systemd,
+    },
+    telemetry, tls,
 };
 
 // Another allocator instead of tuned glibc (features `jemalloc`, `mimalloc`;
-// src/allocator.rs skips glibc's tuning and trimmer in such builds). Compared
+// src/serving/allocator.rs skips glibc's tuning and trimmer in such builds). Compared
 // in docs/performance.md#allocators.
 #[cfg(all(feature = "jemalloc", feature = "mimalloc"))]
 compile_error!("features `jemalloc` and `mimalloc` each choose imgsvc-server's allocator: enable at most one");
@@ -68,7 +71,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let allocator = imgsvc::allocator::tune_for_image_buffers();
+    let allocator = imgsvc::serving::allocator::tune_for_image_buffers();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -100,7 +103,7 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(EXIT_CONFIG, anyhow::Error::new(e).context(format!("config {}", settings.origin))),
     };
-    tracing::debug!(?allocator, name = imgsvc::allocator::SERVER_ALLOCATOR, "allocator (see src/allocator.rs)");
+    tracing::debug!(?allocator, name = imgsvc::serving::allocator::SERVER_ALLOCATOR, "allocator (see src/serving/allocator.rs)");
     if args.config.is_none() {
         tracing::warn!("no --config given: running the embedded development config (never use it in production)");
     }

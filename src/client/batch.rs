@@ -26,7 +26,7 @@ use super::{
     error_chain,
     image_io::{self, ImageFileError},
 };
-use crate::codec::{DecodeOptions, EncodeOptions, Encoding};
+use crate::imagefile::{DecodeOptions, EncodeOptions, Encoding};
 
 /// One input file and where its result goes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,15 +1,15 @@
 //! Reading image files into raw pixels and writing results, for the client.
-//! Decoding and encoding are [`crate::codec`]'s; this module adds paths,
+//! Decoding and encoding are [`crate::imagefile`]'s; this module adds paths,
 //! output formats from extensions, and atomic writes.
 
 use std::path::Path;
 
 use thiserror::Error;
 
-pub use crate::codec::RawImage;
+pub use crate::imagefile::RawImage;
 use crate::{
-    codec::{self, CodecError, DecodeLimits, DecodeOptions, Decoded, EncodeOptions, Encoding},
     config::RawLimits,
+    imagefile::{self, CodecError, DecodeLimits, DecodeOptions, Decoded, EncodeOptions, Encoding},
     proto::{nlimage::NlImage, v1},
 };
 
@@ -69,8 +69,8 @@ impl RawImage {
         let converted = self.convert(to).expect("a RawImage built by this module has a valid shape");
         let note = format!(
             "the legacy API carries GRAY8 and RGB8 only: converted {} to {}{}",
-            codec::format_name(from),
-            codec::format_name(to),
+            imagefile::format_name(from),
+            imagefile::format_name(to),
             if matches!(from, F::Graya8 | F::Rgba8 | F::Rgba16) { " (alpha dropped)" } else { "" }
         );
         (converted, Some(note))
@@ -86,7 +86,7 @@ pub fn read_image(path: &Path) -> Result<RawImage, ImageFileError> {
 /// Decodes an image file with explicit options (TIFF page, limits).
 pub fn read_image_with(path: &Path, options: &DecodeOptions) -> Result<Decoded, ImageFileError> {
     let data = std::fs::read(path).map_err(|source| ImageFileError::Read { path: path.display().to_string(), source })?;
-    codec::decode(&data, options).map_err(|source| ImageFileError::Decode { path: path.display().to_string(), source })
+    imagefile::decode(&data, options).map_err(|source| ImageFileError::Decode { path: path.display().to_string(), source })
 }
 
 /// The output encoding named by `path`'s extension. Checked before any
@@ -101,7 +101,8 @@ pub fn output_format(path: &Path) -> Result<Encoding, ImageFileError> {
 /// Encodes `image` and writes it atomically to `path`. Returns a note if
 /// the encoding forced a conversion (e.g. JPEG has no alpha and no 16 bits).
 pub fn write_image(path: &Path, image: &RawImage, options: &EncodeOptions) -> Result<Option<String>, ImageFileError> {
-    let encoded = codec::encode(image, options).map_err(|source| ImageFileError::Encode { path: path.display().to_string(), source })?;
+    let encoded =
+        imagefile::encode(image, options).map_err(|source| ImageFileError::Encode { path: path.display().to_string(), source })?;
     crate::fsutil::write_atomic(path, &encoded.data, 0o644)
         .map_err(|source| ImageFileError::Write { path: path.display().to_string(), source })?;
     Ok(encoded.note.map(|n| format!("{}: {n}", path.display())))

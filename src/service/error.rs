@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::{codec::CodecError, imaging::ImagingError, tenancy::TenancyError, worker::WorkerError};
+use crate::{imagefile::CodecError, imaging::ImagingError, serving::worker::WorkerError, tenancy::TenancyError};
 
 /// The request is well-formed protobuf but not a valid image or pipeline.
 /// Always INVALID_ARGUMENT.

@@ -6,7 +6,7 @@
 //! the same validation, limits and tracing. Errors are decided in
 //! [`error`] and mapped to `tonic::Status` in one `From` impl.
 
-pub mod codec;
+pub mod encoded;
 pub mod error;
 pub mod legacy;
 pub mod pixels;
@@ -22,9 +22,9 @@ pub use error::{InvalidRequest, LimitExceeded, ServiceError, StreamProtocolError
 pub use pixels::{Depth, ImageShape, PixelBuffer, RequestError};
 
 use crate::{
-    admission::CallMemory,
     identity::{Tenant, TenantId},
     imaging::{self, Layout, QuarterTurns},
+    serving::admission::CallMemory,
     tenancy::{
         JobCost, RuntimePolicy, Tenancy, TenancyError,
         memory::{self, Account, Stage},
@@ -142,7 +142,7 @@ impl Processor {
     }
 
     /// The admission and memory account of a call: the ones the admission
-    /// layer made at the request's headers ([`crate::admission`]), or, for
+    /// layer made at the request's headers ([`crate::serving::admission`]), or, for
     /// a request that did not pass it, an admission of `operations` on
     /// `request_bytes` and a fresh account.
     pub fn call<T>(

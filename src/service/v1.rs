@@ -12,10 +12,10 @@ use super::{
     stream::{self, Reassembly, chunks},
 };
 use super::{
-    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, codec, live_buffers, message_bytes, tenant_of,
+    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, encoded, live_buffers, message_bytes, tenant_of,
     traced,
 };
-use crate::{admission::CallMemory, codec::DecodeLimits, tenancy::JobCost};
+use crate::{imagefile::DecodeLimits, serving::admission::CallMemory, tenancy::JobCost};
 use crate::{
     imaging::QuarterTurns,
     proto::v1::{
@@ -74,15 +74,15 @@ pub fn steps_from(operations: &[Operation], max_operations: usize) -> Result<Vec
 pub enum RequestImage {
     /// Raw pixels, validated.
     Raw(PixelBuffer),
-    /// An encoded file, to decode on the worker pool ([`codec::decode`]).
-    Encoded(codec::EncodedInput),
+    /// An encoded file, to decode on the worker pool ([`encoded::decode`]).
+    Encoded(encoded::EncodedInput),
 }
 
 /// Checks the image of a Process request within `limits` (the tenant's
 /// pixel limit). Pure and synchronous, so the fuzz targets run exactly what
 /// the handler runs.
 pub fn request_image(mut image: Option<Image>, limits: DecodeLimits) -> Result<RequestImage, ServiceError> {
-    Ok(match codec::encoded_input(&mut image, limits)? {
+    Ok(match encoded::encoded_input(&mut image, limits)? {
         Some(encoded) => RequestImage::Encoded(encoded),
         None => RequestImage::Raw(PixelBuffer::from_v1(image, limits.max_pixels)?),
     })
@@ -163,9 +163,9 @@ impl ImageService for V1Service {
                 // Every cheap check before any work.
                 let steps = steps_from(&req.operations, policy.limits.max_operations)?;
                 let operations: Vec<_> = steps.iter().map(|s| s.operation()).collect();
-                let output = codec::output_options(req.output.as_ref())?;
+                let output = encoded::output_options(req.output.as_ref())?;
                 call.admission.check_operations(&operations)?;
-                let mut decode_limits = codec::decode_limits(&policy.limits);
+                let mut decode_limits = encoded::decode_limits(&policy.limits);
                 decode_limits.max_pixels = call.admission.max_image_pixels;
                 let input = match request_image(req.image, decode_limits)? {
                     RequestImage::Encoded(encoded) => {
@@ -173,8 +173,8 @@ impl ImageService for V1Service {
                         // before decoding: the file, the decoded pixels and
                         // their conversion to a raw image.
                         let n = encoded.data.len() as u64;
-                        let decoded = codec::decoded_bytes(&encoded)?;
-                        processor.run(&call, JobCost::estimated(decoded, n + 2 * decoded), move || codec::decode(&encoded)).await?
+                        let decoded = encoded::decoded_bytes(&encoded)?;
+                        processor.run(&call, JobCost::estimated(decoded, n + 2 * decoded), move || encoded::decode(&encoded)).await?
                     }
                     RequestImage::Raw(buffer) => buffer,
                 };
@@ -182,7 +182,7 @@ impl ImageService for V1Service {
                 let image = match output {
                     Some(options) => {
                         let cost = JobCost::estimated(out.layout().pixels() as u64, out.data().len() as u64 * 2);
-                        processor.run(&call, cost, move || codec::encode(out, &options)).await?
+                        processor.run(&call, cost, move || encoded::encode(out, &options)).await?
                     }
                     None => out.into_v1(),
                 };

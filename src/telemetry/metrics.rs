@@ -10,7 +10,7 @@
 //! tenant ([`unauthenticated`], from the identity interceptor) and refused
 //! TLS handshakes ([`handshake_failed`], from the accept loop).
 //!
-//! It serves nothing itself: the HTTP side is [`crate::admin`].
+//! It serves nothing itself: the HTTP side is [`crate::serving::admin`].
 
 use std::{
     cell::Cell,

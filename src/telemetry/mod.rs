@@ -103,3 +103,21 @@ impl Telemetry {
         }
     }
 }
+
+/// The span every gRPC request runs in (tonic's `trace_fn`): the RPC span
+/// of `service::traced` nests inside it. `trace_id` and `parent_span_id`
+/// are set when the request carries a valid `traceparent`; when spans are
+/// exported (feature `otlp`), that caller's span is the exported parent.
+pub fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    use tracing::field::Empty;
+    // otel.* stay empty (and out of the logs) unless spans are exported.
+    let span = tracing::info_span!("request", trace_id = Empty, parent_span_id = Empty, otel.name = Empty, otel.kind = Empty);
+    let parent = request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(traceparent::TraceParent::parse);
+    if let Some(parent) = &parent {
+        span.record("trace_id", parent.trace_id_hex());
+        span.record("parent_span_id", parent.parent_id_hex());
+    }
+    #[cfg(feature = "otlp")]
+    otlp::export_request_span(&span, request.uri().path().trim_start_matches('/'), parent.as_ref());
+    span
+}

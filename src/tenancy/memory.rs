@@ -3,7 +3,7 @@
 //!
 //! A request's bytes are charged to its [`Account`] (one per call), which
 //! is shared by everything that holds memory for the call: the request body
-//! as it arrives ([`crate::admission`]), the job's input, output and
+//! as it arrives ([`crate::serving::admission`]), the job's input, output and
 //! intermediate images while it is queued and running
 //! ([`crate::tenancy::Tenancy::run`]), and the answer until the transport
 //! has written it to the socket and dropped it. The [`Budget`] holds two

@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 use crate::{
     config::Limits,
     identity::TenantId,
-    worker::{WorkerError, WorkerPool},
+    serving::worker::{WorkerError, WorkerPool},
 };
 use memory::{Account, Budget, MemoryError, Stage};
 use policy::{Operation, TenancyConfig, TenantPolicy};
@@ -498,7 +498,7 @@ where
     count_started(&reservation.tenant);
     let result = std::panic::catch_unwind(AssertUnwindSafe(job));
     drop(reservation);
-    result.map_err(|panic| WorkerError::Panicked(crate::worker::panic_message(&panic)).into())
+    result.map_err(|panic| WorkerError::Panicked(crate::serving::worker::panic_message(&panic)).into())
 }
 
 fn gauge_queue_depth(state: &State, tenant: &TenantId) {

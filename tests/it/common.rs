@@ -16,8 +16,11 @@ use imgsvc::{
     identity::{TenantId, TrustDomain},
     imaging::QuarterTurns,
     pki::{self, IssueRequest, PkiPaths},
-    server::{Phase, Server, ServerError, bind, bind_admin},
     service::{self, PixelBuffer, Step},
+    serving::{
+        Phase,
+        server::{Server, ServerError, bind, bind_admin},
+    },
     tls::ClientCredentials,
 };
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
@@ -108,7 +111,7 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
 /// may drive it from sync code or from their own tokio runtime alike.
 pub struct TestServer {
     pub addr: SocketAddr,
-    reload_handle: imgsvc::server::ReloadHandle,
+    reload_handle: imgsvc::serving::server::ReloadHandle,
     tenancy: imgsvc::tenancy::Tenancy,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), unless the config disabled it.
     pub admin_addr: Option<SocketAddr>,
@@ -166,7 +169,7 @@ impl TestServer {
     }
 
     /// Applies an edited config to the running server, as SIGHUP does.
-    pub fn reload(&self, pki: &Pki, edit: impl FnOnce(&mut RawConfig)) -> Result<imgsvc::server::ReloadReport, ServerError> {
+    pub fn reload(&self, pki: &Pki, edit: impl FnOnce(&mut RawConfig)) -> Result<imgsvc::serving::server::ReloadReport, ServerError> {
         let mut raw = raw_config(pki);
         edit(&mut raw);
         self.reload_handle.reload(Settings::validate(raw, "test config (reloaded)".into()).unwrap())
@@ -627,7 +630,7 @@ pub const MIB: u64 = 1 << 20;
 
 /// A `log.level` for a [`ServerProcess`] under load: no line per request,
 /// but the start line it waits for.
-pub const QUIET_LOG: &str = "warn,imgsvc::server=info";
+pub const QUIET_LOG: &str = "warn,imgsvc::serving::server=info";
 
 /// A tonic-free target for a server process (certificates name localhost).
 pub fn target_of(addr: SocketAddr) -> Target {

@@ -6,7 +6,7 @@ use crate::common::*;
 use bytes::Bytes;
 use imgsvc::{
     client::{Op, RawImage, image_io::read_image},
-    codec::{self, DecodeLimits, DecodeOptions, EncodeOptions, Encoding},
+    imagefile::{self, DecodeLimits, DecodeOptions, EncodeOptions, Encoding},
     imaging::QuarterTurns,
     proto::v1::{
         EncodedImage, Image, ImageEncoding, MeanFilter, Operation, OutputEncoding, PixelFormat, ProcessRequest, ProcessResponse, Rotate,
@@ -37,7 +37,7 @@ async fn call(server: &TestServer, pki: &Pki, request: ProcessRequest) -> Result
 
 fn decode(data: &Bytes) -> RawImage {
     let limits = DecodeLimits { max_pixels: 1 << 24, max_alloc_bytes: 1 << 28 };
-    codec::decode(data, &DecodeOptions { encoding: None, page: 0, limits }).unwrap().image
+    imagefile::decode(data, &DecodeOptions { encoding: None, page: 0, limits }).unwrap().image
 }
 
 const MEAN_THEN_90: [Op; 2] = [Op::MeanFilter, Op::Rotate(QuarterTurns::One)];
@@ -219,7 +219,7 @@ async fn small_file_that_decodes_beyond_the_message_limit_is_resource_exhausted(
     let server = TestServer::start_with(&pki, |raw| raw.limits.max_message_bytes = 65536);
     // A flat 200x200 RGB image: a few hundred bytes as PNG, 120000 decoded.
     let flat = RawImage { format: PixelFormat::Rgb8, width: 200, height: 200, data: vec![90u8; 120_000].into() };
-    let png = codec::encode(&flat, &EncodeOptions::new(Encoding::Png)).unwrap().data;
+    let png = imagefile::encode(&flat, &EncodeOptions::new(Encoding::Png)).unwrap().data;
     assert!(png.len() < 2000, "{} bytes", png.len());
     let status =
         call(&server, &pki, ProcessRequest { image: encoded(png, ImageEncoding::Png), operations: ops(), output: None }).await.unwrap_err();

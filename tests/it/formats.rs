@@ -11,20 +11,20 @@ use imgsvc::{
         Op, RawImage,
         image_io::{read_image, read_image_with},
     },
-    codec::{self, DecodeOptions, EncodeOptions, Encoding, stored_format},
+    imagefile::{self, DecodeOptions, EncodeOptions, Encoding, stored_format},
     imaging::QuarterTurns,
     proto::v1::PixelFormat,
 };
 
 /// A deterministic pattern in `format`.
 fn pattern(format: PixelFormat, width: u32, height: u32, seed: u32) -> RawImage {
-    let len = (width * height) as usize * codec::bytes_per_pixel(format);
+    let len = (width * height) as usize * imagefile::bytes_per_pixel(format);
     let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8).collect();
     RawImage { format, width, height, data: data.into() }
 }
 
 fn write(path: &Path, image: &RawImage, encoding: Encoding) {
-    std::fs::write(path, codec::encode(image, &EncodeOptions::new(encoding)).unwrap().data).unwrap();
+    std::fs::write(path, imagefile::encode(image, &EncodeOptions::new(encoding)).unwrap().data).unwrap();
 }
 
 /// A two-frame GIF whose frames differ; returns the first frame's pixels.
@@ -244,7 +244,7 @@ fn jpeg_with_orientation(orientation: u16) -> Vec<u8> {
         height: 16,
         data: (0..32 * 16).map(|i| if i % 32 < 16 { 0u8 } else { 255 }).collect::<Vec<u8>>().into(),
     };
-    let jpeg = codec::encode(&img, &EncodeOptions { encoding: Encoding::Jpeg, jpeg_quality: 95 }).unwrap().data;
+    let jpeg = imagefile::encode(&img, &EncodeOptions { encoding: Encoding::Jpeg, jpeg_quality: 95 }).unwrap().data;
     // Exif header, then a little-endian TIFF header and one IFD with one
     // entry: tag 0x0112 (Orientation), type 3 (SHORT), count 1, value.
     let mut exif = b"Exif\0\0".to_vec();

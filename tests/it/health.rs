@@ -3,7 +3,7 @@
 //! the admin listener, and server reflection listing every service.
 
 use crate::common::*;
-use imgsvc::server::Phase;
+use imgsvc::serving::Phase;
 use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 use tonic_reflection::pb::v1::{

@@ -148,7 +148,7 @@ fn photo(name: &str) -> RawImage {
 /// A deterministic image whose samples are all different from their
 /// neighbours, so a wrong rotation or filter cannot pass.
 fn pattern(format: PixelFormat, width: u32, height: u32) -> RawImage {
-    let len = width as usize * height as usize * imgsvc::codec::bytes_per_pixel(format);
+    let len = width as usize * height as usize * imgsvc::imagefile::bytes_per_pixel(format);
     let data: Vec<u8> = (0..len).map(|i| (i * 151 % 251) as u8).collect();
     RawImage { format, width, height, data: data.into() }
 }

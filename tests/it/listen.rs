@@ -77,13 +77,13 @@ fn binds_ipv4_loopback_when_asked() {
 #[tokio::test]
 async fn a_name_binds_every_address_it_resolves_to() {
     let resolved: std::collections::BTreeSet<_> = tokio::net::lookup_host(("localhost", 0)).await.unwrap().map(|a| a.ip()).collect();
-    let listeners = imgsvc::server::bind("localhost", 0).await.unwrap();
+    let listeners = imgsvc::serving::server::bind("localhost", 0).await.unwrap();
     let bound: std::collections::BTreeSet<_> = listeners.iter().map(|l| l.local_addr().unwrap().ip()).collect();
     assert_eq!(bound, resolved);
 }
 
 #[tokio::test]
 async fn an_unresolvable_host_is_an_error_naming_it() {
-    let err = imgsvc::server::bind("no-such-host.invalid", 0).await.unwrap_err().to_string();
+    let err = imgsvc::serving::server::bind("no-such-host.invalid", 0).await.unwrap_err().to_string();
     assert!(err.contains("no-such-host.invalid"), "{err}");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 
-use crate::server::Phase;
+use crate::serving::Phase;
 
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {

@@ -5,12 +5,12 @@
 //! bad config exits before anything listens. [`bind`] resolves the host and
 //! binds every address it names. [`Server::serve`] accepts connections and
 //! runs their TLS handshakes, then hands each one to its tenant's I/O lane
-//! ([`crate::lanes`]), until `shutdown`
+//! ([`crate::serving::lanes`]), until `shutdown`
 //! completes, then: health NOT_SERVING → stop accepting → drain in-flight
 //! requests within `drain_timeout` → return (warning if the drain was cut
 //! short). [`Server::phase`] follows that life cycle for readiness
 //! (`/readyz`, systemd's `READY=1`/`STOPPING=1`); [`Server::with_admin`]
-//! adds the plain-HTTP admin listener ([`crate::admin`]).
+//! adds the plain-HTTP admin listener ([`crate::serving::admin`]).
 
 use std::{
     future::Future,
@@ -28,20 +28,22 @@ use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
 use crate::{
-    admin,
-    admission::AdmissionLayer,
-    certwatch,
     config::{AdminSettings, Settings, TlsSettings},
-    connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
-    lanes::{IoLanes, LaneTcp, ServeLane},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
     service::{Processor, legacy::LegacyService, v1::V1Service},
+    serving::{
+        Phase, admin,
+        admission::AdmissionLayer,
+        certwatch,
+        connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
+        lanes::{IoLanes, LaneTcp, ServeLane},
+        worker::{WorkerError, WorkerPool},
+    },
     telemetry::{self, metrics::HandshakeFailure},
     tenancy::{RuntimePolicy, Tenancy},
     tls::{ServerTls, TlsError},
-    worker::{WorkerError, WorkerPool},
 };
 
 /// Names under which health is reported, besides the overall "" entry.
@@ -142,17 +144,6 @@ pub async fn bind_admin(admin: &AdminSettings) -> Result<Option<TcpListener>, Se
     Ok(Some(listener))
 }
 
-/// Where a server is in its life cycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Not serving yet.
-    Starting,
-    /// The gRPC port accepts connections and health says SERVING.
-    Serving,
-    /// Shutdown started: health says NOT_SERVING, in-flight requests drain.
-    Draining,
-}
-
 /// A server whose configuration has been loaded and checked.
 pub struct Server {
     settings: Settings,
@@ -245,7 +236,7 @@ impl Server {
         let worker_threads = settings.worker_threads;
         let tenant_count = settings.tenancy.tenants.len();
         let processor = Processor::new(tenancy.clone());
-        crate::allocator::spawn_trimmer(tenancy.budget());
+        crate::serving::allocator::spawn_trimmer(tenancy.budget());
         // Compressed requests are always accepted. Responses are compressed
         // only when configured: many clients (grpcio among them) advertise
         // gzip by default, and gzipping megabytes of pixels costs far more
@@ -376,7 +367,7 @@ fn lane_server(
     v1: ImageServiceServer<V1Service>,
 ) -> ServeLane<LingeringStream> {
     let router = tonic::transport::Server::builder()
-        .trace_fn(telemetry::traceparent::request_span)
+        .trace_fn(telemetry::request_span)
         .http2_keepalive_interval(settings.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
@@ -439,7 +430,7 @@ impl ReloadHandle {
     /// Re-reads the TLS files of the configuration in force (not the config
     /// file) and swaps them in if they differ from those loaded; returns
     /// whether it did. All or nothing, like [`ReloadHandle::reload`]. Used
-    /// by the file watcher ([`crate::certwatch`]).
+    /// by the file watcher ([`crate::serving::certwatch`]).
     pub fn reload_tls(&self) -> Result<bool, TlsError> {
         let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let tls = ServerTls::load(&current.tls)?;
@@ -510,7 +501,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// and keeps reading, for at most [`LINGER`], until the client closes too.
 ///
 /// It also closes the connection once it has had no open call for
-/// `server.idle_timeout_secs` (see [`crate::connection`]): its reads then
+/// `server.idle_timeout_secs` (see [`crate::serving::connection`]): its reads then
 /// end as if the client had closed, and hyper closes the connection.
 pub struct LingeringStream {
     inner: Option<TlsStream<LaneTcp>>,
@@ -686,7 +677,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         }
                         Err(_) => None, // no tenant: its calls are refused
                     };
-                    // Served on the tenant's I/O lane (see `crate::lanes`);
+                    // Served on the tenant's I/O lane (see `crate::serving::lanes`);
                     // none once shutting down: the connection is dropped.
                     let lane = match lanes.lane(identity.tenant.as_ref().ok()) {
                         Ok(Some(lane)) => lane,

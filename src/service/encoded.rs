@@ -1,4 +1,4 @@
-//! Encoded images in imgsvc.v1: wire messages ↔ [`crate::codec`], held to
+//! Encoded images in imgsvc.v1: wire messages ↔ [`crate::imagefile`], held to
 //! the request's limits.
 //!
 //! The cheap checks (which fields are set, known enum values, quality range)
@@ -12,8 +12,8 @@ use bytes::Bytes;
 
 use super::{InvalidRequest, PixelBuffer, ServiceError};
 use crate::{
-    codec::{self, DEFAULT_JPEG_QUALITY, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage},
     config::Limits,
+    imagefile::{self, DEFAULT_JPEG_QUALITY, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage},
     proto::v1::{self, ImageEncoding},
 };
 
@@ -47,12 +47,12 @@ pub fn encoded_input(image: &mut Option<v1::Image>, limits: DecodeLimits) -> Res
 /// The bytes `input` decodes to, from its header (cheap: no pixel is
 /// decoded), within its limits.
 pub fn decoded_bytes(input: &EncodedInput) -> Result<u64, ServiceError> {
-    Ok(codec::decoded_bytes(&input.data, &input.options)?)
+    Ok(imagefile::decoded_bytes(&input.data, &input.options)?)
 }
 
 /// Decodes an encoded input into a validated buffer. CPU-bound.
 pub fn decode(input: &EncodedInput) -> Result<PixelBuffer, ServiceError> {
-    let decoded = codec::decode(&input.data, &input.options)?;
+    let decoded = imagefile::decode(&input.data, &input.options)?;
     Ok(PixelBuffer::from_v1(Some(decoded.image.into_v1()), input.options.limits.max_pixels)?)
 }
 
@@ -61,12 +61,12 @@ pub fn output_options(output: Option<&v1::OutputEncoding>) -> Result<Option<Enco
     let Some(output) = output else { return Ok(None) };
     let Some(encoding) = from_wire("output.encoding", output.encoding)? else { return Ok(None) };
     if !encoding.can_encode() {
-        return Err(codec::CodecError::CannotEncode { encoding: encoding.name() }.into());
+        return Err(imagefile::CodecError::CannotEncode { encoding: encoding.name() }.into());
     }
     let jpeg_quality = match output.jpeg_quality {
         0 => DEFAULT_JPEG_QUALITY,
         q @ 1..=100 => q as u8,
-        q => return Err(codec::CodecError::Quality(q).into()),
+        q => return Err(imagefile::CodecError::Quality(q).into()),
     };
     Ok(Some(EncodeOptions { encoding, jpeg_quality }))
 }
@@ -75,7 +75,7 @@ pub fn output_options(output: Option<&v1::OutputEncoding>) -> Result<Option<Enco
 /// format, width and height describe the pixels encoded. CPU-bound.
 pub fn encode(buffer: PixelBuffer, options: &EncodeOptions) -> Result<v1::Image, ServiceError> {
     let raw = RawImage::from_v1(buffer.into_v1());
-    let encoded = codec::encode(&raw, options)?;
+    let encoded = imagefile::encode(&raw, options)?;
     Ok(v1::Image {
         format: encoded.format as i32,
         width: raw.width,

@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::server::Phase;
+use crate::serving::Phase;
 
 /// What the admin endpoints read.
 #[derive(Clone)]

@@ -40,7 +40,7 @@ use notify::{
 
 use crate::{
     config::TlsSettings,
-    server::ReloadHandle,
+    serving::server::ReloadHandle,
     tls::{CertificateValidity, ServerTls},
 };
 

@@ -1,0 +1,41 @@
+//! The serving machinery of the daemon: everything between a TCP socket
+//! and a call of the image services, and the process around it.
+//!
+//! - [`server`]: binds, accepts, runs TLS handshakes, serves, reloads, drains.
+//! - [`connection`]: calls open per connection and the idle timeout.
+//! - [`lanes`]: each tenant's connections on an I/O runtime of their own.
+//! - [`admission`]: admission at the request's headers and the byte
+//!   accounting of request and response bodies (a tower layer).
+//! - [`worker`]: the bounded pool that runs pixel work off the reactor.
+//! - [`admin`]: the plain-HTTP admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`systemd`]: `sd_notify` readiness, reload, stop and watchdog messages.
+//! - [`certwatch`]: reloads the TLS files when they change on disk.
+//! - [`allocator`]: glibc malloc tuned for image buffers, and the trimmer.
+//!
+//! What does not live here: domain rules (who may do what, how much, in
+//! which order: [`crate::tenancy`]; certificate → tenant: [`crate::identity`];
+//! protobuf → image → kernel: [`crate::service`]) and the kernels
+//! (`imgsvc-kernels`). The serving modules depend on the domain, never the
+//! other way round; their shared state ([`Phase`]) lives here so that no two
+//! of them import each other.
+
+pub mod admin;
+pub mod admission;
+pub mod allocator;
+pub mod certwatch;
+pub mod connection;
+pub mod lanes;
+pub mod server;
+pub mod systemd;
+pub mod worker;
+
+/// Where a server is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not serving yet.
+    Starting,
+    /// The gRPC port accepts connections and health says SERVING.
+    Serving,
+    /// Shutdown started: health says NOT_SERVING, in-flight requests drain.
+    Draining,
+}
