@@ -31,9 +31,25 @@ pub const DEV_CONFIG_TOML: &str = include_str!("../config/dev.toml");
 /// Prefix of environment variables that override config keys.
 pub const ENV_PREFIX: &str = "IMGSVC";
 
+/// A config that cannot be used. Each message names the config (file or
+/// inline source), the key when there is one, and the problem, once: a
+/// cause is chained through `source()`, never pasted into the message.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("config {origin}: {source}")]
+    #[error("cannot read config {origin}")]
+    Read {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: not valid TOML")]
+    Toml {
+        origin: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// What the `config` crate reports without a key.
+    #[error("config {origin}")]
     Parse {
         origin: String,
         // Boxed: config's error is over 100 bytes, and every Result of the
@@ -43,6 +59,25 @@ pub enum ConfigError {
     },
     #[error("config {origin}: key `{key}`: {problem}")]
     Invalid { origin: String, key: String, problem: String },
+}
+
+impl ConfigError {
+    /// Takes the key and the problem out of `config`'s error: its messages
+    /// end in " for key `k` in <origin>", which would repeat what ours say.
+    fn from_config(origin: &str, err: config::ConfigError) -> Self {
+        let origin = origin.to_string();
+        match err {
+            config::ConfigError::Type { origin: from, unexpected, expected, key: Some(key) } => {
+                // Values from the file have no origin here (it is read as a
+                // string); the environment's do.
+                let from = from.map(|from| format!(" (from {from})")).unwrap_or_default();
+                Self::Invalid { origin, key, problem: format!("invalid type: {unexpected}, expected {expected}{from}") }
+            }
+            config::ConfigError::At { error, key: Some(key), .. } => Self::Invalid { origin, key, problem: error.to_string() },
+            config::ConfigError::FileParse { cause, .. } => Self::Toml { origin, source: cause },
+            other => Self::Parse { origin, source: Box::new(other) },
+        }
+    }
 }
 
 /// Where the config comes from.
@@ -393,7 +428,7 @@ impl Settings {
     /// As [`Settings::load`], with the environment given explicitly (tests).
     pub fn load_with_env(source: &ConfigSource, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let origin = source.name();
-        let raw = read_raw(source, env).map_err(|source| ConfigError::Parse { origin: origin.clone(), source: Box::new(source) })?;
+        let raw = read_raw(source, &origin, env)?;
         Self::validate(raw, origin)
     }
 
@@ -693,12 +728,18 @@ fn resolve_tenant(
 }
 
 /// Stage 1: layered sources into the raw struct.
-fn read_raw(source: &ConfigSource, env: impl IntoIterator<Item = (String, String)>) -> Result<RawConfig, config::ConfigError> {
-    let builder = config::Config::builder();
-    let builder = match source {
-        ConfigSource::File(path) => builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml).required(true)),
-        ConfigSource::Inline { toml, .. } => builder.add_source(config::File::from_str(toml, config::FileFormat::Toml)),
+fn read_raw(source: &ConfigSource, origin: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<RawConfig, ConfigError> {
+    // The file is read here rather than by `config`, which reports any
+    // failure to open it as "not found".
+    let file;
+    let toml = match source {
+        ConfigSource::File(path) => {
+            file = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { origin: origin.into(), source })?;
+            &file
+        }
+        ConfigSource::Inline { toml, .. } => toml,
     };
+    let builder = config::Config::builder().add_source(config::File::from_str(toml, config::FileFormat::Toml));
     // Every config key is nested in a section, so only variables with a `__`
     // after the prefix are config overrides; the client's IMGSVC_CA,
     // IMGSVC_CERT and IMGSVC_KEY are not and must not trip the
@@ -713,8 +754,9 @@ fn read_raw(source: &ConfigSource, env: impl IntoIterator<Item = (String, String
                 .try_parsing(true)
                 .source(Some(overrides.into_iter().collect())),
         )
-        .build()?
-        .try_deserialize()
+        .build()
+        .and_then(config::Config::try_deserialize)
+        .map_err(|e| ConfigError::from_config(origin, e))
 }
 
 #[cfg(test)]
@@ -760,24 +802,46 @@ mod tests {
         assert!(s.is_ok(), "{:?}", s.err());
     }
 
+    /// The error as `imgsvc-server` prints it: the message and its causes.
+    fn said(err: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::new(err))
+    }
+
     #[test]
     fn unknown_key_is_an_error_naming_origin_and_key() {
-        let err = load(&format!("{MINIMAL}\n[server]\nprot = 1\n"), &[]).unwrap_err().to_string();
+        let err = said(load(&format!("{MINIMAL}\n[server]\nprot = 1\n"), &[]).unwrap_err());
         assert!(err.contains("test.toml"), "{err}");
         assert!(err.contains("prot"), "{err}");
+        assert!(err.starts_with("config test.toml: key `server`: unknown field `prot`, expected one of `host`, `port`"), "{err}");
+        assert_eq!((err.matches("test.toml").count(), err.matches("unknown field").count()), (1, 1), "said once: {err}");
     }
 
     #[test]
     fn unknown_env_key_is_an_error_naming_it() {
-        let err = load(MINIMAL, &[("IMGSVC_SERVER__PROT", "1")]).unwrap_err().to_string();
+        let err = said(load(MINIMAL, &[("IMGSVC_SERVER__PROT", "1")]).unwrap_err());
         assert!(err.contains("prot"), "{err}");
+        assert_eq!(err.matches("unknown field `prot`").count(), 1, "said once: {err}");
     }
 
     #[test]
     fn wrong_type_names_the_key() {
-        let err = load(&format!("{MINIMAL}\n[server]\nport = \"high\"\n"), &[]).unwrap_err().to_string();
+        let err = said(load(&format!("{MINIMAL}\n[server]\nport = \"high\"\n"), &[]).unwrap_err());
         assert!(err.contains("server.port"), "{err}");
         assert!(err.contains("test.toml"), "{err}");
+        assert_eq!(err, "config test.toml: key `server.port`: invalid type: string \"high\", expected an integer");
+    }
+
+    #[test]
+    fn wrong_type_from_the_environment_says_so() {
+        let err = said(load(MINIMAL, &[("IMGSVC_SERVER__PORT", "high")]).unwrap_err());
+        assert_eq!(err, "config test.toml: key `server.port`: invalid type: string \"high\", expected an integer (from the environment)");
+    }
+
+    #[test]
+    fn malformed_toml_is_an_error_naming_origin_and_position_once() {
+        let err = said(load("[server\n", &[]).unwrap_err());
+        assert!(err.starts_with("config test.toml: not valid TOML: TOML parse error at line 1, column 8"), "{err}");
+        assert_eq!(err.matches("TOML parse error").count(), 1, "said once: {err}");
     }
 
     #[test]
@@ -833,8 +897,10 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error_naming_it() {
-        let err = Settings::load_with_env(&ConfigSource::File("/nonexistent/imgsvc.toml".into()), []).unwrap_err().to_string();
+        let err = Settings::load_with_env(&ConfigSource::File("/nonexistent/imgsvc.toml".into()), []).unwrap_err();
+        let err = said(err);
         assert!(err.contains("/nonexistent/imgsvc.toml"), "{err}");
+        assert_eq!(err, "cannot read config /nonexistent/imgsvc.toml: No such file or directory (os error 2)");
     }
 
     #[test]

@@ -85,6 +85,11 @@ fn unknown_key_is_an_error_naming_file_and_key() {
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(cfg.to_str().unwrap()) && err.contains("worker_thread"), "{err}");
+    // File, key and problem, each said once.
+    let said =
+        format!("imgsvc-server: error: config {}: key `server`: unknown field `worker_thread`, expected one of `host`", cfg.display());
+    assert!(err.starts_with(&said), "{err}");
+    assert_eq!((err.matches(cfg.to_str().unwrap()).count(), err.matches("unknown field").count()), (1, 1), "said once: {err}");
 }
 
 #[test]
@@ -117,6 +122,10 @@ fn check_config_catches_a_missing_config_file() {
     let out = server_cmd(dir.path()).args(["--check-config", "--config", "/nonexistent/imgsvc.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/imgsvc.toml"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "imgsvc-server: error: cannot read config /nonexistent/imgsvc.toml: No such file or directory (os error 2)\n"
+    );
 }
 
 #[test]

@@ -298,7 +298,9 @@ async fn sighup_with_a_broken_file_keeps_the_old_config_and_a_good_one_applies()
     let p = pki.paths();
     let cfg = dir.path().join("imgsvc.toml");
     let base = format!(
-        "[server]\nport = 0\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
+        // The admin listener on port 0 too: its default, 9090, may be taken
+        // by any other server on the machine.
+        "[server]\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
         p.server_cert().display(),
         p.server_key().display(),
         p.ca_cert().display()
