@@ -133,6 +133,11 @@ pub struct RawTenantLimits {
     pub enabled: Option<bool>,
 }
 
+/// The largest window hyper's adaptive flow control grants, per stream and
+/// per connection: `BDP_LIMIT` in hyper's `src/proto/h2/ping.rs` (hyper
+/// 1.x; not exported, so repeated here: check it when hyper is upgraded).
+pub const HYPER_BDP_LIMIT: u32 = 16 << 20;
+
 /// `server.io_threads = 0` means one per core, but at most this many.
 pub const DEFAULT_MAX_IO_THREADS: usize = 8;
 
@@ -149,6 +154,7 @@ pub struct RawServer {
     pub max_concurrent_streams: u32,
     pub http2_stream_window_bytes: u32,
     pub http2_connection_window_bytes: u32,
+    pub http2_adaptive_window: bool,
     pub worker_nice: i32,
     pub idle_timeout_secs: u64,
     pub io_threads: usize,
@@ -168,6 +174,7 @@ impl Default for RawServer {
             max_concurrent_streams: 256,
             http2_stream_window_bytes: 1 << 20,
             http2_connection_window_bytes: 2 << 20,
+            http2_adaptive_window: false,
             worker_nice: 5,
             idle_timeout_secs: 300,
             io_threads: 0,
@@ -309,6 +316,9 @@ pub struct Settings {
     /// connection's window is charged to its tenant's memory share.
     pub http2_stream_window_bytes: u32,
     pub http2_connection_window_bytes: u32,
+    /// Let hyper size both windows to the measured bandwidth-delay product
+    /// (from 64 KiB up to [`HYPER_BDP_LIMIT`]) instead of the two above.
+    pub http2_adaptive_window: bool,
     /// Nice value added to the worker threads (below the I/O threads).
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
@@ -384,6 +394,14 @@ pub struct TraceExportSettings {
 }
 
 impl Settings {
+    /// The request bytes HTTP/2 may buffer unread on one connection, at
+    /// most: its connection window, or with adaptive windows the largest
+    /// one hyper may grow to. Charged to the tenant's memory share for the
+    /// connection's life.
+    pub fn http2_connection_window_charge(&self) -> u64 {
+        if self.http2_adaptive_window { HYPER_BDP_LIMIT.into() } else { self.http2_connection_window_bytes.into() }
+    }
+
     /// Reads `source` layered over the defaults and under the `IMGSVC_*`
     /// variables of the process environment, then validates.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
@@ -496,6 +514,7 @@ impl Settings {
             max_concurrent_streams: raw.server.max_concurrent_streams,
             http2_stream_window_bytes: raw.server.http2_stream_window_bytes,
             http2_connection_window_bytes: raw.server.http2_connection_window_bytes,
+            http2_adaptive_window: raw.server.http2_adaptive_window,
             worker_nice: raw.server.worker_nice,
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
             io_threads,
@@ -744,6 +763,14 @@ mod tests {
         assert_eq!(s.limits.max_message_bytes, 256 * 1024 * 1024);
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert!(s.worker_threads >= 1);
+    }
+
+    #[test]
+    fn a_connection_is_charged_its_window_or_with_adaptive_windows_the_most_hyper_grants() {
+        let fixed = load(&format!("{MINIMAL}\n[server]\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
+        assert_eq!(fixed.http2_connection_window_charge(), 3_000_000);
+        let adaptive = load(&format!("{MINIMAL}\n[server]\nhttp2_adaptive_window = true\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
+        assert_eq!(adaptive.http2_connection_window_charge(), 16 * 1024 * 1024);
     }
 
     #[test]
