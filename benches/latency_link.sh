@@ -5,7 +5,7 @@
 # plus 3 round trips: 0.46 s). Goal: within 1.5x.
 #
 #   benches/latency_link.sh [--delay-ms 10] [--rate-mbit 1000] [--warm 5]
-#                           [--variants default,fixed4,fixed16,adaptive]
+#                           [--variants default,s1c2,s4c8,adaptive,...]
 #
 # The link is benches/delay_proxy.py on loopback: the kernel here has no
 # netem (CONFIG_NET_SCH_NETEM is not set), so a network namespace pair could
@@ -20,7 +20,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DELAY_MS=10
 RATE_MBIT=1000
 WARM=5
-VARIANTS=default,fixed4,fixed16,adaptive
+VARIANTS=default,s1c2,s2c4,s4c4,s4c8,s16c32,adaptive
 while [ $# -gt 0 ]; do
   case "$1" in
     --delay-ms) DELAY_MS="$2"; shift 2 ;;
@@ -32,14 +32,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# Server settings of each variant, as IMGSVC_* environment overrides.
+# Server settings of each variant, as IMGSVC_* environment overrides:
+# "default" (the shipped defaults), "adaptive" (hyper's BDP windows), or
+# sSCc: fixed windows of S MiB per stream and C MiB per connection.
 variant_env() {
   case "$1" in
-    default) ;;  # the shipped defaults
-    fixed4) echo IMGSVC_SERVER__HTTP2_STREAM_WINDOW_BYTES=4194304 IMGSVC_SERVER__HTTP2_CONNECTION_WINDOW_BYTES=8388608 ;;
-    fixed16) echo IMGSVC_SERVER__HTTP2_STREAM_WINDOW_BYTES=16777216 IMGSVC_SERVER__HTTP2_CONNECTION_WINDOW_BYTES=33554432 ;;
+    default) ;;
     adaptive) echo IMGSVC_SERVER__HTTP2_ADAPTIVE_WINDOW=true ;;
-    fixedoff) echo IMGSVC_SERVER__HTTP2_ADAPTIVE_WINDOW=false ;;
+    s*c*)
+      local s=${1#s}; s=${s%c*}; local c=${1#*c}
+      echo IMGSVC_SERVER__HTTP2_ADAPTIVE_WINDOW=false \
+        IMGSVC_SERVER__HTTP2_STREAM_WINDOW_BYTES=$((s << 20)) IMGSVC_SERVER__HTTP2_CONNECTION_WINDOW_BYTES=$((c << 20)) ;;
     *) echo "unknown variant: $1" >&2; exit 2 ;;
   esac
 }
@@ -101,7 +104,7 @@ for v in ${VARIANTS//,/ }; do
   read -r _ cold < <(bench "$pport" 1)
   read -r warm _ < <(bench "$pport" "$WARM")
   ratio=$(python3 -c "print(f'{$warm/$TRANSFER_MS:.2f}x')")
-  echo "| $v $(variant_env "$v") | $direct | $cold | $warm | $ratio |"
+  echo "| $v | $direct | $cold | $warm | $ratio |"
   kill "$proxy" "$server" 2>/dev/null || true
   wait "$proxy" "$server" 2>/dev/null || true
 done

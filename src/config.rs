@@ -172,8 +172,10 @@ impl Default for RawServer {
             http2_keepalive_interval_secs: 60,
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
-            http2_stream_window_bytes: 1 << 20,
-            http2_connection_window_bytes: 2 << 20,
+            // A 20 ms, 1 Gbit/s link holds 2.5 MB: these fill it
+            // (docs/performance.md#high-latency-links).
+            http2_stream_window_bytes: 4 << 20,
+            http2_connection_window_bytes: 4 << 20,
             http2_adaptive_window: false,
             worker_nice: 5,
             idle_timeout_secs: 300,
