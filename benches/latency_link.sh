@@ -5,7 +5,7 @@
 # plus 3 round trips: 0.46 s). Goal: within 1.5x.
 #
 #   benches/latency_link.sh [--delay-ms 10] [--rate-mbit 1000] [--warm 5]
-#                           [--variants default,s1c2,s4c8,adaptive,...]
+#                           [--variants default,s1c2,s4c8,adaptive,legacy,cpp,...]
 #
 # The link is benches/delay_proxy.py on loopback: the kernel here has no
 # netem (CONFIG_NET_SCH_NETEM is not set), so a network namespace pair could
@@ -34,10 +34,13 @@ done
 
 # Server settings of each variant, as IMGSVC_* environment overrides:
 # "default" (the shipped defaults), "adaptive" (hyper's BDP windows), or
-# sSCc: fixed windows of S MiB per stream and C MiB per connection.
+# sSCc: fixed windows of S MiB per stream and C MiB per connection;
+# "legacy": the defaults through NLImageService (RotateImage, the same
+# bytes); "cpp": the C++ gRPC peer (../shared/peers, gRPC C-core defaults),
+# through NLImageService too (built by ../shared/peers/cpp/setup.sh).
 variant_env() {
   case "$1" in
-    default) ;;
+    default|legacy|cpp) ;;
     adaptive) echo IMGSVC_SERVER__HTTP2_ADAPTIVE_WINDOW=true ;;
     s*c*)
       local s=${1#s}; s=${s%c*}; local c=${1#*c}
@@ -82,7 +85,7 @@ wait_port() {  # up to 30 s
 }
 # bench PORT REQUESTS -> "p50_ms max_ms"
 bench() {
-  timeout 120 "$BIN/imgsvc-client" bench --host 127.0.0.1 --port "$1" --requests "$2" "${CLIENT[@]}" \
+  timeout 120 "$BIN/imgsvc-client" bench --host 127.0.0.1 --port "$1" --requests "$2" --api "$API" "${CLIENT[@]}" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); assert r["ok"] > 0 and not r["errors"], r; print(round(r["p50_ms"]), round(r["max_ms"]))'
 }
 
@@ -93,7 +96,17 @@ echo "| server windows | no link, warm p50 ms | cold (1st request) ms | warm p50
 echo "| --- | --- | --- | --- | --- |"
 for v in ${VARIANTS//,/ }; do
   port=$(free_port)
-  env $(variant_env "$v") "$BIN/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$port" 2>"$WORK/server-$v.log" &
+  API=v1
+  if [ "$v" = cpp ]; then
+    API=legacy
+    CPP="$(realpath -m "${IMGSVC_PEERS_HOME:-$HOME/.cache/imgsvc-peers}")/cpp-build/nl_image_server"
+    [ -x "$CPP" ] || { echo "no $CPP: run ../shared/peers/cpp/setup.sh first" >&2; exit 1; }
+    "$CPP" --host 127.0.0.1 --port "$port" --tls-cert "$WORK/pki/server.pem" --tls-key "$WORK/pki/server-key.pem" \
+      --client-ca "$WORK/pki/ca.pem" >"$WORK/server-$v.log" 2>&1 &
+  else
+    [ "$v" = legacy ] && API=legacy
+    env $(variant_env "$v") "$BIN/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$port" 2>"$WORK/server-$v.log" &
+  fi
   server=$!; PIDS+=("$server")
   wait_port "$port"
   python3 "$ROOT/benches/delay_proxy.py" --target "127.0.0.1:$port" --delay-ms "$DELAY_MS" --rate-mbit "$RATE_MBIT" --lifetime-s 600 >"$WORK/proxy-$v.port" &
