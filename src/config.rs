@@ -771,7 +771,8 @@ mod tests {
     fn a_connection_is_charged_its_window_or_with_adaptive_windows_the_most_hyper_grants() {
         let fixed = load(&format!("{MINIMAL}\n[server]\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
         assert_eq!(fixed.http2_connection_window_charge(), 3_000_000);
-        let adaptive = load(&format!("{MINIMAL}\n[server]\nhttp2_adaptive_window = true\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
+        let adaptive =
+            load(&format!("{MINIMAL}\n[server]\nhttp2_adaptive_window = true\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
         assert_eq!(adaptive.http2_connection_window_charge(), 16 * 1024 * 1024);
     }
 
