@@ -936,6 +936,7 @@ mod tests {
             (s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams),
             (Some(Duration::from_secs(60)), Duration::from_secs(20), 256)
         );
+        assert_eq!((s.http2_stream_window_bytes, s.http2_connection_window_bytes, s.http2_adaptive_window), (4 << 20, 4 << 20, false));
         let s = load(&format!("{MINIMAL}\n[server]\nhttp2_keepalive_interval_secs = 0\n"), &[]).unwrap();
         assert_eq!(s.http2_keepalive_interval, None);
         let err = load(&format!("{MINIMAL}\n[server]\nmax_concurrent_streams = 0\n"), &[]).unwrap_err().to_string();
