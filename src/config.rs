@@ -168,6 +168,11 @@ pub struct RawTenantLimits {
     pub enabled: Option<bool>,
 }
 
+/// The largest window hyper's adaptive flow control grants, per stream and
+/// per connection: `BDP_LIMIT` in hyper's `src/proto/h2/ping.rs` (hyper
+/// 1.x; not exported, so repeated here: check it when hyper is upgraded).
+pub const HYPER_BDP_LIMIT: u32 = 16 << 20;
+
 /// `server.io_threads = 0` means one per core, but at most this many.
 pub const DEFAULT_MAX_IO_THREADS: usize = 8;
 
@@ -184,6 +189,7 @@ pub struct RawServer {
     pub max_concurrent_streams: u32,
     pub http2_stream_window_bytes: u32,
     pub http2_connection_window_bytes: u32,
+    pub http2_adaptive_window: bool,
     pub worker_nice: i32,
     pub idle_timeout_secs: u64,
     pub io_threads: usize,
@@ -201,8 +207,11 @@ impl Default for RawServer {
             http2_keepalive_interval_secs: 60,
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
-            http2_stream_window_bytes: 1 << 20,
-            http2_connection_window_bytes: 2 << 20,
+            // A 20 ms, 1 Gbit/s link holds 2.5 MB: these fill it
+            // (docs/performance.md#high-latency-links).
+            http2_stream_window_bytes: 4 << 20,
+            http2_connection_window_bytes: 4 << 20,
+            http2_adaptive_window: false,
             worker_nice: 5,
             idle_timeout_secs: 300,
             io_threads: 0,
@@ -344,6 +353,9 @@ pub struct Settings {
     /// connection's window is charged to its tenant's memory share.
     pub http2_stream_window_bytes: u32,
     pub http2_connection_window_bytes: u32,
+    /// Let hyper size both windows to the measured bandwidth-delay product
+    /// (from 64 KiB up to [`HYPER_BDP_LIMIT`]) instead of the two above.
+    pub http2_adaptive_window: bool,
     /// Nice value added to the worker threads (below the I/O threads).
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
@@ -419,6 +431,14 @@ pub struct TraceExportSettings {
 }
 
 impl Settings {
+    /// The request bytes HTTP/2 may buffer unread on one connection, at
+    /// most: its connection window, or with adaptive windows the largest
+    /// one hyper may grow to. Charged to the tenant's memory share for the
+    /// connection's life.
+    pub fn http2_connection_window_charge(&self) -> u64 {
+        if self.http2_adaptive_window { HYPER_BDP_LIMIT.into() } else { self.http2_connection_window_bytes.into() }
+    }
+
     /// Reads `source` layered over the defaults and under the `IMGSVC_*`
     /// variables of the process environment, then validates.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
@@ -531,6 +551,7 @@ impl Settings {
             max_concurrent_streams: raw.server.max_concurrent_streams,
             http2_stream_window_bytes: raw.server.http2_stream_window_bytes,
             http2_connection_window_bytes: raw.server.http2_connection_window_bytes,
+            http2_adaptive_window: raw.server.http2_adaptive_window,
             worker_nice: raw.server.worker_nice,
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
             io_threads,
@@ -789,6 +810,15 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_is_charged_its_window_or_with_adaptive_windows_the_most_hyper_grants() {
+        let fixed = load(&format!("{MINIMAL}\n[server]\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
+        assert_eq!(fixed.http2_connection_window_charge(), 3_000_000);
+        let adaptive =
+            load(&format!("{MINIMAL}\n[server]\nhttp2_adaptive_window = true\nhttp2_connection_window_bytes = 3000000\n"), &[]).unwrap();
+        assert_eq!(adaptive.http2_connection_window_charge(), 16 * 1024 * 1024);
+    }
+
+    #[test]
     fn env_overrides_file_with_double_underscore_nesting() {
         let toml = format!("{MINIMAL}\n[server]\nport = 7000\n");
         let s = load(&toml, &[("IMGSVC_SERVER__PORT", "6000"), ("IMGSVC_LIMITS__MAX_IMAGE_PIXELS", "42")]).unwrap();
@@ -972,6 +1002,7 @@ mod tests {
             (s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams),
             (Some(Duration::from_secs(60)), Duration::from_secs(20), 256)
         );
+        assert_eq!((s.http2_stream_window_bytes, s.http2_connection_window_bytes, s.http2_adaptive_window), (4 << 20, 4 << 20, false));
         let s = load(&format!("{MINIMAL}\n[server]\nhttp2_keepalive_interval_secs = 0\n"), &[]).unwrap();
         assert_eq!(s.http2_keepalive_interval, None);
         let err = load(&format!("{MINIMAL}\n[server]\nmax_concurrent_streams = 0\n"), &[]).unwrap_err().to_string();

@@ -294,7 +294,7 @@ impl Server {
                 lanes: lanes.clone(),
                 lingering: lingering.clone(),
                 tenancy: tenancy.clone(),
-                connection_window: settings.http2_connection_window_bytes.into(),
+                connection_window: settings.http2_connection_window_charge(),
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
@@ -373,6 +373,8 @@ fn lane_server(
         .max_concurrent_streams(Some(settings.max_concurrent_streams))
         .initial_stream_window_size(Some(settings.http2_stream_window_bytes))
         .initial_connection_window_size(Some(settings.http2_connection_window_bytes))
+        // Overrides the two sizes above when set (hyper starts at 64 KiB).
+        .http2_adaptive_window(Some(settings.http2_adaptive_window))
         .layer(TrackCallsLayer)
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
@@ -476,6 +478,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);
     check("server.http2_stream_window_bytes", old.http2_stream_window_bytes != new.http2_stream_window_bytes);
     check("server.http2_connection_window_bytes", old.http2_connection_window_bytes != new.http2_connection_window_bytes);
+    check("server.http2_adaptive_window", old.http2_adaptive_window != new.http2_adaptive_window);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
     check("server.io_threads", old.io_threads != new.io_threads);

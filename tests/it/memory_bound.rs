@@ -115,14 +115,26 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     let solo = p99(light_latencies(light_a.clone()).await);
     let idle = server.usage();
 
+    // The flooding tenant's connections, opened before its calls take its
+    // share: each is charged its HTTP/2 window (4 MiB) for its life, and a
+    // connection that does not fit the share is closed at once.
+    let mut unary_channels = Vec::new();
+    for _ in 0..4 {
+        unary_channels.push(connect("flood").await);
+    }
+    let stream_channel = connect("flood").await;
+    let mut slow_connections = Vec::new();
+    for _ in 0..4 {
+        slow_connections.push(h2_connect(&server, &pki, "flood").await);
+    }
+
     let tally = Arc::new(FloodTally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let until = Instant::now() + Duration::from_secs(FLOOD_SECS);
     let mut flood = tokio::task::JoinSet::new();
     let big = image(FLOOD.0, FLOOD.1, 3);
     // Many concurrent large unary calls over four connections.
-    for c in 0..4 {
-        let channel = connect("flood").await;
+    for (c, channel) in unary_channels.into_iter().enumerate() {
         for _ in 0..10 {
             let (channel, big, tally) = (channel.clone(), big.clone(), tally.clone());
             flood.spawn(async move {
@@ -140,7 +152,6 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
         }
     }
     // Large streams.
-    let stream_channel = connect("flood").await;
     for _ in 0..4 {
         let (channel, big, tally) = (stream_channel.clone(), big.clone(), tally.clone());
         flood.spawn(async move {
@@ -154,8 +165,7 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     // Slow readers: each sends a large request and never reads the answer,
     // which the server holds (charged as sending) while its connection lives.
     let mut slow = Vec::new();
-    for _ in 0..4 {
-        let (mut send, connection) = h2_connect(&server, &pki, "flood").await;
+    for (mut send, connection) in slow_connections {
         let (response, mut body) = start_call(&mut send, "/NLImageService/MeanFilter").await;
         // Sent as flow control allows; a refusal (memory) resets the stream.
         let mut data = grpc_message(&legacy(&big));
