@@ -14,7 +14,7 @@ use std::path::Path;
 use bytes::Bytes;
 use imgsvc::{
     client::{Op, stream::request_messages},
-    codec::{self, EncodeOptions, Encoding, RawImage},
+    imagefile::{self, EncodeOptions, Encoding, RawImage},
     imaging::QuarterTurns,
     proto::{
         nlimage::{NlImage, NlImageRotateRequest},
@@ -53,11 +53,11 @@ fn pattern(len: usize) -> Bytes {
 }
 
 fn raw(format: PixelFormat, width: u32, height: u32) -> RawImage {
-    RawImage { format, width, height, data: pattern(width as usize * height as usize * codec::bytes_per_pixel(format)) }
+    RawImage { format, width, height, data: pattern(width as usize * height as usize * imagefile::bytes_per_pixel(format)) }
 }
 
 fn encoded(image: &RawImage, encoding: Encoding) -> Vec<u8> {
-    codec::encode(image, &EncodeOptions::new(encoding)).expect("seed images encode").data
+    imagefile::encode(image, &EncodeOptions::new(encoding)).expect("seed images encode").data
 }
 
 fn prefixed(first: u8, message: impl Message) -> Vec<u8> {

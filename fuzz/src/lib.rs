@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use imgsvc::{
-    codec::{DecodeLimits, DecodeOptions, Encoding},
+    imagefile::{DecodeLimits, DecodeOptions, Encoding},
     imaging::Layout,
     proto::{
         nlimage::{NlImage, NlImageRotateRequest},
@@ -18,7 +18,7 @@ use imgsvc::{
     },
     service::{
         ImageShape, InvalidRequest, Pipeline, PixelBuffer, ServiceError, Step,
-        codec::{self, EncodedInput},
+        encoded::{self, EncodedInput},
         legacy, run_reference, stream,
         v1::{self, RequestImage},
     },
@@ -66,10 +66,10 @@ pub fn v1_request(data: &[u8]) {
     let Ok(request) = ProcessRequest::decode(data) else { return };
     let checked = (|| {
         let steps = v1::steps_from(&request.operations, MAX_OPERATIONS)?;
-        let output = codec::output_options(request.output.as_ref())?;
+        let output = encoded::output_options(request.output.as_ref())?;
         let input = match v1::request_image(request.image, DECODE_LIMITS)? {
             RequestImage::Raw(buffer) => buffer,
-            RequestImage::Encoded(encoded) => codec::decode(&encoded)?,
+            RequestImage::Encoded(encoded) => encoded::decode(&encoded)?,
         };
         Ok::<_, ServiceError>((steps, output, input))
     })();
@@ -78,7 +78,7 @@ pub fn v1_request(data: &[u8]) {
             let out = run_and_check(input, &steps);
             if let Some(options) = output {
                 let (width, height) = (out.layout().width() as u32, out.layout().height() as u32);
-                let image = codec::encode(out, &options).expect("a valid result encodes");
+                let image = encoded::encode(out, &options).expect("a valid result encodes");
                 assert_eq!((image.width, image.height), (width, height));
                 assert!(image.encoded.is_some_and(|e| !e.data.is_empty()), "an encoded result carries a file");
             }
@@ -120,7 +120,7 @@ pub fn decode_image(data: &[u8]) {
     };
     let page = u32::from(selector / 7 % 3);
     let options = DecodeOptions { encoding, page, limits: DECODE_LIMITS };
-    match codec::decode(&EncodedInput { data: Bytes::copy_from_slice(file), options }) {
+    match encoded::decode(&EncodedInput { data: Bytes::copy_from_slice(file), options }) {
         Ok(buffer) => {
             assert!(buffer.layout().pixels() as u64 <= DECODE_LIMITS.max_pixels, "decoded past the pixel limit");
             assert!(buffer.data().len() as u64 <= DECODE_LIMITS.max_alloc_bytes, "decoded past the memory limit");
@@ -130,7 +130,7 @@ pub fn decode_image(data: &[u8]) {
 }
 
 /// Lets a panic raised inside a crates.io dependency unwind. Third-party
-/// decoders can panic on malformed files, and `codec::decode` catches that
+/// decoders can panic on malformed files, and `encoded::decode` catches that
 /// and refuses the file, as the server must; libfuzzer-sys's panic hook
 /// aborts on every panic, which would report those handled cases as
 /// crashes. A panic anywhere else (imgsvc's code, std) still aborts at once,
