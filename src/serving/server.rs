@@ -315,6 +315,9 @@ impl Server {
             tracing::info!("shutting down: refusing new connections, draining in-flight requests");
             grpc_accept.shutdown().await;
             phase.send_replace(Phase::Draining);
+            // Here, not from the task that follows the phase: a drain with
+            // nothing in flight can end the process before that task runs.
+            super::systemd::notify_stopping();
             for name in std::iter::once("").chain(SERVICE_NAMES) {
                 health_for_shutdown.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
             }

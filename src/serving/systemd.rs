@@ -47,9 +47,9 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// Follows the server's life cycle until it ends: `READY=1` (with `status`)
-/// when it serves, `STOPPING=1` when it drains; in between, `WATCHDOG=1`
-/// pings at [`watchdog_interval`] from the async runtime, so a stalled
-/// runtime stops the pings and systemd restarts the service.
+/// when it serves; `WATCHDOG=1` pings at [`watchdog_interval`] from the
+/// async runtime, so a stalled runtime stops the pings and systemd restarts
+/// the service. (`STOPPING=1` is sent by the drain itself, synchronously.)
 pub async fn follow(mut phase: watch::Receiver<Phase>, status: String) {
     let watchdog = watchdog_interval();
     let mut ticker = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -62,10 +62,8 @@ pub async fn follow(mut phase: watch::Receiver<Phase>, status: String) {
                     return;
                 }
                 let now = *phase.borrow_and_update();
-                match (last, now) {
-                    (Phase::Starting, Phase::Serving) => notify_ready(&status),
-                    (_, Phase::Draining) if last != Phase::Draining => notify_stopping(),
-                    _ => {}
+                if (last, now) == (Phase::Starting, Phase::Serving) {
+                    notify_ready(&status);
                 }
                 last = now;
             }

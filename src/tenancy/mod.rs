@@ -295,6 +295,7 @@ impl Tenancy {
             return Err(error);
         }
         *calls += 1;
+        metrics::gauge!("imgsvc_tenant_calls_open", "tenant" => tenant.to_string()).set(*calls as f64);
         Ok((admission, CallSlot { shared: self.shared.clone(), tenant: tenant.clone() }))
     }
 
@@ -561,6 +562,7 @@ impl Drop for CallSlot {
         let mut state = lock(&self.shared.state);
         if let Some(n) = state.calls.get_mut(&self.tenant) {
             *n -= 1;
+            metrics::gauge!("imgsvc_tenant_calls_open", "tenant" => self.tenant.to_string()).set(*n as f64);
             if *n == 0 {
                 state.calls.remove(&self.tenant);
             }

@@ -259,6 +259,13 @@ async fn refused_before_the_body(server: &ServerProcess, pki: &Pki, tenant: &str
     tonic::Status::from_header_map(response.headers()).expect("a trailers-only answer")
 }
 
+/// Waits until the server has admitted `n` calls of `tenant` at their
+/// headers: a call started on another connection has no order with it.
+async fn calls_open(server: &ServerProcess, tenant: &str, n: f64) {
+    let open = until_metric(server.admin_addr, "imgsvc_tenant_calls_open", &[("tenant", tenant)], n, Duration::from_secs(10)).await;
+    assert_eq!(open, Some(n), "{tenant}'s calls admitted at the headers");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_at_the_headers_are_answered_before_the_body_is_sent() {
     let mut pki = Pki::new(&["alpha", "limited", "single", "stranger"]);
@@ -275,6 +282,7 @@ async fn refusals_at_the_headers_are_answered_before_the_body_is_sent() {
     // Rate: the burst of one is taken by a call whose body is never sent.
     let (mut send, _c) = h2_connect(&server, &pki, "limited").await;
     let (_first, _first_body) = start_call(&mut send, path).await;
+    calls_open(&server, "limited", 1.0).await;
     let status = refused_before_the_body(&server, &pki, "limited", path).await;
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(status.message().starts_with("tenant \"limited\" is over its rate limit of 0.01 requests per second (burst 1)"), "{status:?}");
@@ -283,6 +291,7 @@ async fn refusals_at_the_headers_are_answered_before_the_body_is_sent() {
     // Concurrency: one call open (headers only) holds the only slot.
     let (mut send, _c) = h2_connect(&server, &pki, "single").await;
     let (_open, _open_body) = start_call(&mut send, path).await;
+    calls_open(&server, "single", 1.0).await;
     let status = refused_before_the_body(&server, &pki, "single", path).await;
     assert_eq!(
         (status.code(), status.message()),
