@@ -26,9 +26,11 @@
 //!
 //! # The other test binary
 //! `tests/otlp_export.rs` stays a binary of its own: it needs the `otlp`
-//! cargo feature (`cargo test --release --features otlp --test otlp_export`),
-//! and CI builds the default features for everything else. It uses this
-//! harness through `#[path]`.
+//! cargo feature (`required-features`). CI builds the whole suite with it
+//! (`cargo test --locked --release --features imgsvc/otlp`, one build); a
+//! plain `cargo test --release` skips that binary and runs instead the
+//! config test for a build without the feature. It uses this harness
+//! through `#[path]`.
 
 mod common;
 

@@ -321,3 +321,80 @@ async fn a_request_that_can_never_fit_is_refused_at_its_prefix_and_the_server_ke
     let fits = image(1000, 1000, 2);
     assert_eq!(client.mean_filter(legacy(&fits)).await.unwrap().into_inner().data, fits.data);
 }
+
+/// The whole answer of a call over raw HTTP/2: its status (from the
+/// trailers, or the headers of a trailers-only answer) and its body bytes.
+async fn grpc_answer(response: h2::client::ResponseFuture) -> (tonic::Status, Vec<u8>) {
+    grpc_answer_of(response.await.unwrap()).await
+}
+
+async fn grpc_answer_of(response: tonic::codegen::http::Response<h2::RecvStream>) -> (tonic::Status, Vec<u8>) {
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return (status, Vec::new());
+    }
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    (tonic::Status::from_header_map(&trailers).expect("a grpc-status"), data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is_served_once_memory_frees() {
+    let pki = Pki::new(&["alpha"]);
+    // A 64 MiB budget: alpha's share is 32 MiB, of which its two connections
+    // take 8 (their 4 MiB windows). A wait may last 30 s.
+    let extra = "[tenancy]\nmemory_budget_bytes = 67108864\nmemory_wait_ms = 30000\n";
+    let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let labels = [("tenant", "alpha")];
+
+    // Connection 1: a 4.5 MB mean filter whose answer is not read yet holds
+    // its output (charged as sending).
+    let (mut first, _c1) = h2_connect(&server, &pki, "alpha").await;
+    let (held, mut body) = start_call(&mut first, "/NLImageService/MeanFilter").await;
+    let held_image = image(1500, 1000, 1);
+    send_flow_controlled(&mut body, grpc_message(&legacy(&held_image))).await;
+    body.send_data(Bytes::new(), true).unwrap();
+    let held = held.await.unwrap();
+
+    // Connection 2: a 10.8 MB call (21.6 MB charged) fits the share, but not
+    // now: it waits, its body unread beyond one stream window...
+    let (mut second, _c2) = h2_connect(&server, &pki, "alpha").await;
+    let (waiting, mut body) = start_call(&mut second, "/NLImageService/MeanFilter").await;
+    let large = image(2400, 1500, 2);
+    let message = grpc_message(&legacy(&large));
+    let sender = tokio::spawn(async move {
+        send_flow_controlled(&mut body, message).await;
+        body.send_data(Bytes::new(), true).unwrap();
+    });
+    let waits = until_metric(server.admin_addr, "imgsvc_memory_waits_total", &labels, 1.0, Duration::from_secs(10)).await;
+    assert_eq!(waits, Some(1.0), "the large call waits for memory");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!sender.is_finished(), "the waiting call's body is held back by flow control");
+
+    // ...and a call on the same connection is answered meanwhile: the
+    // waiting call's unread bytes do not take the connection's window.
+    let small = image(256, 256, 3);
+    let (answer, mut body) = start_call(&mut second, "/NLImageService/MeanFilter").await;
+    send_flow_controlled(&mut body, grpc_message(&legacy(&small))).await;
+    body.send_data(Bytes::new(), true).unwrap();
+    let started = Instant::now();
+    let (status, data) = tokio::time::timeout(Duration::from_secs(10), grpc_answer(answer)).await.expect("answered, not stalled");
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    assert_eq!(data, grpc_message(&legacy(&small)).to_vec(), "a constant image is its own mean");
+    eprintln!("a call on the waiting call's connection answered in {:?}", started.elapsed());
+
+    // Reading the first answer frees its memory: the waiting call goes on
+    // and is served, nothing refused.
+    let (status, data) = tokio::time::timeout(Duration::from_secs(10), grpc_answer_of(held)).await.expect("the held answer");
+    assert_eq!((status.code(), data), (Code::Ok, grpc_message(&legacy(&held_image)).to_vec()));
+    let (status, data) = tokio::time::timeout(Duration::from_secs(20), grpc_answer(waiting)).await.expect("the waiting call is served");
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    assert_eq!(data.len(), grpc_message(&legacy(&large)).len());
+    let text = scrape(server.admin_addr);
+    assert_eq!(metric(&text, "imgsvc_memory_refusals_total", &[("tenant", "alpha"), ("reason", "exhausted")]), None, "{text}");
+}

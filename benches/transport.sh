@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Issue 17's table, measured in one run: server CPU per request of imgsvc
+# and of the C++ gRPC + OpenCV peer, both over mutual TLS and both driven by
+# the same load generator (`imgsvc-client bench --api legacy`, which speaks
+# NLImageService, so it loads either server; it costs the client far less
+# than the peers' Python generator, so the rate measures the server), next
+# to the floor measured on this machine in the same run (benches/floor.rs:
+# AES-256-GCM over every byte, one copy per direction, the kernel as two
+# image copies). CPU per request is utime + stime of the server process from
+# /proc/PID/stat over the measured run, divided by the calls answered: it
+# does not depend on who bounds the rate.
+#
+#   benches/transport.sh [--peers DIR] [--duration S] [--scenarios A,B,C,N] [--no-peer]
+#
+# DIR defaults to ../shared/peers beside the repository (its setup.sh builds
+# the C++ peer under ${IMGSVC_PEERS_HOME:-$HOME/.cache/imgsvc-peers}).
+# Loopback only. Wants a quiet machine: it says when the load average is
+# high. Output: a Markdown table on stdout, the raw JSON under
+# benches/results/ when --save is given.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PEERS="$ROOT/../shared/peers"
+DURATION=10
+SCENARIOS=A,B,C,N
+PEER=1
+SAVE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --peers) PEERS="$2"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --scenarios) SCENARIOS="$2"; shift 2 ;;
+    --no-peer) PEER=0; shift ;;
+    --save) SAVE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+PEERS_HOME="$(realpath -m "${IMGSVC_PEERS_HOME:-$HOME/.cache/imgsvc-peers}")"
+TICK=$(getconf CLK_TCK)
+
+echo "== building imgsvc (release) and measuring the floor" >&2
+(cd "$ROOT" && cargo build --release --locked --bins)
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+(cd "$ROOT" && cargo bench --locked --bench floor) >"$WORK/floor.jsonl"
+if [ "$PEER" = 1 ]; then
+  echo "== C++ peer setup (idempotent)" >&2
+  "$PEERS/setup.sh" >/dev/null
+fi
+load=$(cut -d' ' -f1 /proc/loadavg)
+echo "== load average $load on $(nproc) cores (the figures want a quiet machine)" >&2
+
+"$ROOT/target/release/gen-certs" --out "$WORK/pki" --tenant bench >/dev/null
+PKI="$WORK/pki"
+cat >"$WORK/imgsvc.toml" <<TOML
+[server]
+host = "127.0.0.1"
+[tls]
+cert = "$PKI/server.pem"
+key = "$PKI/server-key.pem"
+client_ca = "$PKI/ca.pem"
+[tenants.bench]
+[log]
+level = "warn"
+TOML
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "server on port $1 did not start" >&2; exit 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# tag: bench arguments (the peers' scenarios A, B, C, N)
+scenario_args() {
+  case "$1" in
+    A) echo "--op rotate --width 64 --height 64 --format gray8 --concurrency 16" ;;
+    B) echo "--op mean --width 1024 --height 1024 --format rgb8 --concurrency 4" ;;
+    C) echo "--op rotate --width 3840 --height 2160 --format rgb8 --concurrency 2" ;;
+    N) echo "--op none --width 1024 --height 1024 --format rgb8 --concurrency 4" ;;
+    *) echo "unknown scenario $1" >&2; exit 2 ;;
+  esac
+}
+
+# measure LABEL PID PORT: one JSON line per scenario into $WORK/runs.jsonl
+measure() {
+  local label=$1 pid=$2 port=$3 tag
+  for tag in ${SCENARIOS//,/ }; do
+    # shellcheck disable=SC2046
+    local args=(bench --api legacy --host 127.0.0.1 --port "$port" --server-name localhost
+      --ca "$PKI/ca.pem" --cert "$PKI/client-bench.pem" --key "$PKI/client-bench-key.pem" $(scenario_args "$tag"))
+    "$ROOT/target/release/imgsvc-client" "${args[@]}" --duration 2 >/dev/null # warm-up
+    local before after
+    before=$(cpu_ticks "$pid")
+    "$ROOT/target/release/imgsvc-client" "${args[@]}" --duration "$DURATION" --json >"$WORK/run.json"
+    after=$(cpu_ticks "$pid")
+    python3 - "$label" "$tag" "$before" "$after" "$TICK" "$WORK/run.json" >>"$WORK/runs.jsonl" <<'PY'
+import json, sys
+label, tag, before, after, tick, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+r = json.load(open(path))
+cpu_ms = (after - before) * 1000 / tick
+print(json.dumps({"label": label, "scenario": tag, "ok": r["ok"], "errors": sum(r["errors"].values()),
+                  "rps": r["requests_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
+                  "server_cpu_ms_per_req": cpu_ms / max(r["ok"], 1)}))
+PY
+    echo "   $label $tag: $(tail -n1 "$WORK/runs.jsonl")" >&2
+  done
+}
+
+PORT=$(free_port)
+"$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
+PIDS+=($!)
+wait_port "$PORT"
+echo "== imgsvc" >&2
+measure imgsvc "${PIDS[-1]}" "$PORT"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+
+if [ "$PEER" = 1 ]; then
+  BIN="$PEERS_HOME/cpp-build/nl_image_server"
+  [ -x "$BIN" ] || { echo "no $BIN after $PEERS/setup.sh" >&2; exit 1; }
+  PORT=$(free_port)
+  "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
+  PIDS+=($!)
+  wait_port "$PORT"
+  echo "== C++ gRPC + OpenCV peer" >&2
+  measure cpp-opencv "${PIDS[-1]}" "$PORT"
+  kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+fi
+
+if [ -n "$SAVE" ]; then
+  cat "$WORK/floor.jsonl" "$WORK/runs.jsonl" >"$SAVE"
+  echo "== raw figures: $SAVE" >&2
+fi
+python3 - "$WORK/floor.jsonl" "$WORK/runs.jsonl" "$load" <<'PY'
+import json, sys, os
+floor = {r["scenario"]: r for r in map(json.loads, open(sys.argv[1]))}
+runs = {(r["label"], r["scenario"]): r for r in map(json.loads, open(sys.argv[2]))}
+any_floor = next(iter(floor.values()))
+print(f"{os.cpu_count()} cores, load average {sys.argv[3]} at the start; "
+      f"AES-256-GCM {any_floor['aes_gcm_bytes_per_s']/1e9:.2f} GB/s, memcpy {any_floor['memcpy_bytes_per_s']/1e9:.2f} GB/s (one core)")
+print()
+print("| scenario | imgsvc req/s | imgsvc ms CPU/req | C++ peer req/s | C++ peer ms CPU/req | floor ms | imgsvc / floor | imgsvc / floor (copies from memory) | C++ / imgsvc CPU | p99 imgsvc vs C++ ms | errors |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+for tag in sorted({s for _, s in runs}):
+    me, peer, fl = runs.get(("imgsvc", tag)), runs.get(("cpp-opencv", tag)), floor[tag]
+    if not me:
+        continue
+    peer_cpu = f"{peer['server_cpu_ms_per_req']:.3f}" if peer else "-"
+    peer_rps = f"{peer['rps']:.1f}" if peer else "-"
+    ratio = f"{peer['server_cpu_ms_per_req'] / me['server_cpu_ms_per_req']:.2f}x" if peer else "-"
+    p99 = f"{me['p99_ms']:.1f} vs {peer['p99_ms']:.1f}" if peer else f"{me['p99_ms']:.1f}"
+    errors = me["errors"] + (peer["errors"] if peer else 0)
+    cpu = me['server_cpu_ms_per_req']
+    print(f"| {tag} {fl['desc']} | {me['rps']:.1f} | {cpu:.3f} | {peer_rps} | {peer_cpu} | {fl['floor_ms']:.3f} | "
+          f"**{cpu / fl['floor_ms']:.2f}x** | {cpu / fl['floor_dram_ms']:.2f}x | {ratio} | {p99} | {errors} |")
+PY
