@@ -46,7 +46,11 @@ case "$profile" in
         flags+=" -Ccodegen-units=1"
         build+=(--release --config 'profile.release.debug="line-tables-only"')
         out="target/$triple/release" ;;
-    dev) out="target/$triple/debug" ;;
+    dev)
+        # Line tables only: backtraces keep file and line, the build skips
+        # full debug info (CI's build time).
+        build+=(--config 'profile.dev.debug="line-tables-only"')
+        out="target/$triple/debug" ;;
     *) echo "fuzz: FUZZ_PROFILE must be release or dev, not $profile" >&2; exit 2 ;;
 esac
 
