@@ -45,7 +45,7 @@ use tonic::{Status, codegen::http};
 
 use crate::{
     identity::Tenant,
-    service::ServiceError,
+    service::{ServiceError, legacy::SplicedAnswer},
     tenancy::{
         Admission, CallSlot, Tenancy, TenancyError,
         memory::{self, Account, Stage},
@@ -180,7 +180,10 @@ where
             let (mut parts, body) = request.into_parts();
             let body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
-            let response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
+            let mut response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
+            if let Some(spliced) = response.extensions_mut().remove::<SplicedAnswer>() {
+                response = response.map(|body| tonic::body::Body::new(SplicedBody::new(body, spliced)));
+            }
             Ok(response.map(|body| tonic::body::Body::new(ChargedResponse::new(body, account, slot, method))))
         })
     }
@@ -395,6 +398,49 @@ impl Body for ChargedRequest {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A legacy answer's body with tonic's encoding of the message replaced by
+/// the [`SplicedAnswer`]'s three pieces (the pixels not copied); headers
+/// and trailers are tonic's.
+struct SplicedBody {
+    inner: tonic::body::Body,
+    answer: Option<SplicedAnswer>,
+    pending: std::collections::VecDeque<Bytes>,
+}
+
+impl SplicedBody {
+    fn new(inner: tonic::body::Body, answer: SplicedAnswer) -> Self {
+        Self { inner, answer: Some(answer), pending: std::collections::VecDeque::new() }
+    }
+}
+
+impl Body for SplicedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(piece) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                // tonic's message (the answer without its pixels): sent as
+                // the spliced pieces instead.
+                Some(Ok(frame)) if frame.is_data() => {
+                    if let Some(answer) = this.answer.take() {
+                        this.pending.extend([answer.head, answer.data, answer.tail].into_iter().filter(|b| !b.is_empty()));
+                    }
+                }
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
     }
 }
 

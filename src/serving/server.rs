@@ -241,7 +241,7 @@ impl Server {
         // only when configured: many clients (grpcio among them) advertise
         // gzip by default, and gzipping megabytes of pixels costs far more
         // CPU than the kernels (pixels rarely compress well anyway).
-        let mut legacy = NlImageServiceServer::new(LegacyService::new(processor.clone()))
+        let mut legacy = NlImageServiceServer::new(LegacyService::new(processor.clone(), !settings.compress_responses))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
