@@ -240,9 +240,13 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
         BUDGET / MIB,
         FIXED_OVERHEAD / MIB
     );
-    // Generous: the light tenants share two cores with the flood's TLS and
-    // kernels (and with this test's own flood clients).
-    assert!(under <= solo * 3 + Duration::from_millis(20), "light p99 {under:?} under the flood, solo {solo:?}");
+    // Isolation, not speed (the ratio is a figure, printed above; speed is
+    // measured in benches/): a light call that waited behind the flood's
+    // memory (memory_wait_ms = 1000 here) or its queue would take a second
+    // or more. The light tenants share two cores with the flood's TLS and
+    // kernels and with this test's own flood clients, and with the other
+    // tests in CI: 24 ms seen there against a 0.6 ms solo p99.
+    assert!(under <= solo * 3 + Duration::from_millis(250), "light p99 {under:?} under the flood, solo {solo:?}");
     assert_eq!(held_after, Some(0.0), "every answer's bytes are released");
     // The goal is idle + 64 MiB (measured 40–73 MiB over idle); asserted with
     // room for the other tests that share the machine in CI. Without the
