@@ -358,7 +358,7 @@ async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is
 
     // Connection 1: a 4.5 MB mean filter whose answer is not read yet holds
     // its output (charged as sending).
-    let (mut first, _c1) = h2_connect(&server, &pki, "alpha").await;
+    let (mut first, c1) = h2_connect(&server, &pki, "alpha").await;
     let (held, mut body) = start_call(&mut first, "/NLImageService/MeanFilter").await;
     let held_image = image(1500, 1000, 1);
     send_flow_controlled(&mut body, grpc_message(&legacy(&held_image))).await;
@@ -372,8 +372,16 @@ async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is
     let large = image(2400, 1500, 2);
     let message = grpc_message(&legacy(&large));
     let sender = tokio::spawn(async move {
-        send_flow_controlled(&mut body, message).await;
-        body.send_data(Bytes::new(), true).unwrap();
+        // As flow control allows; a reset stream (a refusal) ends it.
+        let mut message = message;
+        while !message.is_empty() {
+            body.reserve_capacity(message.len());
+            let Some(Ok(granted)) = std::future::poll_fn(|cx| body.poll_capacity(cx)).await else { return };
+            if body.send_data(message.split_to(granted.min(message.len())), false).is_err() {
+                return;
+            }
+        }
+        let _ = body.send_data(Bytes::new(), true);
     });
     let waits = until_metric(server.admin_addr, "imgsvc_memory_waits_total", &labels, 1.0, Duration::from_secs(10)).await;
     assert_eq!(waits, Some(1.0), "the large call waits for memory");
@@ -392,10 +400,15 @@ async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is
     assert_eq!(data, grpc_message(&legacy(&small)).to_vec(), "a constant image is its own mean");
     eprintln!("a call on the waiting call's connection answered in {:?}", started.elapsed());
 
-    // Reading the first answer frees its memory: the waiting call goes on
-    // and is served, nothing refused.
+    // Reading the first answer and closing its connection frees its memory
+    // (the answer, and the connection's window): the waiting call goes on
+    // and is served, nothing refused. (Closed, because h2 may keep the last
+    // frames it wrote until its connection is next polled, and this one
+    // then idles: that memory is held, and counted, until then.)
     let (status, data) = tokio::time::timeout(Duration::from_secs(10), grpc_answer_of(held)).await.expect("the held answer");
     assert_eq!((status.code(), data), (Code::Ok, grpc_message(&legacy(&held_image)).to_vec()));
+    drop(first);
+    c1.abort();
     let (status, data) = tokio::time::timeout(Duration::from_secs(20), grpc_answer(waiting)).await.expect("the waiting call is served");
     assert_eq!(status.code(), Code::Ok, "{status:?}");
     assert_eq!(data.len(), grpc_message(&legacy(&large)).len());
