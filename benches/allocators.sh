@@ -55,6 +55,8 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$WORK/bin"
 REL="$ROOT/target/release"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # 1. One binary per variant (same target dir: the dependencies are shared;
 # cargo keeps each feature set's build of the crate apart).
@@ -80,14 +82,9 @@ if [ "$BUILD" = 1 ]; then
   (cd "$ROOT" && cargo build --release --locked --bin imgsvc-client --bin gen-certs)
 fi
 
-"$REL/gen-certs" --out "$WORK/pki" --tenant bench >/dev/null
-cat > "$WORK/imgsvc.toml" <<TOML
-[server]
-host = "127.0.0.1"
-[tls]
-cert = "$WORK/pki/server.pem"
-key = "$WORK/pki/server-key.pem"
-client_ca = "$WORK/pki/ca.pem"
+{
+  bench_pki "$REL/gen-certs" "$WORK"
+  cat <<TOML
 [admin]
 enabled = false
 [tenancy]
@@ -97,24 +94,17 @@ max_memory_bytes = $BUDGET
 [log]
 level = "warn"
 TOML
+} >"$WORK/imgsvc.toml"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
-# utime + stime in clock ticks (fields 14 and 15; the command name, field
-# 2, is in parentheses and may hold spaces).
-ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 HZ="$(getconf CLK_TCK)"
 
 start_server() {
   PORT="$(free_port)"
   "$WORK/bin/imgsvc-server-$1" --config "$WORK/imgsvc.toml" --port "$PORT" >"$WORK/server.log" 2>&1 &
   SERVER_PID=$!
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  echo "imgsvc-server ($1) did not listen on 127.0.0.1:$PORT within 10 s:" >&2
+  wait_port "$PORT" "$SERVER_PID" && return 0
+  echo "imgsvc-server ($1) did not listen on 127.0.0.1:$PORT:" >&2
   cat "$WORK/server.log" >&2
   exit 1
 }
@@ -150,9 +140,9 @@ for round in $(seq "$ROUNDS"); do
       "$round" "$v" "$idle" "$hwm" "$(IFS=,; echo "${after[*]}")" "$threads" "$report" >>"$RAW"
     for sc in "A rotate 64 64 gray8 16" "B mean 1024 1024 rgb8 4" "C rotate 3840 2160 rgb8 2"; do
       read -r name op w h fmt c <<<"$sc"
-      t0="$(ticks "$pid")"
+      t0="$(cpu_ticks "$pid")"
       report="$(bench "$op" "$w" "$h" "$fmt" "$c" --duration "$DURATION")"
-      t1="$(ticks "$pid")"
+      t1="$(cpu_ticks "$pid")"
       printf '{"round":%s,"variant":"%s","kind":"cpu","scenario":"%s","server_cpu_s":%s,"report":%s}\n' \
         "$round" "$v" "$name" "$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" 'BEGIN{print (b-a)/hz}')" "$report" >>"$RAW"
     done

@@ -52,6 +52,8 @@ variant_env() {
 
 (cd "$ROOT" && cargo build --release --locked --bin imgsvc-server --bin imgsvc-client --bin gen-certs) >&2
 BIN="$ROOT/target/release"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -60,29 +62,13 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$BIN/gen-certs" --out "$WORK/pki" --tenant bench >/dev/null
-cat > "$WORK/imgsvc.toml" <<TOML
-[server]
-host = "127.0.0.1"
-[tls]
-cert = "$WORK/pki/server.pem"
-key = "$WORK/pki/server-key.pem"
-client_ca = "$WORK/pki/ca.pem"
-[tenants.bench]
-[log]
-level = "warn"
-TOML
+{
+  bench_pki "$BIN/gen-certs" "$WORK"
+  printf '[tenants.bench]\n[log]\nlevel = "warn"\n'
+} >"$WORK/imgsvc.toml"
 CLIENT=(--ca "$WORK/pki/ca.pem" --cert "$WORK/pki/client-bench.pem" --key "$WORK/pki/client-bench-key.pem"
         --server-name localhost --op rotate --width 3840 --height 2160 --format rgb8 --concurrency 1 --timeout 60 --json)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {  # up to 30 s
-  for _ in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on 127.0.0.1:$1 after 30 s" >&2; return 1
-}
 # bench PORT REQUESTS -> "p50_ms max_ms"
 bench() {
   timeout 120 "$BIN/imgsvc-client" bench --host 127.0.0.1 --port "$1" --requests "$2" --api "$API" "${CLIENT[@]}" \

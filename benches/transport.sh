@@ -37,6 +37,8 @@ while [ $# -gt 0 ]; do
 done
 PEERS_HOME="$(realpath -m "${IMGSVC_PEERS_HOME:-$HOME/.cache/imgsvc-peers}")"
 TICK=$(getconf CLK_TCK)
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 echo "== building imgsvc (release) and measuring the floor" >&2
 (cd "$ROOT" && cargo build --release --locked --bins)
@@ -55,29 +57,11 @@ fi
 load=$(cut -d' ' -f1 /proc/loadavg)
 echo "== load average $load on $(nproc) cores (the figures want a quiet machine)" >&2
 
-"$ROOT/target/release/gen-certs" --out "$WORK/pki" --tenant bench >/dev/null
 PKI="$WORK/pki"
-cat >"$WORK/imgsvc.toml" <<TOML
-[server]
-host = "127.0.0.1"
-[tls]
-cert = "$PKI/server.pem"
-key = "$PKI/server-key.pem"
-client_ca = "$PKI/ca.pem"
-[tenants.bench]
-[log]
-level = "warn"
-TOML
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "server on port $1 did not start" >&2; exit 1
-}
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+{
+  bench_pki "$ROOT/target/release/gen-certs" "$WORK"
+  printf '[tenants.bench]\n[log]\nlevel = "warn"\n'
+} >"$WORK/imgsvc.toml"
 
 # tag: bench arguments (the peers' scenarios A, B, C, N)
 scenario_args() {
@@ -118,7 +102,7 @@ PY
 PORT=$(free_port)
 "$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
 PIDS+=($!)
-wait_port "$PORT"
+wait_port "$PORT" "${PIDS[-1]}"
 echo "== imgsvc" >&2
 measure imgsvc "${PIDS[-1]}" "$PORT"
 kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
@@ -129,7 +113,7 @@ if [ "$PEER" = 1 ]; then
   PORT=$(free_port)
   "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
   PIDS+=($!)
-  wait_port "$PORT"
+  wait_port "$PORT" "${PIDS[-1]}"
   echo "== C++ gRPC + OpenCV peer" >&2
   measure cpp-opencv "${PIDS[-1]}" "$PORT"
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
