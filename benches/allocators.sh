@@ -7,6 +7,12 @@
 #                         [--duration S] [--burst-requests N] [--after S]
 #                         [--budget BYTES] [--skip-build]
 #
+# A variant may carry allocator options after '@' ('+' between options):
+# `jemalloc@oversize_threshold:0+dirty_decay_ms:3000` runs the jemalloc build
+# with _RJEM_MALLOC_CONF=oversize_threshold:0,dirty_decay_ms:3000 (added to
+# the options compiled in; see src/bin/imgsvc-server.rs);
+# `system@MALLOC_ARENA_MAX=2` runs the glibc build with that environment.
+#
 # Builds the server once per variant (copies of the binary), then, round by
 # round, variant after variant (interleaved, so a busy machine hurts them
 # alike), starts a fresh server on 127.0.0.1 whose one tenant may hold the
@@ -40,7 +46,7 @@ while [ $# -gt 0 ]; do
     --after) AFTER="$2"; shift 2 ;;
     --budget) BUDGET="$2"; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -60,7 +66,9 @@ source "$ROOT/benches/lib.sh"
 
 # 1. One binary per variant (same target dir: the dependencies are shared;
 # cargo keeps each feature set's build of the crate apart).
-for v in "${VARIANT_LIST[@]}"; do
+for variant in "${VARIANT_LIST[@]}"; do
+  v="${variant%%@*}"
+  if [ -x "$WORK/bin/imgsvc-server-$v" ]; then continue; fi
   case "$v" in
     system) features=() ;;
     jemalloc|mimalloc) features=(--features "$v") ;;
@@ -101,7 +109,16 @@ HZ="$(getconf CLK_TCK)"
 
 start_server() {
   PORT="$(free_port)"
-  "$WORK/bin/imgsvc-server-$1" --config "$WORK/imgsvc.toml" --port "$PORT" >"$WORK/server.log" 2>&1 &
+  local base="${1%%@*}" env=()
+  if [ "$base" != "$1" ]; then
+    local conf="${1#*@}"
+    case "$base" in
+      jemalloc) env=(_RJEM_MALLOC_CONF="${conf//+/,}") ;;
+      system) IFS=+ read -r -a env <<<"$conf" ;;
+      *) echo "allocator options are for jemalloc and system only: $1" >&2; exit 2 ;;
+    esac
+  fi
+  env "${env[@]}" "$WORK/bin/imgsvc-server-$base" --config "$WORK/imgsvc.toml" --port "$PORT" >"$WORK/server.log" 2>&1 &
   SERVER_PID=$!
   wait_port "$PORT" "$SERVER_PID" && return 0
   echo "imgsvc-server ($1) did not listen on 127.0.0.1:$PORT:" >&2

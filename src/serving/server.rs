@@ -378,6 +378,7 @@ fn lane_server(
         .initial_connection_window_size(Some(settings.http2_connection_window_bytes))
         // Overrides the two sizes above when set (hyper starts at 64 KiB).
         .http2_adaptive_window(Some(settings.http2_adaptive_window))
+        .max_frame_size(Some(settings.http2_max_frame_size))
         .layer(TrackCallsLayer)
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
@@ -482,6 +483,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.http2_stream_window_bytes", old.http2_stream_window_bytes != new.http2_stream_window_bytes);
     check("server.http2_connection_window_bytes", old.http2_connection_window_bytes != new.http2_connection_window_bytes);
     check("server.http2_adaptive_window", old.http2_adaptive_window != new.http2_adaptive_window);
+    check("server.http2_max_frame_size", old.http2_max_frame_size != new.http2_max_frame_size);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
     check("server.io_threads", old.io_threads != new.io_threads);

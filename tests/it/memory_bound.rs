@@ -4,7 +4,8 @@
 //! fixed overhead; every flood request either succeeds or is refused with
 //! RESOURCE_EXHAUSTED; the other tenants' small requests all succeed,
 //! their latency bounded against their own solo latency measured in the
-//! same run; the memory comes back afterwards. And refusals at the
+//! same run; the memory comes back afterwards (after the flood, and after
+//! a burst of large calls that all fit). And refusals at the
 //! request's headers are answered before a byte of the body is sent.
 
 use std::{
@@ -28,7 +29,7 @@ use imgsvc::{
 use tonic::{Code, transport::Channel};
 
 /// `tenancy.memory_budget_bytes` of the flooded server.
-const BUDGET: u64 = 128 * MIB;
+const BUDGET: u64 = 192 * MIB;
 /// What the server holds besides the budget: its threads' stacks and
 /// arenas, the TLS and HTTP/2 buffers of its connections (each can buffer
 /// up to one connection window of request data that the server has not
@@ -37,12 +38,14 @@ const BUDGET: u64 = 128 * MIB;
 /// room to spare.
 const FIXED_OVERHEAD: u64 = 96 * MIB;
 /// The flood's images: 9 MB each, 18 MB charged per legacy call (input
-/// and output), so the flooding tenant (half the budget) fits three.
+/// and output). The flooding tenant's share is half the budget, 96 MiB, of
+/// which its nine connections take 45 MiB (each its 4 MiB window and one
+/// 1 MiB frame): two flood calls fit at a time, the rest wait or are refused.
 const FLOOD: (u32, u32) = (2000, 1500);
 const FLOOD_SECS: u64 = 8;
-/// Resident memory 15 s after the flood: the goal over idle, and what is asserted.
+/// Resident memory 15 s after a flood or burst, over idle: issue 14's goal,
+/// asserted as it is (measured: idle + 1–28 MiB; see the tests).
 const RSS_AFTER_GOAL: u64 = 64 * MIB;
-const RSS_AFTER_MARGIN: u64 = 112 * MIB;
 const LIGHT_CALLS: usize = 150;
 
 fn image(width: u32, height: u32, fill: u8) -> RawImage {
@@ -119,7 +122,7 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     let idle = server.usage();
 
     // The flooding tenant's connections, opened before its calls take its
-    // share: each is charged its HTTP/2 window (4 MiB) for its life, and a
+    // share: each is charged its HTTP/2 window and one frame (5 MiB) for its life, and a
     // connection that does not fit the share is closed at once.
     let mut unary_channels = Vec::new();
     for _ in 0..4 {
@@ -248,10 +251,75 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     // tests in CI: 24 ms seen there against a 0.6 ms solo p99.
     assert!(under <= solo * 3 + Duration::from_millis(250), "light p99 {under:?} under the flood, solo {solo:?}");
     assert_eq!(held_after, Some(0.0), "every answer's bytes are released");
-    // The goal is idle + 64 MiB (measured 40–73 MiB over idle); asserted with
-    // room for the other tests that share the machine in CI. Without the
-    // trimmer, RSS stayed at the peak (idle + 140 MiB and more).
-    assert!(after <= idle.rss + RSS_AFTER_MARGIN, "RSS {} MiB 15 s after the flood, idle {} MiB", after / MIB, idle.rss / MIB);
+    // The goal is idle + 64 MiB; measured idle + 1–18 MiB with two malloc
+    // arenas (with glibc's default of eight per core: 28–73; without the
+    // trimmer RSS stayed at the peak).
+    assert!(after <= idle.rss + RSS_AFTER_GOAL, "RSS {} MiB 15 s after the flood, idle {} MiB", after / MIB, idle.rss / MIB);
+}
+
+/// Resident memory comes back after a burst that the budget admits in
+/// full: 12 3840×2160 RGB rotations, six at once (about 300 MB held), then
+/// idle. The goal is issue 14's: within 64 MiB of idle within 15 s.
+/// Measured: idle + 0–4 MiB within 1–2 s (two malloc arenas and the
+/// trimmer, src/serving/allocator.rs); with glibc's default arena count,
+/// idle + 50–73 MiB for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_returns_near_idle_after_a_burst_of_large_calls() {
+    const BURST: usize = 12;
+    const AT_ONCE: usize = 6;
+    let pki = Pki::new(&["burst"]);
+    let extra =
+        "[tenancy]\nmemory_budget_bytes = 1073741824\n[tenant_defaults]\nmax_memory_bytes = 1073741824\nmax_concurrent_requests = 8\n";
+    let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let channel = client::connect(&target_of(server.addr), &pki.credentials("burst")).await.unwrap();
+    // Warm-up (threads, TLS, first allocations), then idle.
+    let small = image(64, 64, 1);
+    client::process(channel.clone(), Api::Legacy, small.clone(), &[Op::Rotate(QuarterTurns::One)], "localhost").await.unwrap();
+    let idle = server.usage();
+
+    let large = image(3840, 2160, 9);
+    let mut calls = tokio::task::JoinSet::new();
+    let next = Arc::new(AtomicU64::new(0));
+    for _ in 0..AT_ONCE {
+        let (channel, large, next) = (channel.clone(), large.clone(), next.clone());
+        calls.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < BURST as u64 {
+                let out = client::process(channel.clone(), Api::Legacy, large.clone(), &[Op::Rotate(QuarterTurns::One)], "localhost")
+                    .await
+                    .expect("a burst call within the budget succeeds");
+                assert_eq!((out.width, out.height, out.data.len()), (2160, 3840, large.data.len()));
+            }
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.unwrap();
+    }
+    let peak = server.usage().peak_rss;
+    let ended = Instant::now();
+    let mut after = server.usage().rss;
+    while after > idle.rss + RSS_AFTER_GOAL && ended.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = server.usage().rss;
+    }
+    eprintln!(
+        "memory_bound: burst of {BURST} 4K rotations, {AT_ONCE} at once: idle RSS {} MiB, peak {} MiB, {} MiB after {:?}",
+        idle.rss / MIB,
+        peak / MIB,
+        after / MIB,
+        ended.elapsed()
+    );
+    // The burst did take memory (about 75 MB per call in flight), so the
+    // return below is not trivially met.
+    assert!(peak >= idle.rss + 150 * MIB, "peak RSS {} MiB, idle {} MiB: the burst should have held more", peak / MIB, idle.rss / MIB);
+    assert!(
+        after <= idle.rss + RSS_AFTER_GOAL,
+        "RSS {} MiB 15 s after the burst, idle {} MiB: over the goal of idle + {} MiB",
+        after / MIB,
+        idle.rss / MIB,
+        RSS_AFTER_GOAL / MIB
+    );
+    // The connection stays open: the memory came back without it closing.
+    client::process(channel, Api::Legacy, small, &[Op::Rotate(QuarterTurns::One)], "localhost").await.unwrap();
 }
 
 /// A call refused at its headers: the answer (trailers-only, so its status
@@ -351,7 +419,7 @@ async fn grpc_answer_of(response: tonic::codegen::http::Response<h2::RecvStream>
 async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is_served_once_memory_frees() {
     let pki = Pki::new(&["alpha"]);
     // A 64 MiB budget: alpha's share is 32 MiB, of which its two connections
-    // take 8 (their 4 MiB windows). A wait may last 30 s.
+    // take 10 (their 4 MiB windows and 1 MiB frames). A wait may last 30 s.
     let extra = "[tenancy]\nmemory_budget_bytes = 67108864\nmemory_wait_ms = 30000\n";
     let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
     let labels = [("tenant", "alpha")];

@@ -146,10 +146,12 @@ async fn many_clients_for_a_while_get_exact_results_and_leave_no_growth_behind()
     let extra = format!(
         "[tenancy]\nmemory_budget_bytes = {MEMORY_BUDGET}\nmemory_wait_ms = 60000\n[tenant_defaults]\nmax_concurrent_requests = 1000\nmax_queued_requests = 10000\n"
     );
-    // About 67 connections per tenant: with the default 4 MiB windows they
-    // would take 268 MiB of a 256 MiB share before any call (each
-    // connection is charged its window). Many clients on a short link is
-    // what 2 MiB windows are for (docs/configuration.md).
+    // About 67 connections per tenant: with the default 4 MiB windows and
+    // 1 MiB frames they would take 335 MiB of a 256 MiB share before any
+    // call (each connection is charged its window and one frame). Many
+    // clients on a short link is what 2 MiB windows and small frames are
+    // for (docs/configuration.md): 67 × (2 MiB + 64 KiB) per tenant, 414
+    // MiB of the 512 MiB budget for the three.
     let server = ServerProcess::spawn_with(
         &pki,
         &extra,
@@ -158,6 +160,7 @@ async fn many_clients_for_a_while_get_exact_results_and_leave_no_growth_behind()
             ("IMGSVC_LIMITS__MAX_QUEUED_JOBS", "10000"),
             ("IMGSVC_SERVER__HTTP2_STREAM_WINDOW_BYTES", "2097152"),
             ("IMGSVC_SERVER__HTTP2_CONNECTION_WINDOW_BYTES", "2097152"),
+            ("IMGSVC_SERVER__HTTP2_MAX_FRAME_SIZE", "65536"),
         ],
     );
     let idle = server.usage();
