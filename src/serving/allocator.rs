@@ -15,9 +15,9 @@
 //! watches the memory budget's accounting, and once a burst has ended
 //! ([`TrimPolicy`]) it asks glibc to return the free pages of every arena
 //! (`malloc_trim`), so resident memory comes back near idle within a few
-//! seconds instead of staying at the burst's peak. That works only with
-//! few arenas ([`ARENA_MAX`]): `malloc_trim` cannot shrink the top of any
-//! arena but the main one.
+//! seconds instead of staying at the burst's peak. That works reliably
+//! only with one arena ([`ARENA_MAX`]): `malloc_trim` cannot shrink the top
+//! of any arena but the main one.
 //!
 //! Skipped when the operator set glibc's own knobs (`GLIBC_TUNABLES`,
 //! `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; `MALLOC_ARENA_MAX`
@@ -46,15 +46,17 @@ pub const MMAP_THRESHOLD: usize = 32 << 20;
 /// Free memory an arena keeps at its top before giving it back.
 pub const TRIM_THRESHOLD: usize = 128 << 20;
 /// At most this many malloc arenas (glibc's default: eight per core).
-/// `malloc_trim` returns the top of the main arena only; every other arena
-/// keeps the free memory at its top (up to its 64 MiB heap) for good. With
-/// one arena per thread that allocated image buffers, 50–70 MiB stayed
-/// resident after every burst; with two, nothing (the per-thread caches
-/// still serve small allocations without a lock). Measured in one run with
-/// 8, 2 and 1 arenas: server CPU per request unchanged or lower (4K
-/// rotations 46.1 / 42.3 / 40.6 ms), RSS 15 s after a burst idle + 51 /
-/// + 2 / + 0 MiB (docs/performance.md#allocators).
-pub const ARENA_MAX: usize = 2;
+/// `malloc_trim` returns the free pages inside every arena but shrinks the
+/// top of the main arena only: every other arena keeps the free memory at
+/// its top (up to its 64 MiB heap) for good. With glibc's default count,
+/// or with two arenas, a burst of 4K rotations left idle + 50–60 MiB
+/// resident in some runs and nothing in others (whichever arena the last
+/// large buffers came from); with one, nothing in every run. One arena cost
+/// no CPU on two cores (the per-thread caches serve small allocations
+/// without its lock; 4K rotations 40.6 ms per request against 46.1 with
+/// the default count, docs/performance.md#allocators); machines with many
+/// cores can set `MALLOC_ARENA_MAX`, which this leaves alone.
+pub const ARENA_MAX: usize = 1;
 
 /// How far what requests hold must fall below its recent peak before the
 /// free memory is returned to the system.

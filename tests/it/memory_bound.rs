@@ -251,18 +251,18 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     // tests in CI: 24 ms seen there against a 0.6 ms solo p99.
     assert!(under <= solo * 3 + Duration::from_millis(250), "light p99 {under:?} under the flood, solo {solo:?}");
     assert_eq!(held_after, Some(0.0), "every answer's bytes are released");
-    // The goal is idle + 64 MiB; measured idle + 1–18 MiB with two malloc
-    // arenas (with glibc's default of eight per core: 28–73; without the
-    // trimmer RSS stayed at the peak).
+    // The goal is idle + 64 MiB; measured idle + 1–18 MiB (with glibc's
+    // default arena count: 28–73; without the trimmer RSS stayed at the
+    // peak).
     assert!(after <= idle.rss + RSS_AFTER_GOAL, "RSS {} MiB 15 s after the flood, idle {} MiB", after / MIB, idle.rss / MIB);
 }
 
 /// Resident memory comes back after a burst that the budget admits in
 /// full: 12 3840×2160 RGB rotations, six at once (about 300 MB held), then
 /// idle. The goal is issue 14's: within 64 MiB of idle within 15 s.
-/// Measured: idle + 0–4 MiB within 1–2 s (two malloc arenas and the
-/// trimmer, src/serving/allocator.rs); with glibc's default arena count,
-/// idle + 50–73 MiB for good.
+/// Measured: idle + 0–1 MiB within 1–2 s (one malloc arena and the
+/// trimmer, src/serving/allocator.rs); with more arenas, idle + 50–73 MiB
+/// for good in some runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resident_memory_returns_near_idle_after_a_burst_of_large_calls() {
     const BURST: usize = 12;
