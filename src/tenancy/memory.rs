@@ -103,6 +103,10 @@ struct TenantUse {
     stages: [u64; 4],
     /// When a full share was last logged (one line per tenant per minute).
     logged_full: Option<Instant>,
+    /// `imgsvc_tenant_memory_held_bytes{tenant, stage}`, by stage: looked up
+    /// in the metrics registry once, not on every charge (a large call is
+    /// charged frame by frame).
+    gauges: Option<[metrics::Gauge; 4]>,
 }
 
 #[derive(Debug)]
@@ -113,6 +117,8 @@ struct BudgetState {
     high_water: u64,
     stages: [u64; 4],
     tenants: HashMap<TenantId, TenantUse>,
+    /// `imgsvc_memory_held_bytes{stage}`, by stage, once looked up.
+    gauges: Option<[metrics::Gauge; 4]>,
 }
 
 /// The server-wide memory budget and each tenant's share of it.
@@ -136,7 +142,7 @@ impl Budget {
     pub fn new(total: u64) -> Arc<Self> {
         metrics::gauge!("imgsvc_memory_budget_bytes").set(total as f64);
         Arc::new(Self {
-            state: Mutex::new(BudgetState { total, held: 0, high_water: 0, stages: [0; 4], tenants: HashMap::new() }),
+            state: Mutex::new(BudgetState { total, held: 0, high_water: 0, stages: [0; 4], tenants: HashMap::new(), gauges: None }),
             released: Notify::new(),
         })
     }
@@ -214,7 +220,7 @@ impl Budget {
         state.held += n;
         state.high_water = state.high_water.max(state.held);
         state.stages[stage.index()] += n;
-        publish(&state, tenant, stage);
+        publish(&mut state, tenant, stage);
         Ok(())
     }
 
@@ -230,7 +236,7 @@ impl Budget {
             }
             state.held -= n;
             state.stages[stage.index()] -= n;
-            publish(&state, tenant, stage);
+            publish(&mut state, tenant, stage);
         }
         self.wake();
     }
@@ -246,8 +252,8 @@ impl Budget {
         }
         state.stages[from.index()] -= n;
         state.stages[to.index()] += n;
-        publish(&state, tenant, from);
-        publish(&state, tenant, to);
+        publish(&mut state, tenant, from);
+        publish(&mut state, tenant, to);
     }
 
     fn wake(&self) {
@@ -255,12 +261,19 @@ impl Budget {
     }
 }
 
-/// Updates the gauges of `stage` (overall and `tenant`'s) and the totals.
-fn publish(state: &BudgetState, tenant: &TenantId, stage: Stage) {
-    let t = state.tenants.get(tenant);
-    metrics::gauge!("imgsvc_memory_held_bytes", "stage" => stage.label()).set(state.stages[stage.index()] as f64);
-    metrics::gauge!("imgsvc_tenant_memory_held_bytes", "tenant" => tenant.to_string(), "stage" => stage.label())
-        .set(t.map_or(0, |u| u.stages[stage.index()]) as f64);
+/// Updates the gauges of `stage` (overall and `tenant`'s). The handles are
+/// looked up at the first update, i.e. after the metrics recorder is
+/// installed (the daemon installs it before it serves).
+fn publish(state: &mut BudgetState, tenant: &TenantId, stage: Stage) {
+    let i = stage.index();
+    let overall = state.gauges.get_or_insert_with(|| Stage::ALL.map(|s| metrics::gauge!("imgsvc_memory_held_bytes", "stage" => s.label())));
+    overall[i].set(state.stages[i] as f64);
+    if let Some(t) = state.tenants.get_mut(tenant) {
+        let gauges = t.gauges.get_or_insert_with(|| {
+            Stage::ALL.map(|s| metrics::gauge!("imgsvc_tenant_memory_held_bytes", "tenant" => tenant.to_string(), "stage" => s.label()))
+        });
+        gauges[i].set(t.stages[i] as f64);
+    }
 }
 
 enum Shortfall {
