@@ -211,7 +211,10 @@ impl Default for RawServer {
             // A 20 ms, 1 Gbit/s link holds 2.5 MB: these fill it
             // (docs/performance.md#high-latency-links).
             http2_stream_window_bytes: 4 << 20,
-            http2_connection_window_bytes: 4 << 20,
+            // One stream window more than a stream may take: a call whose
+            // body is held back (waiting for memory) cannot take the whole
+            // connection window from the other calls on its connection.
+            http2_connection_window_bytes: 5 << 20,
             http2_adaptive_window: false,
             // Images move in frames of up to 1 MiB instead of HTTP/2's
             // 16 KiB: a quarter less server CPU per large request
@@ -1020,7 +1023,7 @@ mod tests {
             (s.http2_keepalive_interval, s.http2_keepalive_timeout, s.max_concurrent_streams),
             (Some(Duration::from_secs(60)), Duration::from_secs(20), 256)
         );
-        assert_eq!((s.http2_stream_window_bytes, s.http2_connection_window_bytes, s.http2_adaptive_window), (4 << 20, 4 << 20, false));
+        assert_eq!((s.http2_stream_window_bytes, s.http2_connection_window_bytes, s.http2_adaptive_window), (4 << 20, 5 << 20, false));
         assert_eq!(s.http2_max_frame_size, 1 << 20);
         for bad in ["16383", "16777216"] {
             let err = load(&format!("{MINIMAL}\n[server]\nhttp2_max_frame_size = {bad}\n"), &[]).unwrap_err().to_string();

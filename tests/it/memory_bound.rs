@@ -39,7 +39,7 @@ const BUDGET: u64 = 192 * MIB;
 const FIXED_OVERHEAD: u64 = 96 * MIB;
 /// The flood's images: 9 MB each, 18 MB charged per legacy call (input
 /// and output). The flooding tenant's share is half the budget, 96 MiB, of
-/// which its nine connections take 45 MiB (each its 4 MiB window and one
+/// which its nine connections take 54 MiB (each its 5 MiB window and one
 /// 1 MiB frame): two flood calls fit at a time, the rest wait or are refused.
 const FLOOD: (u32, u32) = (2000, 1500);
 const FLOOD_SECS: u64 = 8;
@@ -122,7 +122,7 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     let idle = server.usage();
 
     // The flooding tenant's connections, opened before its calls take its
-    // share: each is charged its HTTP/2 window and one frame (5 MiB) for its life, and a
+    // share: each is charged its HTTP/2 window and one frame (6 MiB) for its life, and a
     // connection that does not fit the share is closed at once.
     let mut unary_channels = Vec::new();
     for _ in 0..4 {
@@ -419,7 +419,9 @@ async fn grpc_answer_of(response: tonic::codegen::http::Response<h2::RecvStream>
 async fn a_call_waiting_for_memory_stalls_no_other_call_on_its_connection_and_is_served_once_memory_frees() {
     let pki = Pki::new(&["alpha"]);
     // A 64 MiB budget: alpha's share is 32 MiB, of which its two connections
-    // take 10 (their 4 MiB windows and 1 MiB frames). A wait may last 30 s.
+    // take 12 (their 5 MiB windows and 1 MiB frames). A wait may last 30 s.
+    // The waiting call may hold one 4 MiB stream window of unread body; the
+    // connection's window is 5 MiB, so the small call still has room.
     let extra = "[tenancy]\nmemory_budget_bytes = 67108864\nmemory_wait_ms = 30000\n";
     let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
     let labels = [("tenant", "alpha")];
