@@ -113,9 +113,9 @@ pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result
         .timeout(target.timeout)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(8 * 1024 * 1024))
-        // Answers may come in frames of up to 1 MiB instead of 16 KiB: a
-        // fifth less CPU per large call on both sides (the server's
-        // `server.http2_max_frame_size` is the same for requests).
+        // Answers may come in frames of up to 1 MiB instead of 16 KiB: less
+        // server CPU per large answer (docs/performance.md#frame-size; the
+        // server's `server.http2_max_frame_size` does the same for requests).
         .max_frame_size(Some(CLIENT_MAX_FRAME_SIZE));
     endpoint
         .connect_with_connector(connector)
@@ -123,7 +123,7 @@ pub async fn connect(target: &Target, credentials: &ClientCredentials) -> Result
         .map_err(|e| ClientError::Connect { explanation: explain(&e, &server_name).unwrap_or_else(|| error_chain(&e)), address })
 }
 
-/// The largest HTTP/2 frame the client accepts (docs/performance.md#transport-floor).
+/// The largest HTTP/2 frame the client accepts (docs/performance.md#frame-size).
 pub const CLIENT_MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// When to use ProcessStream instead of unary Process (v1 only).

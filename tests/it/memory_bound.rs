@@ -73,6 +73,18 @@ async fn light_latencies(channel: Channel) -> Vec<Duration> {
     times
 }
 
+/// The server's RSS once it is within [`RSS_AFTER_GOAL`] of `idle`, or
+/// after 15 s, whichever comes first (sampled every 250 ms).
+async fn rss_back_near(server: &ServerProcess, idle: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut rss = server.usage().rss;
+    while rss > idle + RSS_AFTER_GOAL && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        rss = server.usage().rss;
+    }
+    rss
+}
+
 fn p99(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[(times.len() * 99).div_ceil(100) - 1]
@@ -215,12 +227,7 @@ async fn a_flooding_tenant_stays_within_its_share_and_the_others_are_served() {
     let (ok, exhausted) = (tally.ok.load(Ordering::Relaxed), tally.exhausted.load(Ordering::Relaxed));
     // Memory comes back: everything released, resident memory near idle.
     let held_after = until_metric(admin, "imgsvc_memory_held_bytes", &[("stage", "sending")], 0.0, Duration::from_secs(10)).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut after = server.usage().rss;
-    while after > idle.rss + RSS_AFTER_GOAL && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        after = server.usage().rss;
-    }
+    let after = rss_back_near(&server, idle.rss).await;
     eprintln!(
         "memory_bound: budget {} MiB; idle RSS {} MiB; peak RSS {} MiB = idle + {} MiB ({:.2}x budget); max held by the accounting {} MiB; \
          RSS after {} MiB; flood {ok} ok, {exhausted} RESOURCE_EXHAUSTED; light p99 solo {solo:?}, under flood {under:?} ({:.1}x)",
@@ -296,11 +303,7 @@ async fn resident_memory_returns_near_idle_after_a_burst_of_large_calls() {
     }
     let peak = server.usage().peak_rss;
     let ended = Instant::now();
-    let mut after = server.usage().rss;
-    while after > idle.rss + RSS_AFTER_GOAL && ended.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        after = server.usage().rss;
-    }
+    let after = rss_back_near(&server, idle.rss).await;
     eprintln!(
         "memory_bound: burst of {BURST} 4K rotations, {AT_ONCE} at once: idle RSS {} MiB, peak {} MiB, {} MiB after {:?}",
         idle.rss / MIB,
