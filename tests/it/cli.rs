@@ -167,7 +167,8 @@ fn server_refusal_leaves_no_output_file() {
 fn unreachable_server_exits_69_with_an_explanation() {
     let pki = Pki::new(&["alpha"]);
     let dir = tempfile::tempdir().unwrap();
-    let free_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (_reserved, refusing) = refusing_port();
+    let free_port = refusing.port();
     let out = run_client_as(
         &pki,
         "alpha",

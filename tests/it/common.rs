@@ -283,6 +283,17 @@ pub async fn channel(server: &TestServer, pki: &Pki, tenant: &str) -> Channel {
     client::connect(&target(server.port()), &pki.credentials(tenant)).await.unwrap()
 }
 
+/// A loopback port that refuses connections for as long as the returned
+/// socket lives: bound, never listening, so no other test can take it
+/// (a port found free and released at once can be taken by another test's
+/// server before the client connects).
+pub fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }

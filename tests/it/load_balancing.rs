@@ -94,7 +94,7 @@ async fn a_server_killed_mid_run_fails_no_request() {
 fn cli_endpoints_skip_a_dead_server() {
     let pki = Pki::new(&["lb"]);
     let alive = ServerProcess::spawn(&pki);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed again at once
+    let (_reserved, dead) = refusing_port();
     let out_dir = tempfile::tempdir().unwrap();
     let output = out_dir.path().join("out.png");
     // Whichever the run starts with (it depends on the process id), the
