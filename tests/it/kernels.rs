@@ -1,6 +1,11 @@
 //! Kernel tests: hand-worked examples, fast paths vs the reference (property
 //! tests and exhaustive small-size sweeps on every available SIMD path),
 //! invariants, parallel == single, and error reporting.
+//!
+//! Destinations start filled with [`sentinel`], not zeros: the kernels must
+//! write every output sample (the allocating forms give them uninitialised
+//! memory), and a sample a path leaves unwritten then differs from the
+//! reference.
 
 use imgsvc::imaging::{
     ImagingError, KernelPath, Layout, PARALLEL_MIN_PIXELS, Parallelism, QuarterTurns, Sample, available_paths, mean_filter,
@@ -27,14 +32,19 @@ fn noise<T: Sample>(n: usize, seed: u64) -> Vec<T> {
         .collect()
 }
 
+/// What destinations hold before a kernel writes them: 0xA5 in every byte.
+fn sentinel<T: Sample>() -> T {
+    T::from_u32(0xA5A5 & T::MAX.to_u32())
+}
+
 fn rotate_on<T: Sample>(path: KernelPath, src: &[T], l: Layout, t: QuarterTurns) -> Vec<T> {
-    let mut dst = vec![T::default(); l.samples()];
+    let mut dst = vec![sentinel(); l.samples()];
     rotate_into_using(path, src, l, t, &mut dst, Parallelism::Single).unwrap();
     dst
 }
 
 fn mean_on<T: Sample>(path: KernelPath, src: &[T], l: Layout) -> Vec<T> {
-    let mut dst = vec![T::default(); l.samples()];
+    let mut dst = vec![sentinel(); l.samples()];
     mean_filter_into_using(path, src, l, &mut dst, Parallelism::Single).unwrap();
     dst
 }
@@ -297,14 +307,18 @@ fn mean_constant_and_extreme_images() {
 
 fn par_check<T: Sample>(l: Layout, seed: u64) {
     let src: Vec<T> = noise(l.samples(), seed);
-    let mut single = vec![T::default(); l.samples()];
-    let mut auto = vec![T::default(); l.samples()];
+    let mut single = vec![sentinel(); l.samples()];
+    let mut auto = vec![sentinel(); l.samples()];
     for t in TURNS {
+        single.fill(sentinel());
+        auto.fill(sentinel());
         rotate_into_with(&src, l, t, &mut single, Parallelism::Single).unwrap();
         rotate_into_with(&src, l, t, &mut auto, Parallelism::Auto).unwrap();
         assert!(single == auto, "rotate {t:?} {l:?}");
         assert!(single == reference::rotate(&src, l, t), "rotate {t:?} {l:?} vs reference");
     }
+    single.fill(sentinel());
+    auto.fill(sentinel());
     mean_filter_into_with(&src, l, &mut single, Parallelism::Single).unwrap();
     mean_filter_into_with(&src, l, &mut auto, Parallelism::Auto).unwrap();
     assert!(single == auto, "mean {l:?}");
@@ -329,6 +343,71 @@ fn parallel_equals_single_equals_reference() {
     par_check::<u8>(layout(1100, 1000, 4), 8);
 }
 
+/// Every path writes every output sample, whatever the destination held:
+/// the `_into_using` forms into sentinel-filled destinations, single and
+/// parallel (on a 4-thread pool, so images of at least
+/// `PARALLEL_MIN_PIXELS` really split into bands), and the allocating forms
+/// (uninitialised buffers), for thin, tiny and odd shapes, sizes whose
+/// parallel bands (multiples of 64 output rows for rotation) end short, every
+/// channel count, u8 and u16.
+#[test]
+fn every_output_sample_is_written() {
+    fn check<T: Sample>(l: Layout, seed: u64) {
+        let src: Vec<T> = noise(l.samples(), seed);
+        let mut dst = vec![sentinel(); l.samples()];
+        for t in TURNS {
+            let want = reference::rotate(&src, l, t);
+            for path in available_paths() {
+                for par in [Parallelism::Single, Parallelism::Auto] {
+                    dst.fill(sentinel());
+                    rotate_into_using(path, &src, l, t, &mut dst, par).unwrap();
+                    assert!(dst == want, "rotate {t:?} {l:?} {path:?} {par:?}");
+                }
+            }
+            assert!(rotate(&src, l, t).unwrap() == want, "rotate {t:?} {l:?} allocating");
+        }
+        let want = reference::mean_filter(&src, l);
+        for path in available_paths() {
+            for par in [Parallelism::Single, Parallelism::Auto] {
+                dst.fill(sentinel());
+                mean_filter_into_using(path, &src, l, &mut dst, par).unwrap();
+                assert!(dst == want, "mean {l:?} {path:?} {par:?}");
+            }
+        }
+        assert!(mean_filter(&src, l).unwrap() == want, "mean {l:?} allocating");
+    }
+    let sizes = [
+        // Below PARALLEL_MIN_PIXELS: one band.
+        (1usize, 1usize),
+        (1, 67),
+        (67, 1),
+        (2, 2),
+        (17, 33),
+        (65, 130),
+        (130, 65),
+        // At least PARALLEL_MIN_PIXELS, so split into bands: rotation bands
+        // of exactly 64 output rows (1024 x 1024), bands with a short last
+        // one (the odd sizes), one-pixel-high and -wide images.
+        (1024, 1024),
+        (1025, 1031),
+        (1100, 1000),
+        (4100, 257),
+        (257, 4100),
+        (PARALLEL_MIN_PIXELS + 5, 1),
+        (1, PARALLEL_MIN_PIXELS + 3),
+    ];
+    assert!(sizes[7..].iter().all(|&(w, h)| w * h >= PARALLEL_MIN_PIXELS));
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    pool.install(|| {
+        for (w, h) in sizes {
+            for c in 1..=4 {
+                check::<u8>(layout(w, h, c), (w * 31 + h * 7 + c) as u64);
+                check::<u16>(layout(w, h, c), (w * 31 + h * 7 + c) as u64 + 1);
+            }
+        }
+    });
+}
+
 /// Parallel 90°/270° bands start where the SIMD groups are line-aligned for
 /// the source at hand: check the split at many source alignments.
 #[test]
@@ -343,7 +422,7 @@ fn parallel_bands_match_reference_at_every_source_alignment() {
             for t in [QuarterTurns::One, QuarterTurns::Three] {
                 let want = reference::rotate(src, l, t);
                 for path in available_paths() {
-                    let mut dst = vec![0u8; l.samples()];
+                    let mut dst = vec![sentinel(); l.samples()];
                     rotate_into_using(path, src, l, t, &mut dst, Parallelism::Auto).unwrap();
                     assert!(dst == want, "source offset {offset} {t:?} {path:?}");
                 }
@@ -367,7 +446,7 @@ fn large_streaming_rotations_match_reference() {
             let want = reference::rotate(&src, l, t);
             for path in available_paths() {
                 for par in [Parallelism::Single, Parallelism::Auto] {
-                    let mut dst = vec![0u8; l.samples()];
+                    let mut dst = vec![sentinel(); l.samples()];
                     rotate_into_using(path, &src, l, t, &mut dst, par).unwrap();
                     assert!(dst == want, "{l:?} {t:?} {path:?} {par:?}");
                 }
@@ -406,7 +485,7 @@ fn quarter_turns_match_reference_at_every_source_alignment() {
                 let want = reference::rotate(src, l, t);
                 for path in available_paths() {
                     for par in [Parallelism::Single, Parallelism::Auto] {
-                        let mut dst = vec![0u8; l.samples()];
+                        let mut dst = vec![sentinel(); l.samples()];
                         rotate_into_using(path, src, l, t, &mut dst, par).unwrap();
                         assert!(dst == want, "{l:?} source offset {offset} {t:?} {path:?} {par:?}");
                     }
@@ -428,12 +507,12 @@ fn large_streaming_mean_filter_matches_reference_at_every_alignment() {
         assert!(l.samples() >= 16 << 20 && (w * c) % 64 == 0);
         let src: Vec<u8> = noise(l.samples(), (w * c) as u64);
         let want = reference::mean_filter(&src, l);
-        let mut buf = vec![0u8; l.samples() + 64];
+        let mut buf = vec![sentinel(); l.samples() + 64];
         for offset in [0, 1, 2, 3, 4, 5, 17, 63] {
             for path in available_paths() {
                 for par in [Parallelism::Single, Parallelism::Auto] {
                     let dst = &mut buf[offset..offset + l.samples()];
-                    dst.fill(0);
+                    dst.fill(sentinel());
                     mean_filter_into_using(path, &src, l, dst, par).unwrap();
                     assert!(*dst == want[..], "{l:?} offset {offset} {path:?} {par:?}");
                 }

@@ -13,10 +13,12 @@
 //!
 //! Every operation has an allocating form ([`rotate`], [`mean_filter`]) and
 //! an `_into` form writing into a caller-provided destination of exactly the
-//! output length ([`rotate_into`], [`mean_filter_into`]). The allocating form
-//! allocates the output and calls the `_into` form: there is one
-//! implementation. The hot paths allocate nothing besides that output buffer
-//! (no heap scratch; the AVX2 u8 mean kernel uses a 1 KiB stack buffer).
+//! output length ([`rotate_into`], [`mean_filter_into`]). Both run one
+//! implementation, which writes every output sample without reading the
+//! destination: the allocating form hands it the new buffer uninitialised
+//! (no zeroing pass, 25 MB of `memset` saved on a 4K RGB image). The hot
+//! paths allocate nothing besides that output buffer (no heap scratch; the
+//! AVX2 u8 mean kernel uses a 1 KiB stack buffer).
 //!
 //! # Semantics
 //! * Rotation is counter-clockwise: for 90° (`QuarterTurns::One`) the output
@@ -83,6 +85,8 @@ pub use layout::{ImagingError, Layout, QuarterTurns};
 pub use sample::Sample;
 pub use simd::{KernelPath, available_paths};
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Images with at least this many pixels (`width * height`) are split across
@@ -121,19 +125,21 @@ fn check_src<T>(src: &[T], layout: Layout) -> Result<(), ImagingError> {
     Ok(())
 }
 
-/// Splits `dst` (`rows` rows of `row_len` samples) into bands of whole rows
-/// and calls `f(first_row, band)` for each, in parallel on the current rayon
-/// pool when `parallel`, else once for the whole buffer on this thread.
+/// Splits `dst` (`rows` rows of `row_len` samples, possibly uninitialised)
+/// into bands of whole rows and calls `f(first_row, band)` for each, in
+/// parallel on the current rayon pool when `parallel`, else once for the
+/// whole buffer on this thread. The bands partition `dst`: every sample is
+/// in exactly one band, and all calls have returned when this does.
 /// Band heights are multiples of `row_align` (except the last), and every
 /// band but the first starts `anchor` rows past such a multiple (the first
 /// is longer by `anchor`).
 fn for_each_band<T: Send>(
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     row_len: usize,
     rows: usize,
     (row_align, anchor): (usize, usize),
     parallel: bool,
-    f: impl Fn(usize, &mut [T]) + Sync,
+    f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
 ) {
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     if threads <= 1 || rows < 2 {
@@ -159,9 +165,8 @@ fn wants_parallel(layout: Layout, par: Parallelism) -> bool {
 /// (layout of the result: `layout.rotated(turns)`). Uses [`Parallelism::Auto`].
 pub fn rotate<T: Sample>(src: &[T], layout: Layout, turns: QuarterTurns) -> Result<Vec<T>, ImagingError> {
     check_src(src, layout)?;
-    let mut dst = vec![T::default(); layout.samples()];
-    rotate_into(src, layout, turns, &mut dst)?;
-    Ok(dst)
+    let path = KernelPath::best();
+    Ok(simd::filled_vec(layout.samples(), |dst| rotate_uninit(path, src, layout, turns, dst, Parallelism::Auto)))
 }
 
 /// Rotates counter-clockwise by `turns` into `dst`, which must have exactly
@@ -195,11 +200,25 @@ pub fn rotate_into_using<T: Sample>(
 ) -> Result<(), ImagingError> {
     check_lengths(src, layout, dst)?;
     path.check()?;
+    rotate_uninit(path, src, layout, turns, simd::as_uninit(dst), par);
+    Ok(())
+}
+
+/// Every rotation form's implementation: writes every sample of `dst`
+/// (`layout.samples()` long, possibly uninitialised) on `path` (available).
+fn rotate_uninit<T: Sample>(
+    path: KernelPath,
+    src: &[T],
+    layout: Layout,
+    turns: QuarterTurns,
+    dst: &mut [MaybeUninit<T>],
+    par: Parallelism,
+) {
     let out = layout.rotated(turns);
     // Rotation only moves whole pixels, so it works on raw bytes: a pixel is
     // `channels * size_of::<T>()` bytes (1, 2, 3, 4, 6 or 8).
     let src_b = simd::as_bytes(src);
-    let dst_b = simd::as_bytes_mut(dst);
+    let dst_b = simd::as_bytes_uninit(dst);
     let px = layout.channels() * size_of::<T>();
     let (w, h) = (layout.width(), layout.height());
     // Bands start where the SIMD groups are line-aligned, so each band has
@@ -208,15 +227,13 @@ pub fn rotate_into_using<T: Sample>(
     for_each_band(dst_b, out.width() * px, out.height(), (rotate::BAND_ROW_ALIGN, anchor), wants_parallel(layout, par), |row0, band| {
         simd::rotate_band(path, px, src_b, w, h, turns, band, row0)
     });
-    Ok(())
 }
 
 /// 3x3 mean filter into a new buffer (same layout). Uses [`Parallelism::Auto`].
 pub fn mean_filter<T: Sample>(src: &[T], layout: Layout) -> Result<Vec<T>, ImagingError> {
     check_src(src, layout)?;
-    let mut dst = vec![T::default(); layout.samples()];
-    mean_filter_into(src, layout, &mut dst)?;
-    Ok(dst)
+    let path = KernelPath::best();
+    Ok(simd::filled_vec(layout.samples(), |dst| mean_filter_uninit(path, src, layout, dst, Parallelism::Auto)))
 }
 
 /// 3x3 mean filter into `dst` (exactly `layout.samples()` samples, same
@@ -242,8 +259,14 @@ pub fn mean_filter_into_using<T: Sample>(
 ) -> Result<(), ImagingError> {
     check_lengths(src, layout, dst)?;
     path.check()?;
+    mean_filter_uninit(path, src, layout, simd::as_uninit(dst), par);
+    Ok(())
+}
+
+/// Every mean-filter form's implementation: writes every sample of `dst`
+/// (`layout.samples()` long, possibly uninitialised) on `path` (available).
+fn mean_filter_uninit<T: Sample>(path: KernelPath, src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], par: Parallelism) {
     for_each_band(dst, layout.row_samples(), layout.height(), (1, 0), wants_parallel(layout, par), |row0, band| {
         simd::mean_band(path, src, layout, band, row0)
     });
-    Ok(())
 }

@@ -6,30 +6,36 @@
 //! 9 (or 6, or 3) loads, adds and the multiply-and-shift division the
 //! compiler turns into SIMD; the first and last pixel of each row (the left
 //! and right edges) are done apart, as are the top and bottom rows (2 source
-//! rows) and one-row images (1 source row).
+//! rows) and one-row images (1 source row). Every output sample of a band
+//! is written (the destination may be uninitialised).
+
+use std::mem::MaybeUninit;
 
 use super::{Layout, Sample};
 
 /// A kernel for the start of a row's interior: given the source rows
 /// (each `o.len() + 2c` samples; output sample `i` averages `row[i]`,
-/// `row[i + c]`, `row[i + 2c]` of every row) it fills a prefix of `o` and
-/// returns its length; the portable loop does the rest. [`no_fast`] does
-/// nothing.
-pub(super) type Interior<T> = fn(rows: &[&[T]], o: &mut [T], c: usize) -> usize;
+/// `row[i + c]`, `row[i + 2c]` of every row) it writes a prefix of `o`
+/// (possibly uninitialised) and returns its length; the portable loop writes
+/// the rest. Nothing else writes the prefix it claims, so every sample of it
+/// must be written when it returns. [`no_fast`] writes nothing.
+pub(super) type Interior<T> = fn(rows: &[&[T]], o: &mut [MaybeUninit<T>], c: usize) -> usize;
 
-pub(super) fn no_fast<T>(_: &[&[T]], _: &mut [T], _: usize) -> usize {
+pub(super) fn no_fast<T>(_: &[&[T]], _: &mut [MaybeUninit<T>], _: usize) -> usize {
     0
 }
 
-/// For bands whose row interiors a band-level kernel already filled: claims
-/// the whole interior, so only the edge pixels are computed here.
-pub(super) fn interior_done<T>(_: &[&[T]], o: &mut [T], _: usize) -> usize {
+/// For bands whose row interiors a band-level kernel already wrote (all of
+/// them, in every row: `mean_band_avx512`): claims the whole interior, so
+/// only the edge pixels are computed here.
+pub(super) fn interior_done<T>(_: &[&[T]], o: &mut [MaybeUninit<T>], _: usize) -> usize {
     o.len()
 }
 
-/// Output rows `row0..row0 + dst.len() / row_len` of the mean filter.
+/// Output rows `row0..row0 + dst.len() / row_len` of the mean filter, every
+/// sample written.
 #[inline(always)]
-pub(super) fn mean_band<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize, fast: Interior<T>) {
+pub(super) fn mean_band<T: Sample>(src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], row0: usize, fast: Interior<T>) {
     let (h, c) = (layout.height(), layout.channels());
     let rs = layout.row_samples();
     let row = |y: usize| &src[y * rs..y * rs + rs];
@@ -50,7 +56,7 @@ pub(super) fn mean_band<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row
 #[inline(always)]
 fn mean_row<T: Sample, const R: usize, const NI: u32, const NE: u32, const N1: u32>(
     rows: [&[T]; R],
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     c: usize,
     fast: Interior<T>,
 ) {
@@ -65,15 +71,15 @@ fn mean_row<T: Sample, const R: usize, const NI: u32, const NE: u32, const N1: u
     };
     if w == 1 {
         for (k, o) in out.iter_mut().enumerate() {
-            *o = T::div_round::<N1>(vsum(k));
+            o.write(T::div_round::<N1>(vsum(k)));
         }
         return;
     }
     // Left and right edge pixels: 2 columns each.
     for k in 0..c {
-        out[k] = T::div_round::<NE>(vsum(k) + vsum(k + c));
+        out[k] = MaybeUninit::new(T::div_round::<NE>(vsum(k) + vsum(k + c)));
         let j = len - c + k;
-        out[j] = T::div_round::<NE>(vsum(j - c) + vsum(j));
+        out[j] = MaybeUninit::new(T::div_round::<NE>(vsum(j - c) + vsum(j)));
     }
     if w == 2 {
         return;
@@ -95,7 +101,7 @@ fn mean_row<T: Sample, const R: usize, const NI: u32, const NE: u32, const N1: u
                 let s = (a0[i].acc() + a1[i].acc() + a2[i].acc())
                     + (b0[i].acc() + b1[i].acc() + b2[i].acc())
                     + (c0[i].acc() + c1[i].acc() + c2[i].acc());
-                o[i] = T::div_round::<NI>(s);
+                o[i] = MaybeUninit::new(T::div_round::<NI>(s));
             }
         }
         2 => {
@@ -103,14 +109,14 @@ fn mean_row<T: Sample, const R: usize, const NI: u32, const NE: u32, const N1: u
             let (b0, b1, b2) = (&rows[1][..n], &rows[1][c..c + n], &rows[1][2 * c..2 * c + n]);
             for i in 0..n {
                 let s = (a0[i].acc() + a1[i].acc() + a2[i].acc()) + (b0[i].acc() + b1[i].acc() + b2[i].acc());
-                o[i] = T::div_round::<NI>(s);
+                o[i] = MaybeUninit::new(T::div_round::<NI>(s));
             }
         }
         _ => {
             let (a0, a1, a2) = (&rows[0][..n], &rows[0][c..c + n], &rows[0][2 * c..2 * c + n]);
             for i in 0..n {
                 let s = a0[i].acc() + a1[i].acc() + a2[i].acc();
-                o[i] = T::div_round::<NI>(s);
+                o[i] = MaybeUninit::new(T::div_round::<NI>(s));
             }
         }
     }

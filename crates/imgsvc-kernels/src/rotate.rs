@@ -1,11 +1,14 @@
 //! Portable rotation kernels over whole pixels `P` (`[u8; B]`, `B` = bytes
-//! per pixel). Each kernel fills a band of output rows `row0..row0 + rows`.
+//! per pixel). Each kernel fills a band of output rows `row0..row0 + rows`,
+//! writing every pixel of it into a destination that may be uninitialised.
 //!
 //! 90° and 270° are transposes (plus a flip), done in cache-sized tiles so
 //! that both the strided source reads and the destination writes stay in L1.
 //! 180° is a row reversal, 0° a copy.
 
-use super::QuarterTurns;
+use std::mem::MaybeUninit;
+
+use super::{QuarterTurns, simd};
 
 /// Parallel bands start on a multiple of this many output rows, so band
 /// edges fall on tile edges.
@@ -23,11 +26,11 @@ pub(super) const fn tile_for(bytes_per_pixel: usize) -> usize {
 }
 
 /// Rotates the band of output rows starting at `row0` (`dst` holds whole
-/// output rows). `src` is `w` x `h` pixels.
+/// output rows, every pixel written). `src` is `w` x `h` pixels.
 #[inline(always)]
-pub(super) fn rotate_band<P: Copy>(src: &[P], w: usize, h: usize, turns: QuarterTurns, dst: &mut [P], row0: usize) {
+pub(super) fn rotate_band<P: Copy>(src: &[P], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<P>], row0: usize) {
     match turns {
-        QuarterTurns::Zero => dst.copy_from_slice(&src[row0 * w..row0 * w + dst.len()]),
+        QuarterTurns::Zero => simd::write_copy(dst, &src[row0 * w..row0 * w + dst.len()]),
         QuarterTurns::Two => {
             for (i, drow) in dst.chunks_exact_mut(w).enumerate() {
                 let y = h - 1 - (row0 + i);
@@ -41,9 +44,9 @@ pub(super) fn rotate_band<P: Copy>(src: &[P], w: usize, h: usize, turns: Quarter
 
 /// `dst[i] = src[len - 1 - i]`.
 #[inline(always)]
-pub(super) fn reverse_copy<P: Copy>(src: &[P], dst: &mut [P]) {
+pub(super) fn reverse_copy<P: Copy>(src: &[P], dst: &mut [MaybeUninit<P>]) {
     for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-        *d = *s;
+        d.write(*s);
     }
 }
 
@@ -52,7 +55,7 @@ pub(super) fn reverse_copy<P: Copy>(src: &[P], dst: &mut [P]) {
 /// top to bottom. 270°: output row `y'` is source column `y'`, read bottom
 /// to top.
 #[inline(always)]
-pub(super) fn transpose_band<P: Copy>(src: &[P], w: usize, h: usize, ccw90: bool, dst: &mut [P], row0: usize) {
+pub(super) fn transpose_band<P: Copy>(src: &[P], w: usize, h: usize, ccw90: bool, dst: &mut [MaybeUninit<P>], row0: usize) {
     let rows = dst.len() / h;
     transpose_region(src, w, h, ccw90, dst, row0, 0..rows, 0..h);
 }
@@ -66,7 +69,7 @@ pub(super) fn transpose_region<P: Copy>(
     w: usize,
     h: usize,
     ccw90: bool,
-    dst: &mut [P],
+    dst: &mut [MaybeUninit<P>],
     row0: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
@@ -85,12 +88,12 @@ pub(super) fn transpose_region<P: Copy>(
                 if ccw90 {
                     // out(x', y') = in(w-1-y', x'): source row = x'.
                     for (k, d) in drow.iter_mut().enumerate() {
-                        *d = col[(c + k) * w];
+                        d.write(col[(c + k) * w]);
                     }
                 } else {
                     // out(x', y') = in(y', h-1-x'): source row = h-1-x'.
                     for (k, d) in drow.iter_mut().enumerate() {
-                        *d = col[(h - 1 - (c + k)) * w];
+                        d.write(col[(h - 1 - (c + k)) * w]);
                     }
                 }
             }

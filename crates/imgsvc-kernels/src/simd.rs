@@ -17,6 +17,23 @@
 //!
 //! A path is only run after `is_x86_feature_detected!` confirmed its
 //! features ([`KernelPath::check`]).
+//!
+//! # Destinations
+//! Every kernel takes its destination as `&mut [MaybeUninit<_>]`: it may be
+//! a new, uninitialised allocation ([`filled_vec`]) or a caller's
+//! initialised buffer ([`as_uninit`]). The rules every kernel keeps, on
+//! which those two helpers' soundness rests:
+//! * it never reads its destination;
+//! * it stores only values computed from the source (`MaybeUninit::new`,
+//!   `write`, [`write_copy`], SIMD stores of vector registers through
+//!   `as_mut_ptr().cast::<u8>()`), never an uninitialised one;
+//! * it stores every sample of the band it is given (SIMD parts plus
+//!   portable fringes, interior kernels plus edge pixels).
+//!
+//! `tests/it/kernels.rs` checks the last one on every path, with
+//! destinations pre-filled with a sentinel.
+
+use std::mem::MaybeUninit;
 
 use super::{ImagingError, Layout, QuarterTurns, Sample, mean, rotate};
 
@@ -99,12 +116,66 @@ pub(super) fn as_bytes<T: Sample>(s: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), size_of_val(s)) }
 }
 
-/// Views samples as mutable bytes (native endianness).
-pub(super) fn as_bytes_mut<T: Sample>(s: &mut [T]) -> &mut [u8] {
+/// Views destination samples as destination bytes (native endianness).
+pub(super) fn as_bytes_uninit<T: Sample>(s: &mut [MaybeUninit<T>]) -> &mut [MaybeUninit<u8>] {
     let len = size_of_val(s);
-    // SAFETY: as in `as_bytes`; additionally every byte pattern written is a
-    // valid u8/u16, and the exclusive borrow is carried over.
-    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), len) }
+    // SAFETY: as in `as_bytes` (u8 and u16 have no padding, so a sample is
+    // initialised once its bytes are, and any bytes make a valid sample);
+    // `MaybeUninit<u8>` has alignment 1 and admits any byte, initialised or
+    // not; the exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<MaybeUninit<u8>>(), len) }
+}
+
+/// Views destination bytes as whole `B`-byte pixels (a trailing partial
+/// pixel is left out, as by `as_chunks_mut`).
+pub(super) fn pixels_uninit<const B: usize>(s: &mut [MaybeUninit<u8>]) -> &mut [MaybeUninit<[u8; B]>] {
+    let (pixels, _) = s.as_chunks_mut::<B>();
+    let len = pixels.len();
+    // SAFETY: `[MaybeUninit<u8>; B]` and `MaybeUninit<[u8; B]>` both have
+    // size B and alignment 1 and admit any contents, initialised or not; the
+    // exclusive borrow is carried over.
+    unsafe { std::slice::from_raw_parts_mut(pixels.as_mut_ptr().cast::<MaybeUninit<[u8; B]>>(), len) }
+}
+
+/// A caller's initialised destination as a kernel destination (see
+/// [Destinations](self#destinations)).
+pub(super) fn as_uninit<T: Sample>(s: &mut [T]) -> &mut [MaybeUninit<T>] {
+    let len = s.len();
+    // SAFETY: `MaybeUninit<T>` is `repr(transparent)` over T (same size,
+    // alignment), and the exclusive borrow is carried over. The one way to
+    // misuse the view, storing an uninitialised value into it, is one no
+    // kernel takes: they store only values computed from the source, so `s`
+    // holds valid samples again when the borrow ends.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<MaybeUninit<T>>(), len) }
+}
+
+/// A new vector of `len` samples that `write_all` writes straight into the
+/// uninitialised allocation (no zeroing first). `write_all` must write every
+/// one of the `len` samples it is given: it runs a kernel over the whole
+/// destination (`rotate_uninit`, `mean_filter_uninit` in lib.rs).
+pub(super) fn filled_vec<T: Sample>(len: usize, write_all: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    write_all(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the capacity is at least `len`, and `write_all` has returned,
+    // so the kernel wrote all of the first `len` samples: the bands of
+    // `for_each_band` partition the destination and every kernel writes
+    // every sample of its band with a valid value (see Destinations);
+    // threads that wrote bands were joined (and streaming stores fenced)
+    // before it returned. A panic in `write_all` leaves `v` empty.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `dst.copy_from_slice(src)` for a destination that may be uninitialised
+/// (`<[MaybeUninit<P>]>::write_copy_of_slice` is newer than the crate's
+/// minimum Rust version).
+pub(super) fn write_copy<P: Copy>(dst: &mut [MaybeUninit<P>], src: &[P]) {
+    assert_eq!(dst.len(), src.len(), "write_copy: destination and source lengths differ");
+    // SAFETY: both slices hold `src.len()` elements of P's layout
+    // (`MaybeUninit<P>` is `repr(transparent)`), the destination is borrowed
+    // exclusively so they cannot overlap, and `P: Copy` may be copied
+    // bitwise.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<P>(), src.len()) }
 }
 
 // ---------------------------------------------------------------------------
@@ -113,7 +184,16 @@ pub(super) fn as_bytes_mut<T: Sample>(s: &mut [T]) -> &mut [u8] {
 /// Rotation of the output band starting at row `row0`, on `path`, for
 /// pixels of `px` bytes (1, 2, 3, 4, 6 or 8). `path` must be available.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rotate_band(path: KernelPath, px: usize, src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+pub(super) fn rotate_band(
+    path: KernelPath,
+    px: usize,
+    src: &[u8],
+    w: usize,
+    h: usize,
+    turns: QuarterTurns,
+    dst: &mut [MaybeUninit<u8>],
+    row0: usize,
+) {
     macro_rules! by_px {
         ($f:ident) => {
             match px {
@@ -152,16 +232,15 @@ pub(super) fn rotate_band_anchor(path: KernelPath, px: usize, src: &[u8], w: usi
     }
 }
 
-fn rotate_portable<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+fn rotate_portable<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<u8>], row0: usize) {
     let (src, _) = src.as_chunks::<B>();
-    let (dst, _) = dst.as_chunks_mut::<B>();
-    rotate::rotate_band::<[u8; B]>(src, w, h, turns, dst, row0)
+    rotate::rotate_band::<[u8; B]>(src, w, h, turns, pixels_uninit::<B>(dst), row0)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn rotate_avx2<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+fn rotate_avx2<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<u8>], row0: usize) {
     #[target_feature(enable = "avx2")]
-    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<u8>], row0: usize) {
         x86::rotate_band::<B>(src, w, h, turns, dst, row0)
     }
     // SAFETY: only reached through `rotate_band` with `KernelPath::Avx2`,
@@ -170,9 +249,9 @@ fn rotate_avx2<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTur
 }
 
 #[cfg(target_arch = "x86_64")]
-fn rotate_avx512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+fn rotate_avx512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<u8>], row0: usize) {
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+    fn inner<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [MaybeUninit<u8>], row0: usize) {
         x86::rotate_band512::<B>(src, w, h, turns, dst, row0)
     }
     // SAFETY: only reached through `rotate_band` with `KernelPath::Avx512`,
@@ -185,13 +264,13 @@ fn rotate_avx512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterT
 
 /// Mean filter of the output band starting at row `row0` on `path`.
 /// `path` must be available.
-pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
+pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], row0: usize) {
     match path {
         KernelPath::Portable => mean::mean_band(src, layout, dst, row0, mean::no_fast),
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => {
             #[target_feature(enable = "avx2")]
-            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
+            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], row0: usize) {
                 mean::mean_band(src, layout, dst, row0, x86::mean_interior_avx2::<T>)
             }
             // SAFETY: `path` is Avx2, whose availability (AVX2 detected at run
@@ -201,7 +280,7 @@ pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, 
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512 => {
             #[target_feature(enable = "avx2,avx512f,avx512bw")]
-            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) {
+            fn inner<T: Sample>(src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], row0: usize) {
                 if x86::mean_band_avx512(src, layout, dst, row0) {
                     mean::mean_band(src, layout, dst, row0, mean::interior_done)
                 } else {
@@ -226,14 +305,22 @@ pub(super) fn mean_band<T: Sample>(path: KernelPath, src: &[T], layout: Layout, 
 mod x86 {
     use super::super::{Layout, QuarterTurns, Sample, rotate};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Rotation band on an AVX2-capable CPU: SIMD transposes for 1/2/3/4/8-byte
     /// pixels (portable tiles for 6-byte RGB16), SIMD row reversal for every
     /// pixel size.
     #[target_feature(enable = "avx2")]
-    pub(super) fn rotate_band<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+    pub(super) fn rotate_band<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [MaybeUninit<u8>],
+        row0: usize,
+    ) {
         match turns {
-            QuarterTurns::Zero => dst.copy_from_slice(&src[row0 * w * B..row0 * w * B + dst.len()]),
+            QuarterTurns::Zero => super::write_copy(dst, &src[row0 * w * B..row0 * w * B + dst.len()]),
             QuarterTurns::Two => {
                 let rb = w * B;
                 for (i, drow) in dst.chunks_exact_mut(rb).enumerate() {
@@ -247,8 +334,7 @@ mod x86 {
                     transpose_band::<B>(src, w, h, ccw90, dst, row0)
                 } else {
                     let (s, _) = src.as_chunks::<B>();
-                    let (d, _) = dst.as_chunks_mut::<B>();
-                    rotate::transpose_band::<[u8; B]>(s, w, h, ccw90, d, row0)
+                    rotate::transpose_band::<[u8; B]>(s, w, h, ccw90, super::pixels_uninit::<B>(dst), row0)
                 }
             }
         }
@@ -385,7 +471,7 @@ mod x86 {
     /// (a multiple of 16) and rows `0..full_rows`, portable code for the
     /// fringes.
     #[target_feature(enable = "avx2")]
-    fn transpose_rgb_stream(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
+    fn transpose_rgb_stream(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [MaybeUninit<u8>], row0: usize) {
         const B: usize = 3;
         let rows = dst.len() / (h * B);
         // Invariants every block address below relies on.
@@ -393,7 +479,7 @@ mod x86 {
         let full_rows = rows / 8 * 8;
         let (cs, ce) = (0, h / 16 * 16);
         let ss = (w * B) as isize;
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<u8>());
         let mut ct = cs;
         while ct < ce {
             let ct_end = (ct + RGB_STREAM_STRIP).min(ce);
@@ -457,14 +543,14 @@ mod x86 {
         w: usize,
         h: usize,
         ccw90: bool,
-        dst: &mut [u8],
+        dst: &mut [MaybeUninit<u8>],
         row0: usize,
         simd_rows: std::ops::Range<usize>,
         simd_cols: std::ops::Range<usize>,
     ) {
         let rows = dst.len() / (h * B);
         let (s, _) = src.as_chunks::<B>();
-        let (d, _) = dst.as_chunks_mut::<B>();
+        let d = super::pixels_uninit::<B>(dst);
         rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, 0..simd_rows.start, 0..h);
         rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows.clone(), 0..simd_cols.start);
         rotate::transpose_region::<[u8; B]>(s, w, h, ccw90, d, row0, simd_rows.clone(), simd_cols.end..h);
@@ -479,7 +565,14 @@ mod x86 {
     /// transposes were tried and were slower here: 16 zmm rows spill, and
     /// the 128-bit lane extract-stores are costly.)
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-    pub(super) fn rotate_band512<const B: usize>(src: &[u8], w: usize, h: usize, turns: QuarterTurns, dst: &mut [u8], row0: usize) {
+    pub(super) fn rotate_band512<const B: usize>(
+        src: &[u8],
+        w: usize,
+        h: usize,
+        turns: QuarterTurns,
+        dst: &mut [MaybeUninit<u8>],
+        row0: usize,
+    ) {
         if turns == QuarterTurns::Two && matches!(B, 1 | 2 | 4 | 8) {
             let rb = w * B;
             for (i, drow) in dst.chunks_exact_mut(rb).enumerate() {
@@ -559,14 +652,14 @@ mod x86 {
     /// then the order of the lanes.
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
     #[inline]
-    fn reverse_row512<const B: usize>(src: &[u8], dst: &mut [u8]) {
+    fn reverse_row512<const B: usize>(src: &[u8], dst: &mut [MaybeUninit<u8>]) {
         let n = src.len();
         // SAFETY: the mask is a 64-byte array read in full.
         let m = unsafe { _mm512_loadu_si512(Rev512::<B>::MASK.as_ptr().cast()) };
         let chunks = n / 64;
         for i in 0..chunks {
             let s: &[u8; 64] = src[n - 64 * (i + 1)..n - 64 * i].try_into().unwrap();
-            let d: &mut [u8; 64] = (&mut dst[64 * i..64 * i + 64]).try_into().unwrap();
+            let d: &mut [MaybeUninit<u8>; 64] = (&mut dst[64 * i..64 * i + 64]).try_into().unwrap();
             // SAFETY: s and d are 64-byte arrays, read and written in full.
             unsafe {
                 let v = _mm512_shuffle_epi8(_mm512_loadu_si512(s.as_ptr().cast()), m);
@@ -581,7 +674,7 @@ mod x86 {
     /// Whether to write the output band `dst` (rows of `row_bytes`) with
     /// streaming stores: the whole image (`image_bytes`, not just this band)
     /// is large, and every row start is 16-byte aligned.
-    fn stream(dst: &[u8], row_bytes: usize, image_bytes: usize) -> bool {
+    fn stream(dst: &[MaybeUninit<u8>], row_bytes: usize, image_bytes: usize) -> bool {
         (dst.as_ptr() as usize).is_multiple_of(16) && row_bytes.is_multiple_of(16) && image_bytes >= STREAM_MIN_BYTES
     }
 
@@ -590,7 +683,7 @@ mod x86 {
     /// such region, portable code for the fringes.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn transpose_band<const B: usize>(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
+    fn transpose_band<const B: usize>(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [MaybeUninit<u8>], row0: usize) {
         let rows = dst.len() / (h * B);
         if B == 3 && stream(dst, h * B, src.len()) {
             transpose_rgb_stream(src, w, h, ccw90, dst, row0);
@@ -650,12 +743,12 @@ mod x86 {
     /// ([`tall_blocks`]): 16 output rows at a time (they fit in those sets),
     /// 32 bytes each per step.
     #[target_feature(enable = "avx2")]
-    fn transpose_gray_tall(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [u8], row0: usize) {
+    fn transpose_gray_tall(src: &[u8], w: usize, h: usize, ccw90: bool, dst: &mut [MaybeUninit<u8>], row0: usize) {
         let rows = dst.len() / h;
         // Invariants every address below relies on.
         assert!(src.len() == w * h && dst.len() == rows * h && row0 + rows <= w);
         let (full_rows, full_cols) = (rows / 16 * 16, h / 32 * 32);
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<u8>());
         let ss = w as isize;
         for g in (0..full_rows).step_by(16) {
             let yo = row0 + g;
@@ -693,7 +786,7 @@ mod x86 {
                 w: usize,
                 h: usize,
                 ccw90: bool,
-                dst: &mut [u8],
+                dst: &mut [MaybeUninit<u8>],
                 row0: usize,
                 rows: usize,
             ) {
@@ -721,7 +814,7 @@ mod x86 {
                 let (cs, ce) = if B == 3 { (0, h.saturating_sub(2) / k * k) } else { (0, h / k * k) };
                 let (ss, ds) = ((w * B) as isize, (h * B) as isize);
                 let sp = src.as_ptr();
-                let dp = dst.as_mut_ptr();
+                let dp = dst.as_mut_ptr().cast::<u8>();
                 // Strips of ~1 KiB of output row (`tc` source rows), swept over
                 // all output rows of the band (source columns): `tc` sequential
                 // source streams, and 16 whole cache lines written per output
@@ -818,13 +911,13 @@ mod x86 {
     /// other sample types are left to the portable loop. Only handed to
     /// `mean::mean_band` from the AVX2 / AVX-512 paths, which run only after
     /// AVX2 was detected.
-    pub(super) fn mean_interior_avx2<T: Sample>(rows: &[&[T]], o: &mut [T], c: usize) -> usize {
+    pub(super) fn mean_interior_avx2<T: Sample>(rows: &[&[T]], o: &mut [MaybeUninit<T>], c: usize) -> usize {
         if size_of::<T>() != 1 {
             return 0;
         }
         // T is u8 (Sample is sealed to u8 and u16): the byte views are the samples.
         let rows: [&[u8]; 3] = std::array::from_fn(|r| rows.get(r).map_or(&[][..], |s| super::as_bytes(s)));
-        let o = super::as_bytes_mut(o);
+        let o = super::as_bytes_uninit(o);
         // SAFETY: this function is only used on paths whose AVX2 support
         // was checked at run time (KernelPath::Avx2 / Avx512).
         unsafe {
@@ -837,12 +930,12 @@ mod x86 {
     }
 
     /// As [`mean_interior_avx2`] with AVX-512BW (32 samples per step).
-    pub(super) fn mean_interior_avx512<T: Sample>(rows: &[&[T]], o: &mut [T], c: usize) -> usize {
+    pub(super) fn mean_interior_avx512<T: Sample>(rows: &[&[T]], o: &mut [MaybeUninit<T>], c: usize) -> usize {
         if size_of::<T>() != 1 {
             return 0;
         }
         let rows: [&[u8]; 3] = std::array::from_fn(|r| rows.get(r).map_or(&[][..], |s| super::as_bytes(s)));
-        let o = super::as_bytes_mut(o);
+        let o = super::as_bytes_uninit(o);
         // SAFETY: only used on KernelPath::Avx512, whose AVX-512F/BW support
         // was checked at run time.
         unsafe {
@@ -859,13 +952,13 @@ mod x86 {
     /// returns false (nothing written) for u16 samples or rows whose
     /// interior is shorter than one vector. Only called from the AVX-512
     /// path, which runs only after AVX-512F/BW were detected.
-    pub(super) fn mean_band_avx512<T: Sample>(src: &[T], layout: Layout, dst: &mut [T], row0: usize) -> bool {
+    pub(super) fn mean_band_avx512<T: Sample>(src: &[T], layout: Layout, dst: &mut [MaybeUninit<T>], row0: usize) -> bool {
         let (h, c, rs) = (layout.height(), layout.channels(), layout.row_samples());
         if size_of::<T>() != 1 || rs < 64 + 2 * c {
             return false;
         }
         // T is u8 (Sample is sealed to u8 and u16): the byte views are the samples.
-        let (src, dst) = (super::as_bytes(src), super::as_bytes_mut(dst));
+        let (src, dst) = (super::as_bytes(src), super::as_bytes_uninit(dst));
         // SAFETY: only used on KernelPath::Avx512, whose AVX-512F/BW support
         // was checked at run time.
         unsafe { mean_u8_strips_avx512(src, h, rs, c, dst, row0) };
@@ -886,7 +979,7 @@ mod x86 {
     /// previous rows in registers, so each source row is loaded once per
     /// strip instead of three times, and nothing goes through memory.
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    fn mean_u8_strips_avx512(src: &[u8], h: usize, rs: usize, c: usize, dst: &mut [u8], row0: usize) {
+    fn mean_u8_strips_avx512(src: &[u8], h: usize, rs: usize, c: usize, dst: &mut [MaybeUninit<u8>], row0: usize) {
         match c {
             1 => mean_u8_strips::<1>(src, h, rs, dst, row0),
             2 => mean_u8_strips::<2>(src, h, rs, dst, row0),
@@ -897,12 +990,12 @@ mod x86 {
 
     /// [`mean_u8_strips_avx512`] for `C` channels.
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    fn mean_u8_strips<const C: usize>(src: &[u8], h: usize, rs: usize, dst: &mut [u8], row0: usize) {
+    fn mean_u8_strips<const C: usize>(src: &[u8], h: usize, rs: usize, dst: &mut [MaybeUninit<u8>], row0: usize) {
         let n = rs - 2 * C;
         let rows = dst.len() / rs;
         // Invariants every address in `mean_strip_u8` relies on.
         assert!(src.len() == h * rs && dst.len() == rows * rs && row0 + rows <= h && n >= 64);
-        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<u8>());
         // Streaming stores need every store to fill one whole aligned cache
         // line (a partly written line costs a read-modify-write in memory),
         // so the strips start where the first output row's interior reaches
@@ -1089,7 +1182,7 @@ mod x86 {
     /// would run past the end are moved back to overlap the previous one
     /// (recomputing outputs is harmless: each depends only on the source).
     #[target_feature(enable = "avx2")]
-    fn mean_u8_avx2<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [u8], c: usize) -> usize {
+    fn mean_u8_avx2<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [MaybeUninit<u8>], c: usize) -> usize {
         let n = o.len();
         if n < 64 {
             return 0;
@@ -1148,7 +1241,7 @@ mod x86 {
                 }
                 // packus interleaves 64-bit halves per 128-bit lane; permute back.
                 let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(q[0], q[1]));
-                let d: &mut [u8; 32] = (&mut o[i0 + t..i0 + t + 32]).try_into().unwrap();
+                let d: &mut [MaybeUninit<u8>; 32] = (&mut o[i0 + t..i0 + t + 32]).try_into().unwrap();
                 // SAFETY: d is a 32-byte array.
                 unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), p) };
                 t += 32;
@@ -1162,7 +1255,7 @@ mod x86 {
     /// per step), and pointer arithmetic instead of per-load bounds checks
     /// (bounds asserted once per call).
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    fn mean_u8_avx512<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [u8], c: usize) -> usize {
+    fn mean_u8_avx512<const R: usize, const N: u32>(rows: &[&[u8]; 3], o: &mut [MaybeUninit<u8>], c: usize) -> usize {
         let n = o.len();
         if n < 64 {
             return 0;
@@ -1180,7 +1273,7 @@ mod x86 {
         let mut vbuf = [0u16; MEAN_CHUNK + 8];
         assert!(c <= 4);
         let vp = vbuf.as_mut_ptr();
-        let op = o.as_mut_ptr();
+        let op = o.as_mut_ptr().cast::<u8>();
         let mut i0 = 0;
         while i0 < n {
             let mut len = (n - i0).min(MEAN_CHUNK);
@@ -1261,13 +1354,13 @@ mod x86 {
     /// `dst` = `src` with its B-byte pixels in reverse order (same length).
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn reverse_row<const B: usize>(src: &[u8], dst: &mut [u8]) {
+    fn reverse_row<const B: usize>(src: &[u8], dst: &mut [MaybeUninit<u8>]) {
         let n = src.len();
         let (masks, used) = Rev::<B>::TABLES;
         let chunks = n / 48;
         for i in 0..chunks {
             let s: &[u8; 48] = src[n - 48 * (i + 1)..n - 48 * i].try_into().unwrap();
-            let d: &mut [u8; 48] = (&mut dst[48 * i..48 * i + 48]).try_into().unwrap();
+            let d: &mut [MaybeUninit<u8>; 48] = (&mut dst[48 * i..48 * i + 48]).try_into().unwrap();
             // SAFETY: s and d are 48-byte arrays: the loads read bytes
             // 0..16, 16..32, 32..48 of s and the stores write the same of d.
             let v = unsafe {
@@ -1288,7 +1381,6 @@ mod x86 {
         }
         let rem = n - 48 * chunks;
         let (s, _) = src[..rem].as_chunks::<B>();
-        let (d, _) = dst[48 * chunks..].as_chunks_mut::<B>();
-        rotate::reverse_copy(s, d);
+        rotate::reverse_copy(s, super::pixels_uninit::<B>(&mut dst[48 * chunks..]));
     }
 }
