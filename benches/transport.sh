@@ -10,7 +10,13 @@
 # /proc/PID/stat over the measured run, divided by the calls answered: it
 # does not depend on who bounds the rate.
 #
-#   benches/transport.sh [--peers DIR] [--duration S] [--scenarios A,B,C,N] [--no-peer]
+#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--save FILE]
+#
+# The servers take turns for R rounds (default 3: imgsvc, the peer, imgsvc,
+# the peer, ...), and the table shows each figure's median over the rounds
+# with the spread of CPU per request (min-max): on this 2-core VM one run
+# of a scenario varies by up to ±15 %, and alternating keeps a slow period
+# from landing on one server only.
 #
 # DIR defaults to ../shared/peers beside the repository (its setup.sh builds
 # the C++ peer under ${IMGSVC_PEERS_HOME:-$HOME/.cache/imgsvc-peers}).
@@ -21,6 +27,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PEERS="$ROOT/../shared/peers"
 DURATION=10
+ROUNDS=3
 SCENARIOS=A,B,C,N
 PEER=1
 SAVE=""
@@ -28,10 +35,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --peers) PEERS="$2"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
     --scenarios) SCENARIOS="$2"; shift 2 ;;
     --no-peer) PEER=0; shift ;;
     --save) SAVE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -74,9 +82,9 @@ scenario_args() {
   esac
 }
 
-# measure LABEL PID PORT: one JSON line per scenario into $WORK/runs.jsonl
+# measure LABEL PID PORT ROUND: one JSON line per scenario into $WORK/runs.jsonl
 measure() {
-  local label=$1 pid=$2 port=$3 tag
+  local label=$1 pid=$2 port=$3 round=$4 tag
   for tag in ${SCENARIOS//,/ }; do
     # shellcheck disable=SC2046
     local args=(bench --api legacy --host 127.0.0.1 --port "$port" --server-name localhost
@@ -86,12 +94,12 @@ measure() {
     before=$(cpu_ticks "$pid")
     "$ROOT/target/release/imgsvc-client" "${args[@]}" --duration "$DURATION" --json >"$WORK/run.json"
     after=$(cpu_ticks "$pid")
-    python3 - "$label" "$tag" "$before" "$after" "$TICK" "$WORK/run.json" >>"$WORK/runs.jsonl" <<'PY'
+    python3 - "$label" "$tag" "$before" "$after" "$TICK" "$WORK/run.json" "$round" >>"$WORK/runs.jsonl" <<'PY'
 import json, sys
-label, tag, before, after, tick, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+label, tag, before, after, tick, path, rnd = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], int(sys.argv[7])
 r = json.load(open(path))
 cpu_ms = (after - before) * 1000 / tick
-print(json.dumps({"label": label, "scenario": tag, "ok": r["ok"], "errors": sum(r["errors"].values()),
+print(json.dumps({"label": label, "scenario": tag, "round": rnd, "ok": r["ok"], "errors": sum(r["errors"].values()),
                   "rps": r["requests_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
                   "server_cpu_ms_per_req": cpu_ms / max(r["ok"], 1)}))
 PY
@@ -99,50 +107,64 @@ PY
   done
 }
 
-PORT=$(free_port)
-"$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
-PIDS+=($!)
-wait_port "$PORT" "${PIDS[-1]}"
-echo "== imgsvc" >&2
-measure imgsvc "${PIDS[-1]}" "$PORT"
-kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
-
 if [ "$PEER" = 1 ]; then
   BIN="$PEERS_HOME/cpp-build/nl_image_server"
   [ -x "$BIN" ] || { echo "no $BIN after $PEERS/setup.sh" >&2; exit 1; }
+fi
+for round in $(seq "$ROUNDS"); do
   PORT=$(free_port)
-  "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
+  "$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
   PIDS+=($!)
   wait_port "$PORT" "${PIDS[-1]}"
-  echo "== C++ gRPC + OpenCV peer" >&2
-  measure cpp-opencv "${PIDS[-1]}" "$PORT"
+  echo "== imgsvc, round $round of $ROUNDS" >&2
+  measure imgsvc "${PIDS[-1]}" "$PORT" "$round"
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
-fi
+
+  if [ "$PEER" = 1 ]; then
+    PORT=$(free_port)
+    "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
+    PIDS+=($!)
+    wait_port "$PORT" "${PIDS[-1]}"
+    echo "== C++ gRPC + OpenCV peer, round $round of $ROUNDS" >&2
+    measure cpp-opencv "${PIDS[-1]}" "$PORT" "$round"
+    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+  fi
+done
 
 if [ -n "$SAVE" ]; then
   cat "$WORK/floor.jsonl" "$WORK/runs.jsonl" >"$SAVE"
   echo "== raw figures: $SAVE" >&2
 fi
-python3 - "$WORK/floor.jsonl" "$WORK/runs.jsonl" "$load" <<'PY'
+python3 - "$WORK/floor.jsonl" "$WORK/runs.jsonl" "$load" "$ROUNDS" <<'PY'
 import json, sys, os
+from statistics import median
 floor = {r["scenario"]: r for r in map(json.loads, open(sys.argv[1]))}
-runs = {(r["label"], r["scenario"]): r for r in map(json.loads, open(sys.argv[2]))}
+rounds = {}
+for r in map(json.loads, open(sys.argv[2])):
+    rounds.setdefault((r["label"], r["scenario"]), []).append(r)
+# Each figure: its median over the rounds (errors: the total).
+runs = {key: {"rps": median(x["rps"] for x in rs), "p99_ms": median(x["p99_ms"] for x in rs),
+              "server_cpu_ms_per_req": median(x["server_cpu_ms_per_req"] for x in rs),
+              "cpu_min": min(x["server_cpu_ms_per_req"] for x in rs), "cpu_max": max(x["server_cpu_ms_per_req"] for x in rs),
+              "errors": sum(x["errors"] for x in rs)} for key, rs in rounds.items()}
 any_floor = next(iter(floor.values()))
-print(f"{os.cpu_count()} cores, load average {sys.argv[3]} at the start; "
+print(f"{os.cpu_count()} cores, load average {sys.argv[3]} at the start, medians of {sys.argv[4]} alternating rounds; "
       f"AES-256-GCM {any_floor['aes_gcm_bytes_per_s']/1e9:.2f} GB/s, memcpy {any_floor['memcpy_bytes_per_s']/1e9:.2f} GB/s (one core)")
 print()
-print("| scenario | imgsvc req/s | imgsvc ms CPU/req | C++ peer req/s | C++ peer ms CPU/req | floor ms | imgsvc / floor | imgsvc / floor (copies from memory) | C++ / imgsvc CPU | p99 imgsvc vs C++ ms | errors |")
+print("| scenario | imgsvc req/s | imgsvc ms CPU/req (min-max) | C++ peer req/s | C++ peer ms CPU/req (min-max) | floor ms | imgsvc / floor | imgsvc / floor (copies from memory) | C++ / imgsvc CPU | p99 imgsvc vs C++ ms | errors |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+def cpu(r):
+    return f"{r['server_cpu_ms_per_req']:.3f} ({r['cpu_min']:.3f}-{r['cpu_max']:.3f})"
 for tag in sorted({s for _, s in runs}):
     me, peer, fl = runs.get(("imgsvc", tag)), runs.get(("cpp-opencv", tag)), floor[tag]
     if not me:
         continue
-    peer_cpu = f"{peer['server_cpu_ms_per_req']:.3f}" if peer else "-"
+    peer_cpu = cpu(peer) if peer else "-"
     peer_rps = f"{peer['rps']:.1f}" if peer else "-"
     ratio = f"{peer['server_cpu_ms_per_req'] / me['server_cpu_ms_per_req']:.2f}x" if peer else "-"
     p99 = f"{me['p99_ms']:.1f} vs {peer['p99_ms']:.1f}" if peer else f"{me['p99_ms']:.1f}"
     errors = me["errors"] + (peer["errors"] if peer else 0)
-    cpu = me['server_cpu_ms_per_req']
-    print(f"| {tag} {fl['desc']} | {me['rps']:.1f} | {cpu:.3f} | {peer_rps} | {peer_cpu} | {fl['floor_ms']:.3f} | "
-          f"**{cpu / fl['floor_ms']:.2f}x** | {cpu / fl['floor_dram_ms']:.2f}x | {ratio} | {p99} | {errors} |")
+    mine = me['server_cpu_ms_per_req']
+    print(f"| {tag} {fl['desc']} | {me['rps']:.1f} | {cpu(me)} | {peer_rps} | {peer_cpu} | {fl['floor_ms']:.3f} | "
+          f"**{mine / fl['floor_ms']:.2f}x** | {mine / fl['floor_dram_ms']:.2f}x | {ratio} | {p99} | {errors} |")
 PY
