@@ -10,7 +10,11 @@
 # /proc/PID/stat over the measured run, divided by the calls answered: it
 # does not depend on who bounds the rate.
 #
-#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--save FILE]
+#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--save FILE]
+#
+# --bare adds a third server to each round: NLImageService on plain tonic
+# with the same kernels and nothing else (examples/bare_tonic.rs), and a
+# second table, imgsvc against it: what imgsvc's own layers cost per call.
 #
 # The servers take turns for R rounds (default 3: imgsvc, the peer, imgsvc,
 # the peer, ...), and the table shows each figure's median over the rounds
@@ -30,6 +34,7 @@ DURATION=10
 ROUNDS=3
 SCENARIOS=A,B,C,N
 PEER=1
+BARE=0
 SAVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,8 +43,9 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --scenarios) SCENARIOS="$2"; shift 2 ;;
     --no-peer) PEER=0; shift ;;
+    --bare) BARE=1; shift ;;
     --save) SAVE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -50,6 +56,7 @@ source "$ROOT/benches/lib.sh"
 
 echo "== building imgsvc (release) and measuring the floor" >&2
 (cd "$ROOT" && cargo build --release --locked --bins)
+if [ "$BARE" = 1 ]; then (cd "$ROOT" && cargo build --release --locked --example bare_tonic); fi
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -129,6 +136,16 @@ for round in $(seq "$ROUNDS"); do
     measure cpp-opencv "${PIDS[-1]}" "$PORT" "$round"
     kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
   fi
+
+  if [ "$BARE" = 1 ]; then
+    PORT=$(free_port)
+    "$ROOT/target/release/examples/bare_tonic" "$PORT" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem" &
+    PIDS+=($!)
+    wait_port "$PORT" "${PIDS[-1]}"
+    echo "== bare tonic, round $round of $ROUNDS" >&2
+    measure tonic-bare "${PIDS[-1]}" "$PORT" "$round"
+    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+  fi
 done
 
 if [ -n "$SAVE" ]; then
@@ -167,4 +184,15 @@ for tag in sorted({s for _, s in runs}):
     mine = me['server_cpu_ms_per_req']
     print(f"| {tag} {fl['desc']} | {me['rps']:.1f} | {cpu(me)} | {peer_rps} | {peer_cpu} | {fl['floor_ms']:.3f} | "
           f"**{mine / fl['floor_ms']:.2f}x** | {mine / fl['floor_dram_ms']:.2f}x | {ratio} | {p99} | {errors} |")
+if any(label == "tonic-bare" for label, _ in runs):
+    print()
+    print("| scenario | imgsvc ms CPU/req | bare tonic ms CPU/req (min-max) | imgsvc / bare | bare / floor | p99 imgsvc vs bare ms |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for tag in sorted({s for _, s in runs}):
+        me, bare, fl = runs.get(("imgsvc", tag)), runs.get(("tonic-bare", tag)), floor[tag]
+        if not (me and bare):
+            continue
+        print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(bare)} | "
+              f"{me['server_cpu_ms_per_req'] / bare['server_cpu_ms_per_req']:.2f}x | "
+              f"{bare['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | {me['p99_ms']:.1f} vs {bare['p99_ms']:.1f} |")
 PY
