@@ -9,7 +9,7 @@
 
 use imgsvc::imaging::{
     ImagingError, KernelPath, Layout, PARALLEL_MIN_PIXELS, Parallelism, QuarterTurns, Sample, available_paths, mean_filter,
-    mean_filter_into, mean_filter_into_using, mean_filter_into_with, reference, rotate, rotate_into, rotate_into_using, rotate_into_with,
+    mean_filter_into, mean_filter_into_using, reference, rotate, rotate_into, rotate_into_using,
 };
 use proptest::prelude::*;
 
@@ -305,24 +305,33 @@ fn mean_constant_and_extreme_images() {
 // ---------------------------------------------------------------------------
 // Parallelism.
 
-fn par_check<T: Sample>(l: Layout, seed: u64) {
+/// Every path, single and parallel, into a sentinel-filled destination, and
+/// the allocating forms (uninitialised buffers), equal the reference for
+/// every rotation and the mean filter: so single == parallel, and no path
+/// leaves an output sample unwritten.
+fn all_forms_match_reference<T: Sample>(l: Layout, seed: u64) {
     let src: Vec<T> = noise(l.samples(), seed);
-    let mut single = vec![sentinel(); l.samples()];
-    let mut auto = vec![sentinel(); l.samples()];
+    let mut dst = vec![sentinel(); l.samples()];
     for t in TURNS {
-        single.fill(sentinel());
-        auto.fill(sentinel());
-        rotate_into_with(&src, l, t, &mut single, Parallelism::Single).unwrap();
-        rotate_into_with(&src, l, t, &mut auto, Parallelism::Auto).unwrap();
-        assert!(single == auto, "rotate {t:?} {l:?}");
-        assert!(single == reference::rotate(&src, l, t), "rotate {t:?} {l:?} vs reference");
+        let want = reference::rotate(&src, l, t);
+        for path in available_paths() {
+            for par in [Parallelism::Single, Parallelism::Auto] {
+                dst.fill(sentinel());
+                rotate_into_using(path, &src, l, t, &mut dst, par).unwrap();
+                assert!(dst == want, "rotate {t:?} {l:?} {path:?} {par:?}");
+            }
+        }
+        assert!(rotate(&src, l, t).unwrap() == want, "rotate {t:?} {l:?} allocating");
     }
-    single.fill(sentinel());
-    auto.fill(sentinel());
-    mean_filter_into_with(&src, l, &mut single, Parallelism::Single).unwrap();
-    mean_filter_into_with(&src, l, &mut auto, Parallelism::Auto).unwrap();
-    assert!(single == auto, "mean {l:?}");
-    assert!(single == reference::mean_filter(&src, l), "mean {l:?} vs reference");
+    let want = reference::mean_filter(&src, l);
+    for path in available_paths() {
+        for par in [Parallelism::Single, Parallelism::Auto] {
+            dst.fill(sentinel());
+            mean_filter_into_using(path, &src, l, &mut dst, par).unwrap();
+            assert!(dst == want, "mean {l:?} {path:?} {par:?}");
+        }
+    }
+    assert!(mean_filter(&src, l).unwrap() == want, "mean {l:?} allocating");
 }
 
 #[test]
@@ -330,52 +339,26 @@ fn parallel_equals_single_equals_reference() {
     // Run on a 4-thread pool so bands really split even on a 1-core runner.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     pool.install(|| {
-        par_check::<u8>(layout(3840, 2160, 3), 1);
+        all_forms_match_reference::<u8>(layout(3840, 2160, 3), 1);
         // Just around the threshold (1 Mi pixels).
-        par_check::<u8>(layout(1024, 1023, 1), 2);
-        par_check::<u8>(layout(1024, 1024, 1), 3);
-        par_check::<u16>(layout(1025, 1024, 2), 4);
-        par_check::<u8>(layout(PARALLEL_MIN_PIXELS, 1, 4), 5);
-        par_check::<u8>(layout(1, PARALLEL_MIN_PIXELS + 3, 3), 6);
-        par_check::<u16>(layout(1031, 1029, 4), 7);
+        all_forms_match_reference::<u8>(layout(1024, 1023, 1), 2);
+        all_forms_match_reference::<u8>(layout(1024, 1024, 1), 3);
+        all_forms_match_reference::<u16>(layout(1025, 1024, 2), 4);
+        all_forms_match_reference::<u8>(layout(PARALLEL_MIN_PIXELS, 1, 4), 5);
+        all_forms_match_reference::<u8>(layout(1, PARALLEL_MIN_PIXELS + 3, 3), 6);
+        all_forms_match_reference::<u16>(layout(1031, 1029, 4), 7);
     });
     // And on the global pool.
-    par_check::<u8>(layout(1100, 1000, 4), 8);
+    all_forms_match_reference::<u8>(layout(1100, 1000, 4), 8);
 }
 
-/// Every path writes every output sample, whatever the destination held:
-/// the `_into_using` forms into sentinel-filled destinations, single and
-/// parallel (on a 4-thread pool, so images of at least
-/// `PARALLEL_MIN_PIXELS` really split into bands), and the allocating forms
-/// (uninitialised buffers), for thin, tiny and odd shapes, sizes whose
-/// parallel bands (multiples of 64 output rows for rotation) end short, every
-/// channel count, u8 and u16.
+/// Every path writes every output sample, whatever the destination held
+/// ([`all_forms_match_reference`] on a 4-thread pool, so images of at least
+/// `PARALLEL_MIN_PIXELS` really split into bands), for thin, tiny and odd
+/// shapes, sizes whose parallel bands (multiples of 64 output rows for
+/// rotation) end short, every channel count, u8 and u16.
 #[test]
 fn every_output_sample_is_written() {
-    fn check<T: Sample>(l: Layout, seed: u64) {
-        let src: Vec<T> = noise(l.samples(), seed);
-        let mut dst = vec![sentinel(); l.samples()];
-        for t in TURNS {
-            let want = reference::rotate(&src, l, t);
-            for path in available_paths() {
-                for par in [Parallelism::Single, Parallelism::Auto] {
-                    dst.fill(sentinel());
-                    rotate_into_using(path, &src, l, t, &mut dst, par).unwrap();
-                    assert!(dst == want, "rotate {t:?} {l:?} {path:?} {par:?}");
-                }
-            }
-            assert!(rotate(&src, l, t).unwrap() == want, "rotate {t:?} {l:?} allocating");
-        }
-        let want = reference::mean_filter(&src, l);
-        for path in available_paths() {
-            for par in [Parallelism::Single, Parallelism::Auto] {
-                dst.fill(sentinel());
-                mean_filter_into_using(path, &src, l, &mut dst, par).unwrap();
-                assert!(dst == want, "mean {l:?} {path:?} {par:?}");
-            }
-        }
-        assert!(mean_filter(&src, l).unwrap() == want, "mean {l:?} allocating");
-    }
     let sizes = [
         // Below PARALLEL_MIN_PIXELS: one band.
         (1usize, 1usize),
@@ -401,8 +384,8 @@ fn every_output_sample_is_written() {
     pool.install(|| {
         for (w, h) in sizes {
             for c in 1..=4 {
-                check::<u8>(layout(w, h, c), (w * 31 + h * 7 + c) as u64);
-                check::<u16>(layout(w, h, c), (w * 31 + h * 7 + c) as u64 + 1);
+                all_forms_match_reference::<u8>(layout(w, h, c), (w * 31 + h * 7 + c) as u64);
+                all_forms_match_reference::<u16>(layout(w, h, c), (w * 31 + h * 7 + c) as u64 + 1);
             }
         }
     });
