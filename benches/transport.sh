@@ -10,11 +10,15 @@
 # /proc/PID/stat over the measured run, divided by the calls answered: it
 # does not depend on who bounds the rate.
 #
-#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--save FILE]
+#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--raw] [--save FILE]
 #
-# --bare adds a third server to each round: NLImageService on plain tonic
-# with the same kernels and nothing else (examples/bare_tonic.rs), and a
-# second table, imgsvc against it: what imgsvc's own layers cost per call.
+# --bare adds a server to each round: NLImageService on plain tonic with
+# the same kernels and nothing else (examples/bare_tonic.rs), and a table,
+# imgsvc against it: what imgsvc's own layers cost per call.
+# --raw adds the practical floor: the same work over mutual TLS with no
+# HTTP/2, gRPC or protobuf (examples/raw_tls.rs, driven by its own load
+# mode, one connection per concurrent caller), and a table of what it
+# spends against the floor and what imgsvc spends against it.
 #
 # The servers take turns for R rounds (default 3: imgsvc, the peer, imgsvc,
 # the peer, ...), and the table shows each figure's median over the rounds
@@ -35,6 +39,7 @@ ROUNDS=3
 SCENARIOS=A,B,C,N
 PEER=1
 BARE=0
+RAW=0
 SAVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,8 +49,9 @@ while [ $# -gt 0 ]; do
     --scenarios) SCENARIOS="$2"; shift 2 ;;
     --no-peer) PEER=0; shift ;;
     --bare) BARE=1; shift ;;
+    --raw) RAW=1; shift ;;
     --save) SAVE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -57,6 +63,7 @@ source "$ROOT/benches/lib.sh"
 echo "== building imgsvc (release) and measuring the floor" >&2
 (cd "$ROOT" && cargo build --release --locked --bins)
 if [ "$BARE" = 1 ]; then (cd "$ROOT" && cargo build --release --locked --example bare_tonic); fi
+if [ "$RAW" = 1 ]; then (cd "$ROOT" && cargo build --release --locked --example raw_tls); fi
 WORK="$(mktemp -d)"
 PIDS=()
 cleanup() {
@@ -89,17 +96,36 @@ scenario_args() {
   esac
 }
 
+# The same scenarios for examples/raw_tls: OP WIDTH HEIGHT CHANNELS CONCURRENCY
+raw_args() {
+  case "$1" in
+    A) echo "rotate 64 64 1 16" ;;
+    B) echo "mean 1024 1024 3 4" ;;
+    C) echo "rotate 3840 2160 3 2" ;;
+    N) echo "none 1024 1024 3 4" ;;
+  esac
+}
+
+# load LABEL TAG PORT SECONDS: one load run, its JSON report on stdout
+load() {
+  if [ "$1" = raw-tls ]; then
+    # shellcheck disable=SC2046
+    "$ROOT/target/release/examples/raw_tls" load "$3" "$PKI/ca.pem" "$PKI/client-bench.pem" "$PKI/client-bench-key.pem" $(raw_args "$2") "$4"
+  else
+    # shellcheck disable=SC2046
+    "$ROOT/target/release/imgsvc-client" bench --api legacy --host 127.0.0.1 --port "$3" --server-name localhost \
+      --ca "$PKI/ca.pem" --cert "$PKI/client-bench.pem" --key "$PKI/client-bench-key.pem" $(scenario_args "$2") --duration "$4" --json
+  fi
+}
+
 # measure LABEL PID PORT ROUND: one JSON line per scenario into $WORK/runs.jsonl
 measure() {
   local label=$1 pid=$2 port=$3 round=$4 tag
   for tag in ${SCENARIOS//,/ }; do
-    # shellcheck disable=SC2046
-    local args=(bench --api legacy --host 127.0.0.1 --port "$port" --server-name localhost
-      --ca "$PKI/ca.pem" --cert "$PKI/client-bench.pem" --key "$PKI/client-bench-key.pem" $(scenario_args "$tag"))
-    "$ROOT/target/release/imgsvc-client" "${args[@]}" --duration 2 >/dev/null # warm-up
+    load "$label" "$tag" "$port" 2 >/dev/null # warm-up
     local before after
     before=$(cpu_ticks "$pid")
-    "$ROOT/target/release/imgsvc-client" "${args[@]}" --duration "$DURATION" --json >"$WORK/run.json"
+    load "$label" "$tag" "$port" "$DURATION" >"$WORK/run.json"
     after=$(cpu_ticks "$pid")
     python3 - "$label" "$tag" "$before" "$after" "$TICK" "$WORK/run.json" "$round" >>"$WORK/runs.jsonl" <<'PY'
 import json, sys
@@ -144,6 +170,16 @@ for round in $(seq "$ROUNDS"); do
     wait_port "$PORT" "${PIDS[-1]}"
     echo "== bare tonic, round $round of $ROUNDS" >&2
     measure tonic-bare "${PIDS[-1]}" "$PORT" "$round"
+    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+  fi
+
+  if [ "$RAW" = 1 ]; then
+    PORT=$(free_port)
+    "$ROOT/target/release/examples/raw_tls" serve "$PORT" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem" &
+    PIDS+=($!)
+    wait_port "$PORT" "${PIDS[-1]}"
+    echo "== raw TLS (the practical floor), round $round of $ROUNDS" >&2
+    measure raw-tls "${PIDS[-1]}" "$PORT" "$round"
     kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
   fi
 done
@@ -195,4 +231,16 @@ if any(label == "tonic-bare" for label, _ in runs):
         print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(bare)} | "
               f"{me['server_cpu_ms_per_req'] / bare['server_cpu_ms_per_req']:.2f}x | "
               f"{bare['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | {me['p99_ms']:.1f} vs {bare['p99_ms']:.1f} |")
+if any(label == "raw-tls" for label, _ in runs):
+    print()
+    print("| scenario | raw TLS ms CPU/req (min-max) | raw TLS / floor | imgsvc / raw TLS | bare tonic / raw TLS | C++ peer / raw TLS |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    def over(other, raw):
+        return f"{other['server_cpu_ms_per_req'] / raw['server_cpu_ms_per_req']:.2f}x" if other else "-"
+    for tag in sorted({s for _, s in runs}):
+        raw, fl = runs.get(("raw-tls", tag)), floor[tag]
+        if not raw:
+            continue
+        print(f"| {tag} {fl['desc']} | {cpu(raw)} | {raw['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | "
+              f"{over(runs.get(('imgsvc', tag)), raw)} | {over(runs.get(('tonic-bare', tag)), raw)} | {over(runs.get(('cpp-opencv', tag)), raw)} |")
 PY

@@ -1,6 +1,6 @@
 //! A baseline for `benches/transport.sh --bare`: NLImageService on plain
 //! tonic over mutual TLS (tonic's own rustls acceptor), the same kernels,
-//! run inline on the tokio thread, and nothing else — no tenancy, no
+//! run inline on the tokio thread, glibc's allocator tuned the same way, and nothing else — no tenancy, no
 //! admission or memory accounting, no worker pool, no metrics, no logs.
 //! What imgsvc spends per call above it is what its own layers cost; what
 //! this spends is the framework's share (tonic, hyper, h2, rustls, prost).
@@ -64,6 +64,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [port, cert, key, ca] = args.as_slice() else {
         return Err("usage: bare_tonic PORT CERT KEY CLIENT_CA".into());
     };
+    // glibc tuned as imgsvc-server tunes it (src/serving/allocator.rs), so
+    // that per-request image buffers cost both the same page faults.
+    let _ = imgsvc::serving::allocator::tune_for_image_buffers();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?))
         .client_ca_root(Certificate::from_pem(std::fs::read(ca)?));
