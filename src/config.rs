@@ -252,6 +252,23 @@ pub struct RawTls {
     pub watch_files: bool,
     pub watch_debounce_ms: u64,
     pub expiry_warning_days: u32,
+    /// `off`, `auto` or `on` ([`KernelTlsMode`]), checked in [`Settings::validate`].
+    pub kernel_tls: String,
+}
+
+/// Whether the kernel encrypts and decrypts a connection's records once
+/// rustls has finished its handshake (`tls.kernel_tls`; see
+/// [`crate::serving::kernel_tls`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelTlsMode {
+    /// rustls encrypts every record.
+    #[default]
+    Off,
+    /// The kernel where it can (its `tls` module, the negotiated cipher),
+    /// rustls otherwise.
+    Auto,
+    /// The kernel, or the server does not start.
+    On,
 }
 
 impl Default for RawTls {
@@ -267,6 +284,7 @@ impl Default for RawTls {
             watch_files: true,
             watch_debounce_ms: 500,
             expiry_warning_days: 14,
+            kernel_tls: "off".into(),
         }
     }
 }
@@ -413,6 +431,8 @@ pub struct TlsSettings {
     pub watch_debounce: Duration,
     /// Warn about a certificate that expires within this many days; 0: never.
     pub expiry_warning_days: u32,
+    /// Kernel TLS after the handshake (`tls.kernel_tls`).
+    pub kernel_tls: KernelTlsMode,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -522,6 +542,12 @@ impl Settings {
         if !(1..=300).contains(&raw.tls.handshake_timeout_secs) {
             return Err(invalid("tls.handshake_timeout_secs", format!("{} is out of range 1..=300", raw.tls.handshake_timeout_secs)));
         }
+        let kernel_tls = match raw.tls.kernel_tls.as_str() {
+            "off" => KernelTlsMode::Off,
+            "auto" => KernelTlsMode::Auto,
+            "on" => KernelTlsMode::On,
+            other => return Err(invalid("tls.kernel_tls", format!("{other:?} is not one of \"off\", \"auto\", \"on\""))),
+        };
         in_range("tls.watch_debounce_ms", raw.tls.watch_debounce_ms.into(), 0..=60_000, " (0 = reload at the first change)")?;
         in_range("tls.expiry_warning_days", raw.tls.expiry_warning_days.into(), 0..=3650, " (0 = never warn)")?;
         let l = &raw.limits;
@@ -594,6 +620,7 @@ impl Settings {
                 watch_files: raw.tls.watch_files,
                 watch_debounce: Duration::from_millis(raw.tls.watch_debounce_ms),
                 expiry_warning_days: raw.tls.expiry_warning_days,
+                kernel_tls,
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,
@@ -1143,6 +1170,18 @@ mod tests {
         let s = Settings::load_with_env(&source, []).unwrap();
         assert!(!s.tls.dev_auto_certs);
         assert_eq!(s.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn kernel_tls_is_off_unless_asked_and_takes_three_values() {
+        assert_eq!(load(MINIMAL, &[]).unwrap().tls.kernel_tls, KernelTlsMode::Off);
+        for (value, mode) in [("off", KernelTlsMode::Off), ("auto", KernelTlsMode::Auto), ("on", KernelTlsMode::On)] {
+            let s = load(&MINIMAL.replace("[tls]", &format!("[tls]\nkernel_tls = \"{value}\"")), &[]).unwrap();
+            assert_eq!(s.tls.kernel_tls, mode);
+            assert_eq!(load(MINIMAL, &[("IMGSVC_TLS__KERNEL_TLS", value)]).unwrap().tls.kernel_tls, mode);
+        }
+        let err = load(&MINIMAL.replace("[tls]", "[tls]\nkernel_tls = \"always\""), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `tls.kernel_tls`: \"always\" is not one of \"off\", \"auto\", \"on\"");
     }
 
     #[test]

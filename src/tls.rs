@@ -137,6 +137,9 @@ impl ServerTls {
             .with_single_cert(chain, key)
             .map_err(identity_err)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // Kernel TLS takes the traffic secrets over after the handshake
+        // (crate::serving::kernel_tls); rustls hands them out only if asked.
+        config.enable_secret_extraction = settings.kernel_tls != crate::config::KernelTlsMode::Off;
         let mut validity = Vec::with_capacity(chain_copy.len() + ca_certs.len());
         for (i, cert) in chain_copy.iter().enumerate() {
             let label = if i == 0 { "server".to_string() } else { format!("server_chain:{}", subject_of(cert)) };

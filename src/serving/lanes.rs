@@ -152,12 +152,78 @@ impl<C> Drop for IoLanes<C> {
 }
 
 /// A TCP stream that can move to another runtime's reactor after the TLS
-/// handshake ([`LaneTcp::rehome`]); otherwise a plain `TcpStream`.
-pub struct LaneTcp(Option<TcpStream>);
+/// handshake ([`LaneTcp::rehome`]) and, for kernel TLS, hand its reader at
+/// most one TLS record per read ([`LaneTcp::bound_reads_to_records`]);
+/// otherwise a plain `TcpStream`.
+pub struct LaneTcp(Option<TcpStream>, Option<RecordCursor>);
+
+/// Where a bounded reader is in the stream of TLS records: inside a 5-byte
+/// header (`have` bytes of it read) or inside a payload (`payload_left`
+/// bytes to go).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordCursor {
+    header: [u8; 5],
+    have: usize,
+    payload_left: usize,
+}
+
+impl RecordCursor {
+    /// The most the next read may take without crossing into the next
+    /// header or record.
+    fn limit(&self) -> usize {
+        if self.payload_left > 0 { self.payload_left } else { 5 - self.have }
+    }
+
+    /// Follows `bytes`, read under [`RecordCursor::limit`].
+    fn advance(&mut self, bytes: &[u8]) {
+        if self.payload_left > 0 {
+            self.payload_left -= bytes.len();
+            return;
+        }
+        self.header[self.have..self.have + bytes.len()].copy_from_slice(bytes);
+        self.have += bytes.len();
+        if self.have == 5 {
+            self.have = 0;
+            self.payload_left = u16::from_be_bytes([self.header[3], self.header[4]]).into();
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.payload_left == 0
+    }
+}
 
 impl LaneTcp {
     pub fn new(tcp: TcpStream) -> Self {
-        Self(Some(tcp))
+        Self(Some(tcp), None)
+    }
+
+    /// From now on each read ends at the end of a TLS record (header and
+    /// payload read apart): whatever reads this stream — rustls during the
+    /// handshake — never holds part of a record the kernel would need.
+    pub fn bound_reads_to_records(mut self) -> Self {
+        self.1 = Some(RecordCursor::default());
+        self
+    }
+
+    /// Whether the bytes read so far end at a record boundary (always true
+    /// when reads are not bounded).
+    pub fn at_record_boundary(&self) -> bool {
+        self.1.as_ref().is_none_or(RecordCursor::at_boundary)
+    }
+
+    pub fn stop_bounding_reads(&mut self) {
+        self.1 = None;
+    }
+
+    /// Runs a non-blocking socket call under the reactor's readiness (see
+    /// [`TcpStream::try_io`]).
+    pub fn try_io<R>(&self, interest: tokio::io::Interest, f: impl FnOnce() -> std::io::Result<R>) -> std::io::Result<R> {
+        self.0.as_ref().expect("present until dropped").try_io(interest, f)
+    }
+
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.0.as_ref().expect("present until dropped").poll_write_ready(cx)
     }
 
     /// Re-registers the socket with `runtime`'s reactor, so the lane's own
@@ -180,9 +246,26 @@ impl LaneTcp {
     }
 }
 
+impl std::os::fd::AsRawFd for LaneTcp {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_ref().expect("present until dropped").as_raw_fd()
+    }
+}
+
 impl AsyncRead for LaneTcp {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        self.tcp().poll_read(cx, buf)
+        let this = self.get_mut();
+        let tcp = Pin::new(this.0.as_mut().expect("present until dropped"));
+        let Some(cursor) = this.1.as_mut() else { return tcp.poll_read(cx, buf) };
+        let mut bounded = buf.take(cursor.limit());
+        std::task::ready!(tcp.poll_read(cx, &mut bounded))?;
+        let n = bounded.filled().len();
+        cursor.advance(bounded.filled());
+        // SAFETY: the `n` bytes were just filled, through `bounded`, in the
+        // part of `buf` that follows its filled bytes.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -254,6 +337,50 @@ mod tests {
             served.await.unwrap().unwrap();
         }
         assert!(lanes.lane(Some(&tenant("a"))).unwrap().is_none());
+    }
+
+    /// Reads `records` (sent in awkward pieces) through a bounded LaneTcp
+    /// with a large buffer: no read may cross a record's end, and the
+    /// reader knows when it stands at one.
+    #[tokio::test]
+    async fn bounded_reads_end_at_every_record_boundary() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut records = Vec::new();
+        let mut ends = Vec::new();
+        for (i, len) in [0usize, 1, 300, 16_401, 5, 70_000 % 65_536].into_iter().enumerate() {
+            records.extend_from_slice(&[23, 3, 3]);
+            records.extend_from_slice(&(len as u16).to_be_bytes());
+            records.extend((0..len).map(|j| (i * 7 + j) as u8));
+            ends.push(records.len());
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let sent = records.clone();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(7_777) {
+                client.write_all(piece).await.unwrap();
+            }
+            client
+        });
+        let mut tcp = LaneTcp::new(accepted).bound_reads_to_records();
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 1 << 20]);
+        while got.len() < records.len() {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            let (start, end) = (got.len(), got.len() + n);
+            got.extend_from_slice(&buf[..n]);
+            // Never across a header's end or a record's end.
+            let header_ends = std::iter::once(5).chain(ends.iter().map(|e| e + 5));
+            for boundary in ends.iter().copied().chain(header_ends) {
+                assert!(!(start < boundary && boundary < end), "read {start}..{end} crosses {boundary}");
+            }
+            assert_eq!(tcp.at_record_boundary(), ends.contains(&end) || end == 0, "at {end}");
+        }
+        assert_eq!(got, records);
+        tcp.stop_bounding_reads();
+        assert!(tcp.at_record_boundary());
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test]

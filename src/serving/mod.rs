@@ -4,6 +4,8 @@
 //! - [`server`]: binds, accepts, runs TLS handshakes, serves, reloads, drains.
 //! - [`connection`]: calls open per connection and the idle timeout.
 //! - [`lanes`]: each tenant's connections on an I/O runtime of their own.
+//! - [`kernel_tls`]: the kernel encrypts a connection's records after the
+//!   rustls handshake (`tls.kernel_tls`).
 //! - [`admission`]: admission at the request's headers and the byte
 //!   accounting of request and response bodies (a tower layer).
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
@@ -24,6 +26,7 @@ pub mod admission;
 pub mod allocator;
 pub mod certwatch;
 pub mod connection;
+pub mod kernel_tls;
 pub mod lanes;
 pub mod server;
 pub mod systemd;

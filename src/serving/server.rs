@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
 use crate::{
-    config::{AdminSettings, Settings, TlsSettings},
+    config::{AdminSettings, KernelTlsMode, Settings, TlsSettings},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
@@ -38,6 +38,7 @@ use crate::{
         admission::AdmissionLayer,
         certwatch,
         connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
+        kernel_tls,
         lanes::{IoLanes, LaneTcp, ServeLane},
         worker::{WorkerError, WorkerPool},
     },
@@ -63,6 +64,8 @@ pub enum ServerError {
         "tls.dev_auto_certs writes ca.pem, server.pem and server-key.pem into {dir}, but tls.{key} is {path}: point it there or create the file"
     )]
     DevCertsLayout { dir: String, key: &'static str, path: String },
+    #[error("tls.kernel_tls is \"on\" but kernel TLS is unavailable: {0} (\"auto\" falls back to rustls)")]
+    KernelTls(String),
     #[error("cannot resolve listen host {host:?}")]
     Resolve {
         host: String,
@@ -155,6 +158,9 @@ pub struct Server {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     phase: watch::Sender<Phase>,
     admin: Option<TcpListener>,
+    /// The ciphers the kernel takes over after handshakes; `None`: rustls
+    /// encrypts every connection.
+    kernel_tls: Option<kernel_tls::Ciphers>,
 }
 
 impl Server {
@@ -163,6 +169,17 @@ impl Server {
     pub fn new(settings: Settings) -> Result<Self, ServerError> {
         ensure_dev_certs(&settings.tls)?;
         let tls = ServerTls::load(&settings.tls)?;
+        let kernel_tls = match (settings.tls.kernel_tls, settings.tls.kernel_tls != KernelTlsMode::Off) {
+            (_, false) => None,
+            (mode, true) => match kernel_tls::probe() {
+                kernel_tls::Support::Available(ciphers) => Some(ciphers),
+                kernel_tls::Support::Unavailable(why) if mode == KernelTlsMode::On => return Err(ServerError::KernelTls(why)),
+                kernel_tls::Support::Unavailable(why) => {
+                    tracing::info!(reason = %why, "kernel TLS unavailable: rustls encrypts every connection (tls.kernel_tls = \"auto\")");
+                    None
+                }
+            },
+        };
         let pool = WorkerPool::with_nice(settings.worker_threads, settings.limits.max_queued_jobs, settings.worker_nice)?;
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
@@ -180,6 +197,7 @@ impl Server {
             metrics,
             phase,
             admin: None,
+            kernel_tls,
         })
     }
 
@@ -219,7 +237,7 @@ impl Server {
     pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         // TLS files that change are reloaded (tls.watch_files) until serve returns.
         let _watch = certwatch::spawn(self.reload_handle());
-        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin } = self;
+        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin, kernel_tls } = self;
         let limits = settings.limits;
         let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
 
@@ -264,6 +282,7 @@ impl Server {
             admin = %admin_url,
             client_ca = %tls.client_ca_subject,
             trust_domain = %settings.tls.trust_domain,
+            kernel_tls = %kernel_tls.map_or("off".to_string(), |c| format!("on ({c})")),
             worker_threads,
             tenants = tenant_count,
             unknown_tenants = ?settings.tenancy.unknown_tenants,
@@ -295,6 +314,7 @@ impl Server {
                 lingering: lingering.clone(),
                 tenancy: tenancy.clone(),
                 connection_window: settings.http2_connection_window_charge(),
+                kernel_tls,
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
@@ -497,6 +517,88 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     changed
 }
 
+/// An established connection: records sealed by rustls, or by the kernel
+/// ([`kernel_tls`]).
+pub enum ServerStream {
+    Rustls(TlsStream<LaneTcp>),
+    Kernel(kernel_tls::KernelTlsStream),
+}
+
+impl ServerStream {
+    fn tcp_mut(&mut self) -> &mut LaneTcp {
+        match self {
+            ServerStream::Rustls(s) => s.get_mut().0,
+            ServerStream::Kernel(s) => s.get_mut(),
+        }
+    }
+
+    fn into_tcp(self) -> LaneTcp {
+        match self {
+            ServerStream::Rustls(s) => s.into_inner().0,
+            ServerStream::Kernel(s) => s.into_inner(),
+        }
+    }
+
+    /// The `record_layer` label of `imgsvc_tls_connections_total`.
+    fn record_layer(&self) -> &'static str {
+        match self {
+            ServerStream::Rustls(_) => "rustls",
+            ServerStream::Kernel(_) => "kernel",
+        }
+    }
+}
+
+/// Forwards to the variant (both are `Unpin`).
+macro_rules! each_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ServerStream::Rustls($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            ServerStream::Kernel($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for ServerStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for ServerStream {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        each_stream!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        each_stream!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Rustls(s) => s.is_write_vectored(),
+            ServerStream::Kernel(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// How long a closed connection keeps reading what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -512,7 +614,7 @@ const LINGER: Duration = Duration::from_secs(2);
 /// `server.idle_timeout_secs` (see [`crate::serving::connection`]): its reads then
 /// end as if the client had closed, and hyper closes the connection.
 pub struct LingeringStream {
-    inner: Option<TlsStream<LaneTcp>>,
+    inner: Option<ServerStream>,
     identity: PeerIdentity,
     lingering: TaskTracker,
     activity: Arc<Activity>,
@@ -523,7 +625,7 @@ pub struct LingeringStream {
 
 impl LingeringStream {
     fn new(
-        inner: TlsStream<LaneTcp>,
+        inner: ServerStream,
         identity: PeerIdentity,
         lingering: TaskTracker,
         idle_timeout: Option<Duration>,
@@ -534,7 +636,7 @@ impl LingeringStream {
         Self { inner: Some(inner), identity, lingering, activity, idle, _window: window }
     }
 
-    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut TlsStream<LaneTcp>> {
+    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut ServerStream> {
         std::pin::Pin::new(self.get_mut().inner.as_mut().expect("present until drop"))
     }
 }
@@ -545,7 +647,7 @@ impl Drop for LingeringStream {
         self.lingering.spawn_on(
             async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut tcp = stream.into_inner().0.into_inner();
+                let mut tcp = stream.into_tcp().into_inner();
                 if tcp.shutdown().await.is_err() {
                     return;
                 }
@@ -639,13 +741,15 @@ struct Accepting {
     tenancy: Tenancy,
     /// Charged to the tenant's memory share for each connection's life.
     connection_window: u64,
+    kernel_tls: Option<kernel_tls::Ciphers>,
 }
 
 /// Accepts TCP connections, runs each TLS handshake under a deadline on its
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window } = accepting;
+    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window, kernel_tls } =
+        accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -669,8 +773,10 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
         let (lanes, lingering, trust_domain, tenancy) = (lanes.clone(), lingering.clone(), trust_domain.clone(), tenancy.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(LaneTcp::new(tcp))).await {
-                Ok(Ok(mut stream)) => {
+            // For kernel TLS, rustls reads whole records only (see kernel_tls).
+            let tcp = if kernel_tls.is_some() { LaneTcp::new(tcp).bound_reads_to_records() } else { LaneTcp::new(tcp) };
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
                     let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
                     // The request bytes HTTP/2 may buffer for this connection
                     // unread: charged to the tenant, or the connection is
@@ -695,7 +801,32 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             return;
                         }
                     };
-                    if let Err(e) = stream.get_mut().0.rehome(&lane.runtime) {
+                    let mut stream = match kernel_tls {
+                        Some(ciphers) if kernel_tls::kernel_takes(stream.get_ref().1, &ciphers) => {
+                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream)).await {
+                                Ok(Ok(stream)) => ServerStream::Kernel(stream),
+                                Ok(Err(e)) => {
+                                    metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
+                                    tracing::warn!(%peer, error = %e, "cannot move the connection to kernel TLS: closing it");
+                                    return;
+                                }
+                                Err(_) => {
+                                    metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
+                                    tracing::warn!(%peer, "the switch to kernel TLS timed out (a record left unfinished): closing the connection");
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {
+                            let mut stream = stream;
+                            stream.get_mut().0.stop_bounding_reads();
+                            ServerStream::Rustls(stream)
+                        }
+                    };
+                    let tenant_label = identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+                    metrics::counter!("imgsvc_tls_connections_total", "tenant" => tenant_label, "record_layer" => stream.record_layer())
+                        .increment(1);
+                    if let Err(e) = stream.tcp_mut().rehome(&lane.runtime) {
                         tracing::warn!(%peer, error = %e, "cannot move the connection to its I/O lane: dropping it");
                         return;
                     }

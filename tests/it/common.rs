@@ -104,6 +104,12 @@ pub fn raw_config(pki: &Pki) -> RawConfig {
         raw.tenants.insert(tenant.clone(), Default::default());
     }
     raw.admin.listen = "127.0.0.1:0".into();
+    // The whole suite can run with kernel TLS (tests/vm/run.sh, on a kernel
+    // that has it): the variable the daemon's own config layer reads, set
+    // by whoever runs the tests, never by a test.
+    if let Ok(mode) = std::env::var("IMGSVC_TLS__KERNEL_TLS") {
+        raw.tls.kernel_tls = mode;
+    }
     raw
 }
 

@@ -53,6 +53,7 @@ mod haproxy;
 mod health;
 mod interop_grpcio;
 mod invalid_input;
+mod kernel_tls;
 mod kernels;
 mod legacy_api;
 mod listen;

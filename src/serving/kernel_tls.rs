@@ -1,0 +1,573 @@
+//! Kernel TLS (kTLS): once rustls has finished a connection's handshake,
+//! the kernel encrypts and decrypts its records (`tls.kernel_tls`).
+//!
+//! Why: with rustls doing it, every byte of a request and an answer is
+//! copied between the socket and rustls's buffers, and once more between
+//! rustls's plaintext and h2's (`docs/performance.md#transport-floor`).
+//! With the kernel doing it, `read` returns plaintext and `write` takes
+//! plaintext: the cipher runs during the copy that crosses the socket
+//! anyway, and rustls's record copies and buffers go.
+//!
+//! How, for one connection:
+//! 1. The handshake runs in rustls as always, but the socket ([`LaneTcp`])
+//!    hands rustls at most one TLS record per read
+//!    ([`LaneTcp::bound_reads_to_records`]), so that rustls never holds part
+//!    of a record the kernel would then miss.
+//! 2. [`offload`] finishes the record in progress, takes the plaintext rustls
+//!    has already decrypted (the client's first HTTP/2 bytes, often), writes
+//!    what rustls still has to send, extracts the traffic secrets and
+//!    sequence numbers, and hands them to the kernel (`TCP_ULP` `tls`, then
+//!    `TLS_TX` and `TLS_RX`).
+//! 3. [`KernelTlsStream`] serves the drained plaintext first, then reads and
+//!    writes the socket. A record that is not application data makes `read`
+//!    fail with `EIO`; it is then read with `recvmsg` and its type: a
+//!    close_notify alert ends the stream, any other alert or a post-handshake
+//!    message (a client's KeyUpdate: the kernel cannot follow it here) ends
+//!    the connection with an error. Shutting down sends close_notify.
+//!
+//! Whether the kernel can do it at all is [`probe`]d once at start, on a
+//! loopback socket pair: the `tls` upper-layer protocol must exist (the
+//! `tls` module, `CONFIG_TLS`), and each cipher is tried. `auto` falls back
+//! to rustls when it cannot (or the negotiated cipher is not among those the
+//! kernel took); `on` refuses to start. Once secrets are extracted there is
+//! no way back to rustls: a connection whose offload then fails is closed
+//! (counted and logged), which the probe makes rare.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio_rustls::server::TlsStream;
+
+use crate::serving::lanes::LaneTcp;
+
+/// TLS record content types (RFC 8446 §5.1).
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+/// Handshake message type of a KeyUpdate (RFC 8446 §4).
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+
+/// The AEAD ciphers the kernel accepted in [`probe`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ciphers {
+    pub aes_128_gcm: bool,
+    pub aes_256_gcm: bool,
+    pub chacha20_poly1305: bool,
+}
+
+impl std::fmt::Display for Ciphers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> =
+            [(self.aes_128_gcm, "AES-128-GCM"), (self.aes_256_gcm, "AES-256-GCM"), (self.chacha20_poly1305, "ChaCha20-Poly1305")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+/// What [`probe`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Support {
+    Available(Ciphers),
+    /// Why not, for the log and the `on` refusal.
+    Unavailable(String),
+}
+
+/// Which cipher a key is for, as the kernel names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cipher {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Ciphers {
+    fn has(&self, cipher: Cipher) -> bool {
+        match cipher {
+            Cipher::Aes128Gcm => self.aes_128_gcm,
+            Cipher::Aes256Gcm => self.aes_256_gcm,
+            Cipher::Chacha20Poly1305 => self.chacha20_poly1305,
+        }
+    }
+}
+
+/// Whether this kernel offers kernel TLS, and with which ciphers: tried on
+/// a connected loopback socket pair per cipher (127.0.0.1, else ::1), with
+/// zero keys, never used to send anything. Blocking; run once at start.
+pub fn probe() -> Support {
+    let listener = match std::net::TcpListener::bind("127.0.0.1:0").or_else(|_| std::net::TcpListener::bind("[::1]:0")) {
+        Ok(l) => l,
+        Err(e) => return Support::Unavailable(format!("cannot open a loopback socket to probe it: {e}")),
+    };
+    let mut ciphers = Ciphers::default();
+    for cipher in [Cipher::Aes128Gcm, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305] {
+        let pair = listener.local_addr().and_then(std::net::TcpStream::connect).and_then(|c| Ok((c, listener.accept()?.0)));
+        let (client, _server) = match pair {
+            Ok(pair) => pair,
+            Err(e) => return Support::Unavailable(format!("cannot connect a loopback socket pair to probe it: {e}")),
+        };
+        let fd = client.as_raw_fd();
+        if let Err(e) = set_ulp(fd) {
+            let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+            return Support::Unavailable(format!(
+                "the kernel has no `tls` upper-layer protocol (setsockopt TCP_ULP \"tls\": {e}; tcp_available_ulp: {:?}): load the `tls` module (`modprobe tls`) or build the kernel with CONFIG_TLS",
+                ulps.trim()
+            ));
+        }
+        let info = CryptoInfo::new(cipher, libc::TLS_1_3_VERSION, &vec![0; cipher.key_len()], &[0; 12], 0);
+        let works =
+            info.as_ref().is_ok_and(|info| set_crypto(fd, libc::TLS_TX, info).is_ok() && set_crypto(fd, libc::TLS_RX, info).is_ok());
+        match cipher {
+            Cipher::Aes128Gcm => ciphers.aes_128_gcm = works,
+            Cipher::Aes256Gcm => ciphers.aes_256_gcm = works,
+            Cipher::Chacha20Poly1305 => ciphers.chacha20_poly1305 = works,
+        }
+    }
+    if ciphers == Ciphers::default() {
+        return Support::Unavailable("the kernel's `tls` module accepted none of AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305".into());
+    }
+    Support::Available(ciphers)
+}
+
+impl Cipher {
+    fn key_len(self) -> usize {
+        match self {
+            Cipher::Aes128Gcm => 16,
+            Cipher::Aes256Gcm | Cipher::Chacha20Poly1305 => 32,
+        }
+    }
+
+    /// The cipher of extracted secrets. rustls reports TLS 1.2's AES-GCM as
+    /// `Aes128Gcm` whatever the key size, so the key length decides.
+    fn of(secrets: &ConnectionTrafficSecrets) -> Option<(Cipher, &[u8], &[u8])> {
+        match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } | ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                let cipher = if key.as_ref().len() == 16 { Cipher::Aes128Gcm } else { Cipher::Aes256Gcm };
+                Some((cipher, key.as_ref(), iv.as_ref()))
+            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Some((Cipher::Chacha20Poly1305, key.as_ref(), iv.as_ref())),
+            _ => None,
+        }
+    }
+}
+
+/// The cipher rustls negotiated on `conn`, if the kernel can take it:
+/// decided before the handshake's secrets are extracted, while falling back
+/// to rustls is still possible.
+pub fn kernel_takes(conn: &ServerConnection, ciphers: &Ciphers) -> bool {
+    let Some(suite) = conn.negotiated_cipher_suite() else { return false };
+    let cipher = match suite.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
+        _ => return false,
+    };
+    ciphers.has(cipher)
+}
+
+/// One direction's key material in the layout of `linux/tls.h`.
+enum CryptoInfo {
+    Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128),
+    Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256),
+    Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305),
+}
+
+impl CryptoInfo {
+    /// `iv` is rustls's 12-byte IV: for AES-GCM the kernel wants its first
+    /// four bytes as the salt and the other eight as the IV; ChaCha20 takes
+    /// all twelve. `seq` is the next record's sequence number.
+    fn new(cipher: Cipher, version: u16, key: &[u8], iv: &[u8], seq: u64) -> Result<Self, String> {
+        if key.len() != cipher.key_len() || iv.len() != 12 {
+            return Err(format!("{cipher:?} wants a {}-byte key and a 12-byte IV, got {} and {}", cipher.key_len(), key.len(), iv.len()));
+        }
+        let rec_seq = seq.to_be_bytes();
+        let copy = |dst: &mut [u8], src: &[u8]| dst.copy_from_slice(src);
+        Ok(match cipher {
+            Cipher::Aes128Gcm => {
+                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_AES_GCM_128 };
+                let mut c = libc::tls12_crypto_info_aes_gcm_128 { info, iv: [0; 8], key: [0; 16], salt: [0; 4], rec_seq };
+                copy(&mut c.key, key);
+                copy(&mut c.salt, &iv[..4]);
+                copy(&mut c.iv, &iv[4..]);
+                CryptoInfo::Aes128Gcm(c)
+            }
+            Cipher::Aes256Gcm => {
+                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_AES_GCM_256 };
+                let mut c = libc::tls12_crypto_info_aes_gcm_256 { info, iv: [0; 8], key: [0; 32], salt: [0; 4], rec_seq };
+                copy(&mut c.key, key);
+                copy(&mut c.salt, &iv[..4]);
+                copy(&mut c.iv, &iv[4..]);
+                CryptoInfo::Aes256Gcm(c)
+            }
+            Cipher::Chacha20Poly1305 => {
+                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305 };
+                let mut c = libc::tls12_crypto_info_chacha20_poly1305 { info, iv: [0; 12], key: [0; 32], salt: [], rec_seq };
+                copy(&mut c.key, key);
+                copy(&mut c.iv, iv);
+                CryptoInfo::Chacha20Poly1305(c)
+            }
+        })
+    }
+
+    /// The struct's bytes, as `setsockopt` takes them.
+    fn as_ptr_len(&self) -> (*const libc::c_void, libc::socklen_t) {
+        fn raw<T>(t: &T) -> (*const libc::c_void, libc::socklen_t) {
+            ((t as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
+        }
+        match self {
+            CryptoInfo::Aes128Gcm(c) => raw(c),
+            CryptoInfo::Aes256Gcm(c) => raw(c),
+            CryptoInfo::Chacha20Poly1305(c) => raw(c),
+        }
+    }
+}
+
+impl Drop for CryptoInfo {
+    // Key material does not outlive its use on the stack's copy.
+    fn drop(&mut self) {
+        match self {
+            CryptoInfo::Aes128Gcm(c) => c.key.fill(0),
+            CryptoInfo::Aes256Gcm(c) => c.key.fill(0),
+            CryptoInfo::Chacha20Poly1305(c) => c.key.fill(0),
+        }
+    }
+}
+
+fn set_ulp(fd: RawFd) -> io::Result<()> {
+    let name = b"tls";
+    // SAFETY: `name` outlives the call and its length is passed with it.
+    let rc = unsafe { libc::setsockopt(fd, libc::SOL_TCP, libc::TCP_ULP, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Result<()> {
+    let (ptr, len) = info.as_ptr_len();
+    // SAFETY: `ptr` points at a live `linux/tls.h` crypto-info struct of `len` bytes.
+    let rc = unsafe { libc::setsockopt(fd, libc::SOL_TLS, direction, ptr, len) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Why a connection could not be moved to kernel TLS (it is then closed).
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    #[error("finishing rustls's last record: {0}")]
+    Drain(#[source] io::Error),
+    #[error("rustls refused the last records: {0}")]
+    Rustls(#[source] rustls::Error),
+    #[error("the client closed the connection during the switch to kernel TLS")]
+    Closed,
+    #[error("extracting the traffic secrets: {0}")]
+    Secrets(#[source] rustls::Error),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("setsockopt {what}: {source}")]
+    Kernel {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Moves an established connection's record layer from rustls into the
+/// kernel (see the module documentation). The socket must have had its
+/// reads bounded to records since before the handshake.
+pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, OffloadError> {
+    // What rustls still has to send (TLS 1.3 session tickets) goes first,
+    // under rustls's keys and sequence numbers.
+    stream.flush().await.map_err(OffloadError::Drain)?;
+    let (mut tcp, mut conn) = stream.into_inner();
+    // Finish the record rustls has begun: reads stay bounded to it.
+    let mut chunk = vec![0u8; 16 * 1024 + 256];
+    while !tcp.at_record_boundary() {
+        let n = tcp.read(&mut chunk).await.map_err(OffloadError::Drain)?;
+        if n == 0 {
+            return Err(OffloadError::Closed);
+        }
+        let mut fed = &chunk[..n];
+        while !fed.is_empty() {
+            conn.read_tls(&mut fed).map_err(OffloadError::Drain)?;
+            conn.process_new_packets().map_err(OffloadError::Rustls)?;
+        }
+    }
+    tcp.stop_bounding_reads();
+    // The plaintext rustls has decrypted and nobody has read yet.
+    let mut drained = Vec::new();
+    loop {
+        match io::Read::read(&mut conn.reader(), &mut chunk) {
+            Ok(0) => return Err(OffloadError::Closed), // close_notify
+            Ok(n) => drained.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(OffloadError::Drain(e)),
+        }
+    }
+    // Anything the last records made rustls answer.
+    let mut pending = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut pending).map_err(OffloadError::Drain)?;
+    }
+    tcp.write_all(&pending).await.map_err(OffloadError::Drain)?;
+
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
+        Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
+        other => return Err(OffloadError::Unsupported(format!("protocol version {other:?}"))),
+    };
+    let secrets = conn.dangerous_extract_secrets().map_err(OffloadError::Secrets)?;
+    let info = |(seq, secrets): (u64, ConnectionTrafficSecrets)| {
+        let (cipher, key, iv) =
+            Cipher::of(&secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
+        CryptoInfo::new(cipher, version, key, iv, seq).map_err(OffloadError::Unsupported)
+    };
+    let (tx, rx) = (info(secrets.tx)?, info(secrets.rx)?);
+    let fd = tcp.as_raw_fd();
+    set_ulp(fd).map_err(|source| OffloadError::Kernel { what: "TCP_ULP tls", source })?;
+    set_crypto(fd, libc::TLS_TX, &tx).map_err(|source| OffloadError::Kernel { what: "TLS_TX", source })?;
+    set_crypto(fd, libc::TLS_RX, &rx).map_err(|source| OffloadError::Kernel { what: "TLS_RX", source })?;
+    Ok(KernelTlsStream { tcp, drained, drained_from: 0, read_closed: false, write_closed: false })
+}
+
+/// A connection whose records the kernel encrypts and decrypts.
+pub struct KernelTlsStream {
+    tcp: LaneTcp,
+    /// Plaintext rustls decrypted before the switch, served first.
+    drained: Vec<u8>,
+    drained_from: usize,
+    read_closed: bool,
+    write_closed: bool,
+}
+
+/// What a record that is not application data meant.
+enum Control {
+    /// close_notify: the end of the client's stream.
+    CloseNotify,
+    /// Application data after all (read with its type): serve it.
+    Data(Vec<u8>),
+}
+
+impl KernelTlsStream {
+    pub fn get_mut(&mut self) -> &mut LaneTcp {
+        &mut self.tcp
+    }
+
+    pub fn into_inner(self) -> LaneTcp {
+        self.tcp
+    }
+
+    /// Reads the next record with `recvmsg`, which also reports its type.
+    fn control_record(&self) -> io::Result<Control> {
+        let fd = self.tcp.as_raw_fd();
+        self.tcp.try_io(Interest::READABLE, || {
+            let mut data = [0u8; 512];
+            let (n, record_type) = recv_record(fd, &mut data)?;
+            match (record_type, data.get(..n)) {
+                (_, Some([])) if record_type.is_none() => Ok(Control::CloseNotify), // EOF
+                (Some(APPLICATION_DATA), Some(bytes)) => Ok(Control::Data(bytes.to_vec())),
+                (Some(ALERT), Some([_, CLOSE_NOTIFY])) => Ok(Control::CloseNotify),
+                (Some(ALERT), Some(&[level, description])) => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("TLS alert from the client: level {level}, description {description}"),
+                )),
+                (Some(HANDSHAKE), Some([KEY_UPDATE, ..])) => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the client sent a TLS KeyUpdate, which a kernel-TLS connection does not follow here: closing it (the client reconnects)",
+                )),
+                (Some(t), _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected TLS record of type {t} after the handshake"))),
+                (None, _) => Err(io::Error::new(io::ErrorKind::InvalidData, "a kernel-TLS read failed without a record type")),
+            }
+        })
+    }
+
+    /// Sends a close_notify alert (once), through the kernel's record layer.
+    fn poll_close_notify(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write_closed {
+            let fd = self.tcp.as_raw_fd();
+            match self.tcp.try_io(Interest::WRITABLE, || send_record(fd, ALERT, &[1, CLOSE_NOTIFY])) {
+                Ok(()) => self.write_closed = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `recvmsg` with room for the `TLS_GET_RECORD_TYPE` control message:
+/// (bytes read, the record's type if the kernel said).
+fn recv_record(fd: RawFd, data: &mut [u8]) -> io::Result<(usize, Option<u8>)> {
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    let mut control = [0u64; 8]; // 64 bytes, aligned for cmsghdr
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: every pointer in `msg` refers to a live buffer of the stated size.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut record_type = None;
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
+    // within msg_controllen; CMSG_DATA of a SOL_TLS/TLS_GET_RECORD_TYPE
+    // message holds one byte.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_TLS && (*cmsg).cmsg_type == libc::TLS_GET_RECORD_TYPE {
+                record_type = Some(*libc::CMSG_DATA(cmsg));
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, record_type))
+}
+
+/// `sendmsg` of one record of type `record_type` (`TLS_SET_RECORD_TYPE`).
+fn send_record(fd: RawFd, record_type: u8, payload: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec { iov_base: payload.as_ptr().cast_mut().cast(), iov_len: payload.len() };
+    let mut control = [0u64; 8];
+    // SAFETY: as in recv_record; the one control message written fits in
+    // `control` (CMSG_SPACE(1) <= 64) and is the only one.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(1) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(cmsg) = record_type;
+        let n = libc::sendmsg(fd, &msg, 0);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl AsyncRead for KernelTlsStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.drained_from < this.drained.len() {
+                let n = buf.remaining().min(this.drained.len() - this.drained_from);
+                buf.put_slice(&this.drained[this.drained_from..this.drained_from + n]);
+                this.drained_from += n;
+                if this.drained_from == this.drained.len() {
+                    (this.drained, this.drained_from) = (Vec::new(), 0);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut this.tcp).poll_read(cx, buf)) {
+                // The next record is not application data.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => match this.control_record() {
+                    Ok(Control::CloseNotify) => this.read_closed = true,
+                    Ok(Control::Data(bytes)) => this.drained = bytes,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for KernelTlsStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        Pin::new(&mut this.tcp).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_close_notify(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_gcm_keys_split_the_iv_into_salt_and_iv_and_carry_the_sequence_number() {
+        let key: Vec<u8> = (0..32).collect();
+        let iv: Vec<u8> = (100..112).collect();
+        let CryptoInfo::Aes256Gcm(c) = CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key, &iv, 0x0102_0304_0506_0708).unwrap()
+        else {
+            panic!("AES-256-GCM expected")
+        };
+        assert_eq!((c.info.version, c.info.cipher_type), (0x0304, 52));
+        assert_eq!(c.key.to_vec(), key);
+        assert_eq!(c.salt, [100, 101, 102, 103]);
+        assert_eq!(c.iv, [104, 105, 106, 107, 108, 109, 110, 111]);
+        assert_eq!(c.rec_seq, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+        let CryptoInfo::Aes128Gcm(c) = CryptoInfo::new(Cipher::Aes128Gcm, libc::TLS_1_2_VERSION, &key[..16], &iv, 7).unwrap() else {
+            panic!("AES-128-GCM expected")
+        };
+        assert_eq!((c.info.version, c.info.cipher_type), (0x0303, 51));
+        assert_eq!((c.salt, c.rec_seq), ([100, 101, 102, 103], [0, 0, 0, 0, 0, 0, 0, 7]));
+    }
+
+    #[test]
+    fn chacha20_takes_the_whole_iv_and_wrong_lengths_are_refused() {
+        let (key, iv) = ([9u8; 32], [5u8; 12]);
+        let CryptoInfo::Chacha20Poly1305(c) = CryptoInfo::new(Cipher::Chacha20Poly1305, libc::TLS_1_3_VERSION, &key, &iv, 1).unwrap()
+        else {
+            panic!("ChaCha20-Poly1305 expected")
+        };
+        assert_eq!((c.info.cipher_type, c.iv, c.key), (54, iv, key));
+        let err = CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key[..16], &iv, 0).err().unwrap();
+        assert_eq!(err, "Aes256Gcm wants a 32-byte key and a 12-byte IV, got 16 and 12");
+    }
+
+    #[test]
+    fn the_probe_agrees_with_the_kernels_list_of_upper_layer_protocols() {
+        // A registered `tls` ULP is listed; an unlisted one may still be a
+        // module the kernel loads on first use, so only one way is certain.
+        let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        match probe() {
+            Support::Available(ciphers) => assert_ne!(ciphers, Ciphers::default()),
+            Support::Unavailable(why) => {
+                assert!(!listed.split_whitespace().any(|u| u == "tls"), "tls is listed ({listed:?}) but the probe says: {why}");
+                assert!(why.contains("tcp_available_ulp") && why.contains("modprobe tls"), "{why}");
+            }
+        }
+    }
+}

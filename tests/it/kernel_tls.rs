@@ -1,0 +1,148 @@
+//! Kernel TLS (`tls.kernel_tls`): what the server does on the kernel at
+//! hand. Where the kernel has kernel TLS, `on` and `auto` move every
+//! connection's records into it, for TLS 1.3 and 1.2 and every cipher rustls
+//! offers, and large images come back exact; where it has not, `on` refuses
+//! to start saying why and `auto` serves through rustls. Which branch runs
+//! follows the same probe the server uses. `tests/vm/run.sh` runs this
+//! module (and the whole suite with `IMGSVC_TLS__KERNEL_TLS=on`) in a VM
+//! whose kernel has the `tls` module (docs/performance.md#kernel-tls).
+
+use std::sync::Arc;
+
+use crate::common::*;
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use imgsvc::{
+    config::Settings,
+    imaging::{Layout, QuarterTurns, reference},
+    proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient},
+    serving::{
+        kernel_tls::{Support, probe},
+        server::{Server, ServerError},
+    },
+};
+use rustls::{SupportedCipherSuite, crypto::ring::cipher_suite as suites};
+
+fn image(w: i32, h: i32, seed: u32) -> NlImage {
+    let data: Vec<u8> = (0..(w * h * 3) as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8).collect();
+    NlImage { color: true, width: w, height: h, data: Bytes::from(data) }
+}
+
+/// A channel whose TLS client offers exactly one protocol version and one
+/// cipher suite.
+async fn channel_with(server: &TestServer, pki: &Pki, tenant: &str, suite: SupportedCipherSuite) -> tonic::transport::Channel {
+    let (ca, cert, key) = pki.client_files(tenant);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(imgsvc::tls::read_certs("ca", &ca).unwrap().remove(0)).unwrap();
+    let provider = rustls::crypto::CryptoProvider { cipher_suites: vec![suite], ..rustls::crypto::ring::default_provider() };
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[suite.version()])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(imgsvc::tls::read_certs("cert", &cert).unwrap(), imgsvc::tls::read_key("key", &key).unwrap())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let (config, addr) = (Arc::new(config), server.addr);
+    let connector = tower::service_fn(move |_uri| {
+        let config = config.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(connector)
+        .await
+        .unwrap_or_else(|e| panic!("{suite:?}: {e}"))
+}
+
+/// Rotations of a 1000×700 RGB image (2.1 MB each way: many TLS records,
+/// several HTTP/2 frames) and mean filters of a small one, four calls at
+/// once on one connection, each checked against the reference kernels.
+async fn exact_answers(channel: tonic::transport::Channel) {
+    let mut calls = Vec::new();
+    for i in 0..4u32 {
+        let mut client = NlImageServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+        calls.push(tokio::spawn(async move {
+            let big = image(1000, 700, i);
+            let rotated = client
+                .rotate_image(NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(big.clone()) })
+                .await
+                .unwrap()
+                .into_inner();
+            let layout = Layout::new(1000, 700, 3).unwrap();
+            assert!(rotated.data == reference::rotate(&big.data, layout, QuarterTurns::One), "rotation {i} differs");
+            let small = image(33, 17, i);
+            let filtered = client.mean_filter(small.clone()).await.unwrap().into_inner();
+            assert_eq!(filtered.data, reference::mean_filter(&small.data, Layout::new(33, 17, 3).unwrap()));
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+}
+
+fn connections(server: &TestServer, tenant: &str, record_layer: &str) -> f64 {
+    metric(&scrape(server.admin_addr.unwrap()), "imgsvc_tls_connections_total", &[("tenant", tenant), ("record_layer", record_layer)])
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_moves_every_version_and_cipher_into_the_kernel_or_refuses_to_start() {
+    let pki = Pki::new(&["ktls-on"]);
+    match probe() {
+        Support::Available(ciphers) => {
+            let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "on".into());
+            let offered = [
+                (suites::TLS13_AES_128_GCM_SHA256, ciphers.aes_128_gcm),
+                (suites::TLS13_AES_256_GCM_SHA384, ciphers.aes_256_gcm),
+                (suites::TLS13_CHACHA20_POLY1305_SHA256, ciphers.chacha20_poly1305),
+                (suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, ciphers.aes_128_gcm),
+                (suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, ciphers.aes_256_gcm),
+                (suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, ciphers.chacha20_poly1305),
+            ];
+            let (mut kernel, mut rustls) = (0.0, 0.0);
+            for (suite, in_kernel) in offered {
+                exact_answers(channel_with(&server, &pki, "ktls-on", suite).await).await;
+                // A cipher the kernel did not take stays with rustls.
+                if in_kernel {
+                    kernel += 1.0
+                } else {
+                    rustls += 1.0
+                }
+                assert_eq!(connections(&server, "ktls-on", "kernel"), kernel, "{suite:?}");
+                assert_eq!(connections(&server, "ktls-on", "rustls"), rustls, "{suite:?}");
+            }
+            assert!(kernel > 0.0, "the kernel took no cipher: {ciphers:?}");
+        }
+        Support::Unavailable(why) => {
+            let mut raw = raw_config(&pki);
+            raw.tls.kernel_tls = "on".into();
+            let err = Server::new(Settings::validate(raw, "test config".into()).unwrap()).err().expect("on must refuse to start");
+            assert!(matches!(err, ServerError::KernelTls(_)), "{err:?}");
+            let message = err.to_string();
+            assert!(message.starts_with("tls.kernel_tls is \"on\" but kernel TLS is unavailable: "), "{message}");
+            assert!(message.contains(&why) && message.contains("modprobe tls"), "{message}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_serves_exact_answers_through_whichever_record_layer_the_kernel_allows() {
+    let pki = Pki::new(&["ktls-auto"]);
+    let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
+    exact_answers(channel(&server, &pki, "ktls-auto").await).await;
+    let (expected, other) = match probe() {
+        Support::Available(_) => ("kernel", "rustls"),
+        Support::Unavailable(_) => ("rustls", "kernel"),
+    };
+    assert_eq!(connections(&server, "ktls-auto", expected), 1.0);
+    // The first connection is gone (its channel dropped); the next one is
+    // served the same way.
+    exact_answers(channel(&server, &pki, "ktls-auto").await).await;
+    assert_eq!(connections(&server, "ktls-auto", expected), 2.0);
+    assert_eq!(connections(&server, "ktls-auto", other), 0.0);
+}
