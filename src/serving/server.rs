@@ -510,6 +510,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.max_io_lanes", old.max_io_lanes != new.max_io_lanes);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);
     check("tls.handshake_timeout_secs", old.tls.handshake_timeout != new.tls.handshake_timeout);
+    check("tls.kernel_tls", old.tls.kernel_tls != new.tls.kernel_tls);
     check("limits.max_message_bytes", old.limits.max_message_bytes != new.limits.max_message_bytes);
     check("log.level", old.log.level != new.log.level);
     check("log.format", old.log.format != new.log.format);
