@@ -10,7 +10,7 @@
 # /proc/PID/stat over the measured run, divided by the calls answered: it
 # does not depend on who bounds the rate.
 #
-#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--raw] [--save FILE]
+#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--raw] [--kernel-tls] [--save FILE]
 #
 # --bare adds a server to each round: NLImageService on plain tonic with
 # the same kernels and nothing else (examples/bare_tonic.rs), and a table,
@@ -19,6 +19,9 @@
 # HTTP/2, gRPC or protobuf (examples/raw_tls.rs, driven by its own load
 # mode, one connection per concurrent caller), and a table of what it
 # spends against the floor and what imgsvc spends against it.
+# --kernel-tls adds imgsvc with tls.kernel_tls = "on" (the kernel seals and
+# opens the records; it needs a kernel with the `tls` module: run the
+# script inside tests/vm/run.sh on a machine without) and a table of both.
 #
 # The servers take turns for R rounds (default 3: imgsvc, the peer, imgsvc,
 # the peer, ...), and the table shows each figure's median over the rounds
@@ -40,6 +43,7 @@ SCENARIOS=A,B,C,N
 PEER=1
 BARE=0
 RAW=0
+KTLS=0
 SAVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -50,8 +54,9 @@ while [ $# -gt 0 ]; do
     --no-peer) PEER=0; shift ;;
     --bare) BARE=1; shift ;;
     --raw) RAW=1; shift ;;
+    --kernel-tls) KTLS=1; shift ;;
     --save) SAVE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -153,6 +158,16 @@ for round in $(seq "$ROUNDS"); do
   measure imgsvc "${PIDS[-1]}" "$PORT" "$round"
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
+  if [ "$KTLS" = 1 ]; then
+    PORT=$(free_port)
+    IMGSVC_TLS__KERNEL_TLS=on "$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
+    PIDS+=($!)
+    wait_port "$PORT" "${PIDS[-1]}"
+    echo "== imgsvc with kernel TLS, round $round of $ROUNDS" >&2
+    measure imgsvc-ktls "${PIDS[-1]}" "$PORT" "$round"
+    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+  fi
+
   if [ "$PEER" = 1 ]; then
     PORT=$(free_port)
     "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
@@ -231,6 +246,17 @@ if any(label == "tonic-bare" for label, _ in runs):
         print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(bare)} | "
               f"{me['server_cpu_ms_per_req'] / bare['server_cpu_ms_per_req']:.2f}x | "
               f"{bare['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | {me['p99_ms']:.1f} vs {bare['p99_ms']:.1f} |")
+if any(label == "imgsvc-ktls" for label, _ in runs):
+    print()
+    print("| scenario | imgsvc (rustls) ms CPU/req | imgsvc (kernel TLS) ms CPU/req (min-max) | kernel / rustls | kernel TLS / floor | req/s rustls vs kernel | p99 rustls vs kernel ms |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
+    for tag in sorted({s for _, s in runs}):
+        me, k, fl = runs.get(("imgsvc", tag)), runs.get(("imgsvc-ktls", tag)), floor[tag]
+        if not (me and k):
+            continue
+        print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(k)} | "
+              f"{k['server_cpu_ms_per_req'] / me['server_cpu_ms_per_req']:.2f}x | {k['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | "
+              f"{me['rps']:.1f} vs {k['rps']:.1f} | {me['p99_ms']:.1f} vs {k['p99_ms']:.1f} |")
 if any(label == "raw-tls" for label, _ in runs):
     print()
     print("| scenario | raw TLS ms CPU/req (min-max) | raw TLS / floor | imgsvc / raw TLS | bare tonic / raw TLS | C++ peer / raw TLS |")
