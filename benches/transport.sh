@@ -149,53 +149,37 @@ if [ "$PEER" = 1 ]; then
   BIN="$PEERS_HOME/cpp-build/nl_image_server"
   [ -x "$BIN" ] || { echo "no $BIN after $PEERS/setup.sh" >&2; exit 1; }
 fi
-for round in $(seq "$ROUNDS"); do
+# serve LABEL DESCRIPTION COMMAND...: starts one server (COMMAND gets the
+# port as $PORT through the environment), measures it, stops it.
+serve() {
+  local label=$1 desc=$2
+  shift 2
   PORT=$(free_port)
-  "$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
+  PORT=$PORT "$@" &
   PIDS+=($!)
   wait_port "$PORT" "${PIDS[-1]}"
-  echo "== imgsvc, round $round of $ROUNDS" >&2
-  measure imgsvc "${PIDS[-1]}" "$PORT" "$round"
+  echo "== $desc, round $round of $ROUNDS" >&2
+  measure "$label" "${PIDS[-1]}" "$PORT" "$round"
   kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
-
+}
+# shellcheck disable=SC2016 # $PORT is expanded by the server's shell, in serve
+for round in $(seq "$ROUNDS"); do
+  serve imgsvc imgsvc sh -c 'exec "$0" --config "$1" --port "$PORT"' "$ROOT/target/release/imgsvc-server" "$WORK/imgsvc.toml"
   if [ "$KTLS" = 1 ]; then
-    PORT=$(free_port)
-    IMGSVC_TLS__KERNEL_TLS=on "$ROOT/target/release/imgsvc-server" --config "$WORK/imgsvc.toml" --port "$PORT" &
-    PIDS+=($!)
-    wait_port "$PORT" "${PIDS[-1]}"
-    echo "== imgsvc with kernel TLS, round $round of $ROUNDS" >&2
-    measure imgsvc-ktls "${PIDS[-1]}" "$PORT" "$round"
-    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+    serve imgsvc-ktls "imgsvc with kernel TLS" env IMGSVC_TLS__KERNEL_TLS=on \
+      sh -c 'exec "$0" --config "$1" --port "$PORT"' "$ROOT/target/release/imgsvc-server" "$WORK/imgsvc.toml"
   fi
-
   if [ "$PEER" = 1 ]; then
-    PORT=$(free_port)
-    "$BIN" --host 127.0.0.1 --port "$PORT" --tls-cert "$PKI/server.pem" --tls-key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" >/dev/null 2>&1 &
-    PIDS+=($!)
-    wait_port "$PORT" "${PIDS[-1]}"
-    echo "== C++ gRPC + OpenCV peer, round $round of $ROUNDS" >&2
-    measure cpp-opencv "${PIDS[-1]}" "$PORT" "$round"
-    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+    serve cpp-opencv "C++ gRPC + OpenCV peer" sh -c 'exec "$0" --host 127.0.0.1 --port "$PORT" --tls-cert "$1" --tls-key "$2" --client-ca "$3" >/dev/null 2>&1' \
+      "$BIN" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem"
   fi
-
   if [ "$BARE" = 1 ]; then
-    PORT=$(free_port)
-    "$ROOT/target/release/examples/bare_tonic" "$PORT" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem" &
-    PIDS+=($!)
-    wait_port "$PORT" "${PIDS[-1]}"
-    echo "== bare tonic, round $round of $ROUNDS" >&2
-    measure tonic-bare "${PIDS[-1]}" "$PORT" "$round"
-    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+    serve tonic-bare "bare tonic" sh -c 'exec "$0" "$PORT" "$1" "$2" "$3"' \
+      "$ROOT/target/release/examples/bare_tonic" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem"
   fi
-
   if [ "$RAW" = 1 ]; then
-    PORT=$(free_port)
-    "$ROOT/target/release/examples/raw_tls" serve "$PORT" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem" &
-    PIDS+=($!)
-    wait_port "$PORT" "${PIDS[-1]}"
-    echo "== raw TLS (the practical floor), round $round of $ROUNDS" >&2
-    measure raw-tls "${PIDS[-1]}" "$PORT" "$round"
-    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+    serve raw-tls "raw TLS (the practical floor)" sh -c 'exec "$0" serve "$PORT" "$1" "$2" "$3"' \
+      "$ROOT/target/release/examples/raw_tls" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem"
   fi
 done
 
@@ -235,28 +219,23 @@ for tag in sorted({s for _, s in runs}):
     mine = me['server_cpu_ms_per_req']
     print(f"| {tag} {fl['desc']} | {me['rps']:.1f} | {cpu(me)} | {peer_rps} | {peer_cpu} | {fl['floor_ms']:.3f} | "
           f"**{mine / fl['floor_ms']:.2f}x** | {mine / fl['floor_dram_ms']:.2f}x | {ratio} | {p99} | {errors} |")
-if any(label == "tonic-bare" for label, _ in runs):
+def versus(label, name):
+    """imgsvc against another server of the same round, scenario by scenario."""
+    if not any(l == label for l, _ in runs):
+        return
     print()
-    print("| scenario | imgsvc ms CPU/req | bare tonic ms CPU/req (min-max) | imgsvc / bare | bare / floor | p99 imgsvc vs bare ms |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    for tag in sorted({s for _, s in runs}):
-        me, bare, fl = runs.get(("imgsvc", tag)), runs.get(("tonic-bare", tag)), floor[tag]
-        if not (me and bare):
-            continue
-        print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(bare)} | "
-              f"{me['server_cpu_ms_per_req'] / bare['server_cpu_ms_per_req']:.2f}x | "
-              f"{bare['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | {me['p99_ms']:.1f} vs {bare['p99_ms']:.1f} |")
-if any(label == "imgsvc-ktls" for label, _ in runs):
-    print()
-    print("| scenario | imgsvc (rustls) ms CPU/req | imgsvc (kernel TLS) ms CPU/req (min-max) | kernel / rustls | kernel TLS / floor | req/s rustls vs kernel | p99 rustls vs kernel ms |")
+    print(f"| scenario | imgsvc ms CPU/req | {name} ms CPU/req (min-max) | imgsvc / {name} | {name} / floor | req/s imgsvc vs {name} | p99 imgsvc vs {name} ms |")
     print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
     for tag in sorted({s for _, s in runs}):
-        me, k, fl = runs.get(("imgsvc", tag)), runs.get(("imgsvc-ktls", tag)), floor[tag]
-        if not (me and k):
+        me, other, fl = runs.get(("imgsvc", tag)), runs.get((label, tag)), floor[tag]
+        if not (me and other):
             continue
-        print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(k)} | "
-              f"{k['server_cpu_ms_per_req'] / me['server_cpu_ms_per_req']:.2f}x | {k['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | "
-              f"{me['rps']:.1f} vs {k['rps']:.1f} | {me['p99_ms']:.1f} vs {k['p99_ms']:.1f} |")
+        print(f"| {tag} {fl['desc']} | {me['server_cpu_ms_per_req']:.3f} | {cpu(other)} | "
+              f"{me['server_cpu_ms_per_req'] / other['server_cpu_ms_per_req']:.2f}x | "
+              f"{other['server_cpu_ms_per_req'] / fl['floor_ms']:.2f}x | {me['rps']:.1f} vs {other['rps']:.1f} | "
+              f"{me['p99_ms']:.1f} vs {other['p99_ms']:.1f} |")
+versus("tonic-bare", "bare tonic")
+versus("imgsvc-ktls", "kernel TLS")
 if any(label == "raw-tls" for label, _ in runs):
     print()
     print("| scenario | raw TLS ms CPU/req (min-max) | raw TLS / floor | imgsvc / raw TLS | bare tonic / raw TLS | C++ peer / raw TLS |")
