@@ -146,3 +146,58 @@ async fn auto_serves_exact_answers_through_whichever_record_layer_the_kernel_all
     assert_eq!(connections(&server, "ktls-auto", expected), 2.0);
     assert_eq!(connections(&server, "ktls-auto", other), 0.0);
 }
+
+/// Reads HTTP/2 frames until a PING acknowledgement (`Ok(true)`) or the end
+/// of the connection (`Ok(false)` or an error).
+async fn until_ping_ack(tls: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut header = [0u8; 9];
+        match tls.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).await?;
+        if header[3] == 6 && header[4] & 1 == 1 {
+            return Ok(true);
+        }
+    }
+}
+
+/// A TLS 1.3 client may rekey at any time (KeyUpdate). rustls follows it;
+/// kernel TLS here does not, so the server closes that connection rather
+/// than misread it — and keeps serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_connection() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new(&["ktls-rekey"]);
+    let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
+    let mut config = pki.credentials("ktls-rekey").rustls_config().unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    // HTTP/2 preface and empty SETTINGS, then a PING: answered with an ACK.
+    let ping = |payload: u8| [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    tls.write_all(&ping(1)).await.unwrap();
+    tls.flush().await.unwrap();
+    assert!(until_ping_ack(&mut tls).await.unwrap(), "the first PING is answered");
+
+    tls.get_mut().1.refresh_traffic_keys().unwrap(); // sends KeyUpdate
+    tls.write_all(&ping(2)).await.unwrap();
+    tls.flush().await.unwrap();
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(60), until_ping_ack(&mut tls)).await.expect("an answer or the end");
+    match probe() {
+        Support::Unavailable(_) => assert!(answered.unwrap(), "rustls follows the KeyUpdate and answers"),
+        Support::Available(_) => assert!(!matches!(answered, Ok(true)), "kernel TLS closes the connection: {answered:?}"),
+    }
+    // Everyone else is still served.
+    exact_answers(channel(&server, &pki, "ktls-rekey").await).await;
+}
