@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The kernel-TLS checks that the host kernel cannot run (it has no `tls`
+# module): builds the integration-test binary on the host, then, in a VM
+# whose kernel has the module (tests/vm/run.sh), runs
+#   1. tests/it/kernel_tls.rs, whose tests take their kernel branch there
+#      (every cipher suite through the kernel, a client's KeyUpdate);
+#   2. the transport-facing modules with every test server on kernel TLS.
+# Exits non-zero if either fails. Takes minutes: the VM may be emulated.
+#
+#   tests/vm/kernel-tls.sh [MODULE_FILTER...]   (default: the list below)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+modules=("$@")
+[ ${#modules[@]} -gt 0 ] || modules=(legacy_api:: mtls:: connection_hygiene:: streaming::)
+bin=$(cargo test --locked --release --features imgsvc/otlp --test it --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "it" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$bin" ] || { echo "kernel-tls.sh: no integration-test binary from cargo" >&2; exit 1; }
+export NO_COLOR=1
+echo "== kernel_tls:: in the VM" >&2
+tests/vm/run.sh --timeout 900 -- "$bin" kernel_tls:: --test-threads 2
+echo "== ${modules[*]} in the VM, every server on kernel TLS" >&2
+IMGSVC_TLS__KERNEL_TLS=on tests/vm/run.sh --timeout 1800 -- "$bin" "${modules[@]}" --test-threads 2
