@@ -5,11 +5,12 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use imgsvc::{
     EXIT_CONFIG, EXIT_USAGE,
-    config::{ConfigSource, Settings},
+    config::{ConfigSource, KernelTlsMode, Settings},
     pki::PkiPaths,
     serving::{
         certwatch::{self, Trigger},
-        server::{self, Server},
+        kernel_tls::Support,
+        server::{self, Server, ServerError},
         systemd,
     },
     telemetry, tls,
@@ -142,9 +143,24 @@ fn check_config(settings: &Settings) -> ExitCode {
         println!("config OK: {} (development certificates will be generated at start)", settings.origin);
         return ExitCode::SUCCESS;
     }
+    // Kernel TLS is a property of the kernel, not of the file: probed here
+    // as at start, so that "on" fails the check where it would fail the start.
+    let kernel_tls = match tls.kernel_tls {
+        KernelTlsMode::Off => None,
+        mode => match (mode, imgsvc::serving::kernel_tls::probe()) {
+            (_, Support::Available(ciphers)) => Some(format!("kernel TLS: on ({ciphers})")),
+            (KernelTlsMode::On, Support::Unavailable(why)) => {
+                return fail(EXIT_CONFIG, anyhow::Error::new(ServerError::KernelTls(why)).context(format!("config {}", settings.origin)));
+            }
+            (_, Support::Unavailable(why)) => Some(format!("kernel TLS: off here, rustls will encrypt (tls.kernel_tls = \"auto\"): {why}")),
+        },
+    };
     match tls::ServerTls::load(tls) {
         Ok(loaded) => {
             println!("config OK: {} (client CA: {})", settings.origin, loaded.client_ca_subject);
+            if let Some(line) = kernel_tls {
+                println!("{line}");
+            }
             for warning in certwatch::expiring(&loaded.validity, certwatch::unix_now(), tls.expiry_warning_days) {
                 println!("warning: {warning} (tls.expiry_warning_days = {})", tls.expiry_warning_days);
             }

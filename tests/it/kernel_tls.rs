@@ -201,3 +201,37 @@ async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_conne
     // Everyone else is still served.
     exact_answers(channel(&server, &pki, "ktls-rekey").await).await;
 }
+
+/// `--check-config` probes the kernel as the start does: "on" fails the
+/// check (exit 78, the reason) where the kernel cannot, and says which
+/// ciphers it will take where it can.
+#[test]
+fn check_config_probes_the_kernel_like_the_start() {
+    let pki = Pki::new(&["ktls-check"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(dir.path(), &pki, "");
+    for mode in ["on", "auto"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_imgsvc-server"))
+            .args(["--check-config", "--config", config.to_str().unwrap()])
+            .env("IMGSVC_TLS__KERNEL_TLS", mode)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        match (probe(), mode) {
+            (Support::Available(ciphers), _) => {
+                assert!(out.status.success(), "{mode}: {stderr}");
+                assert!(stdout.contains(&format!("kernel TLS: on ({ciphers})")), "{mode}: {stdout}");
+            }
+            (Support::Unavailable(why), "on") => {
+                assert_eq!(out.status.code(), Some(78), "{stdout}{stderr}");
+                assert!(stderr.contains("tls.kernel_tls is \"on\" but kernel TLS is unavailable") && stderr.contains(&why), "{stderr}");
+                assert_eq!(stderr.matches("kernel TLS is unavailable").count(), 1, "said once: {stderr}");
+            }
+            (Support::Unavailable(why), _) => {
+                assert!(out.status.success(), "{stderr}");
+                assert!(stdout.contains("kernel TLS: off here, rustls will encrypt") && stdout.contains(&why), "{stdout}");
+            }
+        }
+    }
+}
