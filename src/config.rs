@@ -262,10 +262,10 @@ pub struct RawTls {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelTlsMode {
     /// rustls encrypts every record.
-    #[default]
     Off,
     /// The kernel where it can (its `tls` module, the negotiated cipher),
     /// rustls otherwise.
+    #[default]
     Auto,
     /// The kernel, or the server does not start.
     On,
@@ -284,7 +284,7 @@ impl Default for RawTls {
             watch_files: true,
             watch_debounce_ms: 500,
             expiry_warning_days: 14,
-            kernel_tls: "off".into(),
+            kernel_tls: "auto".into(),
         }
     }
 }
@@ -1173,8 +1173,8 @@ mod tests {
     }
 
     #[test]
-    fn kernel_tls_is_off_unless_asked_and_takes_three_values() {
-        assert_eq!(load(MINIMAL, &[]).unwrap().tls.kernel_tls, KernelTlsMode::Off);
+    fn kernel_tls_is_auto_unless_set_and_takes_three_values() {
+        assert_eq!(load(MINIMAL, &[]).unwrap().tls.kernel_tls, KernelTlsMode::Auto);
         for (value, mode) in [("off", KernelTlsMode::Off), ("auto", KernelTlsMode::Auto), ("on", KernelTlsMode::On)] {
             let s = load(&MINIMAL.replace("[tls]", &format!("[tls]\nkernel_tls = \"{value}\"")), &[]).unwrap();
             assert_eq!(s.tls.kernel_tls, mode);

@@ -161,6 +161,7 @@ pub struct Server {
     /// The ciphers the kernel takes over after handshakes; `None`: rustls
     /// encrypts every connection.
     kernel_tls: Option<kernel_tls::Ciphers>,
+    kernel_tls_summary: String,
 }
 
 impl Server {
@@ -169,15 +170,14 @@ impl Server {
     pub fn new(settings: Settings) -> Result<Self, ServerError> {
         ensure_dev_certs(&settings.tls)?;
         let tls = ServerTls::load(&settings.tls)?;
-        let kernel_tls = match (settings.tls.kernel_tls, settings.tls.kernel_tls != KernelTlsMode::Off) {
-            (_, false) => None,
-            (mode, true) => match kernel_tls::probe() {
-                kernel_tls::Support::Available(ciphers) => Some(ciphers),
+        // Said in the startup summary line: `on (ciphers)`, `off`, or why
+        // `auto` fell back to rustls.
+        let (kernel_tls, kernel_tls_summary) = match settings.tls.kernel_tls {
+            KernelTlsMode::Off => (None, "off".to_string()),
+            mode => match kernel_tls::probe() {
+                kernel_tls::Support::Available(ciphers) => (Some(ciphers), format!("on ({ciphers})")),
                 kernel_tls::Support::Unavailable(why) if mode == KernelTlsMode::On => return Err(ServerError::KernelTls(why)),
-                kernel_tls::Support::Unavailable(why) => {
-                    tracing::info!(reason = %why, "kernel TLS unavailable: rustls encrypts every connection (tls.kernel_tls = \"auto\")");
-                    None
-                }
+                kernel_tls::Support::Unavailable(why) => (None, format!("off: {why}")),
             },
         };
         let pool = WorkerPool::with_nice(settings.worker_threads, settings.limits.max_queued_jobs, settings.worker_nice)?;
@@ -198,6 +198,7 @@ impl Server {
             phase,
             admin: None,
             kernel_tls,
+            kernel_tls_summary,
         })
     }
 
@@ -237,7 +238,8 @@ impl Server {
     pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         // TLS files that change are reloaded (tls.watch_files) until serve returns.
         let _watch = certwatch::spawn(self.reload_handle());
-        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin, kernel_tls } = self;
+        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin, kernel_tls, kernel_tls_summary } =
+            self;
         let limits = settings.limits;
         let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
 
@@ -282,7 +284,7 @@ impl Server {
             admin = %admin_url,
             client_ca = %tls.client_ca_subject,
             trust_domain = %settings.tls.trust_domain,
-            kernel_tls = %kernel_tls.map_or("off".to_string(), |c| format!("on ({c})")),
+            kernel_tls = %kernel_tls_summary,
             worker_threads,
             tenants = tenant_count,
             unknown_tenants = ?settings.tenancy.unknown_tenants,
