@@ -175,13 +175,7 @@ async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_conne
     use tokio::io::AsyncWriteExt;
     let pki = Pki::new(&["ktls-rekey"]);
     let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
-    let mut config = pki.credentials("ktls-rekey").rustls_config().unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = tls_connect(server.addr, &pki, "ktls-rekey").await;
     // HTTP/2 preface and empty SETTINGS, then a PING: answered with an ACK.
     let ping = |payload: u8| [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat();
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
