@@ -9,7 +9,7 @@ use imgsvc::{
     pki::PkiPaths,
     serving::{
         certwatch::{self, Trigger},
-        kernel_tls::Support,
+        kernel_tls,
         server::{self, Server, ServerError},
         systemd,
     },
@@ -145,15 +145,11 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
     // Kernel TLS is a property of the kernel, not of the file: probed here
     // as at start, so that "on" fails the check where it would fail the start.
-    let kernel_tls = match tls.kernel_tls {
-        KernelTlsMode::Off => None,
-        mode => match (mode, imgsvc::serving::kernel_tls::probe()) {
-            (_, Support::Available(ciphers)) => Some(format!("kernel TLS: on ({ciphers})")),
-            (KernelTlsMode::On, Support::Unavailable(why)) => {
-                return fail(EXIT_CONFIG, anyhow::Error::new(ServerError::KernelTls(why)).context(format!("config {}", settings.origin)));
-            }
-            (_, Support::Unavailable(why)) => Some(format!("kernel TLS: off here, rustls will encrypt (tls.kernel_tls = \"auto\"): {why}")),
-        },
+    let kernel_tls = match kernel_tls::resolve(tls.kernel_tls) {
+        Ok((_, summary)) => (tls.kernel_tls != KernelTlsMode::Off).then(|| format!("kernel TLS: {summary}")),
+        Err(why) => {
+            return fail(EXIT_CONFIG, anyhow::Error::new(ServerError::KernelTls(why)).context(format!("config {}", settings.origin)));
+        }
     };
     match tls::ServerTls::load(tls) {
         Ok(loaded) => {

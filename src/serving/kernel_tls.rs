@@ -44,7 +44,7 @@ use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
-use crate::serving::lanes::LaneTcp;
+use crate::{config::KernelTlsMode, serving::lanes::LaneTcp};
 
 /// TLS record content types (RFC 8446 §5.1).
 const ALERT: u8 = 21;
@@ -135,6 +135,22 @@ pub fn probe() -> Support {
         return Support::Unavailable("the kernel's `tls` module accepted none of AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305".into());
     }
     Support::Available(ciphers)
+}
+
+/// What `tls.kernel_tls` comes to on this kernel, for the start and for
+/// `--check-config` alike: the ciphers the kernel takes over (`None`: rustls
+/// seals every record) and the summary the start line shows (`on
+/// (ciphers)`, `off`, or `off: <why>` when `auto` falls back), or why
+/// `on` cannot start.
+pub fn resolve(mode: KernelTlsMode) -> Result<(Option<Ciphers>, String), String> {
+    if mode == KernelTlsMode::Off {
+        return Ok((None, "off".into()));
+    }
+    match probe() {
+        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers})"))),
+        Support::Unavailable(why) if mode == KernelTlsMode::On => Err(why),
+        Support::Unavailable(why) => Ok((None, format!("off: {why}"))),
+    }
 }
 
 impl Cipher {

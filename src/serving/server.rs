@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
 use crate::{
-    config::{AdminSettings, KernelTlsMode, Settings, TlsSettings},
+    config::{AdminSettings, Settings, TlsSettings},
     identity::{PeerIdentity, TenantId, TenantInterceptor, TrustDomain},
     pki,
     proto::{nlimage::nl_image_service_server::NlImageServiceServer, v1::image_service_server::ImageServiceServer},
@@ -170,16 +170,7 @@ impl Server {
     pub fn new(settings: Settings) -> Result<Self, ServerError> {
         ensure_dev_certs(&settings.tls)?;
         let tls = ServerTls::load(&settings.tls)?;
-        // Said in the startup summary line: `on (ciphers)`, `off`, or why
-        // `auto` fell back to rustls.
-        let (kernel_tls, kernel_tls_summary) = match settings.tls.kernel_tls {
-            KernelTlsMode::Off => (None, "off".to_string()),
-            mode => match kernel_tls::probe() {
-                kernel_tls::Support::Available(ciphers) => (Some(ciphers), format!("on ({ciphers})")),
-                kernel_tls::Support::Unavailable(why) if mode == KernelTlsMode::On => return Err(ServerError::KernelTls(why)),
-                kernel_tls::Support::Unavailable(why) => (None, format!("off: {why}")),
-            },
-        };
+        let (kernel_tls, kernel_tls_summary) = kernel_tls::resolve(settings.tls.kernel_tls).map_err(ServerError::KernelTls)?;
         let pool = WorkerPool::with_nice(settings.worker_threads, settings.limits.max_queued_jobs, settings.worker_nice)?;
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
