@@ -50,6 +50,8 @@ pub enum TlsError {
         "CRL {path} (issuer {issuer}) expired at {next_update} (its nextUpdate): loaded, it would make the server refuse every client of that CA; sign a fresh one (gen-certs --renew-crl, or your CA's)"
     )]
     CrlExpired { path: PathBuf, issuer: String, next_update: String },
+    #[error("server key {path}: {problem} (tls.key_permissions = \"refuse\"); chmod 600 it, or 640 with the server's own group")]
+    ExposedKey { path: PathBuf, problem: String },
     #[error("server certificate {cert} and key {key} do not form a usable identity")]
     Identity {
         cert: PathBuf,
@@ -79,6 +81,12 @@ pub struct ServerTls {
     /// comes with a new certificate), so that a reload can tell whether
     /// anything changed.
     pub fingerprint: u64,
+    /// What was loaded but deserves a warning (a key others may read), each
+    /// logged at load.
+    pub warnings: Vec<String>,
+    /// The verifier the handshakes use: open connections' certificates are
+    /// checked again with it after a reload (`crate::serving::revocation`).
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 /// When one certificate the server loaded stops being valid.
@@ -104,6 +112,15 @@ impl ServerTls {
     pub fn load(settings: &TlsSettings) -> Result<Self, TlsError> {
         let chain = read_certs("server certificate", &settings.cert)?;
         let key = read_key("server key", &settings.key)?;
+        let mut warnings = Vec::new();
+        if let Some(problem) = key_exposure(&settings.key) {
+            if settings.refuse_exposed_key {
+                return Err(TlsError::ExposedKey { path: settings.key.clone(), problem });
+            }
+            let warning = format!("server key {}: {problem}; chmod 600 it, or 640 with the server's own group", settings.key.display());
+            tracing::warn!(key = %settings.key.display(), "{warning}");
+            warnings.push(warning);
+        }
         let ca_certs = read_certs("client CA", &settings.client_ca)?;
 
         let mut roots = RootCertStore::empty();
@@ -159,7 +176,7 @@ impl ServerTls {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(identity_err)?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain, key)
             .map_err(identity_err)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
@@ -190,8 +207,26 @@ impl ServerTls {
             (&chain_copy, &ca_certs, &crl_copy).hash(&mut hasher);
             hasher.finish()
         };
-        Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]), validity, fingerprint })
+        Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]), validity, fingerprint, warnings, verifier })
     }
+}
+
+/// What is wrong with the permissions of the key at `path`, if anything:
+/// others may read or write it, or a group other than the server's own may.
+/// Group access for the server's own group is the Kubernetes pattern (a
+/// Secret volume with `defaultMode: 0440` and `fsGroup` = `runAsGroup`).
+fn key_exposure(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Some(format!("mode {mode:04o} lets every user of the machine read or write it"));
+    }
+    let own_group = rustix::process::getegid().as_raw();
+    if mode & 0o070 != 0 && meta.gid() != own_group {
+        return Some(format!("mode {mode:04o} lets group {} (not the server's, {own_group}) read or write it", meta.gid()));
+    }
+    None
 }
 
 /// A CRL's issuer (text) and nextUpdate (seconds since the Unix epoch).

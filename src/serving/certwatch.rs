@@ -56,7 +56,7 @@ fn describe() {
         describe_gauge!(
             CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
             metrics::Unit::Seconds,
-            "When each loaded certificate expires (notAfter, Unix time): server, server_chain:<subject>, client_ca:<subject>; NaN once no longer loaded"
+            "When each loaded certificate expires (notAfter, Unix time): server, server_chain:<subject>, client_ca:<subject>, crl:<issuer> (nextUpdate); NaN once no longer loaded"
         );
         describe_counter!(RELOADS_TOTAL, "Reloads by trigger (signal: SIGHUP; tls_files: a watched TLS file changed) and result (ok, error)");
     });
@@ -158,16 +158,20 @@ impl ExpiryWarning {
 
     /// notAfter as `YYYY-MM-DD HH:MM:SS UTC`.
     pub fn not_after_text(&self) -> String {
-        match time::OffsetDateTime::from_unix_timestamp(self.not_after) {
-            Ok(t) => format!("{} {:02}:{:02}:{:02} UTC", t.date(), t.hour(), t.minute(), t.second()),
-            Err(_) => format!("{} (Unix time)", self.not_after),
-        }
+        crate::tls::utc_text(self.not_after)
     }
 }
 
 impl std::fmt::Display for ExpiryWarning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (certificate, at) = (&self.certificate, self.not_after_text());
+        if let Some(issuer) = certificate.strip_prefix("crl:") {
+            return if self.seconds_left < 0 {
+                write!(f, "the CRL of {issuer} has expired ({at}, its nextUpdate): every client of that CA is refused; sign a fresh one")
+            } else {
+                write!(f, "the CRL of {issuer} expires {at} (its nextUpdate), in {} days: sign a fresh one", self.days_left())
+            };
+        }
         if self.seconds_left < 0 {
             write!(f, "certificate {certificate} has expired: its validity ended {at}")
         } else {
@@ -367,6 +371,13 @@ mod tests {
         assert_eq!(w.to_string(), "certificate server expires 2027-01-15 08:00:00 UTC, in 3 days: renew it");
         let w = ExpiryWarning { seconds_left: -1, ..w };
         assert_eq!(w.to_string(), "certificate server has expired: its validity ended 2027-01-15 08:00:00 UTC");
+        let w = ExpiryWarning { certificate: "crl:CN=ca".into(), seconds_left: 3 * 86_400 + 7, ..w };
+        assert_eq!(w.to_string(), "the CRL of CN=ca expires 2027-01-15 08:00:00 UTC (its nextUpdate), in 3 days: sign a fresh one");
+        let w = ExpiryWarning { seconds_left: -1, ..w };
+        assert_eq!(
+            w.to_string(),
+            "the CRL of CN=ca has expired (2027-01-15 08:00:00 UTC, its nextUpdate): every client of that CA is refused; sign a fresh one"
+        );
     }
 
     #[test]
@@ -389,6 +400,8 @@ mod tests {
             watch_debounce: Duration::from_millis(500),
             expiry_warning_days: 14,
             kernel_tls: crate::config::KernelTlsMode::Off,
+            refuse_exposed_key: false,
+            revoked_grace: Duration::from_secs(10),
         };
         let here = std::env::current_dir().unwrap().canonicalize().unwrap();
         let want: BTreeSet<PathBuf> = [here, tls.canonicalize().unwrap(), real.canonicalize().unwrap()].into();

@@ -579,3 +579,60 @@ fn expiry_is_a_gauge_per_certificate_and_a_warning_in_the_log_and_in_check_confi
     // A shorter window: nothing to say.
     assert_eq!(check(&[("IMGSVC_TLS__EXPIRY_WARNING_DAYS", "9")]).lines().count(), 1);
 }
+
+/// A CRL of `pki`'s CA revoking nothing, whose nextUpdate is `next_update`.
+fn crl_until(pki: &Pki, next_update: time::OffsetDateTime) -> String {
+    use rcgen::{CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, SerialNumber};
+    let p = pki.paths();
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(p.ca_key()).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&std::fs::read_to_string(p.ca_cert()).unwrap(), ca_key).unwrap();
+    let params = CertificateRevocationListParams {
+        this_update: next_update - time::Duration::days(30),
+        next_update,
+        crl_number: SerialNumber::from(7u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    params.signed_by(&issuer).unwrap().pem().unwrap()
+}
+
+/// A CRL past its nextUpdate would make the server refuse every client of
+/// its CA (rustls enforces it): the server refuses to load one, at start
+/// and at a reload (keeping the CRL it has), saying which and why. One
+/// about to expire is in the expiry gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_crl_is_refused_at_start_and_reload_and_an_expiring_one_is_in_the_gauge() {
+    let pki = Pki::new(&["a"]);
+    let p = pki.paths();
+    let crl = p.crl();
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::days(5);
+    std::fs::write(&crl, crl_until(&pki, soon)).unwrap();
+    let with_crl = |raw: &mut imgsvc::config::RawConfig| {
+        raw.tls.crl_files = vec![p.crl()];
+        raw.tls.watch_files = false;
+    };
+    let server = TestServer::start_with(&pki, with_crl);
+    let label = format!("crl:{}", subject_of(&p.ca_cert()));
+    assert_eq!(expiry_gauge(server.admin_addr.unwrap(), &label), Some(soon.unix_timestamp() as f64));
+
+    let past = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    std::fs::write(&crl, crl_until(&pki, past)).unwrap();
+    let want = format!(
+        "CRL {} (issuer {}) expired at {} (its nextUpdate): loaded, it would make the server refuse every client of that CA; sign a fresh one (gen-certs --renew-crl, or your CA's)",
+        crl.display(),
+        subject_of(&p.ca_cert()),
+        imgsvc::tls::utc_text(past.unix_timestamp())
+    );
+    let err = server.reload(&pki, with_crl).unwrap_err();
+    assert_eq!(format!("{:#}", anyhow::Error::new(err)), want);
+    // The CRL loaded before still serves.
+    call_fresh(server.addr, &pki.credentials("a")).await.unwrap();
+    assert_eq!(expiry_gauge(server.admin_addr.unwrap(), &label), Some(soon.unix_timestamp() as f64));
+
+    let mut raw = raw_config(&pki);
+    with_crl(&mut raw);
+    let settings = imgsvc::config::Settings::validate(raw, "test config".into()).unwrap();
+    let err = imgsvc::serving::server::Server::new(settings).err().expect("an expired CRL is refused at start");
+    assert_eq!(format!("{:#}", anyhow::Error::new(err)), want);
+}
