@@ -88,6 +88,14 @@ pub enum PkiError {
     NoRotation { dir: PathBuf, path: PathBuf },
     #[error("{path} was not issued by a CA in {dir} (its issuer is {issuer})")]
     ForeignCertificate { path: PathBuf, dir: PathBuf, issuer: String },
+    #[error("nothing to revoke for {what}: not found in {looked}")]
+    NothingToRevoke { what: String, looked: String },
+    #[error(
+        "{path} already holds tenant {tenant}'s certificate (serial {serial}, valid until {not_after}); pass --force to issue a new one (the old one stays valid until revoked: gen-certs --revoke-serial {serial})"
+    )]
+    TenantExists { path: PathBuf, tenant: TenantId, serial: String, not_after: String },
+    #[error("refusing to use the CA key {path}: {problem} (it signs every certificate; chmod 600 it, owned by the user running gen-certs)")]
+    UnsafeCaKey { path: PathBuf, problem: String },
 }
 
 /// What to issue into a PKI directory.
@@ -102,6 +110,9 @@ pub struct IssueRequest {
     pub leaf_days: u32,
     /// Replace an existing CA (and so invalidate what it issued).
     pub force_new_ca: bool,
+    /// Issue a tenant's certificate even if the directory holds one (the
+    /// old one stays in the index, valid until revoked).
+    pub overwrite: bool,
 }
 
 impl IssueRequest {
@@ -113,6 +124,7 @@ impl IssueRequest {
             tenants: Vec::new(),
             leaf_days: DEFAULT_LEAF_DAYS,
             force_new_ca: false,
+            overwrite: false,
         }
     }
 }
@@ -158,6 +170,15 @@ impl PkiPaths {
     /// one CRL per CA (two during a CA rotation).
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")
+    }
+    /// The index of every certificate issued here (see [`Index`]).
+    pub fn index(&self) -> PathBuf {
+        self.dir.join("index.tsv")
+    }
+    /// The last CRL number used (a decimal integer): CRL numbers grow by
+    /// one with every CRL gen-certs signs here.
+    pub fn crl_number(&self) -> PathBuf {
+        self.dir.join("crl-number")
     }
     /// The next CA's certificate, during a CA rotation.
     pub fn new_ca_cert(&self) -> PathBuf {
@@ -211,8 +232,10 @@ impl CertificateAuthority {
         Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
-    /// Loads a CA from its PEM certificate and key.
+    /// Loads a CA from its PEM certificate and key. The key must be the
+    /// running user's and readable by no one else ([`check_ca_key`]).
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
+        check_ca_key(key_path)?;
         let cert_pem = read_to_string(cert_path)?;
         let key_pem = read_to_string(key_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|source| PkiError::LoadCa { path: key_path.into(), source })?;
@@ -235,14 +258,14 @@ impl CertificateAuthority {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
         CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map(|d| d.to_vec()).unwrap_or_default()
     }
-    /// A CRL signed by this CA listing `revoked`, PEM; valid [`CRL_DAYS`].
-    fn crl_pem(&self, revoked: Vec<RevokedCertParams>) -> Result<String, PkiError> {
+    /// A CRL signed by this CA listing `revoked`, PEM, numbered `number`;
+    /// valid [`CRL_DAYS`].
+    fn crl_pem(&self, revoked: Vec<RevokedCertParams>, number: u64) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(CRL_DAYS),
-            // Seconds since the epoch: increases with every run, as CRL numbers must.
-            crl_number: SerialNumber::from(now.unix_timestamp().max(0) as u64),
+            crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs: revoked,
             key_identifier_method: KeyIdMethod::Sha256,
@@ -278,6 +301,22 @@ impl CertificateAuthority {
         self.issue_leaf(&what, tenant.as_str(), vec![san], ExtendedKeyUsagePurpose::ClientAuth, days)
     }
 
+    /// A client certificate like [`Self::issue_client`]'s, valid until
+    /// `not_after` exactly (from an hour before now): for certificates that
+    /// live seconds or minutes (tests of expiry, short-lived credentials).
+    pub fn issue_client_until(
+        &self,
+        trust_domain: &TrustDomain,
+        tenant: &TenantId,
+        not_after: OffsetDateTime,
+    ) -> Result<IssuedCert, PkiError> {
+        let uri = trust_domain.tenant_uri(tenant);
+        let what = format!("client ({tenant})");
+        let san = SanType::URI(uri.as_str().try_into().map_err(|source| PkiError::Issue { what: what.clone(), source })?);
+        let validity = (OffsetDateTime::now_utc() - Duration::hours(1), not_after);
+        self.issue_leaf_valid(&what, tenant.as_str(), vec![san], ExtendedKeyUsagePurpose::ClientAuth, validity)
+    }
+
     fn issue_leaf(
         &self,
         what: &str,
@@ -289,6 +328,20 @@ impl CertificateAuthority {
         if !(1..=36500).contains(&days) {
             return Err(PkiError::InvalidDays(days));
         }
+        // Backdated a little so that small clock skew between hosts does not
+        // make a fresh certificate "not yet valid".
+        let now = OffsetDateTime::now_utc();
+        self.issue_leaf_valid(what, common_name, sans, usage, (now - Duration::hours(1), now + Duration::days(days.into())))
+    }
+
+    fn issue_leaf_valid(
+        &self,
+        what: &str,
+        common_name: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+        (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+    ) -> Result<IssuedCert, PkiError> {
         let issue_err = |source| PkiError::Issue { what: what.into(), source };
         let key = KeyPair::generate().map_err(issue_err)?;
         let mut params = CertificateParams::default();
@@ -298,7 +351,8 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, days);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_err)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
@@ -317,6 +371,13 @@ impl std::fmt::Debug for IssuedCert {
 }
 
 impl IssuedCert {
+    /// The certificate, DER.
+    pub fn der(&self) -> Result<Vec<u8>, PkiError> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map(|d| d.to_vec())
+            .map_err(|e| PkiError::Parse { what: "certificate", path: "(just issued)".into(), reason: e.to_string() })
+    }
     /// Writes the certificate (0644) and the key (0600), each atomically.
     pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
         write_file(key_path, self.key_pem.as_bytes(), 0o600)?;
@@ -339,6 +400,7 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
     if rotating && req.force_new_ca {
         return Err(PkiError::RotationInProgress { dir: req.out_dir.clone(), path: paths.new_ca_cert() });
     }
+    let mut index = Index::load(&paths)?;
     let ca = match (cert_exists, key_exists, req.force_new_ca) {
         // During a CA rotation, every new certificate comes from the new CA.
         _ if rotating => {
@@ -361,101 +423,409 @@ pub fn issue(req: &IssueRequest) -> Result<IssueReport, PkiError> {
         }
     };
 
+    // Never overwrite a tenant's certificate unasked: the old one would
+    // stay valid, and a later revocation could miss it. During a CA
+    // rotation, a certificate of the old CA is reissued from the new one
+    // without asking: that is the rotation's step 2, and retiring the old
+    // CA ends the old certificate.
+    if report.reused_ca && !req.overwrite {
+        for tenant in &req.tenants {
+            let path = paths.client_cert(tenant);
+            if let Ok(der) = crate::tls::read_certs("client certificate", &path) {
+                let existing = IndexEntry::of(&der[0], Some(tenant.clone()), "", &path)?;
+                if report.from_new_ca && existing.issuer != ca.subject() {
+                    continue;
+                }
+                return Err(PkiError::TenantExists {
+                    path,
+                    tenant: tenant.clone(),
+                    serial: existing.serial,
+                    not_after: crate::tls::utc_text(existing.not_after),
+                });
+            }
+        }
+    }
+
     // A new CA invalidates the old server certificate, so reissue it too.
     let server_names = match &req.server_names {
         Some(names) => Some(names.clone()),
         None if !report.reused_ca || !paths.server_cert().exists() => Some(DEFAULT_SERVER_NAMES.iter().map(|s| s.to_string()).collect()),
         None => None,
     };
+    let mut issued = Vec::new();
     if let Some(names) = server_names {
-        ca.issue_server(&names, req.leaf_days)?.write(&paths.server_cert(), &paths.server_key())?;
+        let cert = ca.issue_server(&names, req.leaf_days)?;
+        cert.write(&paths.server_cert(), &paths.server_key())?;
+        issued.push((cert, None, paths.server_cert()));
         report.written.extend([paths.server_cert(), paths.server_key()]);
     }
     for tenant in &req.tenants {
-        let (cert, key) = (paths.client_cert(tenant), paths.client_key(tenant));
-        ca.issue_client(&req.trust_domain, tenant, req.leaf_days)?.write(&cert, &key)?;
-        report.written.extend([cert, key]);
+        let (cert_path, key_path) = (paths.client_cert(tenant), paths.client_key(tenant));
+        let cert = ca.issue_client(&req.trust_domain, tenant, req.leaf_days)?;
+        cert.write(&cert_path, &key_path)?;
+        issued.push((cert, Some(tenant.clone()), cert_path.clone()));
+        report.written.extend([cert_path, key_path]);
     }
+    for (cert, tenant, path) in issued {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        index.record(IndexEntry::of(&cert.der()?, tenant, &name, &path)?);
+    }
+    index.save(&paths)?;
+    report.written.push(paths.index());
     Ok(report)
 }
 
-/// Validity of each CRL `revoke` writes, in days: the server refuses every
-/// client once its CRL has expired, so re-run `revoke` (or re-issue) before.
+/// Validity of each CRL gen-certs writes, in days: the server refuses every
+/// client of a CA once its CRL has expired (and refuses to load an expired
+/// one), so renew it before (`gen-certs --renew-crl`; every `--revoke` does).
 pub const CRL_DAYS: i64 = 30;
+
+/// One certificate issued into a PKI directory, as its index
+/// (`index.tsv`) records it. Entries are never removed: a certificate
+/// overwritten by a reissue stays listed, so it can still be revoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The serial number, lowercase hex of its DER bytes.
+    pub serial: String,
+    /// The issuing CA's subject, as text.
+    pub issuer: String,
+    /// The tenant a client certificate names; `None` for a server certificate.
+    pub tenant: Option<TenantId>,
+    /// notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+    /// The file it was written to, relative to the directory.
+    pub file: String,
+}
+
+impl IndexEntry {
+    fn of(der: &[u8], tenant: Option<TenantId>, file: &str, path: &Path) -> Result<Self, PkiError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse { what: "certificate", path: path.into(), reason: e.to_string() })?;
+        Ok(Self {
+            serial: hex(cert.raw_serial()),
+            issuer: cert.issuer().to_string(),
+            tenant,
+            not_after: cert.validity().not_after.timestamp(),
+            file: file.into(),
+        })
+    }
+}
+
+/// The index of the certificates issued into a directory, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub entries: Vec<IndexEntry>,
+}
+
+const INDEX_HEADER: &str = "# imgsvc gen-certs index: every certificate issued here, oldest first (serial, issuer, tenant or '-' for a server certificate, notAfter in Unix seconds, file)\n";
+
+impl Index {
+    /// The index of `paths.dir`. A directory without one (made before
+    /// gen-certs kept it) is indexed from the certificates on disk.
+    pub fn load(paths: &PkiPaths) -> Result<Self, PkiError> {
+        let path = paths.index();
+        if !path.exists() {
+            return Self::from_files(paths);
+        }
+        let text = read_to_string(&path)?;
+        let bad = |line: usize, reason: &str| PkiError::Parse { what: "index", path: path.clone(), reason: format!("line {line}: {reason}") };
+        let mut entries = Vec::new();
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [serial, issuer, tenant, not_after, file] = fields[..] else { return Err(bad(n + 1, "expected 5 tab-separated fields")) };
+            let tenant = match tenant {
+                "-" => None,
+                t => Some(TenantId::parse(t).map_err(|e| bad(n + 1, &e.to_string()))?),
+            };
+            let not_after = not_after.parse().map_err(|_| bad(n + 1, "notAfter is not a number"))?;
+            entries.push(IndexEntry { serial: serial.into(), issuer: issuer.into(), tenant, not_after, file: file.into() });
+        }
+        Ok(Self { entries })
+    }
+
+    fn from_files(paths: &PkiPaths) -> Result<Self, PkiError> {
+        let mut entries = Vec::new();
+        let Ok(dir) = std::fs::read_dir(&paths.dir) else { return Ok(Self::default()) };
+        let mut names: Vec<String> = dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+        names.sort();
+        for name in names {
+            let tenant = match name.strip_prefix("client-").and_then(|n| n.strip_suffix(".pem")) {
+                Some(t) if !t.ends_with("-key") => TenantId::parse(t).ok(),
+                _ => None,
+            };
+            if tenant.is_none() && name != "server.pem" {
+                continue;
+            }
+            let path = paths.dir.join(&name);
+            let der = crate::tls::read_certs("certificate", &path).map_err(|e| PkiError::Parse { what: "certificate", path: path.clone(), reason: e.to_string() })?;
+            entries.push(IndexEntry::of(&der[0], tenant, &name, &path)?);
+        }
+        Ok(Self { entries })
+    }
+
+    fn save(&self, paths: &PkiPaths) -> Result<(), PkiError> {
+        let mut text = String::from(INDEX_HEADER);
+        for e in &self.entries {
+            let tenant = e.tenant.as_ref().map_or("-", TenantId::as_str);
+            text += &format!("{}\t{}\t{}\t{}\t{}\n", e.serial, e.issuer.replace(['\t', '\n'], " "), tenant, e.not_after, e.file);
+        }
+        write_file(&paths.index(), text.as_bytes(), 0o644)
+    }
+
+    fn record(&mut self, entry: IndexEntry) {
+        if !self.entries.iter().any(|e| e.serial == entry.serial && e.issuer == entry.issuer) {
+            self.entries.push(entry);
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A serial as typed (hex, with or without colons or `0x`, any case),
+/// normalised for comparison: lowercase, no leading zeros.
+fn normalise_serial(serial: &str) -> String {
+    let s = serial.trim().trim_start_matches("0x").replace(':', "").to_ascii_lowercase();
+    let s = s.trim_start_matches('0');
+    if s.is_empty() { "0".into() } else { s.into() }
+}
+
+/// What to revoke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevokeTarget {
+    /// Every certificate the index lists for the tenant (reissued ones
+    /// included), and its current `client-<tenant>.pem`.
+    Tenant(TenantId),
+    /// The certificate with this serial number (hex), as the index lists it.
+    Serial(String),
+    /// The certificate in this file (wherever it is).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for RevokeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tenant(t) => write!(f, "every certificate of tenant {t}"),
+            Self::Serial(s) => write!(f, "serial {s}"),
+            Self::File(p) => write!(f, "the certificate in {}", p.display()),
+        }
+    }
+}
 
 /// What [`revoke`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevokeReport {
     pub crl: PathBuf,
-    /// Serial of the certificate revoked now, hex.
-    pub serial: String,
-    /// Certificates revoked in the CRL, this one included.
+    /// The certificates this call asked for (already revoked ones included).
+    pub revoked: Vec<IndexEntry>,
+    /// The number of the CRLs written (every CA's CRL gets it).
+    pub crl_number: u64,
+    /// Certificates revoked in the CRLs, these included.
     pub revoked_total: usize,
 }
 
-/// Revokes `tenant`'s current client certificate in `dir`: adds its serial
-/// to the CRL of the CA that issued it in `dir/crl.pem` (keeping earlier
-/// entries, and the other CA's CRL during a rotation) and signs the list
-/// with that CA. The server refuses the certificate at the handshake once
-/// it loads the CRL (`tls.crl_files`; reloaded when the file changes).
+/// Revokes every certificate of `tenant` issued in `dir` (see
+/// [`revoke_target`]).
 pub fn revoke(dir: &Path, tenant: &TenantId) -> Result<RevokeReport, PkiError> {
-    let paths = PkiPaths::new(dir);
-    let cert_path = paths.client_cert(tenant);
-    let parse_err = |what, path: &Path, reason: String| PkiError::Parse { what, path: path.into(), reason };
-    let cert_der = crate::tls::read_certs("client certificate", &cert_path)
-        .map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?
-        .remove(0);
-    let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| parse_err("client certificate", &cert_path, e.to_string()))?;
-    let serial = cert.raw_serial().to_vec();
-    // The CA that issued it: the current one, or the new one of a rotation.
-    let mut candidates = vec![(paths.ca_cert(), paths.ca_key())];
-    if paths.rotating()? {
-        candidates.push((paths.new_ca_cert(), paths.new_ca_key()));
-    }
-    let mut issuer = None;
-    for (ca_cert, ca_key) in candidates {
-        if ca_subject(&ca_cert)? == cert.issuer().as_raw() {
-            issuer = Some(CertificateAuthority::load(&ca_cert, &ca_key)?);
-        }
-    }
-    let ca = issuer.ok_or_else(|| PkiError::ForeignCertificate {
-        path: cert_path.clone(),
-        dir: dir.into(),
-        issuer: cert.issuer().to_string(),
-    })?;
+    revoke_target(dir, &RevokeTarget::Tenant(tenant.clone()))
+}
 
-    let now = OffsetDateTime::now_utc();
+/// Revokes `target`: adds its serial(s) to the CRL of the CA in `dir` that
+/// issued it, in `dir/crl.pem`, and re-signs every CA's CRL there (both
+/// during a CA rotation: a server that checks CRLs refuses every client of
+/// a CA it has no CRL for) with the next CRL number. Earlier entries are
+/// kept. The server refuses the certificates at the handshake once it loads
+/// the CRL, and closes connections open with them (docs/security.md).
+pub fn revoke_target(dir: &Path, target: &RevokeTarget) -> Result<RevokeReport, PkiError> {
+    let paths = PkiPaths::new(dir);
+    let cas = dir_cas(&paths)?;
+    let mut index = Index::load(&paths)?;
+    let not_issued_here = |path: &Path, issuer: String| PkiError::ForeignCertificate { path: path.into(), dir: dir.into(), issuer };
+    let chosen: Vec<IndexEntry> = match target {
+        RevokeTarget::Tenant(tenant) => {
+            // The current file too, should the index have missed it.
+            let path = paths.client_cert(tenant);
+            if path.exists() {
+                let der = crate::tls::read_certs("client certificate", &path)
+                    .map_err(|e| PkiError::Parse { what: "client certificate", path: path.clone(), reason: e.to_string() })?;
+                index.record(IndexEntry::of(&der[0], Some(tenant.clone()), &format!("client-{tenant}.pem"), &path)?);
+            }
+            let mine: Vec<IndexEntry> = index.entries.iter().filter(|e| e.tenant.as_ref() == Some(tenant)).cloned().collect();
+            if mine.is_empty() {
+                return Err(PkiError::NothingToRevoke { what: target.to_string(), looked: format!("{} and {}", paths.index().display(), path.display()) });
+            }
+            mine
+        }
+        RevokeTarget::Serial(serial) => {
+            let want = normalise_serial(serial);
+            let found: Vec<IndexEntry> = index.entries.iter().filter(|e| normalise_serial(&e.serial) == want).cloned().collect();
+            if found.is_empty() {
+                return Err(PkiError::NothingToRevoke {
+                    what: target.to_string(),
+                    looked: format!("{} (revoke a certificate it does not list by its file: --revoke-cert FILE)", paths.index().display()),
+                });
+            }
+            found
+        }
+        RevokeTarget::File(path) => {
+            let der = crate::tls::read_certs("certificate", path)
+                .map_err(|e| PkiError::Parse { what: "certificate", path: path.clone(), reason: e.to_string() })?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let entry = IndexEntry::of(&der[0], None, &name, path)?;
+            if !cas.iter().any(|ca| ca.subject() == entry.issuer) {
+                return Err(not_issued_here(path, entry.issuer));
+            }
+            // Keep the index's record (it knows the tenant) if it has one.
+            let known = index.entries.iter().find(|e| e.serial == entry.serial && e.issuer == entry.issuer).cloned();
+            let entry = known.unwrap_or(entry);
+            index.record(entry.clone());
+            vec![entry]
+        }
+    };
+    // Each must come from a CA here (a retired CA's certificates are
+    // refused anyway: no server trusts it any more).
+    for entry in &chosen {
+        if !cas.iter().any(|ca| ca.subject() == entry.issuer) {
+            return Err(not_issued_here(&paths.dir.join(&entry.file), entry.issuer.clone()));
+        }
+    }
+    index.save(&paths)?;
+    let (crl_number, revoked_total) = write_crls(&paths, &cas, &chosen)?;
+    Ok(RevokeReport { crl: paths.crl(), revoked: chosen, crl_number, revoked_total })
+}
+
+/// Re-signs every CA's CRL in `dir` with the same entries, a fresh
+/// nextUpdate ([`CRL_DAYS`]) and the next CRL number; returns that number.
+pub fn renew_crl(dir: &Path) -> Result<u64, PkiError> {
+    let paths = PkiPaths::new(dir);
+    let cas = dir_cas(&paths)?;
+    Ok(write_crls(&paths, &cas, &[])?.0)
+}
+
+/// The CAs of a PKI directory that can sign: the CA, and the new one during
+/// a rotation.
+fn dir_cas(paths: &PkiPaths) -> Result<Vec<CertificateAuthority>, PkiError> {
+    if !paths.ca_cert().exists() || !paths.ca_key().exists() {
+        return Err(PkiError::NoCa { dir: paths.dir.clone() });
+    }
+    let mut cas = vec![CertificateAuthority::load(&paths.ca_cert(), &paths.ca_key())?];
+    if paths.rotating()? {
+        cas.push(CertificateAuthority::load(&paths.new_ca_cert(), &paths.new_ca_key())?);
+    }
+    Ok(cas)
+}
+
+/// Writes `crl.pem`: for each of `cas`, a CRL listing what its earlier CRL
+/// listed plus the `add`ed certificates it issued, all with one new CRL
+/// number; CRLs of other issuers in the file are kept as they are. Returns
+/// the number and the count of revoked certificates.
+fn write_crls(paths: &PkiPaths, cas: &[CertificateAuthority], add: &[IndexEntry]) -> Result<(u64, usize), PkiError> {
     let crl_path = paths.crl();
-    let (mut kept, mut revoked) = (Vec::new(), Vec::new());
-    for block in read_crls(&crl_path)? {
-        if block.issuer != ca.subject_der() {
-            kept.push(block.pem);
-            continue;
-        }
-        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&block.der)
-            .map_err(|e| parse_err("CRL", &crl_path, e.to_string()))?;
-        for entry in crl.iter_revoked_certificates() {
-            revoked.push(RevokedCertParams {
-                serial_number: SerialNumber::from_slice(entry.raw_serial()),
-                revocation_time: entry.revocation_date.to_datetime(),
-                reason_code: None,
-                invalidity_date: None,
-            });
-        }
+    let blocks = read_crls(&crl_path)?;
+    let number = next_crl_number(paths, &blocks)?;
+    let now = OffsetDateTime::now_utc();
+    let mut out: Vec<String> = Vec::new();
+    let mut total = 0;
+    for block in blocks.iter().filter(|b| !cas.iter().any(|ca| ca.subject_der() == b.issuer)) {
+        out.push(block.pem.clone());
     }
-    if !revoked.iter().any(|r| r.serial_number.as_ref() == serial.as_slice()) {
-        revoked.push(RevokedCertParams {
-            serial_number: SerialNumber::from_slice(&serial),
-            revocation_time: now,
-            reason_code: Some(RevocationReason::CessationOfOperation),
-            invalidity_date: None,
-        });
+    for ca in cas {
+        let mut revoked: Vec<RevokedCertParams> = Vec::new();
+        for block in blocks.iter().filter(|b| b.issuer == ca.subject_der()) {
+            for (serial, at) in &block.revoked {
+                if !revoked.iter().any(|r| r.serial_number.as_ref() == serial.as_slice()) {
+                    revoked.push(RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(serial),
+                        revocation_time: *at,
+                        reason_code: None,
+                        invalidity_date: None,
+                    });
+                }
+            }
+        }
+        let subject = ca.subject();
+        for entry in add.iter().filter(|e| e.issuer == subject) {
+            let serial = unhex(&entry.serial).ok_or_else(|| PkiError::Parse {
+                what: "index",
+                path: paths.index(),
+                reason: format!("serial {:?} is not hex", entry.serial),
+            })?;
+            if !revoked.iter().any(|r| r.serial_number.as_ref() == serial.as_slice()) {
+                revoked.push(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: now,
+                    reason_code: Some(RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                });
+            }
+        }
+        total += revoked.len();
+        out.push(ca.crl_pem(revoked, number)?);
     }
-    let revoked_total = revoked.len();
-    kept.push(ca.crl_pem(revoked)?);
-    write_file(&crl_path, kept.concat().as_bytes(), 0o644)?;
-    let serial = serial.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(RevokeReport { crl: crl_path, serial, revoked_total })
+    // The counter first: a crash after it leaves a gap, never a repeat.
+    write_file(&paths.crl_number(), format!("{number}\n").as_bytes(), 0o644)?;
+    write_file(&crl_path, out.concat().as_bytes(), 0o644)?;
+    Ok((number, total))
+}
+
+/// The next CRL number of a directory: one more than the counter kept
+/// beside the CA (`crl-number`) and than any number in its CRLs (those of
+/// gen-certs before the counter were Unix seconds), so numbers only grow.
+fn next_crl_number(paths: &PkiPaths, blocks: &[CrlBlock]) -> Result<u64, PkiError> {
+    let path = paths.crl_number();
+    let counter = if path.exists() {
+        let text = read_to_string(&path)?;
+        text.trim().parse::<u64>().map_err(|_| PkiError::Parse { what: "CRL number counter", path: path.clone(), reason: format!("{:?} is not a number", text.trim()) })?
+    } else {
+        0
+    };
+    let in_crls = blocks.iter().filter_map(|b| b.number).max().unwrap_or(0);
+    Ok(counter.max(in_crls) + 1)
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// How a certificate of the index stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertState {
+    Valid,
+    Expired,
+    /// Listed in the issuer's CRL in `crl.pem` since this time (Unix seconds).
+    Revoked(i64),
+}
+
+/// The index of `dir` with each certificate's state: revoked if its
+/// issuer's CRL in `crl.pem` lists it (what servers loading it see),
+/// otherwise expired or valid.
+pub fn list(dir: &Path) -> Result<Vec<(IndexEntry, CertState)>, PkiError> {
+    let paths = PkiPaths::new(dir);
+    let index = Index::load(&paths)?;
+    let blocks = read_crls(&paths.crl())?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let issuers: Vec<(String, &CrlBlock)> = blocks.iter().map(|b| (b.issuer_text.clone(), b)).collect();
+    Ok(index
+        .entries
+        .into_iter()
+        .map(|e| {
+            let revoked = issuers
+                .iter()
+                .filter(|(issuer, _)| *issuer == e.issuer)
+                .flat_map(|(_, b)| &b.revoked)
+                .find(|(serial, _)| normalise_serial(&hex(serial)) == normalise_serial(&e.serial));
+            let state = match revoked {
+                Some((_, at)) => CertState::Revoked(at.unix_timestamp()),
+                None if e.not_after <= now => CertState::Expired,
+                None => CertState::Valid,
+            };
+            (e, state)
+        })
+        .collect())
 }
 
 /// What [`start_ca_rotation`] did.
@@ -495,8 +865,11 @@ pub fn start_ca_rotation(dir: &Path, trust_domain: &TrustDomain) -> Result<Rotat
     write_file(&paths.ca_bundle(), format!("{}{}", ensure_newline(&old_pem), new.cert_pem()).as_bytes(), 0o644)?;
     written.push(paths.ca_bundle());
     if paths.crl().exists() {
-        let mut crls: Vec<String> = read_crls(&paths.crl())?.into_iter().map(|b| b.pem).collect();
-        crls.push(new.crl_pem(Vec::new())?);
+        let blocks = read_crls(&paths.crl())?;
+        let number = next_crl_number(&paths, &blocks)?;
+        let mut crls: Vec<String> = blocks.into_iter().map(|b| b.pem).collect();
+        crls.push(new.crl_pem(Vec::new(), number)?);
+        write_file(&paths.crl_number(), format!("{number}\n").as_bytes(), 0o644)?;
         write_file(&paths.crl(), crls.concat().as_bytes(), 0o644)?;
         written.push(paths.crl());
     }
@@ -541,11 +914,14 @@ pub fn retire_old_ca(dir: &Path) -> Result<RetireReport, PkiError> {
     Ok(RetireReport { retired_subject, ca_subject: new.subject(), written, removed })
 }
 
-/// One CRL of a PEM file: its text, DER, and issuer (raw DER name).
+/// One CRL of a PEM file: its text, issuer (raw DER name and text), CRL
+/// number and revoked serials (DER bytes) with their revocation times.
 struct CrlBlock {
     pem: String,
-    der: Vec<u8>,
     issuer: Vec<u8>,
+    issuer_text: String,
+    number: Option<u64>,
+    revoked: Vec<(Vec<u8>, OffsetDateTime)>,
 }
 
 /// The CRLs in `path`, in order; none if the file does not exist.
@@ -562,23 +938,29 @@ fn read_crls(path: &Path) -> Result<Vec<CrlBlock>, PkiError> {
         let pem = piece.trim_start().to_string() + "\n";
         let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).map_err(|e| parse_err(e.to_string()))?;
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).map_err(|e| parse_err(e.to_string()))?;
-        let issuer = crl.issuer().as_raw().to_vec();
-        blocks.push(CrlBlock { pem, der: der.to_vec(), issuer });
+        let number = crl.crl_number().and_then(|n| u64::try_from(n).ok());
+        let revoked = crl.iter_revoked_certificates().map(|r| (r.raw_serial().to_vec(), r.revocation_date.to_datetime())).collect();
+        blocks.push(CrlBlock { pem, issuer: crl.issuer().as_raw().to_vec(), issuer_text: crl.issuer().to_string(), number, revoked });
     }
     Ok(blocks)
 }
 
-/// The subject of the certificate in `path`, raw DER.
-fn ca_subject(path: &Path) -> Result<Vec<u8>, PkiError> {
-    let der = crate::tls::read_certs("CA certificate", path)
-        .map_err(|e| PkiError::Parse { what: "CA certificate", path: path.into(), reason: e.to_string() })?
-        .remove(0);
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| PkiError::Parse {
-        what: "CA certificate",
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
-    Ok(cert.subject().as_raw().to_vec())
+/// Refuses a CA key that another user owns, or that its group or others
+/// may read or write: whoever can read it can issue certificates for any
+/// tenant, and a key someone else owns may not be the one meant.
+pub fn check_ca_key(path: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| PkiError::Io { action: "read", path: path.into(), source })?;
+    let mode = meta.mode() & 0o777;
+    let me = rustix::process::geteuid().as_raw();
+    let problem = if meta.uid() != me {
+        format!("it is owned by uid {}, not by the user running gen-certs (uid {me})", meta.uid())
+    } else if mode & 0o077 != 0 {
+        format!("its mode is {mode:04o}: group or others may read or write it")
+    } else {
+        return Ok(());
+    };
+    Err(PkiError::UnsafeCaKey { path: path.into(), problem })
 }
 
 fn ensure_newline(pem: &str) -> String {

@@ -17,11 +17,19 @@ Examples:
 
 Writes ca.pem, ca-key.pem, server.pem, server-key.pem and per tenant
 client-<tenant>.pem, client-<tenant>-key.pem. Keys are mode 0600.
-An existing CA in --out is reused; replacing it takes --force.
+An existing CA in --out is reused (its key must be yours and mode 0600);
+replacing it takes --replace-ca. index.tsv lists every certificate issued.
+A tenant that has a certificate gets a new one only with --force; the old
+one stays in the index, valid until revoked.
 
-Revocation:
-  gen-certs --out certs/prod --revoke team-a   # adds team-a's certificate to certs/prod/crl.pem
-Then list crl.pem in tls.crl_files (servers reload it when it changes).
+Revocation (writes certs/prod/crl.pem, one CRL per CA, numbered from crl-number):
+  gen-certs --out certs/prod --revoke team-a            # every certificate team-a was ever issued here
+  gen-certs --out certs/prod --revoke-serial 3f:a2:...  # one certificate, by serial (see --list)
+  gen-certs --out certs/prod --revoke-cert leaked.pem   # the certificate in a file
+  gen-certs --out certs/prod --list                     # the index, with what is revoked
+  gen-certs --out certs/prod --renew-crl                # re-sign the CRLs (they last 30 days)
+List crl.pem in tls.crl_files: servers reload it when it changes, refuse
+the certificates at the handshake and close connections open with them.
 
 CA rotation without downtime (docs/certificate-rotation.md):
   gen-certs --out certs/prod --new-ca            # 1. new CA beside the old; trust ca-bundle.pem (both)
@@ -51,22 +59,42 @@ struct Args {
     /// Validity of server and client certificates, in days.
     #[arg(long, default_value_t = pki::DEFAULT_LEAF_DAYS)]
     days: u32,
-    /// Replace an existing CA (every certificate it issued stops working).
+    /// Issue --tenant certificates even where the directory holds one; the
+    /// old certificate stays in the index, valid until revoked.
     #[arg(long)]
     force: bool,
+    /// Replace an existing CA (every certificate it issued stops working).
+    #[arg(long)]
+    replace_ca: bool,
     /// Start a CA rotation: a new CA beside the existing one (kept), and
     /// ca-bundle.pem trusting both. Certificates issued from now on
     /// (--tenant, --server-name, here or later) come from the new CA.
-    #[arg(long, conflicts_with_all = ["force", "revoke"])]
+    #[arg(long, conflicts_with_all = ["replace_ca", "revoke", "revoke_serials", "revoke_certs", "list", "renew_crl"])]
     new_ca: bool,
     /// Finish a CA rotation: the new CA becomes ca.pem, ca-bundle.pem holds
     /// it alone, crl.pem keeps its CRL only.
-    #[arg(long, conflicts_with_all = ["tenants", "server_names", "force", "revoke", "new_ca"])]
+    #[arg(long, conflicts_with_all = ["tenants", "server_names", "force", "replace_ca", "revoke", "revoke_serials", "revoke_certs", "new_ca", "list", "renew_crl"])]
     retire_old_ca: bool,
-    /// Revoke this tenant's current client certificate: add it to
-    /// DIR/crl.pem, signed by the CA in DIR (repeatable).
-    #[arg(long = "revoke", value_name = "TENANT", conflicts_with_all = ["tenants", "server_names", "force"])]
+    /// Revoke every certificate this tenant was issued in DIR (the index's,
+    /// reissued ones included, and client-TENANT.pem): add them to
+    /// DIR/crl.pem (repeatable).
+    #[arg(long = "revoke", value_name = "TENANT", conflicts_with_all = ["tenants", "server_names", "force", "replace_ca", "list"])]
     revoke: Vec<String>,
+    /// Revoke the certificate with this serial number (hex, as --list
+    /// shows it; colons allowed) (repeatable).
+    #[arg(long = "revoke-serial", value_name = "SERIAL", conflicts_with_all = ["tenants", "server_names", "force", "replace_ca", "list"])]
+    revoke_serials: Vec<String>,
+    /// Revoke the certificate in this file, issued by a CA in DIR (repeatable).
+    #[arg(long = "revoke-cert", value_name = "FILE", conflicts_with_all = ["tenants", "server_names", "force", "replace_ca", "list"])]
+    revoke_certs: Vec<PathBuf>,
+    /// Re-sign every CA's CRL in DIR with a fresh nextUpdate (30 days) and
+    /// the next CRL number; the entries stay.
+    #[arg(long, conflicts_with_all = ["tenants", "server_names", "force", "replace_ca", "list"])]
+    renew_crl: bool,
+    /// List every certificate issued in DIR: serial, tenant, notAfter,
+    /// file, and whether it is valid, expired or revoked (in crl.pem).
+    #[arg(long, conflicts_with_all = ["tenants", "server_names", "force", "replace_ca"])]
+    list: bool,
 }
 
 fn main() -> ExitCode {
@@ -90,18 +118,40 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     let usage = |e: anyhow::Error| (EXIT_USAGE as u8, e);
     let trust_domain = TrustDomain::parse(&args.trust_domain).map_err(|e| usage(e.into()))?;
     let tenants = args.tenants.iter().map(|t| TenantId::parse(t)).collect::<Result<Vec<_>, _>>().map_err(|e| usage(e.into()))?;
-    if !args.revoke.is_empty() {
-        for name in &args.revoke {
-            let tenant = TenantId::parse(name).map_err(|e| usage(e.into()))?;
-            let report = pki::revoke(&args.out, &tenant).map_err(|e| (1, e.into()))?;
+    if args.list {
+        return list(&args.out).map_err(|e| (1, e.into()));
+    }
+    let mut targets = Vec::new();
+    for name in &args.revoke {
+        targets.push(pki::RevokeTarget::Tenant(TenantId::parse(name).map_err(|e| usage(e.into()))?));
+    }
+    targets.extend(args.revoke_serials.iter().map(|s| pki::RevokeTarget::Serial(s.clone())));
+    targets.extend(args.revoke_certs.iter().map(|p| pki::RevokeTarget::File(p.clone())));
+    if !targets.is_empty() {
+        for target in &targets {
+            let report = pki::revoke_target(&args.out, target).map_err(|e| (1, e.into()))?;
+            for entry in &report.revoked {
+                let tenant = entry.tenant.as_ref().map_or_else(|| "(server)".to_string(), |t| format!("tenant {t}"));
+                println!("revoked serial {} ({tenant}, {}, issued by {})", entry.serial, entry.file, entry.issuer);
+            }
             println!(
-                "revoked tenant {tenant} (serial {}); {} now lists {} certificate(s)",
-                report.serial,
+                "{} (CRL number {}) now lists {} revoked certificate(s)",
                 report.crl.display(),
+                report.crl_number,
                 report.revoked_total
             );
         }
         return Ok(());
+    }
+    if args.renew_crl {
+        let number = pki::renew_crl(&args.out).map_err(|e| (1, e.into()))?;
+        println!("re-signed the CRLs in {} (CRL number {number}), valid {} days", pki::PkiPaths::new(&args.out).crl().display(), pki::CRL_DAYS);
+        return Ok(());
+    }
+    if args.force && args.tenants.is_empty() && args.server_names.is_empty() {
+        return Err(usage(anyhow::anyhow!(
+            "--force lets --tenant overwrite an existing certificate, and none was given; to replace the CA, use --replace-ca"
+        )));
     }
     if args.retire_old_ca {
         let report = pki::retire_old_ca(&args.out).map_err(|e| (1, e.into()))?;
@@ -135,7 +185,8 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     req.server_names = (!args.server_names.is_empty()).then_some(args.server_names);
     req.tenants = tenants;
     req.leaf_days = args.days;
-    req.force_new_ca = args.force;
+    req.force_new_ca = args.replace_ca;
+    req.overwrite = args.force;
     if args.new_ca && req.tenants.is_empty() && req.server_names.is_none() {
         return Ok(());
     }
@@ -147,6 +198,22 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     }
     for path in &report.written {
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Prints the index of `dir` with each certificate's state.
+fn list(dir: &std::path::Path) -> Result<(), pki::PkiError> {
+    let rows = pki::list(dir)?;
+    println!("{:<40} {:<20} {:<23} {:<32} {}", "SERIAL", "TENANT", "NOT AFTER", "STATE", "FILE");
+    for (entry, state) in rows {
+        let tenant = entry.tenant.as_ref().map_or("(server)", |t| t.as_str());
+        let state = match state {
+            pki::CertState::Valid => "valid".to_string(),
+            pki::CertState::Expired => "expired".to_string(),
+            pki::CertState::Revoked(at) => format!("revoked {}", imgsvc::tls::utc_text(at)),
+        };
+        println!("{:<40} {:<20} {:<23} {:<32} {}", entry.serial, tenant, imgsvc::tls::utc_text(entry.not_after), state, entry.file);
     }
     Ok(())
 }
