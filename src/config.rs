@@ -254,6 +254,11 @@ pub struct RawTls {
     pub expiry_warning_days: u32,
     /// `off`, `auto` or `on` ([`KernelTlsMode`]), checked in [`Settings::validate`].
     pub kernel_tls: String,
+    /// `warn` or `refuse`: a server key others may read.
+    pub key_permissions: String,
+    /// Seconds the calls of a connection whose certificate was revoked or
+    /// expired may take to finish after its GOAWAY.
+    pub revoked_grace_secs: u64,
 }
 
 /// Whether the kernel encrypts and decrypts a connection's records once
@@ -285,6 +290,8 @@ impl Default for RawTls {
             watch_debounce_ms: 500,
             expiry_warning_days: 14,
             kernel_tls: "auto".into(),
+            key_permissions: "warn".into(),
+            revoked_grace_secs: 10,
         }
     }
 }
@@ -433,6 +440,12 @@ pub struct TlsSettings {
     pub expiry_warning_days: u32,
     /// Kernel TLS after the handshake (`tls.kernel_tls`).
     pub kernel_tls: KernelTlsMode,
+    /// Refuse (true) or only warn about (false) a server key that others
+    /// may read (`tls.key_permissions`).
+    pub refuse_exposed_key: bool,
+    /// Grace for the calls of a connection closed because its certificate
+    /// was revoked or expired (`tls.revoked_grace_secs`).
+    pub revoked_grace: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -550,6 +563,12 @@ impl Settings {
         };
         in_range("tls.watch_debounce_ms", raw.tls.watch_debounce_ms.into(), 0..=60_000, " (0 = reload at the first change)")?;
         in_range("tls.expiry_warning_days", raw.tls.expiry_warning_days.into(), 0..=3650, " (0 = never warn)")?;
+        let refuse_exposed_key = match raw.tls.key_permissions.as_str() {
+            "warn" => false,
+            "refuse" => true,
+            other => return Err(invalid("tls.key_permissions", format!("{other:?} is not one of \"warn\", \"refuse\""))),
+        };
+        in_range("tls.revoked_grace_secs", raw.tls.revoked_grace_secs.into(), 0..=3600, "")?;
         let l = &raw.limits;
         if l.max_image_pixels == 0 || l.max_image_pixels > 1 << 40 {
             return Err(invalid("limits.max_image_pixels", format!("{} is out of range 1..=2^40", l.max_image_pixels)));
@@ -621,6 +640,8 @@ impl Settings {
                 watch_debounce: Duration::from_millis(raw.tls.watch_debounce_ms),
                 expiry_warning_days: raw.tls.expiry_warning_days,
                 kernel_tls,
+                refuse_exposed_key,
+                revoked_grace: Duration::from_secs(raw.tls.revoked_grace_secs),
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,

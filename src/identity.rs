@@ -88,37 +88,44 @@ pub enum IdentityError {
     NoTenantUri { trust_domain: String },
     #[error("the client certificate names tenant URI {uri:?}, which is not in trust domain {trust_domain:?}")]
     ForeignTrustDomain { uri: String, trust_domain: String },
-    #[error("the client certificate names more than one tenant ({first} and {second})")]
-    Ambiguous { first: String, second: String },
+    #[error("the client certificate has several URI SANs ({uris}); a tenant certificate has exactly one")]
+    SeveralUris { uris: String },
+    #[error("the client certificate is not issued for client authentication (no extended key usage clientAuth)")]
+    NoClientAuthUsage,
     #[error("the client certificate names an invalid tenant: {0}")]
     InvalidTenant(#[from] TenantIdError),
 }
 
 /// Maps a (chain-verified) leaf certificate, DER-encoded, to its tenant.
+///
+/// A tenant certificate carries the clientAuth extended key usage (rustls,
+/// like RFC 5280, accepts a certificate with no extended key usage at all
+/// for any purpose; we do not) and exactly one URI SAN, as a SPIFFE
+/// X.509-SVID does: `spiffe://<trust-domain>/tenant/<name>`. DNS names and
+/// other SAN types beside it are ignored.
 pub fn tenant_from_cert(der: &[u8], trust_domain: &TrustDomain) -> Result<TenantId, IdentityError> {
+    let malformed = |e: x509_parser::error::X509Error| IdentityError::Malformed(e.to_string());
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Malformed(e.to_string()))?;
-    let san = cert.subject_alternative_name().map_err(|e| IdentityError::Malformed(e.to_string()))?;
-    let prefix = format!("spiffe://{trust_domain}/tenant/");
-    let mut found: Option<TenantId> = None;
-    let mut foreign: Option<String> = None;
-    for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
-        let GeneralName::URI(uri) = name else { continue };
-        if let Some(tenant) = uri.strip_prefix(&prefix) {
-            let tenant = TenantId::parse(tenant)?;
-            if let Some(first) = &found
-                && *first != tenant
-            {
-                return Err(IdentityError::Ambiguous { first: first.to_string(), second: tenant.to_string() });
-            }
-            found = Some(tenant);
-        } else if uri.starts_with("spiffe://") {
-            foreign.get_or_insert_with(|| uri.to_string());
-        }
+    if !cert.extended_key_usage().map_err(malformed)?.is_some_and(|eku| eku.value.client_auth) {
+        return Err(IdentityError::NoClientAuthUsage);
     }
-    match (found, foreign) {
-        (Some(t), _) => Ok(t),
-        (None, Some(uri)) => Err(IdentityError::ForeignTrustDomain { uri, trust_domain: trust_domain.to_string() }),
-        (None, None) => Err(IdentityError::NoTenantUri { trust_domain: trust_domain.to_string() }),
+    let san = cert.subject_alternative_name().map_err(malformed)?;
+    let uris: Vec<&str> = san
+        .iter()
+        .flat_map(|ext| ext.value.general_names.iter())
+        .filter_map(|name| if let GeneralName::URI(uri) = name { Some(*uri) } else { None })
+        .collect();
+    let uri = match uris[..] {
+        [] => return Err(IdentityError::NoTenantUri { trust_domain: trust_domain.to_string() }),
+        [uri] => uri,
+        _ => return Err(IdentityError::SeveralUris { uris: uris.join(", ") }),
+    };
+    match uri.strip_prefix(&format!("spiffe://{trust_domain}/tenant/")) {
+        Some(tenant) => Ok(TenantId::parse(tenant)?),
+        None if uri.starts_with("spiffe://") => {
+            Err(IdentityError::ForeignTrustDomain { uri: uri.to_string(), trust_domain: trust_domain.to_string() })
+        }
+        None => Err(IdentityError::NoTenantUri { trust_domain: trust_domain.to_string() }),
     }
 }
 
@@ -173,7 +180,7 @@ impl tonic::service::Interceptor for TenantInterceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
 
     fn td() -> TrustDomain {
         TrustDomain::parse("example.org").unwrap()
@@ -183,6 +190,7 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
@@ -221,13 +229,38 @@ mod tests {
     }
 
     #[test]
-    fn ignores_other_sans_beside_the_tenant_uri() {
+    fn ignores_other_san_types_beside_the_tenant_uri() {
         let der = cert_with_sans(vec![
             SanType::DnsName("client.example.org".try_into().unwrap()),
-            uri("https://example.org/whatever"),
             uri("spiffe://example.org/tenant/b"),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
         ]);
         assert_eq!(tenant_from_cert(&der, &td()).unwrap().as_str(), "b");
+    }
+
+    #[test]
+    fn refuses_a_second_uri_san_even_a_foreign_one() {
+        // SPIFFE X.509-SVIDs have exactly one URI SAN.
+        for second in ["spiffe://evil.org/tenant/b", "https://example.org/whatever", "spiffe://example.org/tenant/b"] {
+            let der = cert_with_sans(vec![uri("spiffe://example.org/tenant/a"), uri(second)]);
+            assert_eq!(
+                tenant_from_cert(&der, &td()),
+                Err(IdentityError::SeveralUris { uris: format!("spiffe://example.org/tenant/a, {second}") }),
+                "{second}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_a_certificate_without_the_client_auth_usage() {
+        let key = KeyPair::generate().unwrap();
+        for usages in [vec![], vec![ExtendedKeyUsagePurpose::ServerAuth]] {
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![uri("spiffe://example.org/tenant/a")];
+            params.extended_key_usages = usages.clone();
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            assert_eq!(tenant_from_cert(&der, &td()), Err(IdentityError::NoClientAuthUsage), "{usages:?}");
+        }
     }
 
     #[test]
@@ -249,12 +282,6 @@ mod tests {
     fn refuses_trust_domain_that_only_shares_a_prefix() {
         let der = cert_with_sans(vec![uri("spiffe://example.org.evil/tenant/a")]);
         assert!(matches!(tenant_from_cert(&der, &td()), Err(IdentityError::ForeignTrustDomain { .. })));
-    }
-
-    #[test]
-    fn refuses_two_different_tenants() {
-        let der = cert_with_sans(vec![uri("spiffe://example.org/tenant/a"), uri("spiffe://example.org/tenant/b")]);
-        assert_eq!(tenant_from_cert(&der, &td()), Err(IdentityError::Ambiguous { first: "a".into(), second: "b".into() }));
     }
 
     #[test]

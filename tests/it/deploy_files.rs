@@ -217,6 +217,17 @@ fn kubernetes_manifests_have_the_required_fields_and_agree_with_each_other() {
         assert_eq!(get(s, "spec.ports.0.targetPort"), "grpc");
     }
 
+    // The admin port (no authentication) is reachable only from Prometheus;
+    // the gRPC port from anywhere (mutual TLS decides).
+    let policy = one_of_kind(&docs, "NetworkPolicy");
+    assert_eq!(get(policy, "spec.podSelector.matchLabels"), pod_labels);
+    assert_eq!(get(policy, "spec.policyTypes.0"), "Ingress");
+    let rules = get(policy, "spec.ingress").as_sequence().unwrap();
+    let admin_rules: Vec<&Value> = rules.iter().filter(|r| r["ports"][0]["port"] == "admin").collect();
+    assert_eq!(admin_rules.len(), 1, "one rule for the admin port");
+    assert!(admin_rules[0]["from"].as_sequence().is_some_and(|f| !f.is_empty()), "the admin port is limited to some sources");
+    assert!(rules.iter().all(|r| r["ports"][0]["port"] == "admin" || r["ports"][0]["port"] == "grpc"), "no other port is opened");
+
     let replicas = get(deployment, "spec.replicas").as_u64().unwrap();
     let pdb = one_of_kind(&docs, "PodDisruptionBudget");
     assert_eq!(get(pdb, "spec.selector.matchLabels"), pod_labels);
@@ -260,7 +271,7 @@ fn kubernetes_manifests_pass_schema_validation() {
     let out = tool.args(["--strict", "--kubernetes-version", "1.33.0"]).args(&files).output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{said}");
-    assert_eq!(said.matches(" passed for resource ").count(), 7, "{said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 8, "{said}");
 }
 
 /// The hours of a Go duration such as `2160h`.

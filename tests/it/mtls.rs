@@ -260,18 +260,80 @@ async fn a_certificate_that_expired_since_the_first_handshake_is_refused_on_resu
         // Nothing to resume: no session ID (TLS 1.2), no ticket (TLS 1.3),
         // so openssl saves no session.
         assert!(!session.exists(), "{flag}: the server handed out a session to resume: {first}");
-        configs.push((short, session, flag));
+        configs.push((short, flag));
     }
     // Until the certificate has expired (bounded: 3 s and a second of rounding).
     let expired = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(not_after.unix_timestamp() as u64 + 1);
     if let Ok(wait) = expired.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(wait).await;
     }
-    for (short, session, flag) in configs {
+    for (short, flag) in configs {
         let err = handshake_and_read(server.addr, &short).await.unwrap_err();
         assert!(err.to_string().contains("CertificateExpired"), "{flag}: {err}");
         let again = s_client(server.addr, flag, (&ca_path, &cert, &key), None);
         assert!(again.contains("alert certificate expired"), "{flag}: {again}");
     }
     assert_still_serving(&server, &pki).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_a_second_uri_san_and_a_certificate_without_client_auth_usage_with_unauthenticated() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start(&pki);
+    // A valid tenant URI beside a foreign one: SPIFFE SVIDs have exactly one.
+    let sans = vec![uri_san("spiffe://test.imgsvc/tenant/alpha"), uri_san("spiffe://elsewhere.example/tenant/root")];
+    let (cert, key) = pki.sign_custom("two-uris", sans, ExtendedKeyUsagePurpose::ClientAuth);
+    let err = call_with(&server, &creds(&pki.paths().ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(
+        (code, message.as_str()),
+        (
+            Code::Unauthenticated,
+            "the client certificate has several URI SANs (spiffe://test.imgsvc/tenant/alpha, spiffe://elsewhere.example/tenant/root); a tenant certificate has exactly one"
+        )
+    );
+
+    // No extended key usage at all: rustls lets it through the handshake.
+    let p = pki.paths();
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(p.ca_key()).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(p.ca_cert()).unwrap(), ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![uri_san("spiffe://test.imgsvc/tenant/alpha")];
+    let (cert, key) = (pki.dir.path().join("no-eku.pem"), pki.dir.path().join("no-eku-key.pem"));
+    std::fs::write(&cert, params.signed_by(&leaf_key, &issuer).unwrap().pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    let err = call_with(&server, &creds(&p.ca_cert(), &cert, &key)).await.unwrap_err();
+    let ClientError::Status { code, message, .. } = err else { panic!("expected a status, got {err}") };
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::Unauthenticated, "the client certificate is not issued for client authentication (no extended key usage clientAuth)")
+    );
+    assert_still_serving(&server, &pki).await;
+}
+
+#[test]
+fn a_server_key_others_may_read_is_warned_about_or_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new(&[]);
+    let key = pki.paths().server_key();
+    let load = |permissions: &str| {
+        let mut raw = raw_config(&pki);
+        raw.tls.key_permissions = permissions.into();
+        imgsvc::tls::ServerTls::load(&imgsvc::config::Settings::validate(raw, "test config".into()).unwrap().tls)
+    };
+    assert_eq!(load("refuse").unwrap().warnings, Vec::<String>::new(), "gen-certs writes keys 0600");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        load("warn").unwrap().warnings,
+        [format!("server key {}: mode 0644 lets every user of the machine read or write it; chmod 600 it, or 640 with the server's own group", key.display())]
+    );
+    let err = load("refuse").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "server key {}: mode 0644 lets every user of the machine read or write it (tls.key_permissions = \"refuse\"); chmod 600 it, or 640 with the server's own group",
+            key.display()
+        )
+    );
 }
