@@ -54,6 +54,9 @@ const APPLICATION_DATA: u8 = 23;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 
+/// Said wherever the suites the kernel takes are listed (see [`kernel_cipher`]).
+pub const TLS12_GCM_IN_RUSTLS: &str = "TLS 1.2 AES-GCM stays in rustls: the kernel would repeat its explicit nonces";
+
 /// The AEAD ciphers the kernel accepted in [`probe`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ciphers {
@@ -147,7 +150,7 @@ pub fn resolve(mode: KernelTlsMode) -> Result<(Option<Ciphers>, String), String>
         return Ok((None, "off".into()));
     }
     match probe() {
-        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers})"))),
+        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers}; {TLS12_GCM_IN_RUSTLS})"))),
         Support::Unavailable(why) if mode == KernelTlsMode::On => Err(why),
         Support::Unavailable(why) => Ok((None, format!("off: {why}"))),
     }
@@ -179,20 +182,28 @@ impl Cipher {
 /// decided before the handshake's secrets are extracted, while falling back
 /// to rustls is still possible.
 pub fn kernel_takes(conn: &ServerConnection, ciphers: &Ciphers) -> bool {
-    let Some(suite) = conn.negotiated_cipher_suite() else { return false };
-    let cipher = match suite.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
-        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
+    conn.negotiated_cipher_suite().and_then(|suite| kernel_cipher(suite.suite())).is_some_and(|cipher| ciphers.has(cipher))
+}
+
+/// The kernel cipher a negotiated suite would be sealed with, or `None` for
+/// a suite that stays in rustls.
+///
+/// TLS 1.2 AES-GCM stays in rustls: its records carry an explicit nonce,
+/// which rustls computes as `salt ‖ (E XOR seq)` while the kernel sends
+/// `salt ‖ iv` and adds one per record (`tls_advance_record_sn`). Handed
+/// rustls's IV, the kernel's first record would repeat the nonce of the
+/// server's Finished under the same key — a GCM nonce reuse, which leaks
+/// the authentication key. TLS 1.3 and ChaCha20-Poly1305 build the nonce
+/// as `iv XOR seq` on both sides, so their sequences are one and the same.
+fn kernel_cipher(suite: rustls::CipherSuite) -> Option<Cipher> {
+    Some(match suite {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
         rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
         | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
         | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
-        _ => return false,
-    };
-    ciphers.has(cipher)
+        _ => return None,
+    })
 }
 
 /// One direction's key material in the layout of `linux/tls.h`.
@@ -571,6 +582,32 @@ mod tests {
         assert_eq!((c.info.cipher_type, c.iv, c.key), (54, iv, key));
         let err = CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key[..16], &iv, 0).err().unwrap();
         assert_eq!(err, "Aes256Gcm wants a 32-byte key and a 12-byte IV, got 16 and 12");
+    }
+
+    #[test]
+    fn tls12_aes_gcm_stays_in_rustls_and_every_other_suite_of_the_provider_goes_to_the_kernel() {
+        // Every suite the server can negotiate (ring's provider, as in
+        // src/tls.rs): TLS 1.2 AES-GCM's explicit nonces would repeat in the
+        // kernel (see kernel_cipher), every other suite maps to its cipher.
+        let mut kernel = Vec::new();
+        for suite in rustls::crypto::ring::ALL_CIPHER_SUITES {
+            let name = format!("{:?}", suite.suite());
+            let tls12_gcm = name.starts_with("TLS_ECDHE_") && name.contains("_GCM_");
+            match (kernel_cipher(suite.suite()), tls12_gcm) {
+                (None, true) => {}
+                (Some(cipher), false) => kernel.push((name, cipher)),
+                (got, _) => panic!("{name}: kernel cipher {got:?}"),
+            }
+        }
+        kernel.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected = [
+            ("TLS13_AES_128_GCM_SHA256", Cipher::Aes128Gcm),
+            ("TLS13_AES_256_GCM_SHA384", Cipher::Aes256Gcm),
+            ("TLS13_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+            ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+            ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+        ];
+        assert_eq!(kernel, expected.map(|(n, c)| (n.to_string(), c)).to_vec());
     }
 
     #[test]
