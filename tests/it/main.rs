@@ -49,6 +49,7 @@ mod encoded_images;
 mod faults;
 mod formats;
 mod gen_certs;
+mod h2raw;
 mod haproxy;
 mod health;
 mod interop_grpcio;
