@@ -67,6 +67,7 @@ mod mtls;
 mod rotate;
 mod shutdown;
 mod soak;
+mod steady_load;
 mod streaming;
 mod systemd;
 mod tenancy;
