@@ -437,6 +437,12 @@ impl ReloadHandle {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let tls = ServerTls::load(&settings.tls)?;
         let restart_needed = restart_only_changes(&current, &settings);
+        // tonic's message limits were fixed at the start; the admission
+        // layer charges messages up to the same limit, so the one in force
+        // stays in force everywhere until a restart (a lower one half
+        // applied let messages between the two through uncharged).
+        let mut settings = settings;
+        settings.limits.max_message_bytes = current.limits.max_message_bytes;
         self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
         self.tls_config.send_replace(tls.config.clone());
         self.certificates.publish(&tls, settings.tls.expiry_warning_days);
