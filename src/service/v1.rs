@@ -169,12 +169,15 @@ impl ImageService for V1Service {
                 decode_limits.max_pixels = call.admission.max_image_pixels;
                 let input = match request_image(req.image, decode_limits)? {
                     RequestImage::Encoded(encoded) => {
-                        // The decoded size, from the file's header, is charged
-                        // before decoding: the file, the decoded pixels and
-                        // their conversion to a raw image.
+                        // What decoding holds at its peak, from the file's
+                        // header, is charged before decoding beside the file:
+                        // the decoded pixels and the largest of the decoder's
+                        // working memory (bounded by image::Limits to what is
+                        // charged), an EXIF rotation's copy and a conversion
+                        // to a v1 mode.
                         let n = encoded.data.len() as u64;
-                        let decoded = encoded::decoded_bytes(&encoded)?;
-                        processor.run(&call, JobCost::estimated(decoded, n + 2 * decoded), move || encoded::decode(&encoded)).await?
+                        let cost = encoded::decode_cost(&encoded)?;
+                        processor.run(&call, JobCost::estimated(cost.decoded, n + cost.peak), move || encoded::decode(&encoded)).await?
                     }
                     RequestImage::Raw(buffer) => buffer,
                 };
