@@ -12,8 +12,8 @@ use super::{
     stream::{self, Reassembly, chunks},
 };
 use super::{
-    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, encoded, live_buffers, message_bytes, tenant_of,
-    traced,
+    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, answer_bytes, encoded, legacy::SplicedAnswer,
+    live_buffers, message_bytes, tenant_of, traced,
 };
 use crate::{imagefile::DecodeLimits, serving::admission::CallMemory, tenancy::JobCost};
 use crate::{
@@ -33,11 +33,16 @@ pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessStreamResponse
 #[derive(Clone, Debug)]
 pub struct V1Service {
     processor: Processor,
+    /// Raw Process answers go out as [`SplicedAnswer`]s (not when
+    /// responses may be compressed: `server.compress_responses`).
+    splice: bool,
 }
 
 impl V1Service {
-    pub fn new(processor: Processor) -> Self {
-        Self { processor }
+    /// `splice`: send raw Process answers as [`SplicedAnswer`]s; only for a
+    /// server that never compresses responses.
+    pub fn new(processor: Processor, splice: bool) -> Self {
+        Self { processor, splice }
     }
 }
 
@@ -154,7 +159,7 @@ impl ImageService for V1Service {
 
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let tenant = tenant_of(&request);
-        let processor = self.processor.clone();
+        let (processor, splice) = (self.processor.clone(), self.splice);
         traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
                 let call = processor.call(&request, &tenant, &[], || request.get_ref().encoded_len())?;
@@ -189,9 +194,15 @@ impl ImageService for V1Service {
                     }
                     None => out.into_v1(),
                 };
-                let response = ProcessResponse { image: Some(image) };
-                processor.hold(&call.account, message_bytes(&response)).await?;
-                Ok::<_, ServiceError>(Response::new(response))
+                let mut response = ProcessResponse { image: Some(image) };
+                let message = message_bytes(&response);
+                let spliced = if splice { SplicedAnswer::split_process(&mut response) } else { None };
+                processor.hold(&call.account, answer_bytes(message, spliced.is_some(), !splice)).await?;
+                let mut response = Response::new(response);
+                if let Some(spliced) = spliced {
+                    response.extensions_mut().insert(spliced);
+                }
+                Ok::<_, ServiceError>(response)
             })
         })
         .await

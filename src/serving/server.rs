@@ -257,7 +257,7 @@ impl Server {
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd);
-        let mut v1 = ImageServiceServer::new(V1Service::new(processor))
+        let mut v1 = ImageServiceServer::new(V1Service::new(processor, !settings.compress_responses))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
