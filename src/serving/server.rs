@@ -782,17 +782,16 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                 Ok(Ok(stream)) => {
                     let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
                     // The request bytes HTTP/2 may buffer for this connection
-                    // unread: charged to the tenant, or the connection is
-                    // closed (its share is taken by its other connections
-                    // and calls).
-                    let window = match identity.tenant.as_ref().map(|t| tenancy.connection_account(t, connection_window)) {
-                        Ok(Ok(window)) => window,
-                        Ok(Err(e)) => {
+                    // unread: charged to the tenant (no tenant served: to the
+                    // unserved pool), or the connection is closed (its share
+                    // is taken by its other connections and calls).
+                    let window = match tenancy.connection_account(identity.tenant.as_ref().ok(), connection_window) {
+                        Ok(window) => Some(window),
+                        Err(e) => {
                             metrics::counter!("imgsvc_connections_refused_total", "reason" => "memory").increment(1);
                             tracing::warn!(%peer, error = %e, "no memory for the connection's HTTP/2 window: closing it");
                             return;
                         }
-                        Err(_) => None, // no tenant: its calls are refused
                     };
                     // Served on the tenant's I/O lane (see `crate::serving::lanes`);
                     // none once shutting down: the connection is dropped.
