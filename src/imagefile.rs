@@ -442,17 +442,20 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     // Header only: the decoder is built (it reads the header) under the
     // allocation limit, and the dimensions are checked before any pixel
     // buffer exists.
+    let (reader, failed, _) = header_reader(&data, encoding, limits);
+    let bytes = checked_size(&reader.into_decoder().map_err(failed)?, limits)?;
+    // The header again, under the allocation limit this decode is charged
+    // for: some decoders (PNG's) take their own limit when they read it.
+    let limits = DecodeLimits { max_alloc_bytes: limits.max_alloc_bytes.min(bytes + decoder_working(bytes)), ..limits };
     let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
     let mut decoder = reader.into_decoder().map_err(failed)?;
-    let bytes = checked_size(&decoder, limits)?;
     // As `ImageReader::decode` does: the output buffer counts against the
     // allocation limit, the decoder gets what is left — its working
-    // allowance in [`DecodeCost`], no more, whatever the caller's limit;
+    // allowance in [`DecodeCost`], no more, whatever the caller's limit —
     // and the side limits make the decoder itself refuse anything larger
     // than we checked.
     let side = u32::try_from(limits.max_pixels).unwrap_or(u32::MAX);
     let mut decode_limits = header_limits;
-    decode_limits.max_alloc = Some(limits.max_alloc_bytes.min(bytes + decoder_working(bytes)));
     decode_limits.max_image_width = Some(side);
     decode_limits.max_image_height = Some(side);
     decode_limits.reserve(bytes).map_err(failed)?;
