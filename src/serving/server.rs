@@ -275,7 +275,7 @@ impl Server {
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd);
-        let mut v1 = ImageServiceServer::new(V1Service::new(processor))
+        let mut v1 = ImageServiceServer::new(V1Service::new(processor, !settings.compress_responses))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
@@ -443,6 +443,12 @@ impl ReloadHandle {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let tls = ServerTls::load(&settings.tls)?;
         let restart_needed = restart_only_changes(&current, &settings);
+        // tonic's message limits were fixed at the start; the admission
+        // layer charges messages up to the same limit, so the one in force
+        // stays in force everywhere until a restart (a lower one half
+        // applied let messages between the two through uncharged).
+        let mut settings = settings;
+        settings.limits.max_message_bytes = current.limits.max_message_bytes;
         self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
         self.tls_config.send_replace(tls.config.clone());
         self.certificates.publish(&tls, settings.tls.expiry_warning_days);
@@ -772,17 +778,16 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     let identity = PeerIdentity::of(Some(peer), Some(certificates), &trust_domain);
                     let certificates: Vec<_> = certificates.iter().map(|c| c.clone().into_owned()).collect();
                     // The request bytes HTTP/2 may buffer for this connection
-                    // unread: charged to the tenant, or the connection is
-                    // closed (its share is taken by its other connections
-                    // and calls).
-                    let window = match identity.tenant.as_ref().map(|t| tenancy.connection_account(t, connection_window)) {
-                        Ok(Ok(window)) => window,
-                        Ok(Err(e)) => {
+                    // unread: charged to the tenant (no tenant served: to the
+                    // unserved pool), or the connection is closed (its share
+                    // is taken by its other connections and calls).
+                    let window = match tenancy.connection_account(identity.tenant.as_ref().ok(), connection_window) {
+                        Ok(window) => Some(window),
+                        Err(e) => {
                             metrics::counter!("imgsvc_connections_refused_total", "reason" => "memory").increment(1);
                             tracing::warn!(%peer, error = %e, "no memory for the connection's HTTP/2 window: closing it");
                             return;
                         }
-                        Err(_) => None, // no tenant: its calls are refused
                     };
                     // Served on the tenant's I/O lane (see `crate::serving::lanes`);
                     // none once shutting down: the connection is dropped.

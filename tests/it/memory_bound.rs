@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::common::*;
+use crate::{common::*, h2raw::{grpc_answer, grpc_answer_of}};
 use bytes::Bytes;
 use imgsvc::{
     client::{self, Api, CallOptions, ClientError, Op, RawImage, StreamMode},
@@ -395,27 +395,6 @@ async fn a_request_that_can_never_fit_is_refused_at_its_prefix_and_the_server_ke
     // Within the share: served on the same connection.
     let fits = image(1000, 1000, 2);
     assert_eq!(client.mean_filter(legacy(&fits)).await.unwrap().into_inner().data, fits.data);
-}
-
-/// The whole answer of a call over raw HTTP/2: its status (from the
-/// trailers, or the headers of a trailers-only answer) and its body bytes.
-async fn grpc_answer(response: h2::client::ResponseFuture) -> (tonic::Status, Vec<u8>) {
-    grpc_answer_of(response.await.unwrap()).await
-}
-
-async fn grpc_answer_of(response: tonic::codegen::http::Response<h2::RecvStream>) -> (tonic::Status, Vec<u8>) {
-    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-        return (status, Vec::new());
-    }
-    let mut body = response.into_body();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.unwrap();
-        body.flow_control().release_capacity(chunk.len()).unwrap();
-        data.extend_from_slice(&chunk);
-    }
-    let trailers = body.trailers().await.unwrap().expect("trailers");
-    (tonic::Status::from_header_map(&trailers).expect("a grpc-status"), data)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
