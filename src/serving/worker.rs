@@ -61,6 +61,14 @@ impl WorkerPool {
         self.pool.current_num_threads()
     }
 
+    /// Starts `job` on the pool and returns at once: for jobs the caller
+    /// has already admitted (the tenancy scheduler reserves a thread before
+    /// it spawns, so these never wait behind each other). A panic in `job`
+    /// is the job's to catch.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        self.pool.spawn(job);
+    }
+
     /// Runs `job` on the pool and waits for its result.
     pub async fn run<R, F>(&self, job: F) -> Result<R, WorkerError>
     where

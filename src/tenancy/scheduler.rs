@@ -1,27 +1,34 @@
 //! Weighted fair queueing of pixel work across tenants: deficit round robin
-//! over per-tenant FIFO queues, where a job's cost is its pixel count.
+//! over per-tenant FIFO queues, where a job's cost is its CPU time.
 //!
 //! Each round, a tenant with queued work earns `weight × quantum` of credit
 //! and runs jobs from the front of its queue while its credit covers them.
-//! Over time every backlogged tenant gets pixel throughput in proportion to
-//! its weight, whatever the sizes of the other tenants' images, so a tenant
-//! flooding large images cannot starve one sending small ones. This type is
-//! pure bookkeeping (no threads, no clock): [`crate::tenancy::Tenancy`]
-//! drives it.
+//! A job is queued with an estimate of its cost; when it has run, the
+//! difference between the CPU time it really took and the estimate is
+//! charged to its tenant ([`DrrScheduler::charge`]), as Linux CFS charges
+//! the time a task ran: a tenant whose jobs cost more than estimated goes
+//! into debt and waits until the others have had their share. Debt is kept
+//! when a tenant's queue empties (unused credit is forfeited, as DRR
+//! requires). Over time every backlogged tenant gets CPU time in proportion
+//! to its weight, whatever the formats, encodings and sizes of the other
+//! tenants' images. This type is pure bookkeeping (no threads, no clock):
+//! [`crate::tenancy::Tenancy`] drives it.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::identity::TenantId;
 
-/// Credit a weight-1 tenant earns per round, in pixels. About one
-/// 1024×1024 image: small enough that a round stays short, large enough
-/// that typical images need few rounds.
+/// Credit a weight-1 tenant earns per round, in cost units (nanoseconds
+/// of CPU; a job's estimate before it runs is one unit per pixel). About
+/// a millisecond, or one 1024×1024 image: small enough that a round stays
+/// short, large enough that typical jobs need few rounds.
 pub const QUANTUM_PIXELS: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct TenantQueue<T> {
     weight: u32,
-    deficit: u64,
+    /// Credit (positive) or debt (negative), in cost units.
+    deficit: i64,
     jobs: VecDeque<(u64, T)>,
 }
 
@@ -85,13 +92,13 @@ impl<T> DrrScheduler<T> {
                     let queue = &self.queues[tenant];
                     let (cost, job) = queue.jobs.front()?;
                     let per_round = u64::from(queue.weight) * QUANTUM_PIXELS;
-                    eligible(tenant, job).then(|| cost.saturating_sub(queue.deficit).div_ceil(per_round))
+                    eligible(tenant, job).then(|| (*cost as i64).saturating_sub(queue.deficit).max(0).unsigned_abs().div_ceil(per_round))
                 })
                 .min()?;
             for tenant in &self.active {
                 let queue = self.queues.get_mut(tenant).expect("active tenants have queues");
                 if queue.jobs.front().is_some_and(|(_, job)| eligible(tenant, job)) {
-                    queue.deficit += rounds_needed * u64::from(queue.weight) * QUANTUM_PIXELS;
+                    queue.deficit += (rounds_needed * u64::from(queue.weight) * QUANTUM_PIXELS) as i64;
                 }
             }
         }
@@ -108,24 +115,45 @@ impl<T> DrrScheduler<T> {
                 self.active.rotate_left(1);
                 continue;
             }
-            if queue.deficit < *cost {
+            if queue.deficit < *cost as i64 {
                 // Not enough credit: earn this round's and move on.
-                queue.deficit += u64::from(queue.weight) * QUANTUM_PIXELS;
+                queue.deficit += (u64::from(queue.weight) * QUANTUM_PIXELS) as i64;
                 self.active.rotate_left(1);
                 continue;
             }
             let cost = *cost;
-            queue.deficit -= cost;
+            queue.deficit -= cost as i64;
             let (_, job) = queue.jobs.pop_front().expect("checked non-empty");
             self.len -= 1;
             if queue.jobs.is_empty() {
-                // Leaving the round forfeits unused credit, as DRR requires.
-                queue.deficit = 0;
+                // Leaving the round forfeits unused credit, as DRR
+                // requires; debt is kept.
+                queue.deficit = queue.deficit.min(0);
                 self.active.pop_front();
             }
             return Some((tenant, job));
         }
         None
+    }
+
+    /// Charges `tenant` `delta` cost units more (or, negative, fewer) than
+    /// its job was queued with: what the job really cost once it ran.
+    pub fn charge(&mut self, tenant: &TenantId, delta: i64) {
+        let queue = self.queues.entry(tenant.clone()).or_insert_with(|| TenantQueue { weight: 1, deficit: 0, jobs: VecDeque::new() });
+        queue.deficit = queue.deficit.saturating_sub(delta);
+        if queue.jobs.is_empty() {
+            queue.deficit = queue.deficit.min(0);
+        }
+    }
+
+    /// The weight `tenant` was last queued with.
+    pub fn weight(&self, tenant: &TenantId) -> Option<u32> {
+        self.queues.get(tenant).map(|q| q.weight)
+    }
+
+    /// Tenants with queued jobs.
+    pub fn active(&self) -> impl Iterator<Item = &TenantId> {
+        self.active.iter()
     }
 
     /// Keeps only the jobs `keep` accepts (drops cancelled requests).
@@ -136,7 +164,7 @@ impl<T> DrrScheduler<T> {
             queue.jobs.retain(|(_, job)| keep(job));
             removed += before - queue.jobs.len();
             if queue.jobs.is_empty() {
-                queue.deficit = 0;
+                queue.deficit = queue.deficit.min(0);
             }
         }
         self.len -= removed;
