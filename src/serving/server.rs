@@ -393,6 +393,7 @@ fn lane_server(
         .http2_adaptive_window(Some(settings.http2_adaptive_window))
         .max_frame_size(Some(settings.http2_max_frame_size))
         .layer(TrackCallsLayer)
+        .layer(super::deadline::DeadlineLayer::new(settings.max_deadline))
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
         .layer(AdmissionLayer::new(tenancy.clone()))

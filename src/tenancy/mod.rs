@@ -52,7 +52,7 @@ use crate::{
 use memory::{Account, Budget, MemoryError, Stage};
 use policy::{Operation, TenancyConfig, TenantPolicy};
 use rate::TokenBucket;
-use scheduler::DrrScheduler;
+use scheduler::FairScheduler;
 
 /// Why a tenant's request was refused.
 #[derive(Debug, Error, PartialEq)]
@@ -202,7 +202,7 @@ struct State {
     /// Of those, calls of tenants without a `[tenants.<name>]` table
     /// (served with the defaults): they share one part of the queue.
     unconfigured_calls: u32,
-    scheduler: DrrScheduler<Pending>,
+    scheduler: FairScheduler<Pending>,
 }
 
 struct Shared {
@@ -246,7 +246,7 @@ impl Tenancy {
             waiting_memory: HashMap::new(),
             calls: HashMap::new(),
             unconfigured_calls: 0,
-            scheduler: DrrScheduler::default(),
+            scheduler: FairScheduler::default(),
         };
         Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots, budget }) }
     }

@@ -244,7 +244,7 @@ async fn queued_work_from_weights_1_and_3_is_served_1_to_3() {
     let order = Arc::new(Mutex::new(Vec::new()));
     // Each job takes about a quarter quantum of CPU, as estimated (what a
     // job really costs is charged after it ran).
-    let cost = JobCost::kernels(scheduler::QUANTUM_PIXELS / 4, 1);
+    let cost = JobCost::kernels(scheduler::MILLISECOND / 4, 1);
     let mut calls = Vec::new();
     for i in 0..40 {
         for name in ["light", "heavy"] {
@@ -252,7 +252,7 @@ async fn queued_work_from_weights_1_and_3_is_served_1_to_3() {
             let adm = ten.admit(&t(name), &[], 0).unwrap();
             calls.push(tokio::spawn(async move {
                 ten2.run(&adm, cost, move || {
-                    burn_cpu(Duration::from_nanos(scheduler::QUANTUM_PIXELS / 4));
+                    burn_cpu(Duration::from_nanos(scheduler::MILLISECOND / 4));
                     order.lock().unwrap().push(name)
                 })
                 .await
@@ -398,11 +398,13 @@ async fn cpu_shares(weights: (u32, u32), window: Duration) -> (f64, f64) {
         let data: Vec<u8> = (0..shape.bytes()).map(|i| (i * 31 % 251) as u8).collect();
         shape.with_data(bytes::Bytes::from(data)).unwrap()
     }
-    let mut rotating = policy_with(24, 100);
+    let mut rotating = policy_with(64, 100);
     rotating.weight = weights.0;
-    let mut filtering = policy_with(24, 100);
+    let mut filtering = policy_with(64, 100);
     filtering.weight = weights.1;
-    let ten = tenancy(&[("rotating", rotating), ("filtering", filtering)], 2, 1 << 30);
+    let mut runtime = runtime(&[("rotating", rotating), ("filtering", filtering)], 1 << 30);
+    runtime.limits.max_queued_jobs = 1000;
+    let ten = Tenancy::new(runtime, WorkerPool::new(2, 1000).unwrap());
     // GRAY8 quarter turns of 1000×1000 (1 byte a pixel, a transpose) and
     // RGBA16 mean filters of 256×256 encoded as PNG (8 bytes a pixel, a
     // conversion and a deflate): per pixel, the second costs far more.
@@ -410,9 +412,10 @@ async fn cpu_shares(weights: (u32, u32), window: Duration) -> (f64, f64) {
     let rgba16 = image(PixelFormat::Rgba16, 256, 256);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut loops = Vec::new();
-    // Enough calls that neither tenant's queue runs dry between jobs
-    // (the answers have to reach the loops and new jobs come back).
-    for _ in 0..24 {
+    // Enough calls that neither tenant's queue runs dry between jobs (the
+    // answers have to reach the loops and new jobs come back: a quarter
+    // turn of GRAY8 takes well under a millisecond).
+    for _ in 0..64 {
         for name in ["rotating", "filtering"] {
             let (ten, stop, gray, rgba16) = (ten.clone(), stop.clone(), gray.clone(), rgba16.clone());
             let adm = ten.admit(&t(name), &[], 0).unwrap();
