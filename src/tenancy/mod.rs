@@ -533,15 +533,19 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
         let running = &state.running;
         let workers = shared.worker_slots as u64;
         let active = active_weight(state, None);
+        let lagging = state.scheduler.lagging(LAG_SLACK_NS).cloned();
         // A queued job's memory is already held (see `Tenancy::run_charged`).
         // First pass: tenants under their weighted part of the workers
-        // (inline jobs included); only if none of those can start, any
-        // tenant under its own concurrency limit (no worker left idle).
+        // (inline jobs included), or behind every other tenant in CPU time
+        // (a worker of theirs got less of the cores); only if none of
+        // those can start, any tenant under its own concurrency limit (no
+        // worker left idle).
         let picked = state
             .scheduler
             .pop(|tenant, p| {
                 let n = running.get(tenant).copied().unwrap_or(0);
-                p.state.gone() || (n < p.max_concurrent && u64::from(n) * active < workers * u64::from(p.weight))
+                let under_part = u64::from(n) * active < workers * u64::from(p.weight);
+                p.state.gone() || (n < p.max_concurrent && (under_part || lagging.as_ref() == Some(tenant)))
             })
             .or_else(|| state.scheduler.pop(|tenant, p| p.state.gone() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent));
         let Some((tenant, pending)) = picked else { break };
@@ -605,6 +609,10 @@ where
     drop(reservation);
     result.map_err(|panic| WorkerError::Panicked(crate::serving::worker::panic_message(&panic)).into())
 }
+
+/// How far (CPU time at weight 1) a tenant must be behind every other
+/// waiting tenant before it may take a worker beyond its part.
+const LAG_SLACK_NS: u64 = 20_000_000;
 
 /// The weights of the tenants with jobs queued or running (and of
 /// `also`): what the workers are shared between now.

@@ -127,6 +127,18 @@ impl<T> FairScheduler<T> {
         queue.advance(delta);
     }
 
+    /// The active tenant whose virtual time is behind every other active
+    /// tenant's by more than `slack` nanoseconds of CPU (at weight 1), if
+    /// any: it has had less than its share, and may catch up.
+    pub fn lagging(&self, slack: u64) -> Option<&TenantId> {
+        let mut by_time = self.active.iter().map(|t| (self.queues[t].vtime, t)).collect::<Vec<_>>();
+        by_time.sort_by_key(|(v, _)| *v);
+        match by_time.as_slice() {
+            [(least, tenant), (next, _), ..] if least.saturating_add(slack.saturating_mul(SCALE)) < *next => Some(*tenant),
+            _ => None,
+        }
+    }
+
     /// The weight `tenant` was last queued with.
     pub fn weight(&self, tenant: &TenantId) -> Option<u32> {
         self.queues.get(tenant).map(|q| q.weight)

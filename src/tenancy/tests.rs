@@ -457,8 +457,46 @@ async fn tenants_get_cpu_time_in_proportion_to_their_weights_whatever_their_form
     // A share ratio, not a timing: each figure is CPU time measured per job.
     let (rotating, filtering) = cpu_shares((1, 1), Duration::from_millis(1200)).await;
     let ratio = rotating / filtering;
+    eprintln!("weights 1:1: rotating {rotating:.3} s, filtering {filtering:.3} s of CPU (ratio {ratio:.2})");
     assert!((0.8..=1.2).contains(&ratio), "weights 1:1: rotating {rotating:.3} s, filtering {filtering:.3} s of CPU (ratio {ratio:.2})");
     let (rotating, filtering) = cpu_shares((1, 3), Duration::from_millis(1200)).await;
     let ratio = filtering / rotating;
+    eprintln!("weights 1:3: rotating {rotating:.3} s, filtering {filtering:.3} s of CPU (ratio {ratio:.2})");
     assert!((2.4..=3.6).contains(&ratio), "weights 1:3: rotating {rotating:.3} s, filtering {filtering:.3} s of CPU (ratio {ratio:.2})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holds_no_more_than_its_part_of_the_workers_while_another_waits() {
+    let ten = tenancy(&[("a", policy_with(4, 10)), ("b", policy_with(4, 10))], 2, 1 << 30);
+    let (a, b) = (ten.admit(&t("a"), &[], 0).unwrap(), ten.admit(&t("b"), &[], 0).unwrap());
+    // Alone, "a" takes both workers, and queues a third job.
+    let mut releases = Vec::new();
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let (job, release, started) = held_job();
+        releases.push((release, started));
+        let (ten, a) = (ten.clone(), a.clone());
+        calls.push(tokio::spawn(async move { ten.run(&a, SMALL, job).await }));
+    }
+    until(|| ten.load(&t("a")) == TenantLoad { running: 2, queued: 1 }).await;
+    let (job, release_b, _) = held_job();
+    let b_call = tokio::spawn({
+        let ten = ten.clone();
+        async move { ten.run(&b, SMALL, job).await }
+    });
+    until(|| ten.load(&t("b")).queued == 1).await;
+    // A worker frees: "b" waits and "a" is at its part (one of two), so
+    // "b" gets it although "a"'s job was queued first.
+    let running = releases.iter_mut().position(|(_, started)| started.try_recv().is_ok()).expect("a job of a's runs");
+    releases.remove(running).0.send(()).unwrap();
+    until(|| ten.load(&t("b")).running == 1).await;
+    assert_eq!(ten.load(&t("a")), TenantLoad { running: 1, queued: 1 });
+    release_b.send(()).unwrap();
+    b_call.await.unwrap().unwrap();
+    for (r, _) in releases {
+        r.send(()).unwrap();
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
 }
