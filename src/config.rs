@@ -1071,6 +1071,17 @@ mod tests {
                 "unknown operation \"blur\" (known: rotate, mean_filter)",
             ),
             ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
+            ("[tenants.a]\nrequests_per_second = 1e-21", "tenants.a.requests_per_second", "0.000000000000000000001 is out of range 0.000001..=1000000 (0 = no rate limit)"),
+            (
+                "[limits]\nmax_queued_jobs = 2\n[tenants.a]\n[tenants.b]\n[tenants.c]\nweight = 2",
+                "limits.max_queued_jobs",
+                "2 cannot give every tenant a place in the queue: tenant \"a\" (weight 1 of 4) would get none; at least 4 needed",
+            ),
+            (
+                "[tenants.a]\nmax_queued_requests = 200\n[tenants.b]",
+                "tenants.a.max_queued_requests",
+                "200 cannot be honoured: the tenant's weighted part of limits.max_queued_jobs is 256 x weight 1 / total weight 2 = 128",
+            ),
             ("[tenants.a]\nmax_image_pixels = 200000000", "tenants.a.max_image_pixels", "(at most limits.max_image_pixels)"),
             ("[tenants.Bad]\nweight = 1", "tenants.Bad", "invalid tenant name"),
             ("[tenants.a]\nwieght = 1", "wieght", "unknown field"),

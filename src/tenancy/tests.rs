@@ -120,6 +120,46 @@ fn a_reload_changes_the_rate_for_the_next_request() {
 }
 
 #[test]
+fn a_rate_removed_and_restored_by_reloads_gives_no_fresh_burst() {
+    let mut p = policy_with(1, 1);
+    p.rate = Some((0.001, 1));
+    let ten = tenancy(&[("a", p.clone())], 1, 1 << 20);
+    let t0 = Instant::now();
+    assert!(ten.admit_at(&t("a"), &[], 0, t0).is_ok());
+    let mut unlimited = p.clone();
+    unlimited.rate = None;
+    ten.reconfigure(runtime(&[("a", unlimited)], 1 << 20));
+    assert!(ten.admit_at(&t("a"), &[], 0, t0).is_ok());
+    ten.reconfigure(runtime(&[("a", p)], 1 << 20));
+    let err = ten.admit_at(&t("a"), &[], 0, t0 + Duration::from_secs(1)).unwrap_err();
+    assert_eq!(err.reason(), "rate_limited", "{err}");
+}
+
+#[test]
+fn a_call_refused_for_its_slots_takes_no_token() {
+    let mut p = policy_with(1, 0);
+    p.rate = Some((0.001, 2));
+    let ten = tenancy(&[("a", p)], 1, 1 << 20);
+    let (_admission, slot) = ten.admit_call(&t("a"), &[]).unwrap();
+    let busy = ten.admit_call(&t("a"), &[]).unwrap_err();
+    assert_eq!(
+        busy.to_string(),
+        "tenant \"a\" already has 1 requests running or queued, its limit (max_concurrent_requests 1 + max_queued_requests 0)"
+    );
+    drop(slot);
+    // The refused call left the second token: this one takes it.
+    let (_admission, _slot) = ten.admit_call(&t("a"), &[]).unwrap();
+}
+
+#[test]
+fn a_tiny_rate_answers_a_long_retry_hint_instead_of_panicking() {
+    let mut bucket = rate::TokenBucket::new(1e-21, 1, Instant::now());
+    let now = Instant::now();
+    assert!(bucket.try_take(now).is_ok());
+    assert_eq!(bucket.try_take(now), Err(Duration::MAX));
+}
+
+#[test]
 fn admit_refuses_requests_over_the_tenant_byte_limit_and_caps_pixels_at_the_server_limit() {
     let mut p = policy_with(1, 1);
     p.max_image_pixels = 1_000_000; // above the server's 5000

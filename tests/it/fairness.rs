@@ -168,3 +168,42 @@ fn a_stalled_stream_without_a_deadline_is_ended_at_the_server_maximum_and_releas
 fn header_of(side: u32) -> StreamHeader {
     StreamHeader { format: PixelFormat::Gray8 as i32, width: side, height: side, operations: vec![] }
 }
+
+const ENCODES: &str = "fair-encodes";
+
+#[test]
+fn an_output_the_encoder_cannot_hold_is_refused_before_any_work() {
+    block_on(async {
+        let pki = Pki::new(&[ENCODES]);
+        let server = TestServer::start(&pki);
+        let admin = server.admin_addr.unwrap();
+        let mut c = client(channel(&server, &pki, ENCODES).await);
+        let request = |width: u32, height: u32, quarter_turns: u32, encoding: v1::ImageEncoding| ProcessRequest {
+            image: Some(Image {
+                format: PixelFormat::Gray8 as i32,
+                width,
+                height,
+                data: Bytes::from(vec![1u8; (width * height) as usize]),
+                encoded: None,
+            }),
+            operations: vec![v1::Operation {
+                kind: Some(Kind::Rotate(v1::Rotate { amount: Some(v1::rotate::Amount::QuarterTurns(quarter_turns)) })),
+            }],
+            output: Some(v1::OutputEncoding { encoding: encoding as i32, jpeg_quality: 0 }),
+        };
+        let cases = [
+            (16_384, 1, 0, v1::ImageEncoding::Webp, "WebP cannot hold a 16384x1 image: at most 16383 pixels wide and high"),
+            // Rotated a quarter turn, a 1x16384 image is 16384 wide.
+            (1, 16_384, 1, v1::ImageEncoding::Webp, "WebP cannot hold a 16384x1 image: at most 16383 pixels wide and high"),
+            (65_536, 1, 2, v1::ImageEncoding::Jpeg, "JPEG cannot hold a 65536x1 image: at most 65535 pixels wide and high"),
+        ];
+        for (width, height, turns, encoding, message) in cases {
+            let status = c.process(request(width, height, turns, encoding)).await.unwrap_err();
+            assert_eq!((status.code(), status.message()), (Code::InvalidArgument, message));
+        }
+        assert_eq!(metric(&scrape(admin), "imgsvc_jobs_started_total", &[("tenant", ENCODES)]), None, "no job ran");
+        // At the limit it is written.
+        let image = c.process(request(16_383, 1, 0, v1::ImageEncoding::Webp)).await.unwrap().into_inner().image.unwrap();
+        assert_eq!((image.width, image.height), (16_383, 1));
+    })
+}
