@@ -79,10 +79,10 @@ impl Encoding {
     }
 
     /// The widest and highest image the format can hold, if it has such a
-    /// limit: WebP 16383 (14-bit dimensions), JPEG 65535 (16-bit).
+    /// limit: WebP 16384 (14-bit dimensions minus one), JPEG 65535 (16-bit).
     pub fn max_side(self) -> Option<u32> {
         match self {
-            Self::WebP => Some(16_383),
+            Self::WebP => Some(16_384),
             Self::Jpeg => Some(65_535),
             _ => None,
         }

@@ -846,6 +846,12 @@ fn count_started(tenant: &TenantId) {
     metrics::counter!("imgsvc_jobs_started_total", "tenant" => tenant.to_string()).increment(1);
 }
 
+/// Counts a running job that stopped early because its caller had gone
+/// (`imgsvc_jobs_abandoned_total`).
+pub fn count_abandoned() {
+    metrics::counter!("imgsvc_jobs_abandoned_total").increment(1);
+}
+
 fn count_cancelled(tenant: &TenantId) {
     metrics::counter!("imgsvc_cancelled_while_queued_total", "tenant" => tenant.to_string()).increment(1);
 }

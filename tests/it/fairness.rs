@@ -101,10 +101,10 @@ fn a_third_tenant_is_served_in_full_while_two_others_flood_the_queue() {
         for c in steady_calls {
             steady_results.extend(c.await.unwrap());
         }
-        let mut flood_refusals = 0;
+        let (mut flood_refusals, mut flood_served) = (0, std::collections::HashMap::new());
         for f in floods {
             let (tenant, served, refused) = f.await.unwrap();
-            assert!(served > 0, "{tenant} is served within its part");
+            *flood_served.entry(tenant).or_insert(0) += served;
             let part = format!(
                 "tenant \"{tenant}\" already has 5 calls open, its weighted part of the server's queue and workers: (limits.max_queued_jobs 16 + 1 workers) x weight 1 / total weight 3 = 5"
             );
@@ -114,6 +114,9 @@ fn a_third_tenant_is_served_in_full_while_two_others_flood_the_queue() {
             flood_refusals += refused.len();
         }
         assert!(flood_refusals > 0, "the flooders went past their parts (else the test floods too little)");
+        for tenant in [FLOOD_A, FLOOD_B] {
+            assert!(flood_served[tenant] > 0, "{tenant} is served within its part");
+        }
         let failed: Vec<_> = steady_results.iter().filter(|(r, _)| r != &Ok(Some((SIDE, SIDE)))).collect();
         assert!(failed.is_empty(), "every call of the steady tenant is served: {failed:?}");
         assert!(steady_results.len() >= 10, "the steady tenant made {} calls", steady_results.len());
@@ -192,9 +195,9 @@ fn an_output_the_encoder_cannot_hold_is_refused_before_any_work() {
             output: Some(v1::OutputEncoding { encoding: encoding as i32, jpeg_quality: 0 }),
         };
         let cases = [
-            (16_384, 1, 0, v1::ImageEncoding::Webp, "WebP cannot hold a 16384x1 image: at most 16383 pixels wide and high"),
-            // Rotated a quarter turn, a 1x16384 image is 16384 wide.
-            (1, 16_384, 1, v1::ImageEncoding::Webp, "WebP cannot hold a 16384x1 image: at most 16383 pixels wide and high"),
+            (16_385, 1, 0, v1::ImageEncoding::Webp, "WebP cannot hold a 16385x1 image: at most 16384 pixels wide and high"),
+            // Rotated a quarter turn, a 1x16385 image is 16385 wide.
+            (1, 16_385, 1, v1::ImageEncoding::Webp, "WebP cannot hold a 16385x1 image: at most 16384 pixels wide and high"),
             (65_536, 1, 2, v1::ImageEncoding::Jpeg, "JPEG cannot hold a 65536x1 image: at most 65535 pixels wide and high"),
         ];
         for (width, height, turns, encoding, message) in cases {
@@ -203,7 +206,60 @@ fn an_output_the_encoder_cannot_hold_is_refused_before_any_work() {
         }
         assert_eq!(metric(&scrape(admin), "imgsvc_jobs_started_total", &[("tenant", ENCODES)]), None, "no job ran");
         // At the limit it is written.
-        let image = c.process(request(16_383, 1, 0, v1::ImageEncoding::Webp)).await.unwrap().into_inner().image.unwrap();
-        assert_eq!((image.width, image.height), (16_383, 1));
+        let image = c.process(request(16_384, 1, 0, v1::ImageEncoding::Webp)).await.unwrap().into_inner().image.unwrap();
+        assert_eq!((image.width, image.height), (16_384, 1));
+    })
+}
+
+const ABANDONED: &str = "fair-abandoned";
+
+/// The tenant's CPU time in `/metrics` once it differs from `from` (its jobs
+/// are charged when they end), within 20 s; `None` if its last job was
+/// cancelled before it started instead.
+async fn cpu_after(admin: std::net::SocketAddr, tenant: &str, from: f64) -> Option<f64> {
+    for _ in 0..1000 {
+        let text = scrape(admin);
+        let seen = metric(&text, "imgsvc_tenant_cpu_seconds_total", &[("tenant", tenant)]).unwrap_or(0.0);
+        if seen != from {
+            return Some(seen);
+        }
+        if metric(&text, "imgsvc_cancelled_while_queued_total", &[("tenant", tenant)]).is_some() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{tenant}'s CPU time did not change from {from} within 20 s");
+}
+
+#[test]
+fn a_job_whose_deadline_passes_stops_early_and_frees_its_worker() {
+    block_on(async {
+        let pki = Pki::new(&[ABANDONED]);
+        let server = TestServer::start_with(&pki, |raw| raw.limits.max_operations = 1024);
+        let admin = server.admin_addr.unwrap();
+        let mut c = client(channel(&server, &pki, ABANDONED).await);
+        // What 16 mean filters of a 1000x1000 RGB image cost here (one thread).
+        c.process(mean_filters(1000, 16)).await.unwrap();
+        let sixteen = cpu_after(admin, ABANDONED, 0.0).await.expect("the first call ran");
+        // 1024 of them would cost 64 times that (about 0.4 s here); the
+        // deadline passes long before, and the job's CPU time cannot exceed
+        // the call's wall time, 100 ms.
+        let mut request = tonic::Request::new(mean_filters(1000, 1024));
+        request.set_timeout(Duration::from_millis(100));
+        let status = c.process(request).await.unwrap_err();
+        assert_eq!((status.code(), status.message()), (Code::DeadlineExceeded, "the call's deadline (100 ms, grpc-timeout) has passed"));
+        match cpu_after(admin, ABANDONED, sixteen).await {
+            Some(total) => {
+                let abandoned = total - sixteen;
+                assert!(abandoned < sixteen * 64.0 / 3.0, "the abandoned job took {abandoned:.3} s of CPU; all of it would be {:.3} s", sixteen * 64.0);
+                let stopped = metric(&scrape(admin), "imgsvc_jobs_abandoned_total", &[]);
+                assert!(stopped.is_some_and(|n| n >= 1.0), "counted as abandoned: {stopped:?}");
+            }
+            // The machine was so busy that the upload took the whole deadline.
+            None => eprintln!("the job was cancelled before it started: nothing ran"),
+        }
+        // Its worker serves the next call.
+        let image = c.process(mean_filters(100, 1)).await.unwrap().into_inner().image.unwrap();
+        assert_eq!((image.width, image.height), (100, 100));
     })
 }
