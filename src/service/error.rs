@@ -125,6 +125,7 @@ impl From<ServiceError> for tonic::Status {
                 | T::RequestTooLarge { .. }
                 | T::TenantBusy { .. }
                 | T::ServerBusy { .. }
+                | T::QueueShare { .. }
                 | T::MemoryBudget { .. }
                 | T::Memory(_)
                 | T::Worker(WorkerError::Busy { .. }),

@@ -9,6 +9,7 @@
 //! - [`lanes`]: each tenant's connections on an I/O runtime of their own.
 //! - [`kernel_tls`]: the kernel encrypts a connection's records after the
 //!   rustls handshake (`tls.kernel_tls`).
+//! - [`deadline`]: call deadlines (`grpc-timeout`, `server.max_deadline_secs`).
 //! - [`admission`]: admission at the request's headers and the byte
 //!   accounting of request and response bodies (a tower layer).
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
@@ -29,6 +30,7 @@ pub mod admission;
 pub mod allocator;
 pub mod certwatch;
 pub mod connection;
+pub mod deadline;
 pub mod http2;
 pub mod kernel_tls;
 pub mod lanes;

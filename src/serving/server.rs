@@ -404,6 +404,7 @@ fn lane_server(
     let routes = tonic::service::Routes::new(health_service).add_service(reflection).add_service(legacy).add_service(v1).prepare();
     let router = tower::ServiceBuilder::new()
         .layer(TrackCallsLayer)
+        .layer(super::deadline::DeadlineLayer::new(settings.max_deadline))
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
         .layer(AdmissionLayer::new(tenancy.clone()))
@@ -506,6 +507,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.port", old.port != new.port);
     check("server.worker_threads", old.worker_threads != new.worker_threads);
     check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
+    check("server.max_deadline_secs", old.max_deadline != new.max_deadline);
     check("server.compress_responses", old.compress_responses != new.compress_responses);
     check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);

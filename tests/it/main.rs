@@ -46,6 +46,7 @@ mod container;
 mod decode_limits;
 mod deploy_files;
 mod encoded_images;
+mod fairness;
 mod faults;
 mod formats;
 mod gen_certs;
