@@ -68,7 +68,7 @@ impl ConnectionServing {
             .keep_alive_timeout(settings.http2_keepalive_timeout)
             .max_concurrent_streams(settings.max_concurrent_streams)
             .initial_stream_window_size(settings.http2_stream_window_bytes)
-            .initial_connection_window_size(settings.http2_connection_window_bytes)
+            .initial_connection_window_size(settings.http2_connection_window_advertised())
             // Overrides the two sizes above when set (hyper starts at 64 KiB).
             .adaptive_window(settings.http2_adaptive_window)
             .max_frame_size(settings.http2_max_frame_size);

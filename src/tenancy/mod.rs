@@ -100,6 +100,7 @@ impl TenancyError {
             Self::MemoryBudget { .. } => "memory_budget",
             Self::Memory(MemoryError::NeverFits { .. }) => "memory_share",
             Self::Memory(MemoryError::Exhausted { .. }) => "memory_exhausted",
+            Self::Memory(MemoryError::BodyTimeout { .. }) => "body_timeout",
             Self::Worker(_) => "worker",
         }
     }

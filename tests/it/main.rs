@@ -62,6 +62,7 @@ mod listen;
 mod load_balancing;
 mod logs;
 mod mean_filter;
+mod memory_admission;
 mod memory_bound;
 mod metrics;
 mod mtls;
