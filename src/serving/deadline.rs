@@ -226,7 +226,12 @@ impl Body for DeadlineBody {
 /// `status` as trailers: its `grpc-status` and `grpc-message`.
 fn status_trailers(status: Status) -> http::HeaderMap {
     let (parts, _) = status.into_http::<tonic::body::Body>().into_parts();
-    parts.headers.into_iter().filter_map(|(name, value)| Some((name?, value))).filter(|(name, _)| name.as_str().starts_with("grpc-")).collect()
+    parts
+        .headers
+        .into_iter()
+        .filter_map(|(name, value)| Some((name?, value)))
+        .filter(|(name, _)| name.as_str().starts_with("grpc-"))
+        .collect()
 }
 
 #[cfg(test)]

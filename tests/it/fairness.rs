@@ -251,7 +251,11 @@ fn a_job_whose_deadline_passes_stops_early_and_frees_its_worker() {
         match cpu_after(admin, ABANDONED, sixteen).await {
             Some(total) => {
                 let abandoned = total - sixteen;
-                assert!(abandoned < sixteen * 64.0 / 3.0, "the abandoned job took {abandoned:.3} s of CPU; all of it would be {:.3} s", sixteen * 64.0);
+                assert!(
+                    abandoned < sixteen * 64.0 / 3.0,
+                    "the abandoned job took {abandoned:.3} s of CPU; all of it would be {:.3} s",
+                    sixteen * 64.0
+                );
                 let stopped = metric(&scrape(admin), "imgsvc_jobs_abandoned_total", &[]);
                 assert!(stopped.is_some_and(|n| n >= 1.0), "counted as abandoned: {stopped:?}");
             }
