@@ -247,6 +247,17 @@ mod tests {
     }
 
     #[test]
+    fn the_answer_names_the_deadline_that_passed() {
+        let client = Source::Client(Duration::from_millis(300)).status();
+        assert_eq!((client.code(), client.message()), (tonic::Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed"));
+        let server = Source::Server(Duration::from_secs(300)).status();
+        assert_eq!(
+            (server.code(), server.message()),
+            (tonic::Code::DeadlineExceeded, "the call took longer than the server's maximum of 300 s (server.max_deadline_secs)")
+        );
+    }
+
+    #[test]
     fn image_calls_get_the_server_maximum_when_none_or_a_longer_one_is_sent() {
         let max = Duration::from_secs(60);
         let headers = |t: Option<&str>| {

@@ -158,13 +158,19 @@ fn a_stalled_stream_without_a_deadline_is_ended_at_the_server_maximum_and_releas
         assert_eq!(open, Some(0.0), "the stalled call's slot is released");
         let counted = metric(&scrape(admin), "imgsvc_requests_total", &[("tenant", STALLED), ("code", "DEADLINE_EXCEEDED")]);
         assert_eq!(counted, Some(1.0));
-        // A deadline the client sends is kept when it is shorter.
+        // A longer deadline from the client is capped at the server's.
+        // (A shorter one is the client's; tonic's client enforces it itself
+        // too, so which side answers first is a race: the message is
+        // checked in the layer's unit tests.)
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(ProcessStreamRequest { part: Some(Part::Header(header_of(100))) }).await.unwrap();
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        request.set_timeout(Duration::from_millis(200));
+        request.set_timeout(Duration::from_secs(30));
         let status = c.process_stream(request).await.unwrap_err();
-        assert_eq!((status.code(), status.message()), (Code::DeadlineExceeded, "the call's deadline (200 ms, grpc-timeout) has passed"));
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::DeadlineExceeded, "the call took longer than the server's maximum of 1 s (server.max_deadline_secs)")
+        );
     })
 }
 
@@ -214,17 +220,12 @@ fn an_output_the_encoder_cannot_hold_is_refused_before_any_work() {
 const ABANDONED: &str = "fair-abandoned";
 
 /// The tenant's CPU time in `/metrics` once it differs from `from` (its jobs
-/// are charged when they end), within 20 s; `None` if its last job was
-/// cancelled before it started instead.
-async fn cpu_after(admin: std::net::SocketAddr, tenant: &str, from: f64) -> Option<f64> {
+/// are charged when they end), within 20 s.
+async fn cpu_after(admin: std::net::SocketAddr, tenant: &str, from: f64) -> f64 {
     for _ in 0..1000 {
-        let text = scrape(admin);
-        let seen = metric(&text, "imgsvc_tenant_cpu_seconds_total", &[("tenant", tenant)]).unwrap_or(0.0);
+        let seen = metric(&scrape(admin), "imgsvc_tenant_cpu_seconds_total", &[("tenant", tenant)]).unwrap_or(0.0);
         if seen != from {
-            return Some(seen);
-        }
-        if metric(&text, "imgsvc_cancelled_while_queued_total", &[("tenant", tenant)]).is_some() {
-            return None;
+            return seen;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -232,32 +233,30 @@ async fn cpu_after(admin: std::net::SocketAddr, tenant: &str, from: f64) -> Opti
 }
 
 #[test]
-fn a_job_whose_deadline_passes_stops_early_and_frees_its_worker() {
+fn a_running_job_whose_caller_goes_away_stops_early_and_frees_its_worker() {
     block_on(async {
         let pki = Pki::new(&[ABANDONED]);
         let server = TestServer::start_with(&pki, |raw| raw.limits.max_operations = 1024);
         let admin = server.admin_addr.unwrap();
-        let mut c = client(channel(&server, &pki, ABANDONED).await);
+        let channel = channel(&server, &pki, ABANDONED).await;
+        let mut c = client(channel.clone());
         // What 16 mean filters of a 1000x1000 RGB image cost here (one thread).
         c.process(mean_filters(1000, 16)).await.unwrap();
-        let sixteen = cpu_after(admin, ABANDONED, 0.0).await.expect("the first call ran");
-        // 1024 of them would cost 64 times that (about 0.4 s here); the
-        // deadline passes long before, and the job's CPU time cannot exceed
-        // the call's wall time, 100 ms.
-        let mut request = tonic::Request::new(mean_filters(1000, 1024));
-        request.set_timeout(Duration::from_millis(100));
-        let status = c.process(request).await.unwrap_err();
-        assert_eq!((status.code(), status.message()), (Code::DeadlineExceeded, "the call's deadline (100 ms, grpc-timeout) has passed"));
-        match cpu_after(admin, ABANDONED, sixteen).await {
-            Some(total) => {
-                let abandoned = total - sixteen;
-                assert!(abandoned < sixteen * 64.0 / 3.0, "the abandoned job took {abandoned:.3} s of CPU; all of it would be {:.3} s", sixteen * 64.0);
-                let stopped = metric(&scrape(admin), "imgsvc_jobs_abandoned_total", &[]);
-                assert!(stopped.is_some_and(|n| n >= 1.0), "counted as abandoned: {stopped:?}");
-            }
-            // The machine was so busy that the upload took the whole deadline.
-            None => eprintln!("the job was cancelled before it started: nothing ran"),
-        }
+        let sixteen = cpu_after(admin, ABANDONED, 0.0).await;
+        // 1024 of them would cost 64 times that; the caller goes away as
+        // soon as the job runs.
+        let call = tokio::spawn({
+            let mut c = client(channel.clone());
+            async move { c.process(mean_filters(1000, 1024)).await }
+        });
+        until_load(&server, ABANDONED, "the long job running", |l| l.running == 1).await;
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        let abandoned = cpu_after(admin, ABANDONED, sixteen).await - sixteen;
+        let whole = sixteen * 64.0;
+        assert!(abandoned < whole / 3.0, "the abandoned job took {abandoned:.3} s of CPU; all of it would be {whole:.3} s");
+        let stopped = metric(&scrape(admin), "imgsvc_jobs_abandoned_total", &[]);
+        assert!(stopped.is_some_and(|n| n >= 1.0), "counted as abandoned: {stopped:?}");
         // Its worker serves the next call.
         let image = c.process(mean_filters(100, 1)).await.unwrap().into_inner().image.unwrap();
         assert_eq!((image.width, image.height), (100, 100));
