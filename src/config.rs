@@ -133,6 +133,7 @@ pub struct RawTenancy {
     pub unknown_tenants: UnknownTenants,
     pub memory_budget_bytes: u64,
     pub memory_wait_ms: u64,
+    pub body_timeout_ms: u64,
 }
 
 /// Default `tenancy.memory_budget_bytes`: 1 GiB, which with the fixed
@@ -140,6 +141,8 @@ pub struct RawTenancy {
 pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 1 << 30;
 /// Default `tenancy.memory_wait_ms`.
 pub const DEFAULT_MEMORY_WAIT_MS: u64 = 5_000;
+/// Default `tenancy.body_timeout_ms`.
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
 
 impl Default for RawTenancy {
     fn default() -> Self {
@@ -147,6 +150,7 @@ impl Default for RawTenancy {
             unknown_tenants: UnknownTenants::Refuse,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             memory_wait_ms: DEFAULT_MEMORY_WAIT_MS,
+            body_timeout_ms: DEFAULT_BODY_TIMEOUT_MS,
         }
     }
 }
@@ -172,6 +176,9 @@ pub struct RawTenantLimits {
 /// per connection: `BDP_LIMIT` in hyper's `src/proto/h2/ping.rs` (hyper
 /// 1.x; not exported, so repeated here: check it when hyper is upgraded).
 pub const HYPER_BDP_LIMIT: u32 = 16 << 20;
+
+/// HTTP/2's largest flow-control window (RFC 9113 §6.9.1).
+pub const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// `server.io_threads = 0` means one per two cores (at least one), but at
 /// most this many.
@@ -489,6 +496,23 @@ impl Settings {
         u64::from(window) + u64::from(self.http2_max_frame_size)
     }
 
+    /// The largest stream window a stream may be granted: the configured
+    /// one, or hyper's largest adaptive window.
+    pub fn http2_stream_window_max(&self) -> u64 {
+        u64::from(if self.http2_adaptive_window { HYPER_BDP_LIMIT } else { self.http2_stream_window_bytes })
+    }
+
+    /// The connection window advertised to clients: the configured one
+    /// plus one stream window for every stream the connection may open,
+    /// so calls whose bodies are held back (waiting for memory) can never
+    /// take the window another call on the connection needs. Not charged
+    /// as such: a held-back call is charged the stream window it can hold
+    /// (`crate::serving::admission`). At most HTTP/2's largest window.
+    pub fn http2_connection_window_advertised(&self) -> u32 {
+        let streams = u64::from(self.max_concurrent_streams) * u64::from(self.http2_stream_window_bytes);
+        (u64::from(self.http2_connection_window_bytes) + streams).min(HTTP2_MAX_WINDOW.into()) as u32
+    }
+
     /// Reads `source` layered over the defaults and under the `IMGSVC_*`
     /// variables of the process environment, then validates.
     pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
@@ -750,6 +774,9 @@ fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, Confi
     if !(1..=600_000).contains(&raw.tenancy.memory_wait_ms) {
         return Err(invalid("tenancy.memory_wait_ms".into(), format!("{} is out of range 1..=600000", raw.tenancy.memory_wait_ms)));
     }
+    if !(1..=600_000).contains(&raw.tenancy.body_timeout_ms) {
+        return Err(invalid("tenancy.body_timeout_ms".into(), format!("{} is out of range 1..=600000", raw.tenancy.body_timeout_ms)));
+    }
     let budget = raw.tenancy.memory_budget_bytes;
     let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, budget, &invalid)?;
     let mut tenants = HashMap::new();
@@ -762,6 +789,7 @@ fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, Confi
         unknown_tenants: raw.tenancy.unknown_tenants,
         memory_budget_bytes: budget,
         memory_wait: std::time::Duration::from_millis(raw.tenancy.memory_wait_ms),
+        body_timeout: std::time::Duration::from_millis(raw.tenancy.body_timeout_ms),
         defaults,
         tenants,
     })

@@ -2,7 +2,10 @@
 //! and a call of the image services, and the process around it.
 //!
 //! - [`server`]: binds, accepts, runs TLS handshakes, serves, reloads, drains.
-//! - [`connection`]: calls open per connection and the idle timeout.
+//! - [`connection`]: the open connections, calls open per connection,
+//!   closing a connection gracefully (GOAWAY) and the idle timeout.
+//! - [`http2`]: serves each connection (hyper's HTTP/2 over the router) and
+//!   carries out its graceful close.
 //! - [`lanes`]: each tenant's connections on an I/O runtime of their own.
 //! - [`kernel_tls`]: the kernel encrypts a connection's records after the
 //!   rustls handshake (`tls.kernel_tls`).
@@ -28,6 +31,7 @@ pub mod allocator;
 pub mod certwatch;
 pub mod connection;
 pub mod deadline;
+pub mod http2;
 pub mod kernel_tls;
 pub mod lanes;
 pub mod server;

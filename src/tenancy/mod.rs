@@ -100,6 +100,7 @@ impl TenancyError {
             Self::MemoryBudget { .. } => "memory_budget",
             Self::Memory(MemoryError::NeverFits { .. }) => "memory_share",
             Self::Memory(MemoryError::Exhausted { .. }) => "memory_exhausted",
+            Self::Memory(MemoryError::BodyTimeout { .. }) => "body_timeout",
             Self::Worker(_) => "worker",
         }
     }
@@ -256,17 +257,20 @@ impl Tenancy {
         &self.shared.budget
     }
 
-    /// An account holding `bytes` for one connection of `tenant` (its
-    /// HTTP/2 window), if they fit its share now; `None` for a tenant that
-    /// is not served (its calls are refused anyway).
-    pub fn connection_account(&self, tenant: &TenantId, bytes: u64) -> Result<Option<Arc<Account>>, MemoryError> {
-        let share = match self.policy().tenancy.policy(tenant) {
-            Some(policy) => policy.max_memory_bytes,
-            None => return Ok(None),
-        };
-        let account = self.shared.budget.account(tenant.clone(), share, Stage::Receiving);
+    /// An account holding `bytes` for one connection (its HTTP/2 window),
+    /// if they fit now: charged to the tenant its certificate names, or —
+    /// a certificate naming no tenant, or one not served here — to the
+    /// pool of such connections, [`TenantId::unserved`], with the default
+    /// share (`tenant_defaults.max_memory_bytes`). HTTP/2 buffers a
+    /// connection's window whatever its certificate names, although its
+    /// calls are refused.
+    pub fn connection_account(&self, tenant: Option<&TenantId>, bytes: u64) -> Result<Arc<Account>, MemoryError> {
+        let policy = self.policy();
+        let served = tenant.and_then(|t| policy.tenancy.policy(t).map(|p| (t.clone(), p.max_memory_bytes)));
+        let (tenant, share) = served.unwrap_or_else(|| (TenantId::unserved(), policy.tenancy.defaults.max_memory_bytes));
+        let account = self.shared.budget.account(tenant, share, Stage::Receiving);
         account.try_reserve(bytes)?;
-        Ok(Some(account))
+        Ok(account)
     }
 
     /// A new, empty memory account for one call of an admitted tenant.

@@ -87,6 +87,10 @@ pub struct TenancyConfig {
     /// How long a request waits for memory (its body not read) before it
     /// is refused.
     pub memory_wait: std::time::Duration,
+    /// How long a request message's bytes may stop arriving, once its
+    /// memory is charged, before the call is refused and the memory
+    /// released.
+    pub body_timeout: std::time::Duration,
     pub defaults: TenantPolicy,
     pub tenants: HashMap<TenantId, TenantPolicy>,
 }

@@ -37,6 +37,7 @@ fn runtime(tenants: &[(&str, TenantPolicy)], budget: u64) -> RuntimePolicy {
             unknown_tenants: UnknownTenants::Refuse,
             memory_budget_bytes: budget,
             memory_wait: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
             defaults: policy_with(4, 4),
             tenants: tenants.iter().map(|(n, p)| (t(n), p.clone())).collect(),
         },
