@@ -150,6 +150,42 @@ impl<C> Drop for IoLanes<C> {
     }
 }
 
+/// How many connections of peers the server does not serve (no tenant
+/// identity, or a tenant without a table when `unknown_tenants = "refuse"`)
+/// may be open at once, all together.
+pub const UNSERVED_ALLOWANCE: usize = 16;
+
+/// How long such a connection lives: long enough to be told why its calls
+/// are refused (PERMISSION_DENIED, UNAUTHENTICATED), then it is closed
+/// gracefully (GOAWAY) and, after [`UNSERVED_GRACE`], cut, whatever is open
+/// on it (a health `Watch` included).
+pub const UNSERVED_LIFETIME: std::time::Duration = std::time::Duration::from_secs(2);
+pub const UNSERVED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The connections of unserved peers: at most [`UNSERVED_ALLOWANCE`] at
+/// once, none with a lane of its own (they go to the shared lane).
+#[derive(Clone, Debug, Default)]
+pub struct UnservedConnections(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One unserved connection's place in the allowance, given back on drop.
+#[derive(Debug)]
+pub struct UnservedSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl UnservedConnections {
+    /// A place for one more, if the allowance has one.
+    pub fn admit(&self) -> Option<UnservedSlot> {
+        use std::sync::atomic::Ordering;
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < UNSERVED_ALLOWANCE).then_some(n + 1)).ok()?;
+        Some(UnservedSlot(self.0.clone()))
+    }
+}
+
+impl Drop for UnservedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// A TCP stream that can move to another runtime's reactor after the TLS
 /// handshake ([`LaneTcp::rehome`]) and, for kernel TLS, hand its reader at
 /// most one TLS record per read ([`LaneTcp::bound_reads_to_records`]);

@@ -262,3 +262,65 @@ fn a_running_job_whose_caller_goes_away_stops_early_and_frees_its_worker() {
         assert_eq!((image.width, image.height), (100, 100));
     })
 }
+
+const MEMBER: &str = "fair-member";
+const STRANGER: &str = "fair-stranger";
+
+#[test]
+fn unserved_peers_get_a_small_allowance_and_a_short_life_while_a_configured_tenant_is_served() {
+    use tokio::io::AsyncReadExt;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    block_on(async {
+        let pki = Pki::new(&[MEMBER, STRANGER]);
+        // STRANGER's certificate is valid, but it has no table (refused).
+        let server = TestServer::start_with(&pki, |raw| {
+            raw.tenants.remove(STRANGER);
+        });
+        let admin = server.admin_addr.unwrap();
+        // A health Watch on a stranger's connection does not keep it open.
+        let mut health = HealthClient::new(channel(&server, &pki, STRANGER).await);
+        let watch = tokio::spawn(async move {
+            let started = Instant::now();
+            let watched = async {
+                let mut updates = health.watch(HealthCheckRequest { service: String::new() }).await?.into_inner();
+                while updates.message().await?.is_some() {}
+                Ok::<_, tonic::Status>(())
+            };
+            let ended = tokio::time::timeout(Duration::from_secs(10), watched).await;
+            (started.elapsed(), ended)
+        });
+        // 24 connections that never send a request, opened at once.
+        let opened: Vec<_> = (0..24)
+            .map(|_| {
+                let (addr, pki) = (server.addr, &pki);
+                let connect = tls_connect(addr, pki, STRANGER);
+                async move {
+                    let mut tls = connect.await;
+                    let started = Instant::now();
+                    let mut buf = [0u8; 4096];
+                    // Until the server closes it (its HTTP/2 preface comes first).
+                    for _ in 0..10_000 {
+                        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+                            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+                            Ok(Ok(_)) => continue,
+                            Err(_) => panic!("a stranger's connection is still open after 10 s"),
+                        }
+                    }
+                    panic!("a stranger's connection kept sending");
+                }
+            })
+            .collect();
+        let lifetimes = futures_util::future::join_all(opened).await;
+        let lived = lifetimes.iter().filter(|d| **d >= Duration::from_millis(1500)).count();
+        assert!(lived <= 16, "at most the allowance of 16 were served a while: {lifetimes:?}");
+        let refused = metric(&scrape(admin), "imgsvc_connections_refused_total", &[("reason", "unserved")]).unwrap_or(0.0);
+        assert!(refused >= 1.0, "connections beyond the allowance are refused: {refused}");
+        // The Watch ended with its connection: after the 2 s life and the 1 s grace.
+        let (lasted, ended) = watch.await.unwrap();
+        assert!(ended.is_ok(), "the Watch was still open after {lasted:?}");
+        assert!(lasted >= Duration::from_secs(2), "the connection had its 2 s to be told why: {lasted:?} ({ended:?})");
+        // A configured tenant is served all along.
+        let image = client(channel(&server, &pki, MEMBER).await).process(mean_filters(50, 1)).await.unwrap().into_inner().image.unwrap();
+        assert_eq!((image.width, image.height), (50, 50));
+    })
+}
