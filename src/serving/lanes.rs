@@ -16,9 +16,12 @@
 //! tenant's lane, re-registered with the lane's reactor ([`LaneTcp`]), and
 //! served by the lane's copy of the gRPC router. Lanes are created on first
 //! use, at most `server.max_io_lanes`; tenants beyond that, and connections
-//! without a tenant identity (refused by the interceptor anyway), share one
-//! lane. Each lane has `server.io_threads` threads (named `imgsvc-io-N`);
-//! they sleep when the lane is idle.
+//! of peers the server does not serve (no tenant identity, or a tenant not
+//! configured: refused by the interceptor anyway), share one lane. Those
+//! peers' connections have an allowance of their own
+//! ([`UNSERVED_ALLOWANCE`]) and a short life ([`UNSERVED_LIFETIME`]).
+//! Each lane has `server.io_threads` threads (named `imgsvc-io-N`); they
+//! sleep when the lane is idle.
 
 use std::{
     collections::HashMap,
