@@ -273,6 +273,13 @@ impl Tenancy {
         Ok(account)
     }
 
+    /// Whether `tenant`'s calls are served at all (configured, or served
+    /// with the defaults): a connection of a tenant that is not gets no
+    /// I/O lane of its own and a short life.
+    pub fn serves(&self, tenant: &TenantId) -> bool {
+        self.policy().tenancy.policy(tenant).is_some()
+    }
+
     /// A new, empty memory account for one call of an admitted tenant.
     pub fn account(&self, admission: &Admission, stage: Stage) -> Arc<Account> {
         self.shared.budget.account(admission.tenant.clone(), admission.policy.max_memory_bytes, stage)
