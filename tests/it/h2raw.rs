@@ -8,6 +8,8 @@
 //! The basic steps ([`h2_connect`], [`start_call`], [`grpc_message`],
 //! [`send_flow_controlled`]) live in [`crate::common`] and are re-exported
 //! here, so an attack test needs only `use crate::h2raw::*`.
+// The shared kit: each attack test uses a few of these.
+#![allow(dead_code, unused_imports)]
 
 use std::{
     net::SocketAddr,
@@ -20,8 +22,8 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use crate::common::{grpc_message, h2_connect, send_flow_controlled, start_call};
 use crate::common::{MIB, Pki, ServerProcess, metric, scrape, tls_connect};
+pub use crate::common::{grpc_message, h2_connect, send_flow_controlled, start_call};
 
 /// The stages of `imgsvc_memory_held_bytes{stage}`.
 pub const STAGES: [&str; 4] = ["receiving", "queued", "processing", "sending"];
