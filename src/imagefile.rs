@@ -79,6 +79,24 @@ impl Encoding {
         self != Self::Gif
     }
 
+    /// The widest and highest image the format can hold, if it has such a
+    /// limit: WebP 16384 (14-bit dimensions minus one), JPEG 65535 (16-bit).
+    pub fn max_side(self) -> Option<u32> {
+        match self {
+            Self::WebP => Some(16_384),
+            Self::Jpeg => Some(65_535),
+            _ => None,
+        }
+    }
+
+    /// A `width`×`height` image can be written in this format?
+    pub fn check_size(self, width: u32, height: u32) -> Result<(), CodecError> {
+        match self.max_side() {
+            Some(limit) if width > limit || height > limit => Err(CodecError::TooLargeToEncode { encoding: self.name(), width, height, limit }),
+            _ => Ok(()),
+        }
+    }
+
     fn image_format(self) -> ImageFormat {
         match self {
             Self::Png => ImageFormat::Png,
@@ -155,6 +173,8 @@ pub enum CodecError {
     NotPaged { encoding: &'static str, page: u32 },
     #[error("{encoding} is read, not written: choose PNG, JPEG, TIFF, WebP or BMP")]
     CannotEncode { encoding: &'static str },
+    #[error("{encoding} cannot hold a {width}x{height} image: at most {limit} pixels wide and high")]
+    TooLargeToEncode { encoding: &'static str, width: u32, height: u32, limit: u32 },
     #[error("JPEG quality must be 1..=100, got {0}")]
     Quality(u32),
     #[error("cannot encode the image as {encoding}: {reason}")]

@@ -93,7 +93,14 @@ enum Kernels {
 
 fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<PixelBuffer, imaging::ImagingError> {
     let mut current = input;
+    // A job whose caller has gone (cancelled, or past its deadline) stops
+    // at the next step: what it made so far is dropped unseen.
+    let job = crate::tenancy::current_job();
     for &step in steps {
+        if job.as_ref().is_some_and(|j| j.gone()) {
+            crate::tenancy::count_abandoned();
+            break;
+        }
         current = match current.depth() {
             Depth::Eight => {
                 let (layout, out) = apply(step, current.data(), current.layout(), kernels)?;

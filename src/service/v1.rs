@@ -186,6 +186,13 @@ impl ImageService for V1Service {
                     }
                     RequestImage::Raw(buffer) => buffer,
                 };
+                // The encoder's own limits, before the kernels and the encoder run.
+                if let Some(options) = &output {
+                    let layout = input.layout();
+                    let turned = steps.iter().filter(|s| matches!(s, Step::Rotate(QuarterTurns::One | QuarterTurns::Three))).count() % 2 == 1;
+                    let (w, h) = if turned { (layout.height(), layout.width()) } else { (layout.width(), layout.height()) };
+                    options.encoding.check_size(w as u32, h as u32)?;
+                }
                 let out = processor.process(&call, input, Pipeline::new(steps)).await?;
                 let image = match output {
                     Some(options) => {

@@ -173,7 +173,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
-            record_request(self.method, &self.tenant, tonic::Code::Cancelled, self.started.elapsed(), ImageBytes::default());
+            // Dropped: the client went away, or the call's deadline passed.
+            let code = if crate::serving::deadline::passed() { tonic::Code::DeadlineExceeded } else { tonic::Code::Cancelled };
+            record_request(self.method, &self.tenant, code, self.started.elapsed(), ImageBytes::default());
         }
         gauge!(IN_FLIGHT_REQUESTS, "tenant" => self.tenant.clone(), "method" => self.method).decrement(1.0);
     }
