@@ -8,6 +8,8 @@
 //! The basic steps ([`h2_connect`], [`start_call`], [`grpc_message`],
 //! [`send_flow_controlled`]) live in [`crate::common`] and are re-exported
 //! here, so an attack test needs only `use crate::h2raw::*`.
+// The shared kit: each attack test uses a few of these.
+#![allow(dead_code, unused_imports)]
 
 use std::{
     net::SocketAddr,

@@ -55,6 +55,7 @@ mod haproxy;
 mod health;
 mod interop_grpcio;
 mod invalid_input;
+mod isolation;
 mod kernel_tls;
 mod kernels;
 mod legacy_api;
