@@ -213,6 +213,7 @@ impl Tenancy {
     pub fn new(policy: RuntimePolicy, pool: WorkerPool) -> Self {
         let worker_slots = pool.threads();
         let budget = Budget::new(policy.tenancy.memory_budget_bytes);
+        crate::telemetry::tenant_limits::publish(None, &policy.tenancy);
         let state = State {
             policy: Arc::new(policy),
             buckets: HashMap::new(),
@@ -268,6 +269,7 @@ impl Tenancy {
             None => false,
         });
         self.shared.budget.set_total(policy.tenancy.memory_budget_bytes);
+        crate::telemetry::tenant_limits::publish(Some(&state.policy.tenancy), &policy.tenancy);
         state.policy = Arc::new(policy);
     }
 

@@ -62,6 +62,7 @@ mod logs;
 mod mean_filter;
 mod memory_bound;
 mod metrics;
+mod monitoring;
 mod mtls;
 mod rotate;
 mod shutdown;
