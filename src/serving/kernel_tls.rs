@@ -54,6 +54,9 @@ const APPLICATION_DATA: u8 = 23;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 
+/// Said wherever the suites the kernel takes are listed (see [`kernel_cipher`]).
+pub const TLS12_GCM_IN_RUSTLS: &str = "TLS 1.2 AES-GCM stays in rustls: the kernel would repeat its explicit nonces";
+
 /// The AEAD ciphers the kernel accepted in [`probe`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ciphers {
@@ -147,7 +150,7 @@ pub fn resolve(mode: KernelTlsMode) -> Result<(Option<Ciphers>, String), String>
         return Ok((None, "off".into()));
     }
     match probe() {
-        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers})"))),
+        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers}; {TLS12_GCM_IN_RUSTLS})"))),
         Support::Unavailable(why) if mode == KernelTlsMode::On => Err(why),
         Support::Unavailable(why) => Ok((None, format!("off: {why}"))),
     }
@@ -179,23 +182,34 @@ impl Cipher {
 /// decided before the handshake's secrets are extracted, while falling back
 /// to rustls is still possible.
 pub fn kernel_takes(conn: &ServerConnection, ciphers: &Ciphers) -> bool {
-    let Some(suite) = conn.negotiated_cipher_suite() else { return false };
-    let cipher = match suite.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
-        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
+    conn.negotiated_cipher_suite().and_then(|suite| kernel_cipher(suite.suite())).is_some_and(|cipher| ciphers.has(cipher))
+}
+
+/// The kernel cipher a negotiated suite would be sealed with, or `None` for
+/// a suite that stays in rustls.
+///
+/// TLS 1.2 AES-GCM stays in rustls: its records carry an explicit nonce,
+/// which rustls computes as `salt ‖ (E XOR seq)` while the kernel sends
+/// `salt ‖ iv` and adds one per record (`tls_advance_record_sn`). Handed
+/// rustls's IV, the kernel's first record would repeat the nonce of the
+/// server's Finished under the same key — a GCM nonce reuse, which leaks
+/// the authentication key. TLS 1.3 and ChaCha20-Poly1305 build the nonce
+/// as `iv XOR seq` on both sides, so their sequences are one and the same.
+fn kernel_cipher(suite: rustls::CipherSuite) -> Option<Cipher> {
+    Some(match suite {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
         rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
         | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
         | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
-        _ => return false,
-    };
-    ciphers.has(cipher)
+        _ => return None,
+    })
 }
 
-/// One direction's key material in the layout of `linux/tls.h`.
+/// One direction's key material in the layout of `linux/tls.h`, made only
+/// on the heap ([`CryptoInfo::new`] returns it boxed and fills it in place,
+/// so the key, salt and IV are never moved by value) and wiped with
+/// `zeroize` when dropped.
 enum CryptoInfo {
     Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128),
     Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256),
@@ -206,37 +220,64 @@ impl CryptoInfo {
     /// `iv` is rustls's 12-byte IV: for AES-GCM the kernel wants its first
     /// four bytes as the salt and the other eight as the IV; ChaCha20 takes
     /// all twelve. `seq` is the next record's sequence number.
-    fn new(cipher: Cipher, version: u16, key: &[u8], iv: &[u8], seq: u64) -> Result<Self, String> {
-        if key.len() != cipher.key_len() || iv.len() != 12 {
-            return Err(format!("{cipher:?} wants a {}-byte key and a 12-byte IV, got {} and {}", cipher.key_len(), key.len(), iv.len()));
+    fn new(cipher: Cipher, version: u16, key: &[u8], iv: &[u8], seq: u64) -> Result<Box<Self>, String> {
+        let mut info = Box::new(Self::empty(cipher, version));
+        info.fill(key, iv, seq)?;
+        Ok(info)
+    }
+
+    /// The header alone; every secret byte zero.
+    fn empty(cipher: Cipher, version: u16) -> Self {
+        let info = |cipher_type| libc::tls_crypto_info { version, cipher_type };
+        match cipher {
+            Cipher::Aes128Gcm => CryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
+                info: info(libc::TLS_CIPHER_AES_GCM_128),
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+            Cipher::Aes256Gcm => CryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 {
+                info: info(libc::TLS_CIPHER_AES_GCM_256),
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq: [0; 8],
+            }),
+            Cipher::Chacha20Poly1305 => CryptoInfo::Chacha20Poly1305(libc::tls12_crypto_info_chacha20_poly1305 {
+                info: info(libc::TLS_CIPHER_CHACHA20_POLY1305),
+                iv: [0; 12],
+                key: [0; 32],
+                salt: [],
+                rec_seq: [0; 8],
+            }),
         }
-        let rec_seq = seq.to_be_bytes();
-        let copy = |dst: &mut [u8], src: &[u8]| dst.copy_from_slice(src);
-        Ok(match cipher {
-            Cipher::Aes128Gcm => {
-                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_AES_GCM_128 };
-                let mut c = libc::tls12_crypto_info_aes_gcm_128 { info, iv: [0; 8], key: [0; 16], salt: [0; 4], rec_seq };
-                copy(&mut c.key, key);
-                copy(&mut c.salt, &iv[..4]);
-                copy(&mut c.iv, &iv[4..]);
-                CryptoInfo::Aes128Gcm(c)
-            }
-            Cipher::Aes256Gcm => {
-                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_AES_GCM_256 };
-                let mut c = libc::tls12_crypto_info_aes_gcm_256 { info, iv: [0; 8], key: [0; 32], salt: [0; 4], rec_seq };
-                copy(&mut c.key, key);
-                copy(&mut c.salt, &iv[..4]);
-                copy(&mut c.iv, &iv[4..]);
-                CryptoInfo::Aes256Gcm(c)
-            }
-            Cipher::Chacha20Poly1305 => {
-                let info = libc::tls_crypto_info { version, cipher_type: libc::TLS_CIPHER_CHACHA20_POLY1305 };
-                let mut c = libc::tls12_crypto_info_chacha20_poly1305 { info, iv: [0; 12], key: [0; 32], salt: [], rec_seq };
-                copy(&mut c.key, key);
-                copy(&mut c.iv, iv);
-                CryptoInfo::Chacha20Poly1305(c)
-            }
-        })
+    }
+
+    /// Writes the key material into the struct where it lies.
+    fn fill(&mut self, key: &[u8], iv: &[u8], seq: u64) -> Result<(), String> {
+        let cipher = self.cipher();
+        let (key_field, salt, iv_field, rec_seq): (&mut [u8], &mut [u8], &mut [u8], &mut [u8; 8]) = match self {
+            CryptoInfo::Aes128Gcm(c) => (&mut c.key, &mut c.salt, &mut c.iv, &mut c.rec_seq),
+            CryptoInfo::Aes256Gcm(c) => (&mut c.key, &mut c.salt, &mut c.iv, &mut c.rec_seq),
+            CryptoInfo::Chacha20Poly1305(c) => (&mut c.key, &mut c.salt, &mut c.iv, &mut c.rec_seq),
+        };
+        if key.len() != key_field.len() || iv.len() != 12 {
+            return Err(format!("{:?} wants a {}-byte key and a 12-byte IV, got {} and {}", cipher, key_field.len(), key.len(), iv.len()));
+        }
+        key_field.copy_from_slice(key);
+        salt.copy_from_slice(&iv[..salt.len()]);
+        iv_field.copy_from_slice(&iv[salt.len()..]);
+        *rec_seq = seq.to_be_bytes();
+        Ok(())
+    }
+
+    fn cipher(&self) -> Cipher {
+        match self {
+            CryptoInfo::Aes128Gcm(_) => Cipher::Aes128Gcm,
+            CryptoInfo::Aes256Gcm(_) => Cipher::Aes256Gcm,
+            CryptoInfo::Chacha20Poly1305(_) => Cipher::Chacha20Poly1305,
+        }
     }
 
     /// The struct's bytes, as `setsockopt` takes them.
@@ -253,14 +294,31 @@ impl CryptoInfo {
 }
 
 impl Drop for CryptoInfo {
-    // Key material does not outlive its use on the stack's copy.
+    // Key, salt, IV (and the header) wiped with writes the optimiser keeps.
     fn drop(&mut self) {
-        match self {
-            CryptoInfo::Aes128Gcm(c) => c.key.fill(0),
-            CryptoInfo::Aes256Gcm(c) => c.key.fill(0),
-            CryptoInfo::Chacha20Poly1305(c) => c.key.fill(0),
+        // SAFETY: each `linux/tls.h` struct is integers and byte arrays
+        // only (no pointers, no Drop), all-zero is a valid value of each,
+        // and `self` gives exclusive access to it.
+        unsafe {
+            match self {
+                CryptoInfo::Aes128Gcm(c) => zeroize::zeroize_flat_type(c),
+                CryptoInfo::Aes256Gcm(c) => zeroize::zeroize_flat_type(c),
+                CryptoInfo::Chacha20Poly1305(c) => zeroize::zeroize_flat_type(c),
+            }
         }
     }
+}
+
+/// Wipes the secrets rustls handed over, then forgets them: rustls zeroizes
+/// an `AeadKey` when it drops, but not an `Iv` (rustls 0.23.46,
+/// `crypto/cipher.rs`), and gives no `&mut` to either.
+fn wipe_secrets(secrets: &mut std::mem::ManuallyDrop<rustls::ExtractedSecrets>) {
+    // SAFETY: `ExtractedSecrets` is sequence numbers and two
+    // `ConnectionTrafficSecrets`, each an enum of fixed-size byte arrays
+    // and lengths (no pointers, no heap). All-zero may not be a valid
+    // enum, so the value is never used again: it stays in `ManuallyDrop`
+    // and is never dropped (dropping would only zeroize the keys again).
+    unsafe { zeroize::zeroize_flat_type(&mut **secrets as *mut rustls::ExtractedSecrets) }
 }
 
 fn set_ulp(fd: RawFd) -> io::Result<()> {
@@ -342,13 +400,17 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, 
         Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
         other => return Err(OffloadError::Unsupported(format!("protocol version {other:?}"))),
     };
-    let secrets = conn.dangerous_extract_secrets().map_err(OffloadError::Secrets)?;
-    let info = |(seq, secrets): (u64, ConnectionTrafficSecrets)| {
+    // The secrets are read where they lie and wiped once copied into the
+    // kernel's structs (see `wipe_secrets`).
+    let mut secrets = std::mem::ManuallyDrop::new(conn.dangerous_extract_secrets().map_err(OffloadError::Secrets)?);
+    let info = |(seq, secrets): &(u64, ConnectionTrafficSecrets)| {
         let (cipher, key, iv) =
-            Cipher::of(&secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
-        CryptoInfo::new(cipher, version, key, iv, seq).map_err(OffloadError::Unsupported)
+            Cipher::of(secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
+        CryptoInfo::new(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported)
     };
-    let (tx, rx) = (info(secrets.tx)?, info(secrets.rx)?);
+    let infos = info(&secrets.tx).and_then(|tx| Ok((tx, info(&secrets.rx)?)));
+    wipe_secrets(&mut secrets);
+    let (tx, rx) = infos?;
     let fd = tcp.as_raw_fd();
     set_ulp(fd).map_err(|source| OffloadError::Kernel { what: "TCP_ULP tls", source })?;
     set_crypto(fd, libc::TLS_TX, &tx).map_err(|source| OffloadError::Kernel { what: "TLS_TX", source })?;
@@ -540,37 +602,141 @@ impl AsyncWrite for KernelTlsStream {
 mod tests {
     use super::*;
 
-    #[test]
-    fn aes_gcm_keys_split_the_iv_into_salt_and_iv_and_carry_the_sequence_number() {
-        let key: Vec<u8> = (0..32).collect();
-        let iv: Vec<u8> = (100..112).collect();
-        let CryptoInfo::Aes256Gcm(c) = CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key, &iv, 0x0102_0304_0506_0708).unwrap()
-        else {
-            panic!("AES-256-GCM expected")
-        };
-        assert_eq!((c.info.version, c.info.cipher_type), (0x0304, 52));
-        assert_eq!(c.key.to_vec(), key);
-        assert_eq!(c.salt, [100, 101, 102, 103]);
-        assert_eq!(c.iv, [104, 105, 106, 107, 108, 109, 110, 111]);
-        assert_eq!(c.rec_seq, [1, 2, 3, 4, 5, 6, 7, 8]);
-
-        let CryptoInfo::Aes128Gcm(c) = CryptoInfo::new(Cipher::Aes128Gcm, libc::TLS_1_2_VERSION, &key[..16], &iv, 7).unwrap() else {
-            panic!("AES-128-GCM expected")
-        };
-        assert_eq!((c.info.version, c.info.cipher_type), (0x0303, 51));
-        assert_eq!((c.salt, c.rec_seq), ([100, 101, 102, 103], [0, 0, 0, 0, 0, 0, 0, 7]));
+    /// The bytes `setsockopt` hands the kernel.
+    fn bytes(info: &CryptoInfo) -> Vec<u8> {
+        let (ptr, len) = info.as_ptr_len();
+        // SAFETY: `ptr` is a live struct of `len` bytes, all initialised
+        // (the `linux/tls.h` structs have no padding: checked below).
+        unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) }.to_vec()
     }
 
     #[test]
-    fn chacha20_takes_the_whole_iv_and_wrong_lengths_are_refused() {
+    fn crypto_info_matches_the_uapi_layout_of_linux_tls_h() {
+        use std::mem::{offset_of, size_of};
+        // linux/tls.h: struct tls_crypto_info { __u16 version; __u16 cipher_type; };
+        // then iv, key, salt, rec_seq as unsigned char arrays, in that order.
+        assert_eq!((offset_of!(libc::tls_crypto_info, version), offset_of!(libc::tls_crypto_info, cipher_type)), (0, 2));
+        type A128 = libc::tls12_crypto_info_aes_gcm_128;
+        type A256 = libc::tls12_crypto_info_aes_gcm_256;
+        type Cha = libc::tls12_crypto_info_chacha20_poly1305;
+        assert_eq!(
+            [offset_of!(A128, info), offset_of!(A128, iv), offset_of!(A128, key), offset_of!(A128, salt), offset_of!(A128, rec_seq), size_of::<A128>()],
+            [0, 4, 12, 28, 32, 40]
+        );
+        assert_eq!(
+            [offset_of!(A256, info), offset_of!(A256, iv), offset_of!(A256, key), offset_of!(A256, salt), offset_of!(A256, rec_seq), size_of::<A256>()],
+            [0, 4, 12, 44, 48, 56]
+        );
+        assert_eq!(
+            [offset_of!(Cha, info), offset_of!(Cha, iv), offset_of!(Cha, key), offset_of!(Cha, salt), offset_of!(Cha, rec_seq), size_of::<Cha>()],
+            [0, 4, 16, 48, 48, 56]
+        );
+        // The constants of linux/tls.h and linux/tcp.h.
+        assert_eq!((libc::TLS_1_2_VERSION, libc::TLS_1_3_VERSION), (0x0303, 0x0304));
+        assert_eq!((libc::TLS_CIPHER_AES_GCM_128, libc::TLS_CIPHER_AES_GCM_256, libc::TLS_CIPHER_CHACHA20_POLY1305), (51, 52, 54));
+        assert_eq!((libc::SOL_TLS, libc::TLS_TX, libc::TLS_RX, libc::TCP_ULP), (282, 1, 2, 31));
+        assert_eq!((libc::TLS_SET_RECORD_TYPE, libc::TLS_GET_RECORD_TYPE), (1, 2));
+
+        // What the kernel reads at those offsets (native-endian header,
+        // big-endian sequence number), for each cipher.
+        let key: Vec<u8> = (0..32).collect();
+        let iv: Vec<u8> = (100..112).collect();
+        let seq = 0x0102_0304_0506_0708u64;
+        let header = |version: u16, cipher: u16| [version.to_ne_bytes(), cipher.to_ne_bytes()].concat();
+        let mut expected = header(0x0304, 52);
+        expected.extend_from_slice(&iv[4..]); // iv
+        expected.extend_from_slice(&key); // key
+        expected.extend_from_slice(&iv[..4]); // salt
+        expected.extend_from_slice(&seq.to_be_bytes());
+        assert_eq!(bytes(&CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key, &iv, seq).unwrap()), expected);
+
+        let mut expected = header(0x0303, 51);
+        expected.extend_from_slice(&iv[4..]);
+        expected.extend_from_slice(&key[..16]);
+        expected.extend_from_slice(&iv[..4]);
+        expected.extend_from_slice(&7u64.to_be_bytes());
+        assert_eq!(bytes(&CryptoInfo::new(Cipher::Aes128Gcm, libc::TLS_1_2_VERSION, &key[..16], &iv, 7).unwrap()), expected);
+
+        let mut expected = header(0x0304, 54);
+        expected.extend_from_slice(&iv); // all twelve bytes; no salt
+        expected.extend_from_slice(&key);
+        expected.extend_from_slice(&1u64.to_be_bytes());
+        assert_eq!(bytes(&CryptoInfo::new(Cipher::Chacha20Poly1305, libc::TLS_1_3_VERSION, &key, &iv, 1).unwrap()), expected);
+    }
+
+    #[test]
+    fn wrong_key_or_iv_lengths_are_refused() {
         let (key, iv) = ([9u8; 32], [5u8; 12]);
-        let CryptoInfo::Chacha20Poly1305(c) = CryptoInfo::new(Cipher::Chacha20Poly1305, libc::TLS_1_3_VERSION, &key, &iv, 1).unwrap()
-        else {
-            panic!("ChaCha20-Poly1305 expected")
-        };
-        assert_eq!((c.info.cipher_type, c.iv, c.key), (54, iv, key));
         let err = CryptoInfo::new(Cipher::Aes256Gcm, libc::TLS_1_3_VERSION, &key[..16], &iv, 0).err().unwrap();
         assert_eq!(err, "Aes256Gcm wants a 32-byte key and a 12-byte IV, got 16 and 12");
+        let err = CryptoInfo::new(Cipher::Chacha20Poly1305, libc::TLS_1_3_VERSION, &key, &iv[..8], 0).err().unwrap();
+        assert_eq!(err, "Chacha20Poly1305 wants a 32-byte key and a 12-byte IV, got 32 and 8");
+    }
+
+    /// What a test can observe: the bytes of a value after its `Drop` ran,
+    /// in storage the test owns (`ManuallyDrop`, so the memory stays
+    /// valid). Copies the compiler may make of a value moved by value are
+    /// not observable; the code avoids them by filling the structs in place
+    /// on the heap and reading rustls's secrets by reference.
+    #[test]
+    fn dropping_key_material_wipes_key_salt_and_iv() {
+        use std::mem::ManuallyDrop;
+        let key: Vec<u8> = (1..33).collect();
+        let iv: Vec<u8> = (201..213).collect();
+        for cipher in [Cipher::Aes128Gcm, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305] {
+            let mut slot = ManuallyDrop::new(CryptoInfo::empty(cipher, libc::TLS_1_3_VERSION));
+            slot.fill(&key[..cipher.key_len()], &iv, u64::MAX).unwrap();
+            let (ptr, len) = slot.as_ptr_len();
+            let before = bytes(&slot);
+            assert!(before.windows(cipher.key_len()).any(|w| w == &key[..cipher.key_len()]), "{cipher:?}: the key is not in {before:?}");
+            // SAFETY: dropped once, never used again as a CryptoInfo.
+            unsafe { ManuallyDrop::drop(&mut slot) };
+            // SAFETY: the storage is `slot`'s, still live; the bytes were
+            // written by the wipe.
+            let after = unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len as usize) };
+            assert_eq!(after, vec![0; len as usize], "{cipher:?}");
+        }
+
+        // rustls's extracted secrets: key and IV of both directions.
+        let secrets = rustls::ExtractedSecrets {
+            tx: (5, ConnectionTrafficSecrets::Aes256Gcm { key: rustls::crypto::cipher::AeadKey::from([0xA5; 32]), iv: [0x5A; 12].into() }),
+            rx: (6, ConnectionTrafficSecrets::Chacha20Poly1305 { key: rustls::crypto::cipher::AeadKey::from([0xC3; 32]), iv: [0x3C; 12].into() }),
+        };
+        let mut secrets = ManuallyDrop::new(secrets);
+        let ptr = (&*secrets as *const rustls::ExtractedSecrets).cast::<u8>();
+        let len = std::mem::size_of::<rustls::ExtractedSecrets>();
+        let (Some((_, key, iv)), Some((_, rx_key, rx_iv))) = (Cipher::of(&secrets.tx.1), Cipher::of(&secrets.rx.1)) else { panic!() };
+        assert_eq!((key, iv, rx_key, rx_iv), (&[0xA5; 32][..], &[0x5A; 12][..], &[0xC3; 32][..], &[0x3C; 12][..]));
+        wipe_secrets(&mut secrets);
+        // SAFETY: `secrets`'s storage, live and wholly written by the wipe.
+        let after = unsafe { std::slice::from_raw_parts(ptr, len) };
+        assert_eq!(after, vec![0; len]);
+    }
+
+    #[test]
+    fn tls12_aes_gcm_stays_in_rustls_and_every_other_suite_of_the_provider_goes_to_the_kernel() {
+        // Every suite the server can negotiate (ring's provider, as in
+        // src/tls.rs): TLS 1.2 AES-GCM's explicit nonces would repeat in the
+        // kernel (see kernel_cipher), every other suite maps to its cipher.
+        let mut kernel = Vec::new();
+        for suite in rustls::crypto::ring::ALL_CIPHER_SUITES {
+            let name = format!("{:?}", suite.suite());
+            let tls12_gcm = name.starts_with("TLS_ECDHE_") && name.contains("_GCM_");
+            match (kernel_cipher(suite.suite()), tls12_gcm) {
+                (None, true) => {}
+                (Some(cipher), false) => kernel.push((name, cipher)),
+                (got, _) => panic!("{name}: kernel cipher {got:?}"),
+            }
+        }
+        kernel.sort_by(|a, b| a.0.cmp(&b.0));
+        let expected = [
+            ("TLS13_AES_128_GCM_SHA256", Cipher::Aes128Gcm),
+            ("TLS13_AES_256_GCM_SHA384", Cipher::Aes256Gcm),
+            ("TLS13_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+            ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+            ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
+        ];
+        assert_eq!(kernel, expected.map(|(n, c)| (n.to_string(), c)).to_vec());
     }
 
     #[test]

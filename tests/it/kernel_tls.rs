@@ -215,7 +215,10 @@ fn check_config_probes_the_kernel_like_the_start() {
         match (probe(), mode) {
             (Support::Available(ciphers), _) => {
                 assert!(out.status.success(), "{mode}: {stderr}");
-                assert!(stdout.contains(&format!("kernel TLS: on ({ciphers})")), "{mode}: {stdout}");
+                assert!(
+                    stdout.contains(&format!("kernel TLS: on ({ciphers}; {})", imgsvc::serving::kernel_tls::TLS12_GCM_IN_RUSTLS)),
+                    "{mode}: {stdout}"
+                );
             }
             (Support::Unavailable(why), "on") => {
                 assert_eq!(out.status.code(), Some(78), "{stdout}{stderr}");
