@@ -211,6 +211,8 @@ pub struct RawServer {
     pub http2_max_frame_size: u32,
     pub worker_nice: i32,
     pub idle_timeout_secs: u64,
+    pub max_connection_age_secs: u64,
+    pub max_connection_age_grace_secs: u64,
     pub io_threads: usize,
     pub max_io_lanes: usize,
     pub max_deadline_secs: u64,
@@ -241,6 +243,10 @@ impl Default for RawServer {
             http2_max_frame_size: 1 << 20,
             worker_nice: 5,
             idle_timeout_secs: 300,
+            // New replicas get their share of long-lived clients within
+            // about 5.5 minutes (docs/operations.md#connection-ageing).
+            max_connection_age_secs: 300,
+            max_connection_age_grace_secs: 30,
             io_threads: 0,
             max_io_lanes: 64,
             max_deadline_secs: 300,
@@ -417,6 +423,11 @@ pub struct Settings {
     pub worker_nice: i32,
     /// A connection with no open call for this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// A connection is closed gracefully (GOAWAY) at about this age (±10 %
+    /// jitter per connection, see `crate::serving::ageing`); `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long the calls of an aged-out connection may take to finish.
+    pub max_connection_age_grace: Duration,
     /// Threads of each tenant's I/O lane (see `crate::serving::lanes`); resolved
     /// from 0 to the number of cores, at most [`DEFAULT_MAX_IO_THREADS`].
     pub io_threads: usize,
@@ -561,6 +572,8 @@ impl Settings {
         in_range("server.http2_max_frame_size", server.http2_max_frame_size.into(), 16_384..=16_777_215, "")?;
         in_range("server.worker_nice", server.worker_nice.into(), 0..=19, "")?;
         in_range("server.idle_timeout_secs", server.idle_timeout_secs.into(), 0..=86_400, " (0 = never)")?;
+        in_range("server.max_connection_age_secs", server.max_connection_age_secs.into(), 0..=604_800, " (0 = never)")?;
+        in_range("server.max_connection_age_grace_secs", server.max_connection_age_grace_secs.into(), 0..=3600, "")?;
         in_range("server.io_threads", server.io_threads as i128, 0..=1024, " (0 = one per two cores, 1 to 8)")?;
         in_range("server.max_io_lanes", server.max_io_lanes as i128, 1..=4096, "")?;
         // Each tenant's lane gets these threads: bounded by default so that
@@ -657,6 +670,8 @@ impl Settings {
             http2_max_frame_size: raw.server.http2_max_frame_size,
             worker_nice: raw.server.worker_nice,
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
+            max_connection_age: (raw.server.max_connection_age_secs > 0).then(|| Duration::from_secs(raw.server.max_connection_age_secs)),
+            max_connection_age_grace: Duration::from_secs(raw.server.max_connection_age_grace_secs),
             io_threads,
             max_io_lanes: raw.server.max_io_lanes,
             max_deadline: Duration::from_secs(raw.server.max_deadline_secs),
@@ -1258,6 +1273,18 @@ mod tests {
         assert_eq!(s.idle_timeout, None);
         let err = load(&format!("{MINIMAL}\n[server]\nidle_timeout_secs = 86401\n"), &[]).unwrap_err().to_string();
         assert_eq!(err, "config test.toml: key `server.idle_timeout_secs`: 86401 is out of range 0..=86400 (0 = never)");
+    }
+
+    #[test]
+    fn connections_age_out_after_five_minutes_with_a_thirty_second_grace_by_default() {
+        let s = load(MINIMAL, &[]).unwrap();
+        assert_eq!((s.max_connection_age, s.max_connection_age_grace), (Some(Duration::from_secs(300)), Duration::from_secs(30)));
+        let s = load(&format!("{MINIMAL}\n[server]\nmax_connection_age_secs = 0\nmax_connection_age_grace_secs = 0\n"), &[]).unwrap();
+        assert_eq!((s.max_connection_age, s.max_connection_age_grace), (None, Duration::ZERO));
+        let err = load(&format!("{MINIMAL}\n[server]\nmax_connection_age_secs = 604801\n"), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `server.max_connection_age_secs`: 604801 is out of range 0..=604800 (0 = never)");
+        let err = load(&format!("{MINIMAL}\n[server]\nmax_connection_age_grace_secs = 3601\n"), &[]).unwrap_err().to_string();
+        assert_eq!(err, "config test.toml: key `server.max_connection_age_grace_secs`: 3601 is out of range 0..=3600");
     }
 
     #[test]

@@ -5,6 +5,16 @@
 //!
 //! The request is built once and shared (`Bytes` clones are reference
 //! counts), so the generator itself costs little per call.
+//!
+//! A RESOURCE_EXHAUSTED refusal that says when to retry
+//! (`google.rpc.RetryInfo` or `grpc-retry-pushback-ms`) is retried after
+//! that delay, at most [`MAX_RETRIES`] times per call and never after more
+//! than [`crate::client::balance::MAX_RETRY_DELAY`]; the report counts the
+//! retries, and a call's latency runs from its first attempt to its answer.
+//! [`run_recorded`] also keeps every call's finish time and latency, for
+//! the HTML report ([`html`]).
+
+pub mod html;
 
 use std::{
     collections::BTreeMap,
@@ -89,6 +99,20 @@ pub struct BenchReport {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Attempts repeated after a refusal that asked for a retry later.
+    pub retries: u64,
+}
+
+/// Retries per call after refusals that ask for one.
+pub const MAX_RETRIES: u32 = 3;
+
+/// One finished call: when it finished (since the run started) and how
+/// long it took; `code` is `None` for a success.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub finished: Duration,
+    pub latency: Duration,
+    pub code: Option<tonic::Code>,
 }
 
 impl BenchReport {
@@ -107,7 +131,7 @@ impl BenchReport {
             "{:?} {}x{} {:?} via {:?}, concurrency {}\n\
              requests: {} ok in {:.2} s = {:.1} req/s\n\
              latency:  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms\n\
-             errors:   {errors}",
+             errors:   {errors}{}",
             self.op,
             self.width,
             self.height,
@@ -121,6 +145,7 @@ impl BenchReport {
             self.p90_ms,
             self.p99_ms,
             self.max_ms,
+            if self.retries > 0 { format!("\nretries:  {} (after refusals that asked for a retry later)", self.retries) } else { String::new() },
         )
     }
 }
@@ -128,6 +153,11 @@ impl BenchReport {
 /// Runs the load against `channel`. Every caller stops at the bound, so the
 /// run ends by itself.
 pub async fn run(channel: Channel, config: &BenchConfig) -> BenchReport {
+    run_recorded(channel, config).await.0
+}
+
+/// [`run`], also returning every call's [`Sample`], in finishing order.
+pub async fn run_recorded(channel: Channel, config: &BenchConfig) -> (BenchReport, Vec<Sample>) {
     let request = Arc::new(Request::build(config));
     let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -135,8 +165,8 @@ pub async fn run(channel: Channel, config: &BenchConfig) -> BenchReport {
     for _ in 0..config.concurrency.max(1) {
         let (request, issued, channel, stop) = (request.clone(), issued.clone(), channel.clone(), config.stop);
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut samples = Vec::new();
+            let mut retries = 0;
             loop {
                 let go = match stop {
                     StopAfter::Requests(n) => issued.fetch_add(1, Ordering::Relaxed) < n,
@@ -146,37 +176,52 @@ pub async fn run(channel: Channel, config: &BenchConfig) -> BenchReport {
                     break;
                 }
                 let t0 = Instant::now();
-                match request.send(channel.clone()).await {
-                    Ok(()) => latencies.push(t0.elapsed()),
-                    Err(code) => *errors.entry(format!("{code:?}")).or_default() += 1,
-                }
+                let mut attempt = 0;
+                let code = loop {
+                    match request.send(channel.clone()).await {
+                        Ok(()) => break None,
+                        Err(status) => {
+                            let error = crate::client::status_error(status, "");
+                            match crate::client::balance::pushed_back(&error) {
+                                Some(delay) if attempt < MAX_RETRIES => {
+                                    attempt += 1;
+                                    retries += 1;
+                                    tokio::time::sleep(delay).await;
+                                }
+                                _ => break Some(error.code().unwrap_or(tonic::Code::Unknown)),
+                            }
+                        }
+                    }
+                };
+                samples.push(Sample { finished: started.elapsed(), latency: t0.elapsed(), code });
             }
-            (latencies, errors)
+            (samples, retries)
         }));
     }
-    let mut latencies = Vec::new();
-    let mut errors = BTreeMap::new();
+    let mut samples = Vec::new();
+    let mut retries = 0;
+    let mut failed_tasks = 0;
     for task in tasks {
         match task.await {
-            Ok((l, e)) => {
-                latencies.extend(l);
-                for (k, v) in e {
-                    *errors.entry(k).or_default() += v;
-                }
+            Ok((s, r)) => {
+                samples.extend(s);
+                retries += r;
             }
-            Err(_) => *errors.entry("ClientTaskFailed".into()).or_default() += 1,
+            Err(_) => failed_tasks += 1,
         }
     }
     let elapsed = started.elapsed();
+    samples.sort_by_key(|s| s.finished);
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for code in samples.iter().filter_map(|s| s.code) {
+        *errors.entry(format!("{code:?}")).or_default() += 1;
+    }
+    if failed_tasks > 0 {
+        errors.insert("ClientTaskFailed".into(), failed_tasks);
+    }
+    let mut latencies: Vec<Duration> = samples.iter().filter(|s| s.code.is_none()).map(|s| s.latency).collect();
     latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        let rank = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        latencies[rank.clamp(1, latencies.len()) - 1].as_secs_f64() * 1e3
-    };
-    BenchReport {
+    let report = BenchReport {
         op: config.op,
         api: config.api,
         width: config.width,
@@ -187,11 +232,22 @@ pub async fn run(channel: Channel, config: &BenchConfig) -> BenchReport {
         errors,
         elapsed_s: elapsed.as_secs_f64(),
         requests_per_s: latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
-        p50_ms: pct(50.0),
-        p90_ms: pct(90.0),
-        p99_ms: pct(99.0),
-        max_ms: pct(100.0),
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p90_ms: percentile_ms(&latencies, 90.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
+        max_ms: percentile_ms(&latencies, 100.0),
+        retries,
+    };
+    (report, samples)
+}
+
+/// The nearest-rank percentile of sorted latencies, in milliseconds (0 for none).
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
     }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e3
 }
 
 /// One pre-built request.
@@ -247,7 +303,7 @@ impl Request {
         }
     }
 
-    async fn send(&self, channel: Channel) -> Result<(), tonic::Code> {
+    async fn send(&self, channel: Channel) -> Result<(), tonic::Status> {
         const LIMIT: usize = 1 << 30;
         match self {
             Request::Legacy { op, image } => {
@@ -259,11 +315,11 @@ impl Request {
                         client.rotate_image(NlImageRotateRequest { rotation, image: Some(image.clone()) }).await
                     }
                 };
-                result.map(|_| ()).map_err(|s| s.code())
+                result.map(|_| ())
             }
             Request::V1(request) => {
                 let mut client = ImageServiceClient::new(channel).max_decoding_message_size(LIMIT).max_encoding_message_size(LIMIT);
-                client.process(request.clone()).await.map(|_| ()).map_err(|s| s.code())
+                client.process(request.clone()).await.map(|_| ())
             }
         }
     }

@@ -74,7 +74,8 @@ const BENCH_EXAMPLES: &str = "\
 Examples:
   imgsvc-client bench --ca ca.pem --cert client.pem --key client-key.pem \\
       --op mean --width 1024 --height 1024 --format rgb8 --concurrency 4 --duration 20
-  imgsvc-client bench ... --op rotate --width 64 --height 64 --format gray8 --concurrency 16 --requests 10000 --json";
+  imgsvc-client bench ... --op rotate --width 64 --height 64 --format gray8 --concurrency 16 --requests 10000 --json
+  imgsvc-client bench ... --op mean --width 512 --height 512 --duration 30 --report bench.html";
 
 /// Where the server is and who we are.
 #[derive(clap::Args, Debug)]
@@ -145,6 +146,10 @@ struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also write an HTML report (latency histogram, percentiles,
+    /// throughput over time; one self-contained file) to FILE.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -371,7 +376,11 @@ async fn run_bench(args: BenchArgs) -> Result<(), Failure> {
     // The load goes to one server: the first address of the first endpoint.
     let servers = target.balancer(creds.clone()).await?;
     let channel = client::connect(&servers.targets()[0], &creds).await.map_err(|e| Failure(69, e.into()))?;
-    let report = loadgen::run(channel, &config).await;
+    let (report, samples) = loadgen::run_recorded(channel, &config).await;
+    if let Some(path) = &args.report {
+        std::fs::write(path, loadgen::html::render(&report, &samples))
+            .map_err(|e| Failure(1, anyhow::Error::new(e).context(format!("cannot write the report {}", path.display()))))?;
+    }
     let text = if args.json { serde_json::to_string(&report).map_err(|e| Failure(1, e.into()))? } else { report.to_text() };
     print_report(&text)?;
     if report.error_count() > 0 {

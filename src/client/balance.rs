@@ -11,8 +11,11 @@
 //! are idempotent. A server that failed that way is skipped for
 //! [`COOL_DOWN`] unless every server is cooling down.
 //!
-//! Refusals that another server would repeat (invalid image, over a limit,
-//! no tenant, deadline) are returned as they are.
+//! A RESOURCE_EXHAUSTED refusal that says when to retry
+//! (`google.rpc.RetryInfo` or `grpc-retry-pushback-ms`) is retried after
+//! that delay (at most [`MAX_RETRY_DELAY`]), within the same attempt bound.
+//! Other refusals that another server would repeat (invalid image, over a
+//! limit, no tenant, deadline) are returned as they are.
 
 use std::{
     fmt,
@@ -33,6 +36,10 @@ pub const COOL_DOWN: Duration = Duration::from_secs(5);
 
 /// Most attempts per call, whatever the number of servers.
 pub const MAX_ATTEMPTS: usize = 8;
+
+/// The longest server-requested delay the client waits before a retry; a
+/// longer one is returned as the error.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// A `host:port` the user named (`--endpoint`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +171,12 @@ impl Balancer {
             };
             match result {
                 Ok(out) => return Ok((out, i)),
+                Err(e) if pushed_back(&e).is_some() => {
+                    let delay = pushed_back(&e).unwrap_or_default();
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    last_error = Some(e);
+                    tokio::time::sleep(delay).await;
+                }
                 Err(e) if retryable(&e) => {
                     self.fail(i).await;
                     self.retries.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +220,15 @@ impl Balancer {
     }
 }
 
+/// The delay a RESOURCE_EXHAUSTED refusal asks for before a retry, if it
+/// asks for one no longer than [`MAX_RETRY_DELAY`].
+pub fn pushed_back(error: &ClientError) -> Option<Duration> {
+    match error {
+        ClientError::Status { code: tonic::Code::ResourceExhausted, retry_after: Some(delay), .. } if *delay <= MAX_RETRY_DELAY => Some(*delay),
+        _ => None,
+    }
+}
+
 /// Failures another server may not have: the server is unreachable, going
 /// away, or the connection broke mid-call.
 pub fn retryable(error: &ClientError) -> bool {
@@ -241,7 +263,7 @@ mod tests {
 
     #[test]
     fn only_transport_failures_are_retried() {
-        let status = |code| ClientError::Status { code, message: String::new(), hint: String::new() };
+        let status = |code| ClientError::Status { code, message: String::new(), hint: String::new(), retry_after: None };
         assert!(retryable(&ClientError::Connect { address: "a".into(), explanation: "refused".into() }));
         assert!(retryable(&status(tonic::Code::Unavailable)));
         assert!(retryable(&status(tonic::Code::Unknown)));

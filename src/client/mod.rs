@@ -41,7 +41,14 @@ pub enum ClientError {
     #[error("cannot connect to {address}: {explanation}")]
     Connect { address: String, explanation: String },
     #[error("the server answered {code:?}: {message}{hint}")]
-    Status { code: tonic::Code, message: String, hint: String },
+    Status {
+        code: tonic::Code,
+        message: String,
+        hint: String,
+        /// When the server says a retry may succeed after a delay
+        /// (`google.rpc.RetryInfo`, else `grpc-retry-pushback-ms`).
+        retry_after: Option<std::time::Duration>,
+    },
     #[error("the server returned an invalid image: {0}")]
     BadResponse(String),
 }
@@ -227,8 +234,21 @@ pub async fn process_with(
     }
 }
 
+/// The delay after which the server says a refused call may be retried:
+/// `google.rpc.RetryInfo` in the status details, else the
+/// `grpc-retry-pushback-ms` header (imgsvc sends both, equal).
+pub fn retry_delay(status: &tonic::Status) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    if let Some(delay) = status.get_details_retry_info().and_then(|info| info.retry_delay) {
+        return Some(delay);
+    }
+    let ms = status.metadata().get("grpc-retry-pushback-ms")?.to_str().ok()?.parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 pub(crate) fn status_error(status: tonic::Status, server_name: &str) -> ClientError {
     let explanation = explain(&status, server_name);
+    let retry_after = retry_delay(&status);
     let hint = match status.code() {
         tonic::Code::Unauthenticated => " (the client certificate was accepted by TLS but names no tenant of this server)".into(),
         _ => String::new(),
@@ -237,9 +257,9 @@ pub(crate) fn status_error(status: tonic::Status, server_name: &str) -> ClientEr
         // Transport failures surface as UNKNOWN/UNAVAILABLE statuses whose
         // message is opaque; the cause chain says what happened.
         Some(text) if matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal) => {
-            ClientError::Status { code: status.code(), message: text, hint }
+            ClientError::Status { code: status.code(), message: text, hint, retry_after }
         }
-        _ => ClientError::Status { code: status.code(), message: status.message().to_string(), hint },
+        _ => ClientError::Status { code: status.code(), message: status.message().to_string(), hint, retry_after },
     }
 }
 

@@ -1,6 +1,8 @@
 //! Errors of the service layer and the one place that turns them into gRPC
 //! statuses.
 
+use std::time::Duration;
+
 use thiserror::Error;
 
 use crate::{imagefile::CodecError, imaging::ImagingError, serving::worker::WorkerError, tenancy::TenancyError};
@@ -137,20 +139,118 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::Transport(status) if status.code() == Code::Unknown => Code::Cancelled,
             ServiceError::Transport(status) => return status.clone(),
         };
-        let mut status = tonic::Status::new(code, err.to_string());
         let retry_after = match &err {
             ServiceError::Tenancy(T::RateLimited { retry_after, .. }) => Some(*retry_after),
             ServiceError::Tenancy(T::Memory(memory)) => memory.retry_after(),
             _ => None,
         };
-        if let Some(retry_after) = retry_after {
-            // gRPC's retry pushback: clients that implement retries wait this long.
-            let ms = retry_after.as_millis().max(1).to_string();
-            if let Ok(value) = ms.parse() {
-                status.metadata_mut().insert("grpc-retry-pushback-ms", value);
-            }
+        refusal_status(code, err.to_string(), retry_after, err.quota())
+    }
+}
+
+/// A status with the details clients act on, kept consistent in this one
+/// place: a retry delay goes out as gRPC's `grpc-retry-pushback-ms` header
+/// and as `google.rpc.RetryInfo` (the same milliseconds), the limit hit as
+/// `google.rpc.QuotaFailure` (see docs/protocol.md#status-codes).
+pub fn refusal_status(code: tonic::Code, message: String, retry_after: Option<Duration>, quota: Option<Quota>) -> tonic::Status {
+    use tonic_types::{ErrorDetails, QuotaViolation, StatusExt};
+    // Whole milliseconds, at least 1: the header's unit, so both agree.
+    let retry_after = retry_after.map(|d| Duration::from_millis(d.as_millis().max(1) as u64));
+    let mut details = ErrorDetails::new();
+    if let Some(delay) = retry_after {
+        details.set_retry_info(Some(delay));
+    }
+    if let Some(quota) = quota {
+        let mut violation = QuotaViolation::new(quota.subject, quota.description);
+        violation.quota_id = quota.id.to_string();
+        violation.quota_metric = crate::telemetry::tenant_limits::TENANT_LIMIT.to_string();
+        violation.quota_value = i64::try_from(quota.value).unwrap_or(i64::MAX);
+        details.set_quota_failure(vec![violation]);
+    }
+    let mut status = if retry_after.is_none() && details.quota_failure().is_none() {
+        tonic::Status::new(code, message)
+    } else {
+        tonic::Status::with_error_details(code, message, details)
+    };
+    if let Some(delay) = retry_after {
+        // gRPC's retry pushback: clients that implement retries wait this long.
+        if let Ok(value) = delay.as_millis().to_string().parse() {
+            status.metadata_mut().insert("grpc-retry-pushback-ms", value);
         }
-        status
+    }
+    status
+}
+
+/// The limit a RESOURCE_EXHAUSTED refusal hit (`google.rpc.QuotaFailure`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// `tenant:<name>` for a tenant's limit, `server` for a server-wide one.
+    pub subject: String,
+    /// The limit: for a tenant, the `limit` label of `imgsvc_tenant_limit`.
+    pub id: &'static str,
+    /// The config key and value, in words.
+    pub description: String,
+    /// The limit's value in its unit.
+    pub value: u64,
+}
+
+impl ServiceError {
+    /// The limit this error is a refusal over, if it is one.
+    pub fn quota(&self) -> Option<Quota> {
+        use TenancyError as T;
+        use crate::tenancy::memory::MemoryError as M;
+        let tenant = |t: &crate::identity::TenantId, id: &'static str, description: String, value: u64| Quota {
+            subject: format!("tenant:{t}"),
+            id,
+            description,
+            value,
+        };
+        let server = |id: &'static str, description: String, value: u64| Quota { subject: "server".into(), id, description, value };
+        Some(match self {
+            ServiceError::Tenancy(T::RateLimited { tenant: t, rate, burst, .. }) => {
+                tenant(t, "requests_per_second", format!("requests_per_second = {rate} (burst {burst})"), rate.ceil() as u64)
+            }
+            ServiceError::Tenancy(T::RequestTooLarge { tenant: t, limit, .. }) => {
+                tenant(t, "request_bytes", format!("max_request_bytes = {limit}"), *limit)
+            }
+            ServiceError::Tenancy(T::TenantBusy { tenant: t, max_concurrent, max_queued, .. }) => tenant(
+                t,
+                "calls",
+                format!("max_concurrent_requests + max_queued_requests = {max_concurrent} + {max_queued}"),
+                u64::from(*max_concurrent) + u64::from(*max_queued),
+            ),
+            ServiceError::Tenancy(T::ServerBusy { queued }) => server("max_queued_jobs", format!("limits.max_queued_jobs = {queued}"), *queued as u64),
+            ServiceError::Tenancy(T::MemoryBudget { budget, .. }) => {
+                server("memory_budget_bytes", format!("tenancy.memory_budget_bytes = {budget}"), *budget)
+            }
+            ServiceError::Tenancy(T::Memory(M::NeverFits { tenant: t, tenant_share, budget, .. }))
+                if tenant_share < budget =>
+            {
+                tenant(t, "memory_bytes", format!("max_memory_bytes = {tenant_share}"), *tenant_share)
+            }
+            ServiceError::Tenancy(T::Memory(M::NeverFits { budget, .. })) => {
+                server("memory_budget_bytes", format!("tenancy.memory_budget_bytes = {budget}"), *budget)
+            }
+            ServiceError::Tenancy(T::Memory(M::Exhausted { tenant: t, tenant_held, tenant_share, .. })) if tenant_held >= tenant_share => {
+                tenant(t, "memory_bytes", format!("max_memory_bytes = {tenant_share}"), *tenant_share)
+            }
+            ServiceError::Tenancy(T::Memory(M::Exhausted { budget, .. })) => {
+                server("memory_budget_bytes", format!("tenancy.memory_budget_bytes = {budget}"), *budget)
+            }
+            ServiceError::Tenancy(T::Worker(WorkerError::Busy { capacity })) => {
+                server("worker_queue", format!("worker pool queue of {capacity} jobs"), *capacity as u64)
+            }
+            ServiceError::Limit(LimitExceeded::TooManyPixels { limit, .. }) => {
+                Quota { subject: "request".into(), id: "image_pixels", description: format!("max_image_pixels = {limit}"), value: *limit }
+            }
+            ServiceError::Limit(LimitExceeded::TooManyOperations { limit, .. }) => Quota {
+                subject: "request".into(),
+                id: "operations",
+                description: format!("limits.max_operations = {limit}"),
+                value: *limit as u64,
+            },
+            _ => return None,
+        })
     }
 }
 
@@ -165,5 +265,35 @@ mod tests {
         assert_eq!((status.code(), status.message()), (tonic::Code::Cancelled, "error reading a body from connection"));
         let too_large = tonic::Status::out_of_range("Error, decoded message length too large");
         assert_eq!(tonic::Status::from(ServiceError::Transport(too_large)).code(), tonic::Code::OutOfRange);
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_carries_retry_info_equal_to_the_pushback_header_and_names_the_quota() {
+        use tonic_types::StatusExt;
+        let tenant = crate::identity::TenantId::parse("team-b").unwrap();
+        let error = TenancyError::RateLimited { tenant, rate: 20.0, burst: 40, retry_after: Duration::from_micros(37_400) };
+        let status = tonic::Status::from(ServiceError::from(error));
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "37");
+        let details = status.get_error_details();
+        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_millis(37)));
+        let violation = &details.quota_failure().unwrap().violations[0];
+        assert_eq!((violation.subject.as_str(), violation.quota_id.as_str()), ("tenant:team-b", "requests_per_second"));
+        assert_eq!((violation.description.as_str(), violation.quota_value), ("requests_per_second = 20 (burst 40)", 20));
+    }
+
+    #[test]
+    fn a_refusal_that_retrying_cannot_help_names_the_quota_without_retry_info() {
+        use tonic_types::StatusExt;
+        let tenant = crate::identity::TenantId::parse("team-b").unwrap();
+        let error = TenancyError::RequestTooLarge { tenant, bytes: 10, limit: 5 };
+        let status = tonic::Status::from(ServiceError::from(error));
+        assert!(status.metadata().get("grpc-retry-pushback-ms").is_none());
+        let details = status.get_error_details();
+        assert!(details.retry_info().is_none());
+        assert_eq!(details.quota_failure().unwrap().violations[0].quota_id, "request_bytes");
+        // A client's mistake carries no details at all.
+        let status = tonic::Status::from(ServiceError::Invalid(InvalidRequest::MissingImage));
+        assert!(status.details().is_empty());
     }
 }

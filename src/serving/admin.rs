@@ -19,6 +19,9 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::serving::Phase;
 
+/// 1 while `/readyz` answers 200, else 0 (as of the last scrape).
+pub const READY: &str = "imgsvc_ready";
+
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
@@ -33,6 +36,8 @@ pub fn respond(state: &AdminState, method: &Method, path: &str) -> Response<Full
     }
     match path {
         "/metrics" => {
+            // Readiness as a gauge too, for alerting (deploy/monitoring).
+            metrics::gauge!(READY).set(if *state.phase.borrow() == Phase::Serving { 1.0 } else { 0.0 });
             state.metrics.run_upkeep();
             let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response
@@ -60,6 +65,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 /// Serves admin requests on `listener` until the task is dropped or aborted
 /// (the server does so once it has drained).
 pub async fn serve(listener: TcpListener, state: AdminState) {
+    metrics::describe_gauge!(READY, "1 while /readyz answers 200 (serving), 0 while starting or draining; set at each scrape");
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (tcp, peer) = match listener.accept().await {

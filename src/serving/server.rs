@@ -171,9 +171,11 @@ impl Server {
         let tls = ServerTls::load(&settings.tls)?;
         let (kernel_tls, kernel_tls_summary) = kernel_tls::resolve(settings.tls.kernel_tls).map_err(ServerError::KernelTls)?;
         let pool = WorkerPool::with_nice(settings.worker_threads, settings.limits.max_queued_jobs, settings.worker_nice)?;
+        // Before the tenancy: it publishes gauges (budget, tenant limits)
+        // once, and a gauge set before the recorder exists is lost.
+        let metrics = telemetry::metrics::install();
         let tenancy = Tenancy::new(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() }, pool);
         let (tls_config, _) = watch::channel(tls.config.clone());
-        let metrics = telemetry::metrics::install();
         let certificates = certwatch::LoadedCertificates::default();
         certificates.publish(&tls, settings.tls.expiry_warning_days);
         let (phase, _) = watch::channel(Phase::Starting);

@@ -4,6 +4,7 @@
 //! the `otlp` cargo feature, export of the request spans over OTLP/gRPC.
 
 pub mod metrics;
+pub mod tenant_limits;
 #[cfg(feature = "otlp")]
 mod otlp;
 pub mod traceparent;

@@ -236,6 +236,7 @@ impl Tenancy {
     pub fn new(policy: RuntimePolicy, pool: WorkerPool) -> Self {
         let worker_slots = pool.threads();
         let budget = Budget::new(policy.tenancy.memory_budget_bytes);
+        crate::telemetry::tenant_limits::publish(None, &policy.tenancy);
         let state = State {
             policy: Arc::new(policy),
             buckets: HashMap::new(),
@@ -296,6 +297,7 @@ impl Tenancy {
         // `take_token` adopts a changed rate.
         let mut state = lock(&self.shared.state);
         self.shared.budget.set_total(policy.tenancy.memory_budget_bytes);
+        crate::telemetry::tenant_limits::publish(Some(&state.policy.tenancy), &policy.tenancy);
         state.policy = Arc::new(policy);
     }
 

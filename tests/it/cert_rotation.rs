@@ -41,6 +41,7 @@ async fn call(channel: Channel) -> Result<(), ClientError> {
         code: s.code(),
         message: s.message().to_string(),
         hint: String::new(),
+        retry_after: None,
     })
 }
 

@@ -26,7 +26,7 @@ const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy/hapro
 
 /// The haproxy binary, installed from Debian's package when missing (once
 /// per test process: the tests here would otherwise race for dpkg's lock).
-fn ensure_haproxy() -> Option<PathBuf> {
+pub(crate) fn ensure_haproxy() -> Option<PathBuf> {
     static HAPROXY: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     HAPROXY.get_or_init(install_haproxy).clone()
 }

@@ -292,3 +292,24 @@ fn standard_health_check_from_grpcio_reports_serving_overall_and_per_service() {
     }
     assert_eq!(refusal(&results[3]), ("NOT_FOUND", "service not registered"));
 }
+
+#[test]
+fn a_rate_limit_refusal_gives_grpcio_retry_info_equal_to_the_pushback_header_and_the_quota_hit() {
+    let pki = Pki::new(&["alpha"]);
+    // One call per second, no burst beyond it: the second call is refused.
+    let server = ServerProcess::spawn_with(&pki, "[tenant_defaults]\nrequests_per_second = 1\nburst = 1\n", &[]);
+    let valid = pattern(PixelFormat::Gray8, 3, 2);
+    let call = json!({ "rpc": "RotateImage", "request": { "rotation": "NINETY_DEG", "image": nl_image(&valid) }, "status_details": true });
+    let results = grpcio(&server, &pki, "alpha", vec![call.clone(), call]);
+    response(&results[0]);
+    let error = &results[1]["error"];
+    assert_eq!(error["code"], "RESOURCE_EXHAUSTED", "{error}");
+    let details = &error["status_details"];
+    let delay = details["retry_delay_ms"].as_u64().unwrap_or_else(|| panic!("no RetryInfo: {details}"));
+    assert!((1..=1000).contains(&delay), "{details}");
+    assert_eq!(details["pushback_ms"], delay.to_string(), "RetryInfo and grpc-retry-pushback-ms agree: {details}");
+    assert!(error["details"].as_str().unwrap().ends_with(&format!("retry in {delay} ms")), "{error}");
+    let violation = &details["quota_violations"][0];
+    assert_eq!((violation["subject"].as_str(), violation["quota_id"].as_str()), (Some("tenant:alpha"), Some("requests_per_second")), "{details}");
+    assert_eq!(violation["quota_metric"], "imgsvc_tenant_limit", "{details}");
+}

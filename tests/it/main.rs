@@ -66,6 +66,7 @@ mod mean_filter;
 mod memory_admission;
 mod memory_bound;
 mod metrics;
+mod monitoring;
 mod mtls;
 mod rotate;
 mod shutdown;

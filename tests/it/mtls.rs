@@ -23,6 +23,7 @@ async fn call_with(server: &TestServer, creds: &imgsvc::tls::ClientCredentials) 
         code: s.code(),
         message: s.message().to_string(),
         hint: String::new(),
+        retry_after: None,
     })?;
     Ok(())
 }

@@ -14,7 +14,8 @@ base64), built by field name from stubs that grpcio-tools generates here
 from `proto_dir`. Writes one JSON object on stdout: {"grpcio": version,
 "results": [...]}, one result per call, in order: {"response": {...}},
 {"responses": [{...}, ...]} for ProcessStream, or {"error": {"code":
-"INVALID_ARGUMENT", "details": "..."}}. Anything else (no server, bad
+"INVALID_ARGUMENT", "details": "..."}}; a call with "status_details": true
+adds the decoded google.rpc.Status details to its error (see status_details). Anything else (no server, bad
 certificates) ends the script with a traceback and a non-zero exit.
 """
 
@@ -43,6 +44,28 @@ def generate_stubs(proto_dir, out_dir):
 
 def message_dict(message):
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def status_details(e):
+    """The google.rpc.Status details of a failed call, decoded the way a
+    grpcio application does (grpcio-status), with the pushback header."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    out = {"pushback_ms": dict(e.trailing_metadata() or ()).get("grpc-retry-pushback-ms")}
+    status = rpc_status.from_call(e)
+    if status is None:
+        return out
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            out["retry_delay_ms"] = info.retry_delay.ToMilliseconds()
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            out["quota_violations"] = [message_dict(v) for v in failure.violations]
+    return out
 
 
 def main():
@@ -80,7 +103,10 @@ def main():
                         request = json_format.ParseDict(call["request"], request_type())
                         results.append({"response": message_dict(method(request, timeout=CALL_TIMEOUT_SECS))})
                 except grpc.RpcError as e:
-                    results.append({"error": {"code": e.code().name, "details": e.details()}})
+                    error = {"code": e.code().name, "details": e.details()}
+                    if call.get("status_details"):
+                        error["status_details"] = status_details(e)
+                    results.append({"error": error})
     json.dump({"grpcio": grpc.__version__, "results": results}, sys.stdout)
 
 

@@ -1,0 +1,148 @@
+//! Connection ageing moves long-lived clients onto a replica started after
+//! they connected: one client channel through haproxy (TCP pass-through,
+//! `balance leastconn`, as deploy/haproxy ships it) is opened while only
+//! the first server runs; the second starts; each connection is closed
+//! gracefully at its (jittered) maximum age and the client reconnects.
+//! Within max age + grace calls reach the second server, and across the
+//! ageing cycles under load no call fails.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::common::*;
+use imgsvc::loadgen::{self, BenchApi, BenchConfig, BenchFormat, BenchOp, StopAfter};
+
+const TENANT: &str = "ageing";
+/// `server.max_connection_age_secs` and `_grace_secs` in this test.
+const AGE: Duration = Duration::from_secs(1);
+const GRACE: Duration = Duration::from_secs(1);
+
+/// haproxy in front of two backends, checking `/readyz` every 100 ms so a
+/// backend that starts is in the pool at once.
+fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr)]) -> (KillOnDrop, SocketAddr) {
+    for _ in 0..5 {
+        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut config = format!(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout check 1s\n  retries 2\n  option redispatch\n\
+             frontend grpc\n  bind {listen}\n  default_backend imgsvc\n\
+             backend imgsvc\n  balance leastconn\n  option httpchk\n  http-check send meth GET uri /readyz\n  http-check expect status 200\n\
+             \x20 default-server inter 100ms fall 1 rise 1\n"
+        );
+        for (i, (grpc, admin)) in backends.iter().enumerate() {
+            config.push_str(&format!("  server imgsvc{} {grpc} check port {}\n", i + 1, admin.port()));
+        }
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = KillOnDrop::spawn(Command::new(haproxy).args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break; // exited: the port was taken, try another
+            }
+            if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+                return (child, listen);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("haproxy did not start");
+}
+
+/// A loopback port free now (for a server started later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn ok_calls(admin: SocketAddr) -> f64 {
+    let labels = [("tenant", TENANT), ("method", "imgsvc.v1.ImageService/Process"), ("code", "OK")];
+    metric(&scrape(admin), "imgsvc_requests_total", &labels).unwrap_or(0.0)
+}
+
+#[test]
+fn aged_connections_move_a_pinned_client_to_a_new_server_without_a_failed_call() {
+    let haproxy = crate::haproxy::ensure_haproxy().expect("haproxy (Debian's package) is needed: apt-get install haproxy");
+    let pki = std::sync::Arc::new(Pki::new(&[TENANT]));
+    let ageing = [
+        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_SECS", AGE.as_secs().to_string()),
+        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_GRACE_SECS", GRACE.as_secs().to_string()),
+    ];
+    let env = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> { ageing.iter().cloned().chain(extra.iter().cloned()).collect() };
+    let as_refs = |v: &[(&'static str, String)]| -> Vec<(&'static str, &str)> { v.iter().map(|(k, v)| (*k, v.as_str())).collect() };
+    let first = ServerProcess::spawn_with(&pki, "", &as_refs(&env(&[])));
+    // The second server's addresses are fixed now so haproxy knows them; it
+    // starts later.
+    let (port2, admin2) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let second_env = env(&[("IMGSVC_SERVER__PORT", port2.to_string()), ("IMGSVC_ADMIN__LISTEN", admin2.to_string())]);
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, front) = start_haproxy(&haproxy, dir.path(), &[(first.addr, first.admin_addr), (SocketAddr::from(([127, 0, 0, 1], port2)), admin2)]);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let load = Duration::from_secs(7);
+    let (report, samples, started_second, second) = runtime.block_on(async {
+        // One channel, opened while only the first server runs.
+        let channel = imgsvc::client::connect(&target_of(front), &pki.credentials(TENANT)).await.unwrap();
+        let config = BenchConfig {
+            op: BenchOp::Rotate,
+            width: 64,
+            height: 64,
+            format: BenchFormat::Gray8,
+            concurrency: 4,
+            stop: StopAfter::Duration(load),
+            api: BenchApi::V1,
+        };
+        let t0 = Instant::now();
+        let run = tokio::spawn(async move { loadgen::run_recorded(channel, &config).await });
+        // Calls per server every 250 ms, while the second server starts at 1 s.
+        let first_admin = first.admin_addr;
+        let sampler = tokio::task::spawn_blocking(move || {
+            let mut samples = Vec::new();
+            while t0.elapsed() < load {
+                let second = if samples.len() >= 4 { ok_calls(admin2) } else { 0.0 };
+                samples.push((t0.elapsed(), ok_calls(first_admin), second));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            samples.push((t0.elapsed(), ok_calls(first_admin), ok_calls(admin2)));
+            samples
+        });
+        tokio::time::sleep(Duration::from_millis(750)).await;
+        let pki2 = pki.clone();
+        let second = tokio::task::spawn_blocking(move || ServerProcess::spawn_with(&pki2, "", &as_refs(&second_env))).await.unwrap();
+        let started_second = t0.elapsed();
+        let (report, _) = run.await.unwrap();
+        (report, sampler.await.unwrap(), started_second, second)
+    });
+
+    // The share of calls the new server took, per 250 ms.
+    let mut table = String::from("  t (s)  calls  share on the new server\n");
+    let mut first_on_second = None;
+    for w in samples.windows(2) {
+        let ((_, a0, b0), (t, a1, b1)) = (w[0], w[1]);
+        let (a, b) = (a1 - a0, b1 - b0);
+        if b > 0.0 && first_on_second.is_none() {
+            first_on_second = Some(t);
+        }
+        table.push_str(&format!("  {:5.2}  {:5}  {:5.1} %\n", t.as_secs_f64(), a + b, if a + b > 0.0 { 100.0 * b / (a + b) } else { 0.0 }));
+    }
+    eprintln!("second server started at {:.2} s; calls per 250 ms:\n{table}", started_second.as_secs_f64());
+
+    assert!(report.errors.is_empty(), "no call fails across the ageing cycles: {report:?}\n{table}");
+    assert!(report.ok > 100, "{report:?}");
+    let reached = first_on_second.unwrap_or_else(|| panic!("no call reached the second server:\n{table}"));
+    // Max age (+10 % jitter) + grace, plus haproxy's check and a scrape.
+    let bound = AGE.mul_f64(1.1) + GRACE + Duration::from_millis(1000);
+    assert!(reached <= started_second + bound, "calls reached the new server {:?} after it started, over {bound:?}\n{table}", reached - started_second);
+    // In the last two seconds both servers serve (the client alternates
+    // between them as its connections age: leastconn picks the other one).
+    let last = samples.last().unwrap();
+    let before = samples.iter().rev().find(|s| last.0 - s.0 >= Duration::from_secs(2)).unwrap();
+    let (a, b) = (last.1 - before.1, last.2 - before.2);
+    assert!(a > 0.0 && b > 0.0, "both servers serve at the end: {a} and {b}\n{table}");
+    // Several ageing cycles happened, each a graceful close.
+    let closed = metric(&scrape(first.admin_addr), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0)
+        + metric(&scrape(second.admin_addr), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0);
+    assert!(closed >= 3.0, "{closed} connections aged out\n{table}");
+}
