@@ -254,6 +254,9 @@ pub struct RawTls {
     pub expiry_warning_days: u32,
     /// `off`, `auto` or `on` ([`KernelTlsMode`]), checked in [`Settings::validate`].
     pub kernel_tls: String,
+    /// Testing only: a kernel-TLS connection asks for its graceful close
+    /// after this many records sent (0: at the cipher's limit).
+    pub kernel_tls_close_after_records: u64,
 }
 
 /// Whether the kernel encrypts and decrypts a connection's records once
@@ -285,6 +288,7 @@ impl Default for RawTls {
             watch_debounce_ms: 500,
             expiry_warning_days: 14,
             kernel_tls: "auto".into(),
+            kernel_tls_close_after_records: 0,
         }
     }
 }
@@ -433,6 +437,9 @@ pub struct TlsSettings {
     pub expiry_warning_days: u32,
     /// Kernel TLS after the handshake (`tls.kernel_tls`).
     pub kernel_tls: KernelTlsMode,
+    /// Testing only (`tls.kernel_tls_close_after_records`): close a
+    /// kernel-TLS connection gracefully after this many records sent.
+    pub kernel_tls_close_after_records: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -621,6 +628,7 @@ impl Settings {
                 watch_debounce: Duration::from_millis(raw.tls.watch_debounce_ms),
                 expiry_warning_days: raw.tls.expiry_warning_days,
                 kernel_tls,
+                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0).then_some(raw.tls.kernel_tls_close_after_records),
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,

@@ -389,6 +389,7 @@ mod tests {
             watch_debounce: Duration::from_millis(500),
             expiry_warning_days: 14,
             kernel_tls: crate::config::KernelTlsMode::Off,
+            kernel_tls_close_after_records: None,
         };
         let here = std::env::current_dir().unwrap().canonicalize().unwrap();
         let want: BTreeSet<PathBuf> = [here, tls.canonicalize().unwrap(), real.canonicalize().unwrap()].into();

@@ -308,6 +308,7 @@ impl Server {
                 tenancy: tenancy.clone(),
                 connection_window: settings.http2_connection_window_charge(),
                 kernel_tls,
+                kernel_tls_close_after_records: settings.tls.kernel_tls_close_after_records,
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
@@ -739,13 +740,15 @@ struct Accepting {
     /// Charged to the tenant's memory share for each connection's life.
     connection_window: u64,
     kernel_tls: Option<kernel_tls::Ciphers>,
+    /// Testing only: see `tls.kernel_tls_close_after_records`.
+    kernel_tls_close_after_records: Option<u64>,
 }
 
 /// Accepts TCP connections, runs each TLS handshake under a deadline on its
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window, kernel_tls } =
+    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
         accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
@@ -800,7 +803,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     };
                     let mut stream = match kernel_tls {
                         Some(ciphers) if kernel_tls::kernel_takes(stream.get_ref().1, &ciphers) => {
-                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream)).await {
+                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream, kernel_tls_close_after_records)).await {
                                 Ok(Ok(stream)) => ServerStream::Kernel(stream),
                                 Ok(Err(e)) => {
                                     metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
