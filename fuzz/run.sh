@@ -5,6 +5,8 @@
 #   FUZZ_SECONDS=600 fuzz/run.sh                    # the full run: every target for 10 minutes
 #   FUZZ_SECONDS=600 fuzz/run.sh v1_request
 #   FUZZ_PROFILE=dev FUZZ_SECONDS=10 fuzz/run.sh    # what CI runs
+#   FUZZ_BUILD_ONLY=1 fuzz/run.sh                   # build the targets, run none
+#                                                   # (CI builds them while its tests run)
 #
 # Builds the targets with cargo and the coverage instrumentation flags
 # cargo-fuzz 0.13 uses (libFuzzer's inline 8-bit counters, PC table,
@@ -64,6 +66,7 @@ started=$SECONDS
 # but not build scripts and proc-macros (as cargo-fuzz does).
 RUSTFLAGS="$flags" "${build[@]}"
 echo "fuzz: built ${#targets[@]} targets ($profile) in $((SECONDS - started)) s"
+if [ -n "${FUZZ_BUILD_ONLY:-}" ]; then exit 0; fi
 
 mkdir -p target/logs
 run_one() {

@@ -133,6 +133,7 @@ pub struct RawTenancy {
     pub unknown_tenants: UnknownTenants,
     pub memory_budget_bytes: u64,
     pub memory_wait_ms: u64,
+    pub body_timeout_ms: u64,
 }
 
 /// Default `tenancy.memory_budget_bytes`: 1 GiB, which with the fixed
@@ -140,6 +141,8 @@ pub struct RawTenancy {
 pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 1 << 30;
 /// Default `tenancy.memory_wait_ms`.
 pub const DEFAULT_MEMORY_WAIT_MS: u64 = 5_000;
+/// Default `tenancy.body_timeout_ms`.
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
 
 impl Default for RawTenancy {
     fn default() -> Self {
@@ -147,6 +150,7 @@ impl Default for RawTenancy {
             unknown_tenants: UnknownTenants::Refuse,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
             memory_wait_ms: DEFAULT_MEMORY_WAIT_MS,
+            body_timeout_ms: DEFAULT_BODY_TIMEOUT_MS,
         }
     }
 }
@@ -172,6 +176,9 @@ pub struct RawTenantLimits {
 /// per connection: `BDP_LIMIT` in hyper's `src/proto/h2/ping.rs` (hyper
 /// 1.x; not exported, so repeated here: check it when hyper is upgraded).
 pub const HYPER_BDP_LIMIT: u32 = 16 << 20;
+
+/// HTTP/2's largest flow-control window (RFC 9113 §6.9.1).
+pub const HTTP2_MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// `server.io_threads = 0` means one per two cores (at least one), but at
 /// most this many.
@@ -206,6 +213,7 @@ pub struct RawServer {
     pub idle_timeout_secs: u64,
     pub io_threads: usize,
     pub max_io_lanes: usize,
+    pub max_deadline_secs: u64,
 }
 
 impl Default for RawServer {
@@ -235,6 +243,7 @@ impl Default for RawServer {
             idle_timeout_secs: 300,
             io_threads: 0,
             max_io_lanes: 64,
+            max_deadline_secs: 300,
         }
     }
 }
@@ -410,6 +419,9 @@ pub struct Settings {
     pub io_threads: usize,
     /// Lanes at most; tenants beyond share one.
     pub max_io_lanes: usize,
+    /// The longest a call may take: its deadline when the client sends no
+    /// `grpc-timeout`, and the cap on one it sends.
+    pub max_deadline: Duration,
     pub tls: TlsSettings,
     pub limits: Limits,
     pub log: LogSettings,
@@ -489,6 +501,23 @@ impl Settings {
     pub fn http2_connection_window_charge(&self) -> u64 {
         let window = if self.http2_adaptive_window { HYPER_BDP_LIMIT } else { self.http2_connection_window_bytes };
         u64::from(window) + u64::from(self.http2_max_frame_size)
+    }
+
+    /// The largest stream window a stream may be granted: the configured
+    /// one, or hyper's largest adaptive window.
+    pub fn http2_stream_window_max(&self) -> u64 {
+        u64::from(if self.http2_adaptive_window { HYPER_BDP_LIMIT } else { self.http2_stream_window_bytes })
+    }
+
+    /// The connection window advertised to clients: the configured one
+    /// plus one stream window for every stream the connection may open,
+    /// so calls whose bodies are held back (waiting for memory) can never
+    /// take the window another call on the connection needs. Not charged
+    /// as such: a held-back call is charged the stream window it can hold
+    /// (`crate::serving::admission`). At most HTTP/2's largest window.
+    pub fn http2_connection_window_advertised(&self) -> u32 {
+        let streams = u64::from(self.max_concurrent_streams) * u64::from(self.http2_stream_window_bytes);
+        (u64::from(self.http2_connection_window_bytes) + streams).min(HTTP2_MAX_WINDOW.into()) as u32
     }
 
     /// Reads `source` layered over the defaults and under the `IMGSVC_*`
@@ -589,6 +618,8 @@ impl Settings {
             .map_err(|e| invalid("log.level", format!("{:?} is not a valid filter: {e}", raw.log.level)))?;
         let trace_export = resolve_trace_export(&raw.telemetry, &invalid)?;
         let tenancy = resolve_tenancy(&raw, &origin)?;
+        check_shares(&raw, &tenancy, worker_threads, &invalid)?;
+        in_range("server.max_deadline_secs", raw.server.max_deadline_secs.into(), 1..=86_400, "")?;
         let admin_listen = match raw.admin.listen.trim() {
             _ if !raw.admin.enabled => None,
             "" => None,
@@ -616,6 +647,7 @@ impl Settings {
             idle_timeout: (raw.server.idle_timeout_secs > 0).then(|| Duration::from_secs(raw.server.idle_timeout_secs)),
             io_threads,
             max_io_lanes: raw.server.max_io_lanes,
+            max_deadline: Duration::from_secs(raw.server.max_deadline_secs),
             tls: TlsSettings {
                 cert: raw.tls.cert,
                 key: raw.tls.key,
@@ -693,6 +725,52 @@ fn resolve_trace_export(
 const DEFAULT_MAX_CONCURRENT: u32 = 32;
 const DEFAULT_MAX_QUEUED: u32 = 128;
 
+/// The per-tenant limits against the server-wide ones: every enabled
+/// tenant's weighted part of `limits.max_queued_jobs` holds at least one
+/// job, and no `[tenants.<name>]` sets a `max_queued_requests` its part can
+/// never honour. (The built-in and `[tenant_defaults]` values are capped
+/// by the part silently.)
+fn check_shares(
+    raw: &RawConfig,
+    tenancy: &TenancyConfig,
+    workers: usize,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let max_queued_jobs = raw.limits.max_queued_jobs;
+    let total = tenancy.total_weight();
+    let mut tenants: Vec<_> = tenancy.tenants.iter().filter(|(_, p)| p.enabled).collect();
+    tenants.sort_by(|a, b| (a.1.weight, a.0.as_str()).cmp(&(b.1.weight, b.0.as_str())));
+    if let Some((name, policy)) = tenants.first()
+        && tenancy.queue_part(policy.weight, max_queued_jobs) == 0
+    {
+        let needed = total.div_ceil(u64::from(policy.weight));
+        return Err(invalid(
+            "limits.max_queued_jobs",
+            format!(
+                "{max_queued_jobs} cannot give every tenant a place in the queue: tenant \"{name}\" (weight {} of {total}) would get none; at least {needed} needed",
+                policy.weight
+            ),
+        ));
+    }
+    for (name, policy) in tenants {
+        let part = tenancy.queue_part(policy.weight, max_queued_jobs);
+        let set = raw.tenants.get(name.as_str()).and_then(|t| t.max_queued_requests);
+        if let Some(set) = set
+            && u64::from(set) > part
+        {
+            let calls = tenancy.jobs_part(policy.weight, max_queued_jobs, workers);
+            return Err(invalid(
+                &format!("tenants.{name}.max_queued_requests"),
+                format!(
+                    "{set} cannot be honoured: the tenant's weighted part of limits.max_queued_jobs is {max_queued_jobs} x weight {} / total weight {total} = {part} (its open calls are bounded by {calls}, its part of the queue and the {workers} workers)",
+                    policy.weight
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, ConfigError> {
     let invalid = |key: String, problem: String| ConfigError::Invalid { origin: origin.into(), key, problem };
     if raw.tenancy.memory_budget_bytes < 1 << 20 {
@@ -703,6 +781,9 @@ fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, Confi
     }
     if !(1..=600_000).contains(&raw.tenancy.memory_wait_ms) {
         return Err(invalid("tenancy.memory_wait_ms".into(), format!("{} is out of range 1..=600000", raw.tenancy.memory_wait_ms)));
+    }
+    if !(1..=600_000).contains(&raw.tenancy.body_timeout_ms) {
+        return Err(invalid("tenancy.body_timeout_ms".into(), format!("{} is out of range 1..=600000", raw.tenancy.body_timeout_ms)));
     }
     let budget = raw.tenancy.memory_budget_bytes;
     let defaults = resolve_tenant("tenant_defaults", &raw.tenant_defaults, &RawTenantLimits::default(), &raw.limits, budget, &invalid)?;
@@ -716,6 +797,7 @@ fn resolve_tenancy(raw: &RawConfig, origin: &str) -> Result<TenancyConfig, Confi
         unknown_tenants: raw.tenancy.unknown_tenants,
         memory_budget_bytes: budget,
         memory_wait: std::time::Duration::from_millis(raw.tenancy.memory_wait_ms),
+        body_timeout: std::time::Duration::from_millis(raw.tenancy.body_timeout_ms),
         defaults,
         tenants,
     })
@@ -731,8 +813,9 @@ fn resolve_tenant(
 ) -> Result<TenantPolicy, ConfigError> {
     let key = |k: &str| format!("{section}.{k}");
     let rps = own.requests_per_second.or(defaults.requests_per_second).unwrap_or(0.0);
-    if !rps.is_finite() || !(0.0..=1e6).contains(&rps) {
-        return Err(invalid(key("requests_per_second"), format!("{rps} is out of range 0..=1000000 (0 = no rate limit)")));
+    // Below one request in about 11 days the retry hint no longer fits.
+    if !rps.is_finite() || !(rps == 0.0 || (1e-6..=1e6).contains(&rps)) {
+        return Err(invalid(key("requests_per_second"), format!("{rps} is out of range 0.000001..=1000000 (0 = no rate limit)")));
     }
     let burst = own.burst.or(defaults.burst).unwrap_or_else(|| rps.ceil().max(1.0) as u32);
     if rps > 0.0 && burst == 0 {
@@ -1024,6 +1107,17 @@ mod tests {
                 "unknown operation \"blur\" (known: rotate, mean_filter)",
             ),
             ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
+            ("[tenants.a]\nrequests_per_second = 1e-21", "tenants.a.requests_per_second", "0.000000000000000000001 is out of range 0.000001..=1000000 (0 = no rate limit)"),
+            (
+                "[limits]\nmax_queued_jobs = 2\n[tenants.a]\n[tenants.b]\n[tenants.c]\nweight = 2",
+                "limits.max_queued_jobs",
+                "2 cannot give every tenant a place in the queue: tenant \"a\" (weight 1 of 4) would get none; at least 4 needed",
+            ),
+            (
+                "[tenants.a]\nmax_queued_requests = 200\n[tenants.b]",
+                "tenants.a.max_queued_requests",
+                "200 cannot be honoured: the tenant's weighted part of limits.max_queued_jobs is 256 x weight 1 / total weight 2 = 128",
+            ),
             ("[tenants.a]\nmax_image_pixels = 200000000", "tenants.a.max_image_pixels", "(at most limits.max_image_pixels)"),
             ("[tenants.Bad]\nweight = 1", "tenants.Bad", "invalid tenant name"),
             ("[tenants.a]\nwieght = 1", "wieght", "unknown field"),

@@ -42,6 +42,13 @@ impl TenantId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `(unserved)`: the memory account of connections whose certificate
+    /// names no tenant served here. [`TenantId::parse`] never makes it
+    /// (parentheses), so no tenant's name collides with it.
+    pub fn unserved() -> Self {
+        Self("(unserved)".into())
+    }
 }
 
 impl fmt::Display for TenantId {

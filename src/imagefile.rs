@@ -16,8 +16,9 @@ use std::{borrow::Cow, io::Cursor};
 
 use bytes::Bytes;
 use image::{
-    DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader,
+    ColorType, DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader,
     codecs::{jpeg::JpegEncoder, webp::WebPEncoder},
+    metadata::Orientation,
 };
 use thiserror::Error;
 
@@ -76,6 +77,24 @@ impl Encoding {
     /// GIF is read (first frame) but not written.
     pub fn can_encode(self) -> bool {
         self != Self::Gif
+    }
+
+    /// The widest and highest image the format can hold, if it has such a
+    /// limit: WebP 16384 (14-bit dimensions minus one), JPEG 65535 (16-bit).
+    pub fn max_side(self) -> Option<u32> {
+        match self {
+            Self::WebP => Some(16_384),
+            Self::Jpeg => Some(65_535),
+            _ => None,
+        }
+    }
+
+    /// A `width`×`height` image can be written in this format?
+    pub fn check_size(self, width: u32, height: u32) -> Result<(), CodecError> {
+        match self.max_side() {
+            Some(limit) if width > limit || height > limit => Err(CodecError::TooLargeToEncode { encoding: self.name(), width, height, limit }),
+            _ => Ok(()),
+        }
     }
 
     fn image_format(self) -> ImageFormat {
@@ -154,6 +173,8 @@ pub enum CodecError {
     NotPaged { encoding: &'static str, page: u32 },
     #[error("{encoding} is read, not written: choose PNG, JPEG, TIFF, WebP or BMP")]
     CannotEncode { encoding: &'static str },
+    #[error("{encoding} cannot hold a {width}x{height} image: at most {limit} pixels wide and high")]
+    TooLargeToEncode { encoding: &'static str, width: u32, height: u32, limit: u32 },
     #[error("JPEG quality must be 1..=100, got {0}")]
     Quality(u32),
     #[error("cannot encode the image as {encoding}: {reason}")]
@@ -204,20 +225,23 @@ impl RawImage {
         v1::Image { format: self.format as i32, width: self.width, height: self.height, data: self.data, encoded: None }
     }
 
-    /// Pixels of a decoded image, keeping its mode where v1 has one.
+    /// Pixels of a decoded image, keeping its mode where v1 has one. The
+    /// decoded buffer is handed over as it is (16-bit samples too: they are
+    /// made little-endian in place), so only a mode v1 lacks is copied: the
+    /// extra buffer [`conversion_bytes`] counts.
     pub fn from_dynamic(img: DynamicImage) -> Self {
         use PixelFormat as F;
         let (width, height) = (img.width(), img.height());
-        let le16 = |samples: &[u16]| Bytes::from(samples.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>());
         let (format, data) = match img {
             DynamicImage::ImageLuma8(b) => (F::Gray8, Bytes::from(b.into_raw())),
             DynamicImage::ImageLumaA8(b) => (F::Graya8, Bytes::from(b.into_raw())),
             DynamicImage::ImageRgb8(b) => (F::Rgb8, Bytes::from(b.into_raw())),
             DynamicImage::ImageRgba8(b) => (F::Rgba8, Bytes::from(b.into_raw())),
-            DynamicImage::ImageLuma16(b) => (F::Gray16, le16(b.as_raw())),
-            DynamicImage::ImageRgb16(b) => (F::Rgb16, le16(b.as_raw())),
-            DynamicImage::ImageRgb32F(_) => (F::Rgb16, le16(img.to_rgb16().as_raw())),
-            other => (F::Rgba16, le16(other.to_rgba16().as_raw())),
+            DynamicImage::ImageLuma16(b) => (F::Gray16, le16(b.into_raw())),
+            DynamicImage::ImageRgb16(b) => (F::Rgb16, le16(b.into_raw())),
+            DynamicImage::ImageRgba16(b) => (F::Rgba16, le16(b.into_raw())),
+            DynamicImage::ImageRgb32F(_) => (F::Rgb16, le16(img.to_rgb16().into_raw())),
+            other => (F::Rgba16, le16(other.to_rgba16().into_raw())),
         };
         Self { format, width, height, data }
     }
@@ -261,6 +285,86 @@ impl RawImage {
     }
 }
 
+/// 16-bit samples as little-endian bytes without a copy: swapped in place
+/// on a big-endian machine, then owned by the `Bytes` as they are.
+fn le16(mut samples: Vec<u16>) -> Bytes {
+    if cfg!(target_endian = "big") {
+        samples.iter_mut().for_each(|s| *s = s.to_le());
+    }
+    Bytes::from_owner(Le16(samples))
+}
+
+struct Le16(Vec<u16>);
+
+impl AsRef<[u8]> for Le16 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// The v1 mode a decoded image of `color` becomes ([`RawImage::from_dynamic`]).
+fn v1_format(color: ColorType) -> PixelFormat {
+    use PixelFormat as F;
+    match color {
+        ColorType::L8 => F::Gray8,
+        ColorType::La8 => F::Graya8,
+        ColorType::Rgb8 => F::Rgb8,
+        ColorType::Rgba8 => F::Rgba8,
+        ColorType::L16 => F::Gray16,
+        ColorType::Rgb16 | ColorType::Rgb32F => F::Rgb16,
+        _ => F::Rgba16,
+    }
+}
+
+/// The buffer [`RawImage::from_dynamic`] allocates beside the decoded one
+/// for `pixels` of `color`: none where v1 has the mode, else the converted
+/// image (16-bit gray+alpha and floating point are converted).
+fn conversion_bytes(color: ColorType, pixels: u64) -> u64 {
+    match color {
+        ColorType::L8 | ColorType::La8 | ColorType::Rgb8 | ColorType::Rgba8 | ColorType::L16 | ColorType::Rgb16 | ColorType::Rgba16 => 0,
+        other => pixels * bytes_per_pixel(v1_format(other)) as u64,
+    }
+}
+
+/// The least working memory a decoder is allowed besides its output buffer
+/// (row buffers, the inflate window, tables): 1 MiB, or the decoded size
+/// when that is larger.
+pub const MIN_DECODER_WORKING_BYTES: u64 = 1 << 20;
+
+/// What decoding a file holds in memory besides the file, from its header
+/// alone ([`decode_cost`]). [`decode`] runs within it: the decoder under
+/// [`image::Limits::max_alloc`] of `decoded` + its working allowance, and
+/// each later step (orientation, conversion) one buffer at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeCost {
+    /// The decoder's output buffer, in the file's own mode.
+    pub decoded: u64,
+    /// The raw image it becomes (in its v1 mode).
+    pub image: u64,
+    /// The most held at once: a copy of the file for a TIFF page after the
+    /// first, the decoded buffer, and the largest of the decoder's working
+    /// allowance, the copy an EXIF rotation by a quarter turn makes and the
+    /// conversion to a v1 mode (they come one after the other).
+    pub peak: u64,
+}
+
+impl DecodeCost {
+    fn of(decoded: u64, color: ColorType, pixels: u64, orientation: Orientation, file_copy: u64) -> Self {
+        let rotated = match orientation {
+            Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH => decoded,
+            _ => 0,
+        };
+        let converted = conversion_bytes(color, pixels);
+        let image = if converted == 0 { decoded } else { converted };
+        Self { decoded, image, peak: file_copy + decoded + decoder_working(decoded).max(rotated).max(converted) }
+    }
+}
+
+/// The working memory a decoder of a `decoded`-byte image may allocate.
+fn decoder_working(decoded: u64) -> u64 {
+    decoded.max(MIN_DECODER_WORKING_BYTES)
+}
+
 /// A decoded file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decoded {
@@ -285,15 +389,20 @@ pub fn decode(data: &[u8], options: &DecodeOptions) -> Result<Decoded, CodecErro
     })
 }
 
-/// The bytes of the pixel buffer `data` decodes to, from its header alone
-/// (checked against the limits as [`decode`] checks them): what to charge
-/// to the memory budget before decoding. Cheap: no pixel is decoded.
-pub fn decoded_bytes(data: &[u8], options: &DecodeOptions) -> Result<u64, CodecError> {
+/// What decoding `data` costs in memory ([`DecodeCost`]), from its header
+/// alone (checked against the limits as [`decode`] checks them): what to
+/// charge to the memory budget before decoding. Cheap: no pixel is decoded.
+pub fn decode_cost(data: &[u8], options: &DecodeOptions) -> Result<DecodeCost, CodecError> {
     std::panic::catch_unwind(|| {
-        let (encoding, data) = page_data(data, options)?;
-        let (reader, failed, _) = header_reader(&data, encoding, options.limits);
-        let decoder = reader.into_decoder().map_err(failed)?;
-        checked_size(&decoder, options.limits)
+        let (encoding, page) = page_data(data, options)?;
+        let (reader, failed, _) = header_reader(&page, encoding, options.limits);
+        let mut decoder = reader.into_decoder().map_err(failed)?;
+        let decoded = checked_size(&decoder, options.limits)?;
+        let (width, height) = decoder.dimensions();
+        let color = decoder.color_type();
+        let orientation = decoder.orientation().map_err(failed)?;
+        let file_copy = if matches!(page, Cow::Owned(_)) { page.len() as u64 } else { 0 };
+        Ok(DecodeCost::of(decoded, color, u64::from(width) * u64::from(height), orientation, file_copy))
     })
     .unwrap_or_else(|_| {
         let encoding = options.encoding.map_or_else(|| Encoding::detect(data), Ok)?;
@@ -353,12 +462,18 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     // Header only: the decoder is built (it reads the header) under the
     // allocation limit, and the dimensions are checked before any pixel
     // buffer exists.
+    let (reader, failed, _) = header_reader(&data, encoding, limits);
+    let bytes = checked_size(&reader.into_decoder().map_err(failed)?, limits)?;
+    // The header again, under the allocation limit this decode is charged
+    // for: some decoders (PNG's) take their own limit when they read it.
+    let limits = DecodeLimits { max_alloc_bytes: limits.max_alloc_bytes.min(bytes + decoder_working(bytes)), ..limits };
     let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
     let mut decoder = reader.into_decoder().map_err(failed)?;
-    let bytes = checked_size(&decoder, limits)?;
     // As `ImageReader::decode` does: the output buffer counts against the
-    // allocation limit, the decoder gets what is left; and the side limits
-    // make the decoder itself refuse anything larger than we checked.
+    // allocation limit, the decoder gets what is left — its working
+    // allowance in [`DecodeCost`], no more, whatever the caller's limit —
+    // and the side limits make the decoder itself refuse anything larger
+    // than we checked.
     let side = u32::try_from(limits.max_pixels).unwrap_or(u32::MAX);
     let mut decode_limits = header_limits;
     decode_limits.max_image_width = Some(side);

@@ -46,6 +46,10 @@ pub enum TlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    #[error(
+        "CRL {path} (issuer {issuer}) expired at {next_update} (its nextUpdate): loaded, it would make the server refuse every client of that CA; sign a fresh one (gen-certs --renew-crl, or your CA's)"
+    )]
+    CrlExpired { path: PathBuf, issuer: String, next_update: String },
     #[error("server certificate {cert} and key {key} do not form a usable identity")]
     Identity {
         cert: PathBuf,
@@ -68,7 +72,8 @@ pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     /// Subject of the client CA, for the startup summary.
     pub client_ca_subject: String,
-    /// When each loaded certificate expires (server chain and client CAs).
+    /// When each loaded certificate expires (server chain and client CAs),
+    /// and when each CRL must be replaced (its nextUpdate).
     pub validity: Vec<CertificateValidity>,
     /// Identifies the certificates and CRLs loaded (not the key: a new key
     /// comes with a new certificate), so that a reload can tell whether
@@ -80,9 +85,10 @@ pub struct ServerTls {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateValidity {
     /// `server` (the leaf), `server_chain:<subject>` (an intermediate sent
-    /// with it) or `client_ca:<subject>`: the label of the expiry gauge.
+    /// with it), `client_ca:<subject>` or `crl:<issuer>` (a CRL's
+    /// nextUpdate): the label of the expiry gauge.
     pub certificate: String,
-    /// Seconds since the Unix epoch (notAfter).
+    /// Seconds since the Unix epoch (notAfter; a CRL's nextUpdate).
     pub not_after: i64,
 }
 
@@ -106,6 +112,8 @@ impl ServerTls {
         }
         let provider = crypto_provider();
         let mut crls = Vec::new();
+        let mut crl_validity = Vec::new();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         for path in &settings.crl_files {
             let pem = read_file("CRL", path)?;
             let parsed = CertificateRevocationListDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::Pem {
@@ -122,11 +130,29 @@ impl ServerTls {
                     reason: "no X509 CRL block found".into(),
                 });
             }
+            for crl in &parsed {
+                let (issuer, next_update) = crl_facts(crl).map_err(|reason| TlsError::Pem {
+                    what: "CRL",
+                    path: path.clone(),
+                    expected: "X509 CRL",
+                    reason,
+                })?;
+                if let Some(next_update) = next_update {
+                    if next_update <= now {
+                        return Err(TlsError::CrlExpired { path: path.clone(), issuer, next_update: utc_text(next_update) });
+                    }
+                    crl_validity.push(CertificateValidity { certificate: format!("crl:{issuer}"), not_after: next_update });
+                }
+            }
             crls.extend(parsed);
         }
         let (chain_copy, crl_copy) = (chain.clone(), crls.clone());
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .with_crls(crls)
+            // A CRL past its nextUpdate no longer says what is revoked: every
+            // certificate of its CA is refused (the expiry gauge and warnings
+            // say so 14 days ahead; a load refuses an expired one outright).
+            .enforce_revocation_expiration()
             .build()
             .map_err(|source| TlsError::Verifier { path: settings.client_ca.clone(), source })?;
         let identity_err = |source| TlsError::Identity { cert: settings.cert.clone(), key: settings.key.clone(), source };
@@ -137,6 +163,14 @@ impl ServerTls {
             .with_single_cert(chain, key)
             .map_err(identity_err)?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption, TLS 1.2 or 1.3: rustls restores a resumed
+        // session's client certificate without verifying it again, so a
+        // certificate that expired or was revoked since would be let in.
+        // Every handshake is a full one, checked against the roots, CRLs and
+        // the clock of now (docs/security.md#session-resumption has the
+        // measured cost: gRPC connections are long-lived).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         // Kernel TLS takes the traffic secrets over after the handshake
         // (crate::serving::kernel_tls); rustls hands them out only if asked.
         config.enable_secret_extraction = settings.kernel_tls != crate::config::KernelTlsMode::Off;
@@ -149,6 +183,7 @@ impl ServerTls {
             let label = format!("client_ca:{}", subject_of(ca));
             validity.extend(not_after(ca).map(|not_after| CertificateValidity { certificate: label, not_after }));
         }
+        validity.extend(crl_validity);
         let fingerprint = {
             use std::hash::{Hash, Hasher};
             let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -156,6 +191,20 @@ impl ServerTls {
             hasher.finish()
         };
         Ok(Self { config: Arc::new(config), client_ca_subject: subject_of(&ca_certs[0]), validity, fingerprint })
+    }
+}
+
+/// A CRL's issuer (text) and nextUpdate (seconds since the Unix epoch).
+fn crl_facts(der: &CertificateRevocationListDer<'_>) -> Result<(String, Option<i64>), String> {
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).map_err(|e| e.to_string())?;
+    Ok((crl.issuer().to_string(), crl.next_update().map(|t| t.timestamp())))
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_text(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!("{} {:02}:{:02}:{:02} UTC", t.date(), t.hour(), t.minute(), t.second()),
+        Err(_) => format!("{unix} (Unix time)"),
     }
 }
 

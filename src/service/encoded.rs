@@ -13,7 +13,7 @@ use bytes::Bytes;
 use super::{InvalidRequest, PixelBuffer, ServiceError};
 use crate::{
     config::Limits,
-    imagefile::{self, DEFAULT_JPEG_QUALITY, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage},
+    imagefile::{self, DEFAULT_JPEG_QUALITY, DecodeCost, DecodeLimits, DecodeOptions, EncodeOptions, Encoding, RawImage},
     proto::v1::{self, ImageEncoding},
 };
 
@@ -44,10 +44,11 @@ pub fn encoded_input(image: &mut Option<v1::Image>, limits: DecodeLimits) -> Res
     Ok(Some(EncodedInput { data: encoded.data, options: DecodeOptions { encoding, page: encoded.page, limits } }))
 }
 
-/// The bytes `input` decodes to, from its header (cheap: no pixel is
-/// decoded), within its limits.
-pub fn decoded_bytes(input: &EncodedInput) -> Result<u64, ServiceError> {
-    Ok(imagefile::decoded_bytes(&input.data, &input.options)?)
+/// What decoding `input` holds in memory besides the file, from its header
+/// (cheap: no pixel is decoded), within its limits: what to charge before
+/// [`decode`], which stays within it.
+pub fn decode_cost(input: &EncodedInput) -> Result<DecodeCost, ServiceError> {
+    Ok(imagefile::decode_cost(&input.data, &input.options)?)
 }
 
 /// Decodes an encoded input into a validated buffer. CPU-bound.

@@ -75,6 +75,8 @@ pub enum LimitExceeded {
     /// An encoded image over the pixel or decoding-memory limit.
     #[error(transparent)]
     Decode(CodecError),
+    #[error("message of {len} bytes to {method}, over the limit of {limit} bytes for calls other than the image methods")]
+    OtherMessage { method: &'static str, len: u64, limit: u64 },
 }
 
 #[derive(Debug, Error)]
@@ -125,6 +127,7 @@ impl From<ServiceError> for tonic::Status {
                 | T::RequestTooLarge { .. }
                 | T::TenantBusy { .. }
                 | T::ServerBusy { .. }
+                | T::QueueShare { .. }
                 | T::MemoryBudget { .. }
                 | T::Memory(_)
                 | T::Worker(WorkerError::Busy { .. }),

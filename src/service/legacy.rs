@@ -7,10 +7,13 @@ use prost::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, message_bytes, tenant_of, traced};
+use super::{InvalidRequest, Pipeline, PixelBuffer, Processor, ServiceError, Step, answer_bytes, message_bytes, tenant_of, traced};
 use crate::{
     imaging::QuarterTurns,
-    proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService},
+    proto::{
+        nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_server::NlImageService},
+        v1::ProcessResponse,
+    },
     tenancy::policy::Operation,
 };
 
@@ -27,6 +30,11 @@ impl LegacyService {
     /// never compresses responses.
     pub fn new(processor: Processor, splice: bool) -> Self {
         Self { processor, splice }
+    }
+
+    /// What the answer `out` holds until it is sent ([`answer_bytes`]).
+    fn answer_charge(&self, out: &NlImage) -> u64 {
+        answer_bytes(message_bytes(out), self.splice && !out.data.is_empty(), !self.splice)
     }
 
     fn answer(&self, mut image: NlImage) -> Response<NlImage> {
@@ -82,6 +90,34 @@ impl SplicedAnswer {
         }
         Some(Self { head: head.freeze(), data: std::mem::take(&mut image.data), tail: tail.freeze() })
     }
+
+    /// Takes the raw pixels out of a v1 Process answer, as [`Self::split`]
+    /// does for NLImage: `None` (and `response` untouched) for an encoded
+    /// answer, no pixels, or a message too large for a gRPC prefix. The
+    /// head is the prefix, `image`'s key and length, the fields before
+    /// `data` (format, width, height: prost writes fields in number order)
+    /// and `data`'s key and length; nothing comes after `data` (`encoded`,
+    /// field 5, is unset in a raw answer).
+    pub fn split_process(response: &mut ProcessResponse) -> Option<Self> {
+        let len = u32::try_from(response.encoded_len()).ok()?;
+        let image = response.image.as_mut()?;
+        if image.data.is_empty() || image.encoded.is_some() {
+            return None;
+        }
+        let data = std::mem::take(&mut image.data);
+        let before = image.encode_to_vec();
+        let data_key_len = prost::encoding::key_len(4) + prost::encoding::encoded_len_varint(data.len() as u64);
+        let image_len = before.len() + data_key_len + data.len();
+        let mut head = BytesMut::with_capacity(5 + 1 + 10 + before.len() + data_key_len);
+        head.put_u8(0);
+        head.put_u32(len);
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(image_len as u64, &mut head);
+        head.put_slice(&before);
+        encode_key(4, WireType::LengthDelimited, &mut head);
+        encode_varint(data.len() as u64, &mut head);
+        Some(Self { head: head.freeze(), data, tail: Bytes::new() })
+    }
 }
 
 fn quarter_turns(rotation: i32) -> Result<QuarterTurns, InvalidRequest> {
@@ -117,7 +153,7 @@ impl NlImageService for LegacyService {
                 let call = processor.call(&request, &tenant, &[Operation::Rotate], || request.get_ref().encoded_len())?;
                 let (input, step) = rotate_request(request.into_inner(), call.admission.max_image_pixels)?;
                 let out = processor.process(&call, input, Pipeline::new([step])).await?.into_legacy();
-                processor.hold(&call.account, message_bytes(&out)).await?;
+                processor.hold(&call.account, this.answer_charge(&out)).await?;
                 Ok::<_, ServiceError>(this.answer(out))
             })
         })
@@ -132,7 +168,7 @@ impl NlImageService for LegacyService {
                 let call = processor.call(&request, &tenant, &[Operation::MeanFilter], || request.get_ref().encoded_len())?;
                 let (input, step) = mean_filter_request(request.into_inner(), call.admission.max_image_pixels)?;
                 let out = processor.process(&call, input, Pipeline::new([step])).await?.into_legacy();
-                processor.hold(&call.account, message_bytes(&out)).await?;
+                processor.hold(&call.account, this.answer_charge(&out)).await?;
                 Ok::<_, ServiceError>(this.answer(out))
             })
         })
@@ -166,6 +202,26 @@ mod tests {
             assert!(kept.data.is_empty(), "the message keeps no pixels");
             assert_eq!((kept.color, kept.width, kept.height), (color, width, height));
         }
+    }
+
+    /// The same for a v1 Process answer of raw pixels, whatever the sizes
+    /// (one- and two-byte varints) and with default fields left out.
+    #[test]
+    fn a_spliced_process_answer_is_the_message_prost_encodes() {
+        use crate::proto::v1::{EncodedImage, Image};
+        for (format, width, height, len) in [(1, 3, 2, 6), (7, 4096, 2160, 300), (0, 0, 0, 5), (3, 1, 1, 70_000)] {
+            let response = ProcessResponse { image: Some(Image { format, width, height, data: Bytes::from(vec![5u8; len]), encoded: None }) };
+            let mut expected = vec![0u8];
+            expected.extend_from_slice(&(response.encoded_len() as u32).to_be_bytes());
+            expected.extend_from_slice(&response.encode_to_vec());
+            let mut kept = response.clone();
+            let spliced = SplicedAnswer::split_process(&mut kept).expect("pixels to splice");
+            assert_eq!([&spliced.head[..], &spliced.data[..], &spliced.tail[..]].concat(), expected, "{format} {width}x{height} {len}");
+            assert!(kept.image.as_ref().unwrap().data.is_empty(), "the message keeps no pixels");
+        }
+        let encoded = Some(EncodedImage { data: Bytes::from_static(b"png"), encoding: 1, page: 0 });
+        let mut response = ProcessResponse { image: Some(Image { encoded, ..Default::default() }) };
+        assert!(SplicedAnswer::split_process(&mut response).is_none(), "an encoded answer is left to tonic");
     }
 
     #[test]

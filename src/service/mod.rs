@@ -93,7 +93,14 @@ enum Kernels {
 
 fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<PixelBuffer, imaging::ImagingError> {
     let mut current = input;
+    // A job whose caller has gone (cancelled, or past its deadline) stops
+    // at the next step: what it made so far is dropped unseen.
+    let job = crate::tenancy::current_job();
     for &step in steps {
+        if job.as_ref().is_some_and(|j| j.gone()) {
+            crate::tenancy::count_abandoned();
+            break;
+        }
         current = match current.depth() {
             Depth::Eight => {
                 let (layout, out) = apply(step, current.data(), current.layout(), kernels)?;
@@ -233,6 +240,22 @@ pub fn live_buffers(steps: usize) -> u64 {
 /// prefix.
 pub fn message_bytes(message: &impl prost::Message) -> u64 {
     message.encoded_len() as u64 + 5
+}
+
+/// What a unary answer of `message` bytes ([`message_bytes`]) holds until
+/// it is sent, to charge when the handler returns it. Spliced
+/// ([`legacy::SplicedAnswer`]: the pixels go into the body as they are),
+/// the message once. Otherwise tonic encodes the message into a buffer it
+/// keeps until the answer ends (a second copy), and when responses may be
+/// compressed (`server.compress_responses`) compresses that buffer into a
+/// third. Each data frame takes its bytes' share of the charge with it; the
+/// rest is released when the answer ends.
+pub fn answer_bytes(message: u64, spliced: bool, may_compress: bool) -> u64 {
+    match (spliced, may_compress) {
+        (true, _) => message,
+        (false, false) => message * 2,
+        (false, true) => message * 3,
+    }
 }
 
 /// The tenant the identity layer attached to a request.

@@ -12,8 +12,8 @@ use super::{
     stream::{self, Reassembly, chunks},
 };
 use super::{
-    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, encoded, live_buffers, message_bytes, tenant_of,
-    traced,
+    InvalidRequest, LimitExceeded, Pipeline, PixelBuffer, Processor, ServiceError, Step, answer_bytes, encoded, legacy::SplicedAnswer,
+    live_buffers, message_bytes, tenant_of, traced,
 };
 use crate::{imagefile::DecodeLimits, serving::admission::CallMemory, tenancy::JobCost};
 use crate::{
@@ -33,11 +33,16 @@ pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<ProcessStreamResponse
 #[derive(Clone, Debug)]
 pub struct V1Service {
     processor: Processor,
+    /// Raw Process answers go out as [`SplicedAnswer`]s (not when
+    /// responses may be compressed: `server.compress_responses`).
+    splice: bool,
 }
 
 impl V1Service {
-    pub fn new(processor: Processor) -> Self {
-        Self { processor }
+    /// `splice`: send raw Process answers as [`SplicedAnswer`]s; only for a
+    /// server that never compresses responses.
+    pub fn new(processor: Processor, splice: bool) -> Self {
+        Self { processor, splice }
     }
 }
 
@@ -154,7 +159,7 @@ impl ImageService for V1Service {
 
     async fn process(&self, request: Request<ProcessRequest>) -> Result<Response<ProcessResponse>, Status> {
         let tenant = tenant_of(&request);
-        let processor = self.processor.clone();
+        let (processor, splice) = (self.processor.clone(), self.splice);
         traced("imgsvc.v1.ImageService/Process", tenant, move |tenant| {
             Box::pin(async move {
                 let call = processor.call(&request, &tenant, &[], || request.get_ref().encoded_len())?;
@@ -169,15 +174,25 @@ impl ImageService for V1Service {
                 decode_limits.max_pixels = call.admission.max_image_pixels;
                 let input = match request_image(req.image, decode_limits)? {
                     RequestImage::Encoded(encoded) => {
-                        // The decoded size, from the file's header, is charged
-                        // before decoding: the file, the decoded pixels and
-                        // their conversion to a raw image.
+                        // What decoding holds at its peak, from the file's
+                        // header, is charged before decoding beside the file:
+                        // the decoded pixels and the largest of the decoder's
+                        // working memory (bounded by image::Limits to what is
+                        // charged), an EXIF rotation's copy and a conversion
+                        // to a v1 mode.
                         let n = encoded.data.len() as u64;
-                        let decoded = encoded::decoded_bytes(&encoded)?;
-                        processor.run(&call, JobCost::estimated(decoded, n + 2 * decoded), move || encoded::decode(&encoded)).await?
+                        let cost = encoded::decode_cost(&encoded)?;
+                        processor.run(&call, JobCost::estimated(cost.decoded, n + cost.peak), move || encoded::decode(&encoded)).await?
                     }
                     RequestImage::Raw(buffer) => buffer,
                 };
+                // The encoder's own limits, before the kernels and the encoder run.
+                if let Some(options) = &output {
+                    let layout = input.layout();
+                    let turned = steps.iter().filter(|s| matches!(s, Step::Rotate(QuarterTurns::One | QuarterTurns::Three))).count() % 2 == 1;
+                    let (w, h) = if turned { (layout.height(), layout.width()) } else { (layout.width(), layout.height()) };
+                    options.encoding.check_size(w as u32, h as u32)?;
+                }
                 let out = processor.process(&call, input, Pipeline::new(steps)).await?;
                 let image = match output {
                     Some(options) => {
@@ -186,9 +201,15 @@ impl ImageService for V1Service {
                     }
                     None => out.into_v1(),
                 };
-                let response = ProcessResponse { image: Some(image) };
-                processor.hold(&call.account, message_bytes(&response)).await?;
-                Ok::<_, ServiceError>(Response::new(response))
+                let mut response = ProcessResponse { image: Some(image) };
+                let message = message_bytes(&response);
+                let spliced = if splice { SplicedAnswer::split_process(&mut response) } else { None };
+                processor.hold(&call.account, answer_bytes(message, spliced.is_some(), !splice)).await?;
+                let mut response = Response::new(response);
+                if let Some(spliced) = spliced {
+                    response.extensions_mut().insert(spliced);
+                }
+                Ok::<_, ServiceError>(response)
             })
         })
         .await

@@ -27,8 +27,12 @@
 //!    counted). No byte is copied: frames are re-wrapped with
 //!    [`Bytes::from_owner`].
 //!
-//! Health and reflection calls pass through untouched (tonic bounds their
-//! messages at 4 MiB; they carry no images).
+//! Every other call of a tenant (health, reflection, any other path:
+//! [`ImageMethod::Other`]) goes through the same admission: the tenant's
+//! rate and call slots at the headers, each message charged at its prefix
+//! (once, released when the next is read) and at most
+//! [`OTHER_MAX_MESSAGE_BYTES`]. Calls without a tenant pass on to the
+//! interceptor, which refuses them.
 
 use std::{
     convert::Infallible,
@@ -45,7 +49,7 @@ use tonic::{Status, codegen::http};
 
 use crate::{
     identity::Tenant,
-    service::{ServiceError, legacy::SplicedAnswer},
+    service::{LimitExceeded, ServiceError, legacy::SplicedAnswer},
     tenancy::{
         Admission, CallSlot, Tenancy, TenancyError,
         memory::{self, Account, Stage},
@@ -53,13 +57,20 @@ use crate::{
     },
 };
 
-/// The image methods of both APIs, as the layer sees them.
+/// The largest message of a call other than the image methods (health,
+/// reflection): their requests are a service or symbol name.
+pub const OTHER_MAX_MESSAGE_BYTES: u64 = 64 * 1024;
+
+/// The methods as the layer sees them: the image methods of both APIs,
+/// and every other path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageMethod {
     LegacyRotate,
     LegacyMeanFilter,
     Process,
     ProcessStream,
+    /// Health, reflection, or a path nothing serves; its name.
+    Other(&'static str),
 }
 
 impl ImageMethod {
@@ -73,6 +84,19 @@ impl ImageMethod {
         })
     }
 
+    /// Any path: an image method, or [`ImageMethod::Other`].
+    pub fn of_path(path: &str) -> Self {
+        Self::from_path(path).unwrap_or(Self::Other(match path {
+            "/grpc.health.v1.Health/Check" => "grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch" => "grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo" => "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => {
+                "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            }
+            _ => "other",
+        }))
+    }
+
     /// The name used in spans, logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -80,6 +104,7 @@ impl ImageMethod {
             Self::LegacyMeanFilter => "NLImageService/MeanFilter",
             Self::Process => "imgsvc.v1.ImageService/Process",
             Self::ProcessStream => "imgsvc.v1.ImageService/ProcessStream",
+            Self::Other(name) => name,
         }
     }
 
@@ -89,8 +114,15 @@ impl ImageMethod {
         match self {
             Self::LegacyRotate => &[Operation::Rotate],
             Self::LegacyMeanFilter => &[Operation::MeanFilter],
-            Self::Process | Self::ProcessStream => &[],
+            Self::Process | Self::ProcessStream | Self::Other(_) => &[],
         }
+    }
+
+    /// Whether each message's charge is given back once the next poll
+    /// shows it consumed (a stream's chunks, health and reflection
+    /// requests), rather than kept for the handler.
+    fn releases_each_message(self) -> bool {
+        matches!(self, Self::ProcessStream | Self::Other(_))
     }
 
     /// Bytes charged per byte of a request message when its prefix
@@ -103,7 +135,7 @@ impl ImageMethod {
         match self {
             Self::LegacyRotate | Self::LegacyMeanFilter => 2,
             Self::Process => 3,
-            Self::ProcessStream => 1,
+            Self::ProcessStream | Self::Other(_) => 1,
         }
     }
 }
@@ -119,18 +151,27 @@ pub struct CallMemory {
 #[derive(Clone, Debug)]
 pub struct AdmissionLayer {
     tenancy: Tenancy,
+    stream_window: u64,
 }
 
 impl AdmissionLayer {
     pub fn new(tenancy: Tenancy) -> Self {
-        Self { tenancy }
+        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT) }
+    }
+
+    /// The most request bytes HTTP/2 may buffer unread for one stream (its
+    /// largest stream window): what a call held back for memory is
+    /// charged. Defaults to hyper's largest adaptive window.
+    pub fn stream_window(mut self, bytes: u64) -> Self {
+        self.stream_window = bytes;
+        self
     }
 }
 
 impl<S> tower::Layer<S> for AdmissionLayer {
     type Service = Admit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admit { inner, tenancy: self.tenancy.clone() }
+        Admit { inner, tenancy: self.tenancy.clone(), stream_window: self.stream_window }
     }
 }
 
@@ -138,6 +179,7 @@ impl<S> tower::Layer<S> for AdmissionLayer {
 pub struct Admit<S> {
     inner: S,
     tenancy: Tenancy,
+    stream_window: u64,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -159,16 +201,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let method = ImageMethod::from_path(request.uri().path());
-        let tenant = request.extensions().get::<Tenant>().map(|t| t.0.clone());
-        let (Some(method), Some(tenant)) = (method, tenant) else {
-            // Not an image call, or no tenant (the interceptor has refused it).
+        let method = ImageMethod::of_path(request.uri().path());
+        let Some(tenant) = request.extensions().get::<Tenant>().map(|t| t.0.clone()) else {
+            // No tenant: the interceptor refuses it.
             return Box::pin(self.inner.call(request));
         };
         // The clone that was made ready is the one that serves the call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tenancy = self.tenancy.clone();
+        let stream_window = self.stream_window;
         Box::pin(async move {
             let (admission, slot) = match tenancy.admit_call(&tenant, method.operations()) {
                 Ok(admitted) => admitted,
@@ -176,9 +218,16 @@ where
             };
             let account = tenancy.account(&admission, Stage::Receiving);
             let policy = tenancy.policy();
-            let (memory_wait, max_message_bytes) = (policy.tenancy.memory_wait, policy.limits.max_message_bytes as u64);
+            let max_message_bytes = match method {
+                ImageMethod::Other(_) => OTHER_MAX_MESSAGE_BYTES,
+                _ => policy.limits.max_message_bytes as u64,
+            };
+            let memory_wait = policy.tenancy.memory_wait;
+            let body_timeout = policy.tenancy.body_timeout;
             let (mut parts, body) = request.into_parts();
-            let body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
+            let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
+            body.stream_window = stream_window;
+            body.body_timeout = body_timeout;
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
             let mut response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
             if let Some(spliced) = response.extensions_mut().remove::<SplicedAnswer>() {
@@ -235,6 +284,16 @@ pub struct ChargedRequest {
     inflating: bool,
     /// `limits.max_message_bytes`: tonic refuses larger messages itself.
     max_message_bytes: u64,
+    /// The most bytes HTTP/2 buffers unread for this stream.
+    stream_window: u64,
+    /// `tenancy.body_timeout_ms`: how long a message's bytes may stop
+    /// arriving while it is read.
+    body_timeout: Duration,
+    /// Runs out `body_timeout` after the last frame, while inside a message.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// No message charged yet: the call waits its turn behind the tenant's
+    /// other calls; its later messages go ahead of calls not yet started.
+    first: bool,
     failed: bool,
 }
 
@@ -261,6 +320,10 @@ impl ChargedRequest {
             current: 0,
             inflating: false,
             max_message_bytes,
+            stream_window: u64::from(crate::config::HYPER_BDP_LIMIT),
+            body_timeout: Duration::from_millis(crate::config::DEFAULT_BODY_TIMEOUT_MS),
+            idle: None,
+            first: true,
             failed: false,
         }
     }
@@ -311,13 +374,19 @@ impl ChargedRequest {
                             self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
                         }
                         self.scanned = at;
+                        if let ImageMethod::Other(method) = self.method
+                            && len > self.max_message_bytes
+                        {
+                            let limit = self.max_message_bytes;
+                            return Err(Status::from(ServiceError::from(LimitExceeded::OtherMessage { method, len, limit })));
+                        }
                         if len > self.max_message_bytes {
                             // tonic refuses it from this prefix, before reading it.
                             return Ok(Some(0));
                         }
                         self.admission.check_request_bytes(len).map_err(|e| Status::from(ServiceError::from(e)))?;
                         let (charge, kept) = self.charge_for(compressed, len);
-                        if self.method == ImageMethod::ProcessStream {
+                        if self.method.releases_each_message() {
                             self.current = charge - kept;
                         }
                         return Ok(Some(charge));
@@ -329,8 +398,28 @@ impl ChargedRequest {
         Ok(None)
     }
 
+    /// Whether a message has begun and not all of it has arrived.
+    fn inside_message(&self) -> bool {
+        match self.framing {
+            Framing::Prefix { seen, .. } => seen > 0,
+            Framing::Message { remaining } => remaining > 0,
+        }
+    }
+
+    /// The body timeout ran out: the call is refused and what it holds
+    /// for its request is released now.
+    fn timed_out(&mut self) -> Status {
+        self.failed = true;
+        let tenant = self.account.tenant().clone();
+        let held = self.account.held();
+        self.account.release(held);
+        metrics::counter!("imgsvc_body_timeouts_total", "tenant" => tenant.to_string()).increment(1);
+        tracing::warn!(%tenant, method = self.method.name(), held, timeout_ms = self.body_timeout.as_millis() as u64, "request bytes stopped arriving: call refused, its memory released");
+        Status::from(ServiceError::from(TenancyError::from(memory::MemoryError::BodyTimeout { tenant, timeout: self.body_timeout, held })))
+    }
+
     fn message_done(&mut self) {
-        if self.method == ImageMethod::ProcessStream {
+        if self.method.releases_each_message() {
             self.complete += std::mem::take(&mut self.current);
         }
     }
@@ -357,6 +446,10 @@ impl Body for ChargedRequest {
                     this.failed = true;
                     return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
                 }
+                // Held back until now: the sender's time starts again.
+                if let Some(idle) = this.idle.as_mut() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + this.body_timeout);
+                }
             }
             if this.held.is_some() {
                 match this.scan() {
@@ -365,12 +458,36 @@ impl Body for ChargedRequest {
                         return Poll::Ready(Some(Err(status)));
                     }
                     Ok(Some(charge)) => {
-                        if charge > 0 && this.account.try_reserve(charge).is_err() {
+                        // Health and reflection messages (small, bounded) do not
+                        // queue behind image calls.
+                        let first = std::mem::replace(&mut this.first, false) && !matches!(this.method, ImageMethod::Other(_));
+                        let fits = if first { this.account.try_reserve_fair(charge) } else { this.account.try_reserve(charge) };
+                        if charge > 0 && fits.is_err() {
+                            if let Err(error) = this.account.check_fits(charge) {
+                                this.failed = true;
+                                return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
+                            }
+                            // Held back: its body stays unread in HTTP/2, at most
+                            // one stream window, plus the rest of the frame in
+                            // hand. Those bytes are in memory whatever the budget
+                            // says, so they are charged now, fitting or not (the
+                            // gauges show them; they delay later charges), and
+                            // the rest waits. The connection's window has room
+                            // for every stream's window, so the other calls on
+                            // the connection keep flowing.
+                            let in_hand = (this.held.as_ref().map_or(0, Bytes::len) - this.scanned) as u64;
+                            let unread = in_hand.saturating_add(this.stream_window).min(charge);
+                            this.account.charge_held(unread);
                             let account = this.account.clone();
                             let wait = this.memory_wait;
                             this.waiting = Some(Box::pin(async move {
                                 let tenant = account.tenant().clone();
-                                account.reserve(charge, wait, || memory::count_wait(&tenant)).await
+                                let on_wait = || memory::count_wait(&tenant);
+                                if first {
+                                    account.reserve_in_turn(charge - unread, wait, on_wait).await
+                                } else {
+                                    account.reserve(charge - unread, wait, on_wait).await
+                                }
                             }));
                         }
                         continue;
@@ -382,7 +499,22 @@ impl Body for ChargedRequest {
                     }
                 }
             }
-            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if polled.is_pending() {
+                // The message's memory is charged and its bytes have stopped.
+                if this.inside_message() {
+                    let deadline = tokio::time::Instant::now() + this.body_timeout;
+                    let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(Err(this.timed_out())));
+                    }
+                }
+                return Poll::Pending;
+            }
+            if let Some(idle) = this.idle.as_mut() {
+                idle.as_mut().reset(tokio::time::Instant::now() + this.body_timeout);
+            }
+            match ready!(polled) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => this.held = Some(data),
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),

@@ -1,5 +1,9 @@
-//! Per-connection bookkeeping on the gRPC port: which calls a connection
-//! has open, and closing connections that stay idle.
+//! Per-connection bookkeeping on the gRPC port: which connections are
+//! open ([`OpenConnections`]), which calls each has open, and closing a
+//! connection gracefully ([`ConnectionHandle::close_gracefully`]: HTTP/2
+//! GOAWAY, the calls in flight finish within a grace, then the connection
+//! closes) — when it stays idle, and for whatever else ends a connection's
+//! life early (revocation, maximum age, shutdown).
 //!
 //! hyper and tonic have no idle timeout: a client that finishes the TLS
 //! handshake and then sends nothing (or opens HTTP/2 and stays silent,
@@ -14,9 +18,14 @@
 //! puts into every request's extensions.
 
 use std::{
+    collections::HashMap,
     future::Future,
+    net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
@@ -25,6 +34,180 @@ use hyper::body::{Body, Frame, SizeHint};
 use tonic::codegen::http;
 
 use crate::identity::PeerIdentity;
+
+/// Why a connection is being closed: the `reason` label of
+/// `imgsvc_connections_closed_total` and of the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The server is shutting down (its drain).
+    Shutdown,
+    /// No open call for `server.idle_timeout_secs`.
+    Idle,
+    /// The connection reached its maximum age.
+    MaxAge,
+    /// Its client certificate is no longer trusted (revoked, or its CA
+    /// removed).
+    Revoked,
+    /// Its client certificate has expired.
+    Expired,
+    /// Its record layer's key is near its usage limit.
+    KeyLimit,
+    /// Its certificate names a tenant this server does not serve.
+    Unconfigured,
+}
+
+impl CloseReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shutdown",
+            Self::Idle => "idle",
+            Self::MaxAge => "max_age",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::KeyLimit => "key_limit",
+            Self::Unconfigured => "unconfigured",
+        }
+    }
+
+    /// Routine closes are logged at debug level, the others at info.
+    fn routine(self) -> bool {
+        matches!(self, Self::Shutdown | Self::Idle | Self::MaxAge)
+    }
+}
+
+/// A close in progress: why, and when the calls still open are cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closing {
+    pub reason: CloseReason,
+    pub deadline: tokio::time::Instant,
+}
+
+/// One served connection, as the rest of the server sees it: who it is and
+/// a way to close it gracefully. Made once its handshake is done; kept in
+/// [`OpenConnections`] while it is served.
+#[derive(Debug)]
+pub struct ConnectionHandle {
+    pub id: u64,
+    pub peer: SocketAddr,
+    /// The tenant as decided at the handshake.
+    pub identity: PeerIdentity,
+    /// The client's certificate chain, leaf first (empty if it sent none).
+    pub certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub opened: Instant,
+    pub(crate) activity: Arc<Activity>,
+    closing: tokio::sync::watch::Sender<Option<Closing>>,
+}
+
+impl ConnectionHandle {
+    pub fn new(peer: SocketAddr, identity: PeerIdentity, certificates: Vec<rustls::pki_types::CertificateDer<'static>>) -> Arc<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            peer,
+            identity,
+            certificates,
+            opened: Instant::now(),
+            activity: Activity::new(),
+            closing: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    /// Sends HTTP/2 GOAWAY now (clients start new calls elsewhere, on a new
+    /// connection); the calls in flight may finish within `grace`, then the
+    /// connection is closed. Idempotent: the first reason is kept, a later
+    /// call can only shorten the grace. Counted in
+    /// `imgsvc_connections_closed_total{reason}` and logged once.
+    pub fn close_gracefully(&self, reason: CloseReason, grace: Duration) {
+        let now = tokio::time::Instant::now();
+        let deadline = now.checked_add(grace).unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+        let mut first = false;
+        self.closing.send_if_modified(|closing| match closing {
+            None => {
+                *closing = Some(Closing { reason, deadline });
+                first = true;
+                true
+            }
+            Some(c) if deadline < c.deadline => {
+                c.deadline = deadline;
+                true
+            }
+            Some(_) => false,
+        });
+        if first {
+            metrics::counter!("imgsvc_connections_closed_total", "reason" => reason.label()).increment(1);
+            let tenant = self.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+            let (peer, open_calls, grace_ms) = (self.peer, self.open_calls(), grace.as_millis() as u64);
+            if reason.routine() {
+                tracing::debug!(%peer, %tenant, reason = reason.label(), open_calls, grace_ms, "closing connection (GOAWAY)");
+            } else {
+                tracing::info!(%peer, %tenant, reason = reason.label(), open_calls, grace_ms, "closing connection (GOAWAY)");
+            }
+        }
+    }
+
+    /// The close in progress, if any.
+    pub fn closing(&self) -> Option<Closing> {
+        *self.closing.borrow()
+    }
+
+    /// Follows [`ConnectionHandle::closing`] (the connection's task).
+    pub(crate) fn watch_closing(&self) -> tokio::sync::watch::Receiver<Option<Closing>> {
+        self.closing.subscribe()
+    }
+
+    /// Calls open right now.
+    pub fn open_calls(&self) -> usize {
+        self.activity.open_calls()
+    }
+}
+
+/// Every served gRPC connection; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct OpenConnections {
+    inner: Arc<Mutex<HashMap<u64, Arc<ConnectionHandle>>>>,
+}
+
+impl OpenConnections {
+    /// The connections open now.
+    pub fn list(&self) -> Vec<Arc<ConnectionHandle>> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Lists `handle` until the returned guard is dropped (the connection's
+    /// task ends).
+    pub(crate) fn register(&self, handle: Arc<ConnectionHandle>) -> Registered {
+        self.lock().insert(handle.id, handle.clone());
+        metrics::gauge!("imgsvc_connections_open").increment(1.0);
+        Registered { connections: self.clone(), id: handle.id }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnectionHandle>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A connection's place in [`OpenConnections`]; removed on drop.
+pub(crate) struct Registered {
+    connections: OpenConnections,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if self.connections.lock().remove(&self.id).is_some() {
+            metrics::gauge!("imgsvc_connections_open").decrement(1.0);
+        }
+    }
+}
 
 /// What tonic attaches to each request of a connection.
 #[derive(Clone, Debug)]

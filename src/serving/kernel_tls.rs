@@ -510,6 +510,10 @@ const USER_CANCELED: u8 = 90;
 const TRUNCATED: &str = "peer closed connection without sending TLS close_notify: \
 https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
 
+/// How long the calls in flight have once a kernel-TLS connection closes
+/// for its keys ([`KeyLimit`]).
+pub const KEY_LIMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A connection's request to be closed gracefully because its sending key
 /// nears its limit, or because the client changed its keys (a KeyUpdate the
 /// kernel cannot follow): the server closes it with

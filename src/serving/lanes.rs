@@ -40,8 +40,7 @@ use crate::identity::TenantId;
 
 /// Serves the connections received on a lane until the sender is dropped,
 /// then drains them (the router's graceful shutdown).
-pub type ServeLane<C> =
-    Arc<dyn Fn(mpsc::Receiver<C>) -> Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> + Send + Sync>;
+pub type ServeLane<C> = Arc<dyn Fn(mpsc::Receiver<C>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum LaneKey {
@@ -64,7 +63,7 @@ struct Inner<C> {
     open: bool,
     lanes: HashMap<LaneKey, Lane<C>>,
     runtimes: Vec<Runtime>,
-    served: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    served: Vec<JoinHandle<()>>,
 }
 
 /// The lanes of one server; `C` is the connection type.
@@ -122,7 +121,7 @@ impl<C: Send + 'static> IoLanes<C> {
 
     /// Stops taking connections: every lane drains its connections and
     /// ends. Returns the lanes' tasks, to await.
-    pub fn close(&self) -> Vec<JoinHandle<Result<(), tonic::transport::Error>>> {
+    pub fn close(&self) -> Vec<JoinHandle<()>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.open = false;
         inner.lanes.clear();
@@ -304,7 +303,6 @@ mod tests {
                 while let Some(c) = incoming.recv().await {
                     let _ = seen.send((c, std::thread::current().name().unwrap_or("").to_string()));
                 }
-                Ok(())
             })
         })
     }
@@ -334,7 +332,7 @@ mod tests {
 
         // Closing ends every lane's server and refuses new connections.
         for served in lanes.close() {
-            served.await.unwrap().unwrap();
+            served.await.unwrap();
         }
         assert!(lanes.lane(Some(&tenant("a"))).unwrap().is_none());
     }

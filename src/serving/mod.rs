@@ -2,10 +2,14 @@
 //! and a call of the image services, and the process around it.
 //!
 //! - [`server`]: binds, accepts, runs TLS handshakes, serves, reloads, drains.
-//! - [`connection`]: calls open per connection and the idle timeout.
+//! - [`connection`]: the open connections, calls open per connection,
+//!   closing a connection gracefully (GOAWAY) and the idle timeout.
+//! - [`http2`]: serves each connection (hyper's HTTP/2 over the router) and
+//!   carries out its graceful close.
 //! - [`lanes`]: each tenant's connections on an I/O runtime of their own.
 //! - [`kernel_tls`]: the kernel encrypts a connection's records after the
 //!   rustls handshake (`tls.kernel_tls`).
+//! - [`deadline`]: call deadlines (`grpc-timeout`, `server.max_deadline_secs`).
 //! - [`admission`]: admission at the request's headers and the byte
 //!   accounting of request and response bodies (a tower layer).
 //! - [`worker`]: the bounded pool that runs pixel work off the reactor.
@@ -26,6 +30,8 @@ pub mod admission;
 pub mod allocator;
 pub mod certwatch;
 pub mod connection;
+pub mod deadline;
+pub mod http2;
 pub mod kernel_tls;
 pub mod lanes;
 pub mod server;

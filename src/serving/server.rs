@@ -23,7 +23,6 @@ use std::{
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::task::TaskTracker;
 use tonic::codec::CompressionEncoding;
 
@@ -37,7 +36,8 @@ use crate::{
         Phase, admin,
         admission::AdmissionLayer,
         certwatch,
-        connection::{Activity, ConnectionInfo, IdleTimer, TrackCallsLayer},
+        connection::{ConnectionHandle, OpenConnections, TrackCallsLayer},
+        http2::{ConnectionServing, RouterService, ServedConnection},
         kernel_tls,
         lanes::{IoLanes, LaneTcp, ServeLane},
         worker::{WorkerError, WorkerPool},
@@ -90,8 +90,6 @@ pub enum ServerError {
     Worker(#[from] WorkerError),
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
-    #[error("server failed")]
-    Transport(#[source] tonic::transport::Error),
 }
 
 /// Generates a development PKI where `tls.dev_auto_certs` asks for it and
@@ -162,6 +160,7 @@ pub struct Server {
     /// encrypts every connection.
     kernel_tls: Option<kernel_tls::Ciphers>,
     kernel_tls_summary: String,
+    connections: OpenConnections,
 }
 
 impl Server {
@@ -190,7 +189,13 @@ impl Server {
             admin: None,
             kernel_tls,
             kernel_tls_summary,
+            connections: OpenConnections::default(),
         })
+    }
+
+    /// The gRPC connections served now (each can be closed gracefully).
+    pub fn connections(&self) -> OpenConnections {
+        self.connections.clone()
     }
 
     pub fn tls(&self) -> &ServerTls {
@@ -209,6 +214,7 @@ impl Server {
             tls_config: self.tls_config.clone(),
             current: self.current.clone(),
             certificates: self.certificates.clone(),
+            connections: self.connections.clone(),
         }
     }
 
@@ -229,8 +235,20 @@ impl Server {
     pub async fn serve(self, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
         // TLS files that change are reloaded (tls.watch_files) until serve returns.
         let _watch = certwatch::spawn(self.reload_handle());
-        let Self { settings, tls, tenancy, tls_config, current: _, certificates: _, metrics, phase, admin, kernel_tls, kernel_tls_summary } =
-            self;
+        let Self {
+            settings,
+            tls,
+            tenancy,
+            tls_config,
+            current: _,
+            certificates: _,
+            metrics,
+            phase,
+            admin,
+            kernel_tls,
+            kernel_tls_summary,
+            connections,
+        } = self;
         let limits = settings.limits;
         let addrs: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.to_string()).collect();
 
@@ -257,7 +275,7 @@ impl Server {
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd);
-        let mut v1 = ImageServiceServer::new(V1Service::new(processor))
+        let mut v1 = ImageServiceServer::new(V1Service::new(processor, !settings.compress_responses))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
@@ -290,7 +308,7 @@ impl Server {
         let lanes = Arc::new(IoLanes::new(
             settings.io_threads,
             settings.max_io_lanes,
-            lane_server(&settings, &tenancy, health_service, reflection, legacy, v1),
+            lane_server(&settings, &tenancy, connections, health_service, reflection, legacy, v1),
         ));
         let mut admin_task = JoinSet::new();
         if let Some(listener) = admin {
@@ -302,7 +320,6 @@ impl Server {
                 tls_config: tls_config.subscribe(),
                 handshake_timeout: settings.tls.handshake_timeout,
                 trust_domain: settings.tls.trust_domain.clone(),
-                idle_timeout: settings.idle_timeout,
                 lanes: lanes.clone(),
                 lingering: lingering.clone(),
                 tenancy: tenancy.clone(),
@@ -337,12 +354,11 @@ impl Server {
             }
             let _ = draining_tx.send(true);
             for served in lanes_for_shutdown.close() {
-                match served.await {
-                    Ok(result) => result.map_err(ServerError::Transport)?,
-                    Err(e) => tracing::error!(error = %e, "an I/O lane failed"),
+                if let Err(e) = served.await {
+                    tracing::error!(error = %e, "an I/O lane failed");
                 }
             }
-            Ok(())
+            Ok::<(), ServerError>(())
         };
         let drain_timeout = settings.drain_timeout;
         let deadline = async move {
@@ -374,39 +390,29 @@ impl Server {
     }
 }
 
-/// The gRPC router every I/O lane serves, as a [`ServeLane`].
+/// The gRPC router every I/O lane serves, as a [`ServeLane`]: tonic's
+/// routes under imgsvc's layers, each connection served by
+/// [`ConnectionServing`].
 fn lane_server(
     settings: &Settings,
     tenancy: &Tenancy,
+    connections: OpenConnections,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     reflection: tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     legacy: NlImageServiceServer<LegacyService>,
     v1: ImageServiceServer<V1Service>,
 ) -> ServeLane<LingeringStream> {
-    let router = tonic::transport::Server::builder()
-        .trace_fn(telemetry::request_span)
-        .http2_keepalive_interval(settings.http2_keepalive_interval)
-        .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
-        .max_concurrent_streams(Some(settings.max_concurrent_streams))
-        .initial_stream_window_size(Some(settings.http2_stream_window_bytes))
-        .initial_connection_window_size(Some(settings.http2_connection_window_bytes))
-        // Overrides the two sizes above when set (hyper starts at 64 KiB).
-        .http2_adaptive_window(Some(settings.http2_adaptive_window))
-        .max_frame_size(Some(settings.http2_max_frame_size))
+    let routes = tonic::service::Routes::new(health_service).add_service(reflection).add_service(legacy).add_service(v1).prepare();
+    let router = tower::ServiceBuilder::new()
         .layer(TrackCallsLayer)
+        .layer(super::deadline::DeadlineLayer::new(settings.max_deadline))
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
-        .layer(AdmissionLayer::new(tenancy.clone()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(legacy)
-        .add_service(v1);
-    Arc::new(move |incoming| {
-        let incoming = ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
-        // The end of `incoming` (the lane closed) starts tonic's graceful
-        // drain; the signal itself never fires.
-        Box::pin(router.clone().serve_with_incoming_shutdown(incoming, std::future::pending::<()>()))
-    })
+        .layer(AdmissionLayer::new(tenancy.clone()).stream_window(settings.http2_stream_window_max()))
+        .service(routes);
+    let router = RouterService::new(tower::ServiceExt::map_response(router, |response| response.map(tonic::body::Body::new)));
+    let serving = ConnectionServing::new(settings, router, connections);
+    Arc::new(move |incoming| Box::pin(serving.clone().serve_lane(incoming)))
 }
 
 /// Applies a new configuration to a running server: all or nothing.
@@ -416,6 +422,7 @@ pub struct ReloadHandle {
     tls_config: Arc<watch::Sender<Arc<rustls::ServerConfig>>>,
     current: Arc<Mutex<Settings>>,
     certificates: certwatch::LoadedCertificates,
+    connections: OpenConnections,
 }
 
 /// What a reload did.
@@ -438,6 +445,12 @@ impl ReloadHandle {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let tls = ServerTls::load(&settings.tls)?;
         let restart_needed = restart_only_changes(&current, &settings);
+        // tonic's message limits were fixed at the start; the admission
+        // layer charges messages up to the same limit, so the one in force
+        // stays in force everywhere until a restart (a lower one half
+        // applied let messages between the two through uncharged).
+        let mut settings = settings;
+        settings.limits.max_message_bytes = current.limits.max_message_bytes;
         self.tenancy.reconfigure(RuntimePolicy { limits: settings.limits, tenancy: settings.tenancy.clone() });
         self.tls_config.send_replace(tls.config.clone());
         self.certificates.publish(&tls, settings.tls.expiry_warning_days);
@@ -476,6 +489,11 @@ impl ReloadHandle {
     pub fn certificates(&self) -> &certwatch::LoadedCertificates {
         &self.certificates
     }
+
+    /// The gRPC connections served now (each can be closed gracefully).
+    pub fn connections(&self) -> OpenConnections {
+        self.connections.clone()
+    }
 }
 
 /// Keys whose new values a reload cannot apply to a running server.
@@ -490,6 +508,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.port", old.port != new.port);
     check("server.worker_threads", old.worker_threads != new.worker_threads);
     check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
+    check("server.max_deadline_secs", old.max_deadline != new.max_deadline);
     check("server.compress_responses", old.compress_responses != new.compress_responses);
     check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
@@ -608,15 +627,12 @@ const LINGER: Duration = Duration::from_secs(2);
 /// not read yet. So on drop the connection half-closes (FIN after all data)
 /// and keeps reading, for at most [`LINGER`], until the client closes too.
 ///
-/// It also closes the connection once it has had no open call for
-/// `server.idle_timeout_secs` (see [`crate::serving::connection`]): its reads then
-/// end as if the client had closed, and hyper closes the connection.
+/// It carries the connection's [`ConnectionHandle`] to the lane that serves
+/// it ([`crate::serving::http2`]).
 pub struct LingeringStream {
     inner: Option<ServerStream>,
-    identity: PeerIdentity,
+    handle: Arc<ConnectionHandle>,
     lingering: TaskTracker,
-    activity: Arc<Activity>,
-    idle: Option<IdleTimer>,
     /// The connection's HTTP/2 window, charged while it lives.
     _window: Option<Arc<crate::tenancy::memory::Account>>,
 }
@@ -624,18 +640,21 @@ pub struct LingeringStream {
 impl LingeringStream {
     fn new(
         inner: ServerStream,
-        identity: PeerIdentity,
+        handle: Arc<ConnectionHandle>,
         lingering: TaskTracker,
-        idle_timeout: Option<Duration>,
         window: Option<Arc<crate::tenancy::memory::Account>>,
     ) -> Self {
-        let activity = Activity::new();
-        let idle = idle_timeout.map(|timeout| IdleTimer::new(activity.clone(), timeout));
-        Self { inner: Some(inner), identity, lingering, activity, idle, _window: window }
+        Self { inner: Some(inner), handle, lingering, _window: window }
     }
 
     fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut ServerStream> {
         std::pin::Pin::new(self.get_mut().inner.as_mut().expect("present until drop"))
+    }
+}
+
+impl ServedConnection for LingeringStream {
+    fn handle(&self) -> &Arc<ConnectionHandle> {
+        &self.handle
     }
 }
 
@@ -666,15 +685,10 @@ impl Drop for LingeringStream {
 
 impl tokio::io::AsyncRead for LingeringStream {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if let Some(idle) = self.idle.as_mut()
-            && idle.poll_expired(cx).is_ready()
-        {
-            return std::task::Poll::Ready(Ok(())); // end of stream: hyper closes the connection
-        }
         self.stream().poll_read(cx, buf)
     }
 }
@@ -701,16 +715,6 @@ impl tokio::io::AsyncWrite for LingeringStream {
     }
 }
 
-impl tonic::transport::server::Connected for LingeringStream {
-    // Copied into every request's extensions: `TrackCallsLayer` counts the
-    // call on the connection's activity and hands the identity on to
-    // TenantInterceptor.
-    type ConnectInfo = ConnectionInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        ConnectionInfo { identity: self.identity.clone(), activity: self.activity.clone() }
-    }
-}
-
 /// tonic answers a request over the decode limit with OUT_OF_RANGE; a
 /// message over a configured limit is RESOURCE_EXHAUSTED in gRPC's own
 /// implementations and in our error contract. Such refusals are
@@ -733,7 +737,6 @@ struct Accepting {
     tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
     handshake_timeout: Duration,
     trust_domain: TrustDomain,
-    idle_timeout: Option<Duration>,
     lanes: Arc<IoLanes<LingeringStream>>,
     lingering: TaskTracker,
     tenancy: Tenancy,
@@ -748,7 +751,7 @@ struct Accepting {
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, idle_timeout, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
+    let Accepting { tls_config, handshake_timeout, trust_domain, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
         accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     loop {
@@ -777,19 +780,20 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
             let tcp = if kernel_tls.is_some() { LaneTcp::new(tcp).bound_reads_to_records() } else { LaneTcp::new(tcp) };
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let identity = PeerIdentity::of(Some(peer), stream.get_ref().1.peer_certificates(), &trust_domain);
+                    let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                    let identity = PeerIdentity::of(Some(peer), Some(certificates), &trust_domain);
+                    let certificates: Vec<_> = certificates.iter().map(|c| c.clone().into_owned()).collect();
                     // The request bytes HTTP/2 may buffer for this connection
-                    // unread: charged to the tenant, or the connection is
-                    // closed (its share is taken by its other connections
-                    // and calls).
-                    let window = match identity.tenant.as_ref().map(|t| tenancy.connection_account(t, connection_window)) {
-                        Ok(Ok(window)) => window,
-                        Ok(Err(e)) => {
+                    // unread: charged to the tenant (no tenant served: to the
+                    // unserved pool), or the connection is closed (its share
+                    // is taken by its other connections and calls).
+                    let window = match tenancy.connection_account(identity.tenant.as_ref().ok(), connection_window) {
+                        Ok(window) => Some(window),
+                        Err(e) => {
                             metrics::counter!("imgsvc_connections_refused_total", "reason" => "memory").increment(1);
                             tracing::warn!(%peer, error = %e, "no memory for the connection's HTTP/2 window: closing it");
                             return;
                         }
-                        Err(_) => None, // no tenant: its calls are refused
                     };
                     // Served on the tenant's I/O lane (see `crate::serving::lanes`);
                     // none once shutting down: the connection is dropped.
@@ -830,7 +834,20 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         tracing::warn!(%peer, error = %e, "cannot move the connection to its I/O lane: dropping it");
                         return;
                     }
-                    let _ = lane.connections.send(LingeringStream::new(stream, identity, lingering, idle_timeout, window)).await;
+                    let handle = ConnectionHandle::new(peer, identity, certificates);
+                    if let ServerStream::Kernel(kernel) = &stream {
+                        // Near the sending key's limit, or after a client's
+                        // KeyUpdate: GOAWAY, calls in flight finish.
+                        let (key_limit, handle) = (kernel.key_limit(), Arc::downgrade(&handle));
+                        tokio::spawn(async move {
+                            if key_limit.reached().await
+                                && let Some(handle) = handle.upgrade()
+                            {
+                                handle.close_gracefully(super::connection::CloseReason::KeyLimit, kernel_tls::KEY_LIMIT_GRACE);
+                            }
+                        });
+                    }
+                    let _ = lane.connections.send(LingeringStream::new(stream, handle, lingering, window)).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);

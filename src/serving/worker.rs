@@ -61,6 +61,17 @@ impl WorkerPool {
         self.pool.current_num_threads()
     }
 
+    /// Starts `job` on the pool and returns at once: for jobs the caller
+    /// has already admitted (the tenancy scheduler reserves a thread before
+    /// it spawns). First in, first out: a job spawned from a worker thread
+    /// (the scheduler starts the next job when one ends) would otherwise go
+    /// on top of that thread's own stack, and an earlier job spawned there
+    /// for another tenant could wait behind every later one until another
+    /// thread steals it. A panic in `job` is the job's to catch.
+    pub fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        self.pool.spawn_fifo(job);
+    }
+
     /// Runs `job` on the pool and waits for its result.
     pub async fn run<R, F>(&self, job: F) -> Result<R, WorkerError>
     where

@@ -17,13 +17,19 @@
 //! ([`Account::reserve`]: the caller stops reading that request's body, and
 //! HTTP/2 flow control holds its sender), up to a deadline. A charge that
 //! can never fit (more than the tenant's share or the whole budget) fails
-//! at once. Releases wake the waiters.
+//! at once.
+//!
+//! Waiting is fair and exact: each tenant's waiting charges form a queue,
+//! served in order (a large charge is not passed by smaller ones of its
+//! tenant: while it waits, the tenant's new charges queue behind it), and
+//! a release grants the memory itself, under the budget's lock, to the
+//! heads of the queues that now fit, waking only those.
 //!
 //! What it does not do: allocate, copy, or know about transports. The
 //! bytes are the caller's; an account only says how many it holds.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -85,6 +91,11 @@ pub enum MemoryError {
         waited: Duration,
         retry_after: Duration,
     },
+    #[error(
+        "no bytes of the request message arrived for {} ms (tenancy.body_timeout_ms): the {held} bytes of memory charged to tenant \"{tenant}\" for it are released",
+        timeout.as_millis()
+    )]
+    BodyTimeout { tenant: TenantId, timeout: Duration, held: u64 },
 }
 
 impl MemoryError {
@@ -92,7 +103,7 @@ impl MemoryError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             MemoryError::Exhausted { retry_after, .. } => Some(*retry_after),
-            MemoryError::NeverFits { .. } => None,
+            MemoryError::NeverFits { .. } | MemoryError::BodyTimeout { .. } => None,
         }
     }
 }
@@ -107,6 +118,28 @@ struct TenantUse {
     /// in the metrics registry once, not on every charge (a large call is
     /// charged frame by frame).
     gauges: Option<[metrics::Gauge; 4]>,
+    /// Charges of this tenant waiting for memory, served in order.
+    queue: VecDeque<Arc<Waiter>>,
+}
+
+/// A charge waiting in its tenant's queue.
+#[derive(Debug)]
+struct Waiter {
+    n: u64,
+    /// Charged before the charges of calls that wait for their first
+    /// memory (see [`Account::reserve`]).
+    first: bool,
+    share: u64,
+    stage: Stage,
+    /// Set, under the budget's lock, once the bytes are charged for it.
+    granted: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl Waiter {
+    fn granted(&self) -> bool {
+        self.granted.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[derive(Debug)]
@@ -119,12 +152,69 @@ struct BudgetState {
     tenants: HashMap<TenantId, TenantUse>,
     /// `imgsvc_memory_held_bytes{stage}`, by stage, once looked up.
     gauges: Option<[metrics::Gauge; 4]>,
+    /// Charges waiting, over all tenants.
+    waiting: usize,
+}
+
+impl BudgetState {
+    fn charge(&mut self, tenant: &TenantId, stage: Stage, n: u64) {
+        let use_ = self.tenants.entry(tenant.clone()).or_default();
+        use_.held += n;
+        use_.stages[stage.index()] += n;
+        self.held += n;
+        self.high_water = self.high_water.max(self.held);
+        self.stages[stage.index()] += n;
+        publish(self, tenant, stage);
+    }
+
+    /// Charges the heads of the waiting queues that fit now, in each
+    /// tenant's order; returns them, to be woken once the lock is let go.
+    fn grant(&mut self) -> Vec<Arc<Waiter>> {
+        if self.waiting == 0 {
+            return Vec::new();
+        }
+        let queued: Vec<TenantId> = self.tenants.iter().filter(|(_, u)| !u.queue.is_empty()).map(|(t, _)| t.clone()).collect();
+        let mut granted = Vec::new();
+        for tenant in queued {
+            loop {
+                let (server_held, total) = (self.held, self.total);
+                let use_ = self.tenants.get_mut(&tenant).expect("listed above");
+                let Some(head) = use_.queue.front() else { break };
+                if use_.held + head.n > head.share || server_held + head.n > total {
+                    break;
+                }
+                let head = use_.queue.pop_front().expect("looked at above");
+                self.waiting -= 1;
+                self.charge(&tenant, head.stage, head.n);
+                head.granted.store(true, std::sync::atomic::Ordering::Release);
+                granted.push(head);
+            }
+        }
+        granted
+    }
+
+    /// Takes `waiter` out of `tenant`'s queue (it gave up); whoever it
+    /// held back may fit now.
+    fn withdraw(&mut self, tenant: &TenantId, waiter: &Arc<Waiter>) -> Vec<Arc<Waiter>> {
+        if let Some(use_) = self.tenants.get_mut(tenant)
+            && let Some(at) = use_.queue.iter().position(|w| Arc::ptr_eq(w, waiter))
+        {
+            use_.queue.remove(at);
+            self.waiting -= 1;
+        }
+        self.grant()
+    }
+}
+
+fn wake(granted: Vec<Arc<Waiter>>) {
+    for waiter in granted {
+        waiter.wake.notify_one();
+    }
 }
 
 /// The server-wide memory budget and each tenant's share of it.
 pub struct Budget {
     state: Mutex<BudgetState>,
-    released: Notify,
 }
 
 impl std::fmt::Debug for Budget {
@@ -134,25 +224,32 @@ impl std::fmt::Debug for Budget {
     }
 }
 
-/// How often a waiting charge looks again even without a release (a
-/// reload may have grown the budget).
-const RECHECK: Duration = Duration::from_millis(100);
-
 impl Budget {
     pub fn new(total: u64) -> Arc<Self> {
         metrics::gauge!("imgsvc_memory_budget_bytes").set(total as f64);
         Arc::new(Self {
-            state: Mutex::new(BudgetState { total, held: 0, high_water: 0, stages: [0; 4], tenants: HashMap::new(), gauges: None }),
-            released: Notify::new(),
+            state: Mutex::new(BudgetState {
+                total,
+                held: 0,
+                high_water: 0,
+                stages: [0; 4],
+                tenants: HashMap::new(),
+                gauges: None,
+                waiting: 0,
+            }),
         })
     }
 
     /// A new budget size (config reload). Held bytes stay held; charges
     /// fit against the new size from now on.
     pub fn set_total(&self, total: u64) {
-        self.lock().total = total;
+        let granted = {
+            let mut state = self.lock();
+            state.total = total;
+            state.grant()
+        };
         metrics::gauge!("imgsvc_memory_budget_bytes").set(total as f64);
-        self.wake();
+        wake(granted);
     }
 
     pub fn total(&self) -> u64 {
@@ -198,15 +295,21 @@ impl Budget {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn try_charge(&self, tenant: &TenantId, share: u64, stage: Stage, n: u64) -> Result<(), Shortfall> {
+    /// Charges `n` if it fits now. `fair`: not while charges of the
+    /// tenant wait (it would pass them).
+    fn try_charge(&self, tenant: &TenantId, share: u64, stage: Stage, n: u64, fair: bool) -> Result<(), Shortfall> {
         let mut state = self.lock();
+        Self::try_charge_locked(&mut state, tenant, share, stage, n, fair)
+    }
+
+    fn try_charge_locked(state: &mut BudgetState, tenant: &TenantId, share: u64, stage: Stage, n: u64, fair: bool) -> Result<(), Shortfall> {
         let total = state.total;
         if n > share.min(total) {
             return Err(Shortfall::Never { share, total });
         }
         let server_held = state.held;
         let use_ = state.tenants.entry(tenant.clone()).or_default();
-        if use_.held + n > share || server_held + n > total {
+        if use_.held + n > share || server_held + n > total || (fair && !use_.queue.is_empty()) {
             let tenant_full = use_.held + n > share;
             let held = use_.held;
             if tenant_full && use_.logged_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
@@ -215,12 +318,7 @@ impl Budget {
             }
             return Err(Shortfall::NotNow { tenant_held: held, server_held, share, total });
         }
-        use_.held += n;
-        use_.stages[stage.index()] += n;
-        state.held += n;
-        state.high_water = state.high_water.max(state.held);
-        state.stages[stage.index()] += n;
-        publish(&mut state, tenant, stage);
+        state.charge(tenant, stage, n);
         Ok(())
     }
 
@@ -228,7 +326,7 @@ impl Budget {
         if n == 0 {
             return;
         }
-        {
+        let granted = {
             let mut state = self.lock();
             if let Some(use_) = state.tenants.get_mut(tenant) {
                 use_.held -= n;
@@ -237,8 +335,46 @@ impl Budget {
             state.held -= n;
             state.stages[stage.index()] -= n;
             publish(&mut state, tenant, stage);
+            state.grant()
+        };
+        wake(granted);
+    }
+
+    /// Charges `n` now, or queues a waiter for them (`Ok(Some)`): at the
+    /// back of the tenant's queue, or with `first` after the other `first`
+    /// waiters only.
+    fn charge_or_queue(&self, tenant: &TenantId, share: u64, stage: Stage, n: u64, first: bool) -> Result<Option<Arc<Waiter>>, Shortfall> {
+        let mut state = self.lock();
+        match Self::try_charge_locked(&mut state, tenant, share, stage, n, !first) {
+            Ok(()) => Ok(None),
+            Err(Shortfall::NotNow { .. }) => {
+                let waiter = Arc::new(Waiter { n, first, share, stage, granted: false.into(), wake: Notify::new() });
+                let queue = &mut state.tenants.entry(tenant.clone()).or_default().queue;
+                let at = if first { queue.iter().position(|w| !w.first).unwrap_or(queue.len()) } else { queue.len() };
+                queue.insert(at, waiter.clone());
+                state.waiting += 1;
+                Ok(Some(waiter))
+            }
+            Err(never) => Err(never),
         }
-        self.wake();
+    }
+
+    /// Ends a wait: `Ok` when the waiter was granted its bytes (they are
+    /// charged at its stage), else it leaves the queue, and the shortfall
+    /// it saw last is returned.
+    fn end_wait(&self, tenant: &TenantId, waiter: &Arc<Waiter>) -> Result<(), Shortfall> {
+        let (result, granted) = {
+            let mut state = self.lock();
+            if waiter.granted() {
+                return Ok(());
+            }
+            let granted = state.withdraw(tenant, waiter);
+            let (server_held, total) = (state.held, state.total);
+            let tenant_held = state.tenants.get(tenant).map_or(0, |u| u.held);
+            (Err(Shortfall::NotNow { tenant_held, server_held, share: waiter.share, total }), granted)
+        };
+        wake(granted);
+        result
     }
 
     fn move_stage(&self, tenant: &TenantId, from: Stage, to: Stage, n: u64) {
@@ -256,8 +392,8 @@ impl Budget {
         publish(&mut state, tenant, to);
     }
 
-    fn wake(&self) {
-        self.released.notify_waiters();
+    fn force_charge(&self, tenant: &TenantId, stage: Stage, n: u64) {
+        self.lock().charge(tenant, stage, n);
     }
 }
 
@@ -315,7 +451,20 @@ impl Account {
     /// Charges `n` more bytes if they fit now.
     pub fn try_reserve(&self, n: u64) -> Result<(), MemoryError> {
         let mut state = self.lock();
-        match self.budget.try_charge(&self.tenant, self.share, state.stage, n) {
+        match self.budget.try_charge(&self.tenant, self.share, state.stage, n, false) {
+            Ok(()) => {
+                state.held += n;
+                Ok(())
+            }
+            Err(shortfall) => Err(self.error(n, shortfall, Duration::ZERO)),
+        }
+    }
+
+    /// As [`Account::try_reserve`], but not ahead of the tenant's charges
+    /// that wait for memory.
+    pub fn try_reserve_fair(&self, n: u64) -> Result<(), MemoryError> {
+        let mut state = self.lock();
+        match self.budget.try_charge(&self.tenant, self.share, state.stage, n, true) {
             Ok(()) => {
                 state.held += n;
                 Ok(())
@@ -333,42 +482,65 @@ impl Account {
         Ok(())
     }
 
-    /// Charges `n` more bytes, waiting up to `max_wait` for memory to be
-    /// released when they do not fit now. Fails at once when they can
-    /// never fit. `on_wait` runs once if the charge has to wait.
+    /// Charges `n` bytes that are already in memory and cannot be refused
+    /// without refusing the call (a held-back request's unread window),
+    /// whether or not they fit: the gauges show them, and later charges
+    /// wait for them.
+    pub fn charge_held(&self, n: u64) {
+        let mut state = self.lock();
+        self.budget.force_charge(&self.tenant, state.stage, n);
+        state.held += n;
+    }
+
+    /// Charges `n` more bytes for a call that already holds memory (its
+    /// later messages, its images), waiting up to `max_wait` for memory
+    /// to be released when they do not fit now: ahead of the charges of
+    /// calls waiting for their first memory ([`Account::reserve_in_turn`]),
+    /// which may be waiting for this very call to finish. Fails at once
+    /// when they can never fit. `on_wait` runs once if the charge waits.
     pub async fn reserve(&self, n: u64, max_wait: Duration, on_wait: impl FnOnce()) -> Result<(), MemoryError> {
+        self.reserve_queued(n, max_wait, on_wait, true).await
+    }
+
+    /// As [`Account::reserve`], for a call's first message: behind every
+    /// charge of the tenant that already waits, so a large call is not
+    /// passed by smaller ones that came after it.
+    pub async fn reserve_in_turn(&self, n: u64, max_wait: Duration, on_wait: impl FnOnce()) -> Result<(), MemoryError> {
+        self.reserve_queued(n, max_wait, on_wait, false).await
+    }
+
+    async fn reserve_queued(&self, n: u64, max_wait: Duration, on_wait: impl FnOnce(), first: bool) -> Result<(), MemoryError> {
         let started = Instant::now();
-        let deadline = started + max_wait;
-        let mut on_wait = Some(on_wait);
-        loop {
-            // Registered before the attempt, so a release in between is not missed.
-            let released = self.budget.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            match self.try_reserve_inner(n) {
-                Ok(()) => return Ok(()),
-                Err(Shortfall::Never { share, total }) => {
-                    return Err(self.error(n, Shortfall::Never { share, total }, started.elapsed()));
-                }
-                Err(shortfall) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(self.error(n, shortfall, started.elapsed()));
-                    }
-                    if let Some(f) = on_wait.take() {
-                        f();
-                    }
-                    let _ = tokio::time::timeout((deadline - now).min(RECHECK), released).await;
-                }
+        let stage = self.stage();
+        let waiter = match self.budget.charge_or_queue(&self.tenant, self.share, stage, n, first) {
+            Ok(None) => {
+                self.add_granted(n, stage);
+                return Ok(());
             }
+            Ok(Some(waiter)) => waiter,
+            Err(shortfall) => return Err(self.error(n, shortfall, Duration::ZERO)),
+        };
+        on_wait();
+        // Leaves the queue (or gives back what it was granted) if this
+        // future is dropped while it waits.
+        let mut queued = Queued { budget: &self.budget, tenant: &self.tenant, waiter: Some(waiter.clone()) };
+        let _ = tokio::time::timeout(max_wait, waiter.wake.notified()).await;
+        queued.waiter = None;
+        match self.budget.end_wait(&self.tenant, &waiter) {
+            Ok(()) => {
+                self.add_granted(n, waiter.stage);
+                Ok(())
+            }
+            Err(shortfall) => Err(self.error(n, shortfall, started.elapsed())),
         }
     }
 
-    fn try_reserve_inner(&self, n: u64) -> Result<(), Shortfall> {
+    /// Adds `n` bytes charged to the budget at `stage` to this account.
+    fn add_granted(&self, n: u64, stage: Stage) {
         let mut state = self.lock();
-        self.budget.try_charge(&self.tenant, self.share, state.stage, n)?;
+        // The handler may have moved the account on meanwhile.
+        self.budget.move_stage(&self.tenant, stage, state.stage, n);
         state.held += n;
-        Ok(())
     }
 
     /// Releases `n` of the bytes held (at most what is held).
@@ -433,7 +605,7 @@ impl Account {
         };
         let reason = match error {
             MemoryError::NeverFits { .. } => "never_fits",
-            MemoryError::Exhausted { .. } => "exhausted",
+            MemoryError::Exhausted { .. } | MemoryError::BodyTimeout { .. } => "exhausted",
         };
         if !waited.is_zero() || matches!(error, MemoryError::NeverFits { .. }) {
             metrics::counter!("imgsvc_memory_refusals_total", "tenant" => self.tenant.to_string(), "reason" => reason).increment(1);
@@ -453,6 +625,30 @@ impl Drop for Account {
         state.held = 0;
         self.budget.release(&self.tenant, stage, held);
     }
+}
+
+/// A waiting charge whose wait is not over: dropped with the future that
+/// waits, it leaves the queue, or gives back what it was granted.
+struct Queued<'a> {
+    budget: &'a Budget,
+    tenant: &'a TenantId,
+    waiter: Option<Arc<Waiter>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(waiter) = self.waiter.take()
+            && self.budget.end_wait(self.tenant, &waiter).is_ok()
+        {
+            self.budget.release(self.tenant, waiter.stage, waiter.n);
+        }
+    }
+}
+
+/// Counts a refusal for want of memory decided outside an [`Account`]
+/// (`reason` as in `imgsvc_memory_refusals_total`).
+pub fn count_refusal(tenant: &TenantId, reason: &'static str) {
+    metrics::counter!("imgsvc_memory_refusals_total", "tenant" => tenant.to_string(), "reason" => reason).increment(1);
 }
 
 /// Counts a charge that had to wait for memory (back-pressure).
@@ -565,5 +761,111 @@ mod tests {
         let err = a.reserve(501, Duration::from_secs(30), || panic!("must not wait")).await.unwrap_err();
         assert!(matches!(err, MemoryError::NeverFits { needed: 501, tenant_share: 500, .. }));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Polls `future` once.
+    fn poll_once<F: Future>(future: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        future.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    use std::future::Future;
+
+    #[tokio::test]
+    async fn waiters_are_served_in_order_and_a_large_one_is_not_passed_by_smaller_ones() {
+        let budget = Budget::new(1000);
+        let holder = budget.account(t("a"), 1000, Stage::Processing);
+        holder.try_reserve(900).unwrap();
+        let (large, small) = (budget.account(t("a"), 1000, Stage::Receiving), budget.account(t("a"), 1000, Stage::Receiving));
+        let mut large_wait = std::pin::pin!(large.reserve_in_turn(500, Duration::from_secs(30), || ()));
+        assert!(poll_once(large_wait.as_mut()).is_pending(), "500 more does not fit: it waits");
+        // 50 would fit now, but the large charge waits first.
+        assert!(matches!(small.try_reserve_fair(50), Err(MemoryError::Exhausted { .. })));
+        let mut small_wait = std::pin::pin!(small.reserve_in_turn(50, Duration::from_secs(30), || ()));
+        assert!(poll_once(small_wait.as_mut()).is_pending(), "queued behind the large charge");
+        holder.release(450);
+        // 450 + 500 fit: the large charge is granted, then the small one.
+        assert!(matches!(poll_once(large_wait.as_mut()), std::task::Poll::Ready(Ok(()))));
+        assert!(matches!(poll_once(small_wait.as_mut()), std::task::Poll::Ready(Ok(()))));
+        assert_eq!((large.held(), small.held(), budget.held()), (500, 50, 1000));
+    }
+
+    #[tokio::test]
+    async fn a_release_grants_only_what_now_fits() {
+        let budget = Budget::new(1000);
+        let holder = budget.account(t("a"), 1000, Stage::Processing);
+        holder.try_reserve(1000).unwrap();
+        let waiters: Vec<_> = (0..3).map(|_| budget.account(t("b"), 1000, Stage::Receiving)).collect();
+        let mut waits: Vec<_> = waiters.iter().map(|w| Box::pin(w.reserve_in_turn(400, Duration::from_secs(30), || ()))).collect();
+        for wait in &mut waits {
+            assert!(poll_once(wait.as_mut()).is_pending());
+        }
+        holder.release(500);
+        // One 400 fits in the 500 released; the second would not.
+        let ready: Vec<bool> = waits.iter_mut().map(|w| poll_once(w.as_mut()).is_ready()).collect();
+        assert_eq!(ready, [true, false, false]);
+        assert_eq!(budget.held(), 900);
+        holder.release(500);
+        let ready: Vec<bool> = waits[1..].iter_mut().map(|w| poll_once(w.as_mut()).is_ready()).collect();
+        assert_eq!(ready, [true, false], "400 of the 500 released fit, the next 400 not");
+        drop(waits);
+        drop(waiters);
+        assert_eq!(budget.held(), 0, "the waiter still queued left the queue; the granted gave back their bytes");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_lets_the_one_behind_it_through_and_keeps_nothing() {
+        let budget = Budget::new(1000);
+        let holder = budget.account(t("a"), 1000, Stage::Processing);
+        holder.try_reserve(700).unwrap();
+        let (large, small) = (budget.account(t("a"), 1000, Stage::Receiving), budget.account(t("a"), 1000, Stage::Receiving));
+        let mut large_wait = Box::pin(large.reserve_in_turn(600, Duration::from_secs(30), || ()));
+        assert!(poll_once(large_wait.as_mut()).is_pending());
+        let mut small_wait = std::pin::pin!(small.reserve_in_turn(200, Duration::from_secs(30), || ()));
+        assert!(poll_once(small_wait.as_mut()).is_pending(), "behind the large charge");
+        drop(large_wait);
+        assert!(matches!(poll_once(small_wait.as_mut()), std::task::Poll::Ready(Ok(()))), "granted when the head left");
+        assert_eq!((large.held(), small.held(), budget.held()), (0, 200, 900));
+        // A waiter granted its bytes but dropped before it saw them gives them back.
+        let late = budget.account(t("a"), 1000, Stage::Receiving);
+        let mut late_wait = Box::pin(late.reserve_in_turn(300, Duration::from_secs(30), || ()));
+        assert!(poll_once(late_wait.as_mut()).is_pending());
+        holder.release(700);
+        assert_eq!(budget.held(), 500, "granted on release");
+        drop(late_wait);
+        assert_eq!((late.held(), budget.held()), (0, 200));
+    }
+
+    #[tokio::test]
+    async fn a_call_that_holds_memory_is_charged_before_calls_waiting_for_their_first() {
+        let budget = Budget::new(1000);
+        let running = budget.account(t("a"), 1000, Stage::Processing);
+        running.try_reserve(600).unwrap();
+        let new = budget.account(t("a"), 1000, Stage::Receiving);
+        let mut new_wait = std::pin::pin!(new.reserve_in_turn(600, Duration::from_secs(30), || ()));
+        assert!(poll_once(new_wait.as_mut()).is_pending());
+        // The running call's top-up passes the new call (which waits for
+        // the running call to finish), and is granted first on release.
+        running.try_reserve(300).unwrap();
+        let other = budget.account(t("a"), 1000, Stage::Processing);
+        other.try_reserve(100).unwrap();
+        let mut top_up = std::pin::pin!(running.reserve(100, Duration::from_secs(30), || ()));
+        assert!(poll_once(top_up.as_mut()).is_pending());
+        other.release(100);
+        assert!(matches!(poll_once(top_up.as_mut()), std::task::Poll::Ready(Ok(()))));
+        assert!(poll_once(new_wait.as_mut()).is_pending());
+        running.release(1000);
+        assert!(matches!(poll_once(new_wait.as_mut()), std::task::Poll::Ready(Ok(()))));
+    }
+
+    #[test]
+    fn bytes_already_held_are_charged_even_beyond_the_share() {
+        let budget = Budget::new(1000);
+        let a = budget.account(t("a"), 500, Stage::Receiving);
+        a.try_reserve(450).unwrap();
+        a.charge_held(100);
+        assert_eq!((a.held(), budget.tenant_held(&t("a")), budget.stage_held(Stage::Receiving, None)), (550, 550, 550));
+        assert!(matches!(a.try_reserve(1), Err(MemoryError::Exhausted { tenant_held: 550, .. })));
+        drop(a);
+        assert_eq!(budget.held(), 0);
     }
 }

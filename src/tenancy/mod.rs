@@ -40,6 +40,8 @@ use std::{
 };
 
 use thiserror::Error;
+use std::sync::atomic::Ordering;
+
 use tokio::sync::oneshot;
 
 use crate::{
@@ -50,7 +52,7 @@ use crate::{
 use memory::{Account, Budget, MemoryError, Stage};
 use policy::{Operation, TenancyConfig, TenantPolicy};
 use rate::TokenBucket;
-use scheduler::DrrScheduler;
+use scheduler::FairScheduler;
 
 /// Why a tenant's request was refused.
 #[derive(Debug, Error, PartialEq)]
@@ -69,6 +71,10 @@ pub enum TenancyError {
         "tenant \"{tenant}\" already has {admitted} requests running or queued, its limit (max_concurrent_requests {max_concurrent} + max_queued_requests {max_queued})"
     )]
     TenantBusy { tenant: TenantId, admitted: u32, max_concurrent: u32, max_queued: u32 },
+    #[error(
+        "tenant \"{tenant}\" already has {open} calls open, its weighted part of the server's queue and workers: (limits.max_queued_jobs {max_queued_jobs} + {workers} workers) x weight {weight} / total weight {total_weight} = {part}"
+    )]
+    QueueShare { tenant: TenantId, open: u32, part: u32, weight: u32, total_weight: u64, max_queued_jobs: usize, workers: usize },
     #[error("server queue is full: {queued} image jobs are waiting (limits.max_queued_jobs)")]
     ServerBusy { queued: usize },
     #[error("image needs {needed} bytes in flight, over the server's memory budget of {budget} bytes (tenancy.memory_budget_bytes)")]
@@ -89,10 +95,12 @@ impl TenancyError {
             Self::RateLimited { .. } => "rate_limited",
             Self::RequestTooLarge { .. } => "request_too_large",
             Self::TenantBusy { .. } => "tenant_busy",
+            Self::QueueShare { .. } => "queue_share",
             Self::ServerBusy { .. } => "server_busy",
             Self::MemoryBudget { .. } => "memory_budget",
             Self::Memory(MemoryError::NeverFits { .. }) => "memory_share",
             Self::Memory(MemoryError::Exhausted { .. }) => "memory_exhausted",
+            Self::Memory(MemoryError::BodyTimeout { .. }) => "body_timeout",
             Self::Worker(_) => "worker",
         }
     }
@@ -159,12 +167,20 @@ impl JobCost {
     }
 }
 
+/// A queued job, run with the worker slot the scheduler reserved for it.
+type Task = Box<dyn FnOnce(Reservation) + Send>;
+
 struct Pending {
-    start: oneshot::Sender<Reservation>,
+    task: Task,
+    state: Arc<JobState>,
     /// Held by the job's account since before it was queued; counted in
     /// `imgsvc_memory_in_flight_bytes` while the job runs.
     bytes: u64,
     max_concurrent: u32,
+    weight: u32,
+    /// The cost the job was queued with (charged when it starts; the
+    /// difference to its measured CPU time is charged when it ends).
+    estimate: u64,
     enqueued: Instant,
 }
 
@@ -172,6 +188,10 @@ struct State {
     policy: Arc<RuntimePolicy>,
     buckets: HashMap<TenantId, TokenBucket>,
     running: HashMap<TenantId, u32>,
+    /// The weights of the tenants in `running`.
+    running_weights: HashMap<TenantId, u32>,
+    /// CPU time of each tenant's jobs (worker and inline), in nanoseconds.
+    cpu_ns: HashMap<TenantId, u64>,
     running_total: usize,
     /// Bytes of the jobs running now (a gauge; the budget itself is
     /// enforced by [`Budget`]).
@@ -180,7 +200,10 @@ struct State {
     waiting_memory: HashMap<TenantId, u32>,
     /// Calls holding a [`CallSlot`].
     calls: HashMap<TenantId, u32>,
-    scheduler: DrrScheduler<Pending>,
+    /// Of those, calls of tenants without a `[tenants.<name>]` table
+    /// (served with the defaults): they share one part of the queue.
+    unconfigured_calls: u32,
+    scheduler: FairScheduler<Pending>,
 }
 
 struct Shared {
@@ -217,11 +240,14 @@ impl Tenancy {
             policy: Arc::new(policy),
             buckets: HashMap::new(),
             running: HashMap::new(),
+            running_weights: HashMap::new(),
+            cpu_ns: HashMap::new(),
             running_total: 0,
             memory_in_use: 0,
             waiting_memory: HashMap::new(),
             calls: HashMap::new(),
-            scheduler: DrrScheduler::default(),
+            unconfigured_calls: 0,
+            scheduler: FairScheduler::default(),
         };
         Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots, budget }) }
     }
@@ -231,17 +257,20 @@ impl Tenancy {
         &self.shared.budget
     }
 
-    /// An account holding `bytes` for one connection of `tenant` (its
-    /// HTTP/2 window), if they fit its share now; `None` for a tenant that
-    /// is not served (its calls are refused anyway).
-    pub fn connection_account(&self, tenant: &TenantId, bytes: u64) -> Result<Option<Arc<Account>>, MemoryError> {
-        let share = match self.policy().tenancy.policy(tenant) {
-            Some(policy) => policy.max_memory_bytes,
-            None => return Ok(None),
-        };
-        let account = self.shared.budget.account(tenant.clone(), share, Stage::Receiving);
+    /// An account holding `bytes` for one connection (its HTTP/2 window),
+    /// if they fit now: charged to the tenant its certificate names, or —
+    /// a certificate naming no tenant, or one not served here — to the
+    /// pool of such connections, [`TenantId::unserved`], with the default
+    /// share (`tenant_defaults.max_memory_bytes`). HTTP/2 buffers a
+    /// connection's window whatever its certificate names, although its
+    /// calls are refused.
+    pub fn connection_account(&self, tenant: Option<&TenantId>, bytes: u64) -> Result<Arc<Account>, MemoryError> {
+        let policy = self.policy();
+        let served = tenant.and_then(|t| policy.tenancy.policy(t).map(|p| (t.clone(), p.max_memory_bytes)));
+        let (tenant, share) = served.unwrap_or_else(|| (TenantId::unserved(), policy.tenancy.defaults.max_memory_bytes));
+        let account = self.shared.budget.account(tenant, share, Stage::Receiving);
         account.try_reserve(bytes)?;
-        Ok(Some(account))
+        Ok(account)
     }
 
     /// A new, empty memory account for one call of an admitted tenant.
@@ -255,20 +284,18 @@ impl Tenancy {
 
     /// Adopts a new policy for requests admitted from now on.
     pub fn reconfigure(&self, policy: RuntimePolicy) {
-        let now = Instant::now();
+        // Token buckets are kept: a rate removed and restored, or changed,
+        // carries on from the tokens the tenant had (no fresh burst);
+        // `take_token` adopts a changed rate.
         let mut state = lock(&self.shared.state);
-        let tenancy = &policy.tenancy;
-        state.buckets.retain(|tenant, bucket| match tenancy.policy(tenant).and_then(|p| p.rate) {
-            Some((rate, burst)) => {
-                if !bucket.matches(rate, burst) {
-                    bucket.reconfigure(rate, burst, now);
-                }
-                true
-            }
-            None => false,
-        });
         self.shared.budget.set_total(policy.tenancy.memory_budget_bytes);
         state.policy = Arc::new(policy);
+    }
+
+    /// CPU time `tenant`'s jobs (on the workers and inline) have taken so
+    /// far (`imgsvc_tenant_cpu_seconds_total`).
+    pub fn cpu_time(&self, tenant: &TenantId) -> Duration {
+        Duration::from_nanos(lock(&self.shared.state).cpu_ns.get(tenant).copied().unwrap_or(0))
     }
 
     /// How many of `tenant`'s requests are running and queued right now.
@@ -280,23 +307,53 @@ impl Tenancy {
 
     /// Step 1 at the request's headers, before a byte of its body is read:
     /// [`Tenancy::admit`] (with the operations the method names, and no
-    /// size yet), and one of the tenant's call slots
-    /// (`max_concurrent_requests + max_queued_requests` calls at once,
-    /// from their headers until their answer has been sent).
+    /// size yet), and one of the tenant's call slots: at most
+    /// `max_concurrent_requests + max_queued_requests` calls at once, and
+    /// at most its weighted part of the server's job queue and workers
+    /// ([`TenancyConfig::jobs_part`]; unconfigured tenants served with the
+    /// defaults share one part), from their headers until their answer has
+    /// been sent. The token bucket is asked last, so a call refused for
+    /// another reason takes no token.
     pub fn admit_call(&self, tenant: &TenantId, operations: &[Operation]) -> Result<(Admission, CallSlot), TenancyError> {
-        let admission = self.admit(tenant, operations, 0)?;
-        let mut state = lock(&self.shared.state);
-        let (max_concurrent, max_queued) = (admission.policy.max_concurrent_requests, admission.policy.max_queued_requests);
-        let calls = state.calls.entry(tenant.clone()).or_default();
-        if *calls >= max_concurrent.saturating_add(max_queued) {
-            let error = TenancyError::TenantBusy { tenant: tenant.clone(), admitted: *calls, max_concurrent, max_queued };
-            drop(state);
-            metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => error.reason()).increment(1);
-            return Err(error);
+        let result = self.admit_call_at(tenant, operations, Instant::now());
+        if let Err(e) = &result {
+            metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => e.reason()).increment(1);
         }
+        result
+    }
+
+    fn admit_call_at(&self, tenant: &TenantId, operations: &[Operation], now: Instant) -> Result<(Admission, CallSlot), TenancyError> {
+        let mut state = lock(&self.shared.state);
+        let runtime = state.policy.clone();
+        let admission = terms(&runtime, tenant, operations)?;
+        let (max_concurrent, max_queued) = (admission.policy.max_concurrent_requests, admission.policy.max_queued_requests);
+        let calls = state.calls.get(tenant).copied().unwrap_or(0);
+        if calls >= max_concurrent.saturating_add(max_queued) {
+            return Err(TenancyError::TenantBusy { tenant: tenant.clone(), admitted: calls, max_concurrent, max_queued });
+        }
+        let unconfigured = !runtime.tenancy.tenants.contains_key(tenant);
+        let weight = admission.policy.weight;
+        let part = runtime.tenancy.jobs_part(weight, runtime.limits.max_queued_jobs, self.shared.worker_slots);
+        let open = if unconfigured { state.unconfigured_calls } else { calls };
+        if open >= part {
+            return Err(TenancyError::QueueShare {
+                tenant: tenant.clone(),
+                open,
+                part,
+                weight,
+                total_weight: runtime.tenancy.total_weight(),
+                max_queued_jobs: runtime.limits.max_queued_jobs,
+                workers: self.shared.worker_slots,
+            });
+        }
+        take_token(&mut state, &admission, now)?;
+        let calls = state.calls.entry(tenant.clone()).or_default();
         *calls += 1;
         metrics::gauge!("imgsvc_tenant_calls_open", "tenant" => tenant.to_string()).set(*calls as f64);
-        Ok((admission, CallSlot { shared: self.shared.clone(), tenant: tenant.clone() }))
+        if unconfigured {
+            state.unconfigured_calls += 1;
+        }
+        Ok((admission, CallSlot { shared: self.shared.clone(), tenant: tenant.clone(), unconfigured }))
     }
 
     /// Step 1: is this tenant allowed these operations, now, at this size?
@@ -322,22 +379,9 @@ impl Tenancy {
     fn check(&self, tenant: &TenantId, operations: &[Operation], request_bytes: u64, now: Instant) -> Result<Admission, TenancyError> {
         let mut state = lock(&self.shared.state);
         let runtime = state.policy.clone();
-        let policy = runtime.tenancy.policy(tenant).ok_or_else(|| TenancyError::UnknownTenant { tenant: tenant.clone() })?;
-        if !policy.enabled {
-            return Err(TenancyError::Disabled { tenant: tenant.clone() });
-        }
-        let admission = Admission {
-            tenant: tenant.clone(),
-            policy: policy.clone(),
-            max_image_pixels: policy.max_image_pixels.min(runtime.limits.max_image_pixels),
-            max_operations: runtime.limits.max_operations,
-        };
-        admission.check_operations(operations)?;
-        if let Some((rate, burst)) = policy.rate {
-            let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
-            bucket.try_take(now).map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })?;
-        }
+        let admission = terms(&runtime, tenant, operations)?;
         admission.check_request_bytes(request_bytes)?;
+        take_token(&mut state, &admission, now)?;
         Ok(admission)
     }
 
@@ -396,7 +440,6 @@ impl Tenancy {
             let _waiting = WaitingMemory::new(&self.shared, tenant);
             account.reserve(missing, memory_wait, || memory::count_wait(tenant)).await?;
         }
-        let (start, started) = oneshot::channel();
         {
             let mut state = lock(&self.shared.state);
             if let Some(reservation) = reserve_inline(&self.shared, &mut state, admission, cost) {
@@ -404,42 +447,56 @@ impl Tenancy {
                 account.set_stage(Stage::Processing);
                 return run_inline(reservation, job);
             }
+        }
+        // The job goes into the queue whole: the scheduler hands it to a
+        // worker thread itself (no round trip through this task), and the
+        // answer comes back here.
+        let job_state = Arc::new(JobState::default());
+        let (done, answer) = oneshot::channel();
+        let task: Task = {
+            let (tenant, job_state, job_account) = (tenant.clone(), job_state.clone(), account.clone());
+            Box::new(move |mut reservation: Reservation| {
+                if !job_state.start() {
+                    return; // the caller went away first (counted by `Waiting`)
+                }
+                count_started(&tenant);
+                // The job's buffers are held until it ends, even if its
+                // caller has gone away meanwhile.
+                job_account.set_stage(Stage::Processing);
+                let cpu = ThreadCpu::start();
+                let result = CURRENT_JOB.set(&job_state, || std::panic::catch_unwind(AssertUnwindSafe(job)));
+                reservation.cpu_ns = cpu.elapsed_ns();
+                // Free the worker before answering, so a caller that submits
+                // its next job as soon as it has this result finds it free.
+                drop(reservation);
+                let _ = done.send(result);
+            })
+        };
+        {
+            let mut state = lock(&self.shared.state);
+            // Calls admitted at their headers never meet this bound: their
+            // parts add up to `max_queued_jobs + workers` jobs running or
+            // queued ([`TenancyConfig::jobs_part`]).
             let queued = state.scheduler.len();
-            if queued >= state.policy.limits.max_queued_jobs {
+            if queued + state.running_total >= state.policy.limits.max_queued_jobs + self.shared.worker_slots {
                 return Err(TenancyError::ServerBusy { queued });
             }
             let max_concurrent = admission.policy.max_concurrent_requests;
-            let pending = Pending { start, bytes: cost.bytes, max_concurrent, enqueued: Instant::now() };
-            state.scheduler.push(tenant, admission.policy.weight, cost.pixels.max(1), pending);
+            let (weight, estimate) = (admission.policy.weight, cost.pixels.max(1));
+            let pending =
+                Pending { task, state: job_state.clone(), bytes: cost.bytes, max_concurrent, weight, estimate, enqueued: Instant::now() };
+            state.scheduler.push(tenant, weight, estimate, pending);
             gauge_queue_depth(&state, tenant);
             self.dispatch(&mut state);
         }
         account.set_stage(Stage::Queued);
-        let mut waiting = Waiting { shared: &self.shared, tenant, started: Some(started) };
-        let reservation = match waiting.started.as_mut().expect("set above").await {
-            Ok(r) => r,
-            // The sender is only dropped unsent when the process is going away.
-            Err(_) => return Err(WorkerError::Panicked("scheduler dropped the job".into()).into()),
-        };
-        waiting.started = None;
-        account.set_stage(Stage::Processing);
-        // The reservation travels with the job: released when it finishes.
-        // The pool skips a job whose caller went away while it waited for a
-        // thread: `not_started` counts that as cancelled too.
-        let not_started = NotStarted { tenant: Some(tenant.clone()) };
-        // So does the account: the job's buffers are held until it ends,
-        // even if the caller has gone away.
-        let job_account = account.clone();
-        Ok(self
-            .shared
-            .pool
-            .run(move || {
-                not_started.start();
-                let _reservation = reservation;
-                let _account = job_account;
-                job()
-            })
-            .await?)
+        let _waiting = Waiting { shared: &self.shared, tenant, job: job_state };
+        match answer.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(panic)) => Err(WorkerError::Panicked(crate::serving::worker::panic_message(&panic)).into()),
+            // The task is only dropped unrun when the process is going away.
+            Err(_) => Err(WorkerError::Panicked("scheduler dropped the job".into()).into()),
+        }
     }
 
     /// Starts queued jobs while workers, tenant limits and memory allow.
@@ -448,25 +505,67 @@ impl Tenancy {
     }
 }
 
+/// The terms `tenant` is served on: known and enabled, `operations` allowed.
+fn terms(runtime: &RuntimePolicy, tenant: &TenantId, operations: &[Operation]) -> Result<Admission, TenancyError> {
+    let policy = runtime.tenancy.policy(tenant).ok_or_else(|| TenancyError::UnknownTenant { tenant: tenant.clone() })?;
+    if !policy.enabled {
+        return Err(TenancyError::Disabled { tenant: tenant.clone() });
+    }
+    let admission = Admission {
+        tenant: tenant.clone(),
+        policy: policy.clone(),
+        max_image_pixels: policy.max_image_pixels.min(runtime.limits.max_image_pixels),
+        max_operations: runtime.limits.max_operations,
+    };
+    admission.check_operations(operations)?;
+    Ok(admission)
+}
+
+/// One token of the admitted tenant's bucket, if it has a rate.
+fn take_token(state: &mut State, admission: &Admission, now: Instant) -> Result<(), TenancyError> {
+    let Some((rate, burst)) = admission.policy.rate else { return Ok(()) };
+    let tenant = &admission.tenant;
+    let bucket = state.buckets.entry(tenant.clone()).or_insert_with(|| TokenBucket::new(rate, burst, now));
+    if !bucket.matches(rate, burst) {
+        bucket.reconfigure(rate, burst, now);
+    }
+    bucket.try_take(now).map_err(|retry_after| TenancyError::RateLimited { tenant: tenant.clone(), rate, burst, retry_after })
+}
+
 fn dispatch(shared: &Arc<Shared>, state: &mut State) {
     while state.running_total < shared.worker_slots {
         let running = &state.running;
+        let workers = shared.worker_slots as u64;
+        let active = active_weight(state, None);
+        let lagging = state.scheduler.lagging(LAG_SLACK_NS).cloned();
         // A queued job's memory is already held (see `Tenancy::run_charged`).
-        let picked = state.scheduler.pop(|tenant, p| p.start.is_closed() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent);
+        // First pass: tenants under their weighted part of the workers
+        // (inline jobs included), or behind every other tenant in CPU time
+        // (a worker of theirs got less of the cores); only if none of
+        // those can start, any tenant under its own concurrency limit (no
+        // worker left idle).
+        let picked = state
+            .scheduler
+            .pop(|tenant, p| {
+                let n = running.get(tenant).copied().unwrap_or(0);
+                let under_part = u64::from(n) * active < workers * u64::from(p.weight);
+                p.state.gone() || (n < p.max_concurrent && (under_part || lagging.as_ref() == Some(tenant)))
+            })
+            .or_else(|| state.scheduler.pop(|tenant, p| p.state.gone() || running.get(tenant).copied().unwrap_or(0) < p.max_concurrent));
         let Some((tenant, pending)) = picked else { break };
         gauge_queue_depth(state, &tenant);
-        if pending.start.is_closed() {
+        if pending.state.gone() {
             continue; // cancelled while queued
         }
         *state.running.entry(tenant.clone()).or_default() += 1;
+        state.running_weights.insert(tenant.clone(), pending.weight);
         state.running_total += 1;
         state.memory_in_use += pending.bytes;
         metrics::histogram!("imgsvc_queue_wait_seconds", "tenant" => tenant.to_string()).record(pending.enqueued.elapsed().as_secs_f64());
-        let reservation = Reservation { shared: Some(shared.clone()), tenant, bytes: pending.bytes, worker: true };
-        if let Err(mut reservation) = pending.start.send(reservation) {
-            // Cancelled in between: undo here, under the lock we hold.
-            reservation.release(state);
-        }
+        let reservation =
+            Reservation { shared: Some(shared.clone()), tenant, bytes: pending.bytes, worker: true, estimate: pending.estimate, cpu_ns: None };
+        let task = pending.task;
+        shared.pool.spawn(move || task(reservation));
     }
     metrics::gauge!("imgsvc_memory_in_flight_bytes").set(state.memory_in_use as f64);
 }
@@ -480,26 +579,86 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
 /// two thread switches. They still count against the tenant's
 /// `max_concurrent_requests` and the memory budget.
 fn reserve_inline(shared: &Arc<Shared>, state: &mut State, admission: &Admission, cost: JobCost) -> Option<Reservation> {
-    let running = state.running.get(&admission.tenant).copied().unwrap_or(0);
+    let tenant = &admission.tenant;
+    let running = state.running.get(tenant).copied().unwrap_or(0);
     let fits =
         cost.kernels_only && cost.pixels <= state.policy.limits.inline_max_pixels && running < admission.policy.max_concurrent_requests;
     if !fits {
         return None;
     }
-    *state.running.entry(admission.tenant.clone()).or_default() += 1;
+    // Inline jobs count towards the tenant's part of the workers: at its
+    // part while others wait, the job queues like any other.
+    let weight = admission.policy.weight;
+    let others_wait = state.scheduler.active().any(|t| t != tenant);
+    let workers = shared.worker_slots as u64;
+    if others_wait && u64::from(running) * active_weight(state, Some((tenant, weight))) >= workers * u64::from(weight) {
+        return None;
+    }
+    *state.running.entry(tenant.clone()).or_default() += 1;
+    state.running_weights.insert(tenant.clone(), weight);
     state.memory_in_use += cost.bytes;
-    metrics::counter!("imgsvc_inline_jobs_total", "tenant" => admission.tenant.to_string()).increment(1);
-    Some(Reservation { shared: Some(shared.clone()), tenant: admission.tenant.clone(), bytes: cost.bytes, worker: false })
+    metrics::counter!("imgsvc_inline_jobs_total", "tenant" => tenant.to_string()).increment(1);
+    // Not queued, so nothing was charged before: all its CPU is charged after.
+    Some(Reservation { shared: Some(shared.clone()), tenant: tenant.clone(), bytes: cost.bytes, worker: false, estimate: 0, cpu_ns: None })
 }
 
-fn run_inline<R, F>(reservation: Reservation, job: F) -> Result<R, TenancyError>
+fn run_inline<R, F>(mut reservation: Reservation, job: F) -> Result<R, TenancyError>
 where
     F: FnOnce() -> R,
 {
     count_started(&reservation.tenant);
+    let cpu = ThreadCpu::start();
     let result = std::panic::catch_unwind(AssertUnwindSafe(job));
+    reservation.cpu_ns = cpu.elapsed_ns();
     drop(reservation);
     result.map_err(|panic| WorkerError::Panicked(crate::serving::worker::panic_message(&panic)).into())
+}
+
+/// How far (CPU time at weight 1) a tenant must be behind every other
+/// waiting tenant before it may take a worker beyond its part.
+const LAG_SLACK_NS: u64 = 20_000_000;
+
+/// The weights of the tenants with jobs queued or running (and of
+/// `also`): what the workers are shared between now.
+fn active_weight(state: &State, also: Option<(&TenantId, u32)>) -> u64 {
+    let queued = state.scheduler.active().filter_map(|t| state.scheduler.weight(t).map(|w| (t, w)));
+    let running = state.running_weights.iter().filter(|(t, _)| state.scheduler.queued(t) == 0).map(|(t, w)| (t, *w));
+    let mut total: u64 = queued.chain(running).map(|(_, w)| u64::from(w)).sum();
+    if let Some((tenant, weight)) = also
+        && state.scheduler.queued(tenant) == 0
+        && !state.running_weights.contains_key(tenant)
+    {
+        total += u64::from(weight);
+    }
+    total.max(1)
+}
+
+/// CPU time of the calling thread (`CLOCK_THREAD_CPUTIME_ID`): what a job
+/// costs, without the time its thread waited for a core.
+struct ThreadCpu(Option<Duration>);
+
+impl ThreadCpu {
+    fn start() -> Self {
+        Self(thread_cpu_time())
+    }
+
+    fn elapsed_ns(&self) -> Option<u64> {
+        let (start, end) = (self.0?, thread_cpu_time()?);
+        Some(end.saturating_sub(start).as_nanos() as u64)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_cpu_time() -> Option<Duration> {
+    None
 }
 
 fn gauge_queue_depth(state: &State, tenant: &TenantId) {
@@ -514,6 +673,10 @@ struct Reservation {
     tenant: TenantId,
     bytes: u64,
     worker: bool,
+    /// What the scheduler charged when the job started.
+    estimate: u64,
+    /// The CPU time the job took, once it has run.
+    cpu_ns: Option<u64>,
 }
 
 impl Reservation {
@@ -525,12 +688,21 @@ impl Reservation {
             *n -= 1;
             if *n == 0 {
                 state.running.remove(&self.tenant);
+                state.running_weights.remove(&self.tenant);
             }
         }
         if self.worker {
             state.running_total -= 1;
         }
         state.memory_in_use -= self.bytes;
+        if let Some(cpu_ns) = self.cpu_ns {
+            // What the job really cost, as CFS charges a task's run time.
+            state.scheduler.charge(&self.tenant, cpu_ns as i64 - self.estimate as i64);
+            let total = state.cpu_ns.entry(self.tenant.clone()).or_default();
+            *total += cpu_ns;
+            // Monotonic; a gauge because the metrics facade counts integers.
+            metrics::gauge!("imgsvc_tenant_cpu_seconds_total", "tenant" => self.tenant.to_string()).set(*total as f64 / 1e9);
+        }
     }
 }
 
@@ -549,6 +721,7 @@ impl Drop for Reservation {
 pub struct CallSlot {
     shared: Arc<Shared>,
     tenant: TenantId,
+    unconfigured: bool,
 }
 
 impl std::fmt::Debug for CallSlot {
@@ -566,6 +739,9 @@ impl Drop for CallSlot {
             if *n == 0 {
                 state.calls.remove(&self.tenant);
             }
+        }
+        if self.unconfigured {
+            state.unconfigured_calls -= 1;
         }
     }
 }
@@ -596,46 +772,74 @@ impl Drop for WaitingMemory<'_> {
     }
 }
 
-/// Removes a request from its queue if it is dropped (cancelled) before
-/// the scheduler starts it.
+/// Where a queued job is: waiting, started on a worker, or abandoned by
+/// its caller (cancelled, or its deadline passed).
+#[derive(Debug, Default)]
+pub struct JobState(std::sync::atomic::AtomicU8);
+
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const GONE: u8 = 2;
+
+impl JobState {
+    /// The worker takes the job: false if its caller has gone.
+    fn start(&self) -> bool {
+        self.0.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The caller goes away: true if the job had not started.
+    fn abandon(&self) -> bool {
+        self.0.swap(GONE, Ordering::AcqRel) == QUEUED
+    }
+
+    /// Whether the job's caller has gone: a running job may stop early.
+    pub fn gone(&self) -> bool {
+        self.0.load(Ordering::Acquire) == GONE
+    }
+}
+
+std::thread_local! {
+    static CURRENT: std::cell::RefCell<Option<Arc<JobState>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The job running on this thread, for kernels that check between bands
+/// whether their caller is still there.
+struct CurrentJob;
+
+static CURRENT_JOB: CurrentJob = CurrentJob;
+
+impl CurrentJob {
+    fn set<R>(&self, job: &Arc<JobState>, f: impl FnOnce() -> R) -> R {
+        let previous = CURRENT.with(|c| c.replace(Some(job.clone())));
+        let result = f();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+        result
+    }
+}
+
+/// The state of the job running on this thread (`None` outside a job):
+/// clone it into a kernel's cancellation check.
+pub fn current_job() -> Option<Arc<JobState>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// A queued or running job's caller: when it is dropped (the call was
+/// cancelled or its deadline passed), a queued job leaves the queue unrun
+/// and a running one sees [`JobState::gone`].
 struct Waiting<'a> {
     shared: &'a Arc<Shared>,
     tenant: &'a TenantId,
-    started: Option<oneshot::Receiver<Reservation>>,
+    job: Arc<JobState>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(rx) = self.started.take() {
-            drop(rx); // closes the channel: the scheduler sees the job as cancelled
+        if self.job.abandon() {
             let mut state = lock(&self.shared.state);
-            state.scheduler.retain(|p| !p.start.is_closed());
+            state.scheduler.retain(|p| !p.state.gone());
             gauge_queue_depth(&state, self.tenant);
             drop(state);
             count_cancelled(self.tenant);
-        }
-    }
-}
-
-/// A job handed to the worker pool: counted as started when a worker runs
-/// it, or as cancelled when it is dropped unrun.
-struct NotStarted {
-    /// Taken when the job starts.
-    tenant: Option<TenantId>,
-}
-
-impl NotStarted {
-    fn start(mut self) {
-        if let Some(tenant) = self.tenant.take() {
-            count_started(&tenant);
-        }
-    }
-}
-
-impl Drop for NotStarted {
-    fn drop(&mut self) {
-        if let Some(tenant) = &self.tenant {
-            count_cancelled(tenant);
         }
     }
 }
@@ -644,6 +848,12 @@ impl Drop for NotStarted {
 /// on a worker.
 fn count_started(tenant: &TenantId) {
     metrics::counter!("imgsvc_jobs_started_total", "tenant" => tenant.to_string()).increment(1);
+}
+
+/// Counts a running job that stopped early because its caller had gone
+/// (`imgsvc_jobs_abandoned_total`).
+pub fn count_abandoned() {
+    metrics::counter!("imgsvc_jobs_abandoned_total").increment(1);
 }
 
 fn count_cancelled(tenant: &TenantId) {

@@ -87,6 +87,10 @@ pub struct TenancyConfig {
     /// How long a request waits for memory (its body not read) before it
     /// is refused.
     pub memory_wait: std::time::Duration,
+    /// How long a request message's bytes may stop arriving, once its
+    /// memory is charged, before the call is refused and the memory
+    /// released.
+    pub body_timeout: std::time::Duration,
     pub defaults: TenantPolicy,
     pub tenants: HashMap<TenantId, TenantPolicy>,
 }
@@ -98,5 +102,33 @@ impl TenancyConfig {
             UnknownTenants::Defaults => Some(&self.defaults),
             UnknownTenants::Refuse => None,
         })
+    }
+
+    /// The weights that share the server's job queue and workers: every
+    /// configured, enabled tenant, plus one part (the defaults' weight)
+    /// that all unconfigured tenants share when they are served.
+    pub fn total_weight(&self) -> u64 {
+        let configured: u64 = self.tenants.values().filter(|p| p.enabled).map(|p| u64::from(p.weight)).sum();
+        let unknown = match self.unknown_tenants {
+            UnknownTenants::Defaults => u64::from(self.defaults.weight),
+            UnknownTenants::Refuse => 0,
+        };
+        (configured + unknown).max(1)
+    }
+
+    /// The most calls a tenant of `weight` may have open at once (from
+    /// their headers to the end of their answer; each has at most one job
+    /// running or queued): its weighted part of `max_queued_jobs +
+    /// workers`, at least 1. The parts of all tenants add up to at most
+    /// that sum, so no tenant can fill the queue another is owed.
+    pub fn jobs_part(&self, weight: u32, max_queued_jobs: usize, workers: usize) -> u32 {
+        let capacity = (max_queued_jobs + workers) as u64;
+        (capacity * u64::from(weight) / self.total_weight()).clamp(1, u64::from(u32::MAX)) as u32
+    }
+
+    /// The weighted part of `max_queued_jobs` alone (what a tenant may
+    /// queue beyond its running jobs), for configuration checks.
+    pub fn queue_part(&self, weight: u32, max_queued_jobs: usize) -> u64 {
+        max_queued_jobs as u64 * u64::from(weight) / self.total_weight()
     }
 }

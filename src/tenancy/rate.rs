@@ -25,7 +25,9 @@ impl TokenBucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            // A rate so low that the wait overflows a Duration (config
+            // refuses rates below 1e-6) waits "for ever".
+            Err(Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX))
         }
     }
 

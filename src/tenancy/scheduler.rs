@@ -1,46 +1,64 @@
-//! Weighted fair queueing of pixel work across tenants: deficit round robin
-//! over per-tenant FIFO queues, where a job's cost is its pixel count.
+//! Weighted fair queueing of pixel work across tenants, in CPU time: per
+//! tenant FIFO queues served in order of the tenants' virtual time, as
+//! Linux CFS serves tasks.
 //!
-//! Each round, a tenant with queued work earns `weight × quantum` of credit
-//! and runs jobs from the front of its queue while its credit covers them.
-//! Over time every backlogged tenant gets pixel throughput in proportion to
-//! its weight, whatever the sizes of the other tenants' images, so a tenant
-//! flooding large images cannot starve one sending small ones. This type is
-//! pure bookkeeping (no threads, no clock): [`crate::tenancy::Tenancy`]
-//! drives it.
+//! A tenant's virtual time is the CPU time its jobs have taken divided by
+//! its weight. The next job to start is the front job of the eligible
+//! tenant with the least virtual time. A job is charged an estimate of its
+//! cost when it starts (so a tenant cannot start many jobs on one reading),
+//! and the difference to the CPU time it really took when it ends
+//! ([`FairScheduler::charge`]): whatever formats, encodings and sizes the
+//! tenants send, every backlogged tenant gets CPU time in proportion to its
+//! weight. A tenant that becomes active again starts no earlier than the
+//! least virtual time of the tenants already active: time it spent idle is
+//! not saved up as credit, but debt (virtual time ahead of the others) is
+//! kept. Ties go round robin. This type is pure bookkeeping (no threads,
+//! no clock): [`crate::tenancy::Tenancy`] drives it.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::identity::TenantId;
 
-/// Credit a weight-1 tenant earns per round, in pixels. About one
-/// 1024×1024 image: small enough that a round stays short, large enough
-/// that typical images need few rounds.
-pub const QUANTUM_PIXELS: u64 = 1 << 20;
+/// One millisecond of CPU in the scheduler's cost unit (nanoseconds). A
+/// job's estimate before it runs is one unit per pixel (its kernels' cost
+/// is of that order); what it really took replaces the estimate after.
+pub const MILLISECOND: u64 = 1_000_000;
+
+/// Virtual time is cost × this / weight, so that weights up to 1000 keep
+/// sub-nanosecond resolution.
+const SCALE: u64 = 1 << 10;
 
 #[derive(Debug)]
 struct TenantQueue<T> {
     weight: u32,
-    deficit: u64,
+    /// CPU time charged / weight, scaled by [`SCALE`].
+    vtime: u64,
     jobs: VecDeque<(u64, T)>,
 }
 
-/// Per-tenant queues served by deficit round robin.
+impl<T> TenantQueue<T> {
+    fn advance(&mut self, cost: i64) {
+        let step = (cost.unsigned_abs().saturating_mul(SCALE)) / u64::from(self.weight.max(1));
+        self.vtime = if cost >= 0 { self.vtime.saturating_add(step) } else { self.vtime.saturating_sub(step) };
+    }
+}
+
+/// Per-tenant queues served in order of virtual time.
 #[derive(Debug)]
-pub struct DrrScheduler<T> {
+pub struct FairScheduler<T> {
     queues: HashMap<TenantId, TenantQueue<T>>,
-    /// Tenants with queued work, in round-robin order.
+    /// Tenants with queued work, in round-robin order (for ties).
     active: VecDeque<TenantId>,
     len: usize,
 }
 
-impl<T> Default for DrrScheduler<T> {
+impl<T> Default for FairScheduler<T> {
     fn default() -> Self {
         Self { queues: HashMap::new(), active: VecDeque::new(), len: 0 }
     }
 }
 
-impl<T> DrrScheduler<T> {
+impl<T> FairScheduler<T> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -54,78 +72,81 @@ impl<T> DrrScheduler<T> {
         self.queues.get(tenant).map_or(0, |q| q.jobs.len())
     }
 
-    /// Queues `job` of `cost` pixels for `tenant` with `weight` (>= 1; the
-    /// latest weight given for a tenant applies).
+    /// The least virtual time of the active tenants.
+    fn floor(&self) -> Option<u64> {
+        self.active.iter().map(|t| self.queues[t].vtime).min()
+    }
+
+    /// Queues `job` with an estimated `cost` (nanoseconds of CPU) for
+    /// `tenant` with `weight` (>= 1; the latest weight given applies).
     pub fn push(&mut self, tenant: &TenantId, weight: u32, cost: u64, job: T) {
-        let queue = self.queues.entry(tenant.clone()).or_insert_with(|| TenantQueue { weight, deficit: 0, jobs: VecDeque::new() });
+        let floor = self.floor();
+        let queue = self.queues.entry(tenant.clone()).or_insert_with(|| TenantQueue { weight, vtime: 0, jobs: VecDeque::new() });
         queue.weight = weight.max(1);
         if queue.jobs.is_empty() {
+            // Idle time is not credit: start level with the others at least.
+            if let Some(floor) = floor {
+                queue.vtime = queue.vtime.max(floor);
+            }
             self.active.push_back(tenant.clone());
         }
         queue.jobs.push_back((cost, job));
         self.len += 1;
     }
 
-    /// The next job to run among those `eligible` accepts (a tenant whose
-    /// front job is not eligible — at its concurrency limit, or too large for
-    /// the memory left — is passed over this time and keeps its place).
+    /// The next job to run: the front job of the tenant with the least
+    /// virtual time among those whose front job `eligible` accepts (a
+    /// tenant passed over — at its concurrency limit, or its part of the
+    /// workers — keeps its place). The job's estimate is charged now.
     pub fn pop(&mut self, mut eligible: impl FnMut(&TenantId, &T) -> bool) -> Option<(TenantId, T)> {
-        // A round visits each active tenant once. If a whole round serves
-        // nobody, every eligible tenant is credited the same number of
-        // further rounds at once (what empty rounds would do), so after the
-        // fast-forward the next round serves someone.
-        for _ in 0..3 {
-            if let Some(served) = self.round(&mut eligible) {
-                return Some(served);
-            }
-            let rounds_needed = self
-                .active
-                .iter()
-                .filter_map(|tenant| {
-                    let queue = &self.queues[tenant];
-                    let (cost, job) = queue.jobs.front()?;
-                    let per_round = u64::from(queue.weight) * QUANTUM_PIXELS;
-                    eligible(tenant, job).then(|| cost.saturating_sub(queue.deficit).div_ceil(per_round))
-                })
-                .min()?;
-            for tenant in &self.active {
-                let queue = self.queues.get_mut(tenant).expect("active tenants have queues");
-                if queue.jobs.front().is_some_and(|(_, job)| eligible(tenant, job)) {
-                    queue.deficit += rounds_needed * u64::from(queue.weight) * QUANTUM_PIXELS;
-                }
+        let mut best: Option<(usize, u64)> = None;
+        for (i, tenant) in self.active.iter().enumerate() {
+            let queue = &self.queues[tenant];
+            let (_, job) = queue.jobs.front().expect("active queues are non-empty");
+            if eligible(tenant, job) && best.is_none_or(|(_, v)| queue.vtime < v) {
+                best = Some((i, queue.vtime));
             }
         }
-        None
+        let (index, _) = best?;
+        let tenant = self.active.remove(index).expect("index from the iteration above");
+        let queue = self.queues.get_mut(&tenant).expect("active tenants have queues");
+        let (cost, job) = queue.jobs.pop_front().expect("active queues are non-empty");
+        queue.advance(cost as i64);
+        self.len -= 1;
+        if !queue.jobs.is_empty() {
+            // To the back: among equals, the others go first.
+            self.active.push_back(tenant.clone());
+        }
+        Some((tenant, job))
     }
 
-    /// One pass over the active tenants, serving the first that can be.
-    fn round(&mut self, eligible: &mut impl FnMut(&TenantId, &T) -> bool) -> Option<(TenantId, T)> {
-        for _ in 0..self.active.len() {
-            let tenant = self.active.front().cloned()?;
-            let queue = self.queues.get_mut(&tenant).expect("active tenants have queues");
-            let (cost, job) = queue.jobs.front().expect("active queues are non-empty");
-            if !eligible(&tenant, job) {
-                self.active.rotate_left(1);
-                continue;
-            }
-            if queue.deficit < *cost {
-                // Not enough credit: earn this round's and move on.
-                queue.deficit += u64::from(queue.weight) * QUANTUM_PIXELS;
-                self.active.rotate_left(1);
-                continue;
-            }
-            let cost = *cost;
-            queue.deficit -= cost;
-            let (_, job) = queue.jobs.pop_front().expect("checked non-empty");
-            self.len -= 1;
-            if queue.jobs.is_empty() {
-                // Leaving the round forfeits unused credit, as DRR requires.
-                queue.deficit = 0;
-                self.active.pop_front();
-            }
-            return Some((tenant, job));
+    /// Charges `tenant` `delta` nanoseconds more (or, negative, fewer) than
+    /// its job was estimated at: what the job really cost once it ran.
+    pub fn charge(&mut self, tenant: &TenantId, delta: i64) {
+        let queue = self.queues.entry(tenant.clone()).or_insert_with(|| TenantQueue { weight: 1, vtime: 0, jobs: VecDeque::new() });
+        queue.advance(delta);
+    }
+
+    /// The active tenant whose virtual time is behind every other active
+    /// tenant's by more than `slack` nanoseconds of CPU (at weight 1), if
+    /// any: it has had less than its share, and may catch up.
+    pub fn lagging(&self, slack: u64) -> Option<&TenantId> {
+        let mut by_time = self.active.iter().map(|t| (self.queues[t].vtime, t)).collect::<Vec<_>>();
+        by_time.sort_by_key(|(v, _)| *v);
+        match by_time.as_slice() {
+            [(least, tenant), (next, _), ..] if least.saturating_add(slack.saturating_mul(SCALE)) < *next => Some(*tenant),
+            _ => None,
         }
-        None
+    }
+
+    /// The weight `tenant` was last queued with.
+    pub fn weight(&self, tenant: &TenantId) -> Option<u32> {
+        self.queues.get(tenant).map(|q| q.weight)
+    }
+
+    /// Tenants with queued jobs.
+    pub fn active(&self) -> impl Iterator<Item = &TenantId> {
+        self.active.iter()
     }
 
     /// Keeps only the jobs `keep` accepts (drops cancelled requests).
@@ -135,9 +156,6 @@ impl<T> DrrScheduler<T> {
             let before = queue.jobs.len();
             queue.jobs.retain(|(_, job)| keep(job));
             removed += before - queue.jobs.len();
-            if queue.jobs.is_empty() {
-                queue.deficit = 0;
-            }
         }
         self.len -= removed;
         let queues = &self.queues;
@@ -155,39 +173,39 @@ mod tests {
 
     #[test]
     fn serves_backlogged_tenants_in_proportion_to_their_weights() {
-        let mut s = DrrScheduler::default();
+        let mut s = FairScheduler::default();
         for i in 0..400 {
-            s.push(&t("light"), 1, QUANTUM_PIXELS / 4, ("light", i));
-            s.push(&t("heavy"), 3, QUANTUM_PIXELS / 4, ("heavy", i));
+            s.push(&t("light"), 1, MILLISECOND / 4, ("light", i));
+            s.push(&t("heavy"), 3, MILLISECOND / 4, ("heavy", i));
         }
-        // A cycle serves 4 light jobs (1 quantum) and 12 heavy ones (3).
+        // Per millisecond of virtual time, 4 light jobs and 12 heavy ones.
         let served: Vec<&str> = (0..160).map(|_| s.pop(|_, _| true).unwrap().1.0).collect();
         let heavy = served.iter().filter(|n| **n == "heavy").count();
         assert_eq!((served.len() - heavy, heavy), (40, 120));
     }
 
     #[test]
-    fn shares_pixels_not_requests_between_small_and_large_images() {
-        let mut s = DrrScheduler::default();
+    fn shares_cost_not_requests_between_small_and_large_jobs() {
+        let mut s = FairScheduler::default();
         // "big" sends 4-quantum images, "small" quarter-quantum ones, equal weights.
         for i in 0..100 {
-            s.push(&t("big"), 1, 4 * QUANTUM_PIXELS, i);
+            s.push(&t("big"), 1, 4 * MILLISECOND, i);
         }
         for i in 0..1000 {
-            s.push(&t("small"), 1, QUANTUM_PIXELS / 4, i);
+            s.push(&t("small"), 1, MILLISECOND / 4, i);
         }
         let (mut big_px, mut small_px) = (0, 0);
         for _ in 0..200 {
             let (tenant, _) = s.pop(|_, _| true).unwrap();
-            if tenant.as_str() == "big" { big_px += 4 * QUANTUM_PIXELS } else { small_px += QUANTUM_PIXELS / 4 }
+            if tenant.as_str() == "big" { big_px += 4 * MILLISECOND } else { small_px += MILLISECOND / 4 }
         }
-        // Pixel throughput is equal to within one large job.
-        assert!(big_px.abs_diff(small_px) <= 4 * QUANTUM_PIXELS, "big {big_px} small {small_px}");
+        // Cost served is equal to within one large job.
+        assert!(big_px.abs_diff(small_px) <= 4 * MILLISECOND, "big {big_px} small {small_px}");
     }
 
     #[test]
     fn keeps_fifo_order_within_a_tenant() {
-        let mut s = DrrScheduler::default();
+        let mut s = FairScheduler::default();
         for i in 0..10 {
             s.push(&t("a"), 1, 10, i);
         }
@@ -198,11 +216,11 @@ mod tests {
 
     #[test]
     fn passes_over_ineligible_tenants_without_losing_their_place() {
-        let mut s = DrrScheduler::default();
+        let mut s = FairScheduler::default();
         s.push(&t("blocked"), 1, 10, "b1");
         s.push(&t("free"), 1, 10, "f1");
         s.push(&t("free"), 1, 10, "f2");
-        fn pick(s: &mut DrrScheduler<&'static str>) -> Option<&'static str> {
+        fn pick(s: &mut FairScheduler<&'static str>) -> Option<&'static str> {
             s.pop(|tenant, _| tenant.as_str() != "blocked").map(|(_, j)| j)
         }
         assert_eq!(pick(&mut s), Some("f1"));
@@ -213,15 +231,15 @@ mod tests {
     }
 
     #[test]
-    fn a_job_larger_than_many_quanta_is_still_served() {
-        let mut s = DrrScheduler::default();
-        s.push(&t("a"), 1, 500 * QUANTUM_PIXELS, "huge");
+    fn a_job_of_many_milliseconds_is_still_served() {
+        let mut s = FairScheduler::default();
+        s.push(&t("a"), 1, 500 * MILLISECOND, "huge");
         assert_eq!(s.pop(|_, _| true).map(|(_, j)| j), Some("huge"));
     }
 
     #[test]
     fn retain_drops_cancelled_jobs_and_keeps_counts_right() {
-        let mut s = DrrScheduler::default();
+        let mut s = FairScheduler::default();
         for i in 0..6 {
             s.push(&t(if i % 2 == 0 { "a" } else { "b" }), 1, 1, i);
         }

@@ -122,6 +122,8 @@ pub struct TestServer {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`), unless the config disabled it.
     pub admin_addr: Option<SocketAddr>,
     pub phase: tokio::sync::watch::Receiver<Phase>,
+    /// The connections the server serves now (each can be closed gracefully).
+    pub connections: imgsvc::serving::connection::OpenConnections,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
 }
@@ -139,7 +141,7 @@ impl TestServer {
         let _ = imgsvc::telemetry::init(&settings.log, None);
         let admin = settings.admin;
         let server = Server::new(settings).unwrap();
-        let (reload_handle, tenancy) = (server.reload_handle(), server.tenancy().clone());
+        let (reload_handle, tenancy, connections) = (server.reload_handle(), server.tenancy().clone(), server.connections());
         let phase = server.phase();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -167,7 +169,7 @@ impl TestServer {
             })
         });
         let (addr, admin_addr) = addr_rx.recv_timeout(Duration::from_secs(30)).expect("test server did not start");
-        Self { addr, admin_addr, phase, reload_handle, tenancy, stop: Some(stop), thread: Some(thread) }
+        Self { addr, admin_addr, phase, reload_handle, tenancy, connections, stop: Some(stop), thread: Some(thread) }
     }
 
     pub fn port(&self) -> u16 {

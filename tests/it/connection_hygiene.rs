@@ -6,6 +6,11 @@
 //! stays open longer than the idle timeout keeps its connection, and a
 //! client whose idle connection was closed reconnects for its next call.
 //!
+//! A connection closed gracefully (for revocation, age, …: the server's
+//! `ConnectionHandle::close_gracefully`) sends GOAWAY, lets its calls in
+//! flight finish within the grace, and its client carries on over a new
+//! connection; calls still open when the grace passes are cut.
+//!
 //! The HTTP/2 clients here write frames by hand, so that the test decides
 //! exactly which frames are answered.
 
@@ -203,4 +208,119 @@ async fn a_client_whose_idle_connection_was_closed_is_served_on_its_next_call() 
     }
     let out = imgsvc::client::process(channel, imgsvc::client::Api::V1, image.clone(), &ops, "localhost").await;
     assert_eq!(out.unwrap(), expected(&image, &ops));
+}
+
+/// Opens a `ProcessStream` call on `client` and sends its header only: the
+/// call stays open until `tx` sends the 2×2 image's pixels and is dropped.
+async fn open_stream_call(
+    mut client: ImageServiceClient<tonic::transport::Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<ProcessStreamRequest>,
+    tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<imgsvc::proto::v1::ProcessStreamResponse>>, tonic::Status>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = StreamHeader { format: imgsvc::proto::v1::PixelFormat::Gray8 as i32, width: 2, height: 2, operations: vec![] };
+    tx.send(ProcessStreamRequest { part: Some(Part::Header(header)) }).await.unwrap();
+    let call = tokio::spawn(async move { client.process_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    (tx, call)
+}
+
+/// Waits (at most [`CLOSE_WITHIN`]) until the server lists exactly the
+/// connections `wanted` accepts; returns their ids.
+async fn until_connections(server: &TestServer, wanted: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+    let started = Instant::now();
+    loop {
+        let mut ids: Vec<u64> = server.connections.list().iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        if wanted(&ids) {
+            return ids;
+        }
+        assert!(started.elapsed() < CLOSE_WITHIN, "connections now: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most [`CLOSE_WITHIN`]) until the connection has `n` calls open.
+async fn until_open_calls(handle: &imgsvc::serving::connection::ConnectionHandle, n: usize) {
+    let started = Instant::now();
+    while handle.open_calls() != n {
+        assert!(started.elapsed() < CLOSE_WITHIN, "{} calls open, not {n}", handle.open_calls());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_gracefully_finishes_its_calls_and_its_client_moves_to_a_new_one() {
+    use imgsvc::serving::connection::CloseReason;
+    let pki = Pki::new(&["hygiene"]);
+    let server = TestServer::start(&pki);
+    let admin = server.admin_addr.unwrap();
+    let closed = || metric(&scrape(admin), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0);
+    let before = closed();
+    let channel = channel(&server, &pki, "hygiene").await;
+    let (tx, call) = open_stream_call(ImageServiceClient::new(channel.clone())).await;
+    let first = until_connections(&server, |ids| ids.len() == 1).await[0];
+    let handle = server.connections.list().pop().unwrap();
+    assert_eq!(handle.identity.tenant.as_ref().unwrap().to_string(), "hygiene");
+    assert!(!handle.certificates.is_empty(), "the client's chain is kept");
+    until_open_calls(&handle, 1).await;
+
+    handle.close_gracefully(CloseReason::MaxAge, Duration::from_secs(30));
+    // A second request cannot lengthen the grace or change the reason.
+    handle.close_gracefully(CloseReason::Revoked, Duration::from_secs(60));
+    assert_eq!(handle.closing().map(|c| c.reason), Some(CloseReason::MaxAge));
+
+    // The call open when the close began finishes, answered in full.
+    tx.send(ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2, 3, 4]))) }).await.unwrap();
+    drop(tx);
+    let mut responses = call.await.unwrap().expect("the call open at the GOAWAY goes on").into_inner();
+    let mut parts = Vec::new();
+    while let Some(message) = responses.message().await.unwrap() {
+        parts.push(message.part.unwrap());
+    }
+    use imgsvc::proto::v1::process_stream_response::Part as Out;
+    assert!(matches!(&parts[..], [Out::Header(h), Out::Chunk(c)] if (h.width, h.height) == (2, 2) && c[..] == [1, 2, 3, 4]), "{parts:?}");
+
+    // Then the old connection ends, and the same channel's next call is
+    // served over a new one.
+    until_connections(&server, |ids| !ids.contains(&first)).await;
+    let image = imgsvc::client::RawImage {
+        format: imgsvc::proto::v1::PixelFormat::Gray8,
+        width: 2,
+        height: 2,
+        data: Bytes::from_static(&[1, 2, 3, 4]),
+    };
+    let ops = [imgsvc::client::Op::MeanFilter];
+    let out = imgsvc::client::process(channel.clone(), imgsvc::client::Api::V1, image.clone(), &ops, "localhost").await;
+    assert_eq!(out.unwrap(), expected(&image, &ops));
+    let now = until_connections(&server, |ids| ids.len() == 1).await;
+    assert_ne!(now[0], first);
+    let counted = until_metric(admin, "imgsvc_connections_closed_total", &[("reason", "max_age")], before + 1.0, CLOSE_WITHIN).await;
+    assert_eq!(counted, Some(before + 1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_open_when_the_grace_passes_is_cut_and_the_connection_closed() {
+    use imgsvc::serving::connection::CloseReason;
+    let pki = Pki::new(&["hygiene"]);
+    let server = TestServer::start(&pki);
+    let channel = channel(&server, &pki, "hygiene").await;
+    let (tx, call) = open_stream_call(ImageServiceClient::new(channel)).await;
+    until_connections(&server, |ids| ids.len() == 1).await;
+    let handle = server.connections.list().pop().unwrap();
+    until_open_calls(&handle, 1).await;
+    let started = Instant::now();
+    handle.close_gracefully(CloseReason::Revoked, Duration::from_millis(300));
+    until_connections(&server, |ids| ids.is_empty()).await;
+    assert!(started.elapsed() >= Duration::from_millis(300) - SLACK, "cut after {:?}", started.elapsed());
+    // The client's call did not get an answer: the connection went away under it.
+    let outcome = match call.await.unwrap() {
+        Err(status) => Err(status.code()),
+        Ok(response) => response.into_inner().message().await.map(|_| ()).map_err(|s| s.code()),
+    };
+    drop(tx);
+    assert!(
+        matches!(outcome, Err(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal)),
+        "{outcome:?}"
+    );
 }

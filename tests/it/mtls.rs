@@ -173,3 +173,105 @@ async fn serves_tls12_clients_as_well_as_tls13() {
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     }
 }
+
+/// A rustls client config for `tenant`'s files, one protocol version only,
+/// with rustls's default client session cache (it offers resumption).
+fn single_version_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path, version: &'static rustls::SupportedProtocolVersion) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(imgsvc::tls::read_certs("ca", ca).unwrap().remove(0)).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(imgsvc::tls::read_certs("cert", cert).unwrap(), imgsvc::tls::read_key("key", key).unwrap())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// One connection with `config`: the handshake, then the HTTP/2 preface
+/// and a read of the server's first bytes, so that session tickets (sent
+/// before them, if any) are in the client's cache. Returns the handshake
+/// kind, or the error of the handshake or the read.
+async fn handshake_and_read(server: std::net::SocketAddr, config: &std::sync::Arc<rustls::ClientConfig>) -> Result<rustls::HandshakeKind, std::io::Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(server).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await?;
+    let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await?;
+    let mut first = [0u8; 9];
+    tokio::time::timeout(std::time::Duration::from_secs(10), tls.read_exact(&mut first)).await.expect("the server answers within 10 s")?;
+    Ok(kind)
+}
+
+/// Runs `openssl s_client` against `server` with a client certificate,
+/// saving the session (`-sess_out`) if asked; returns its output.
+fn s_client(server: std::net::SocketAddr, version: &str, (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path), session: Option<(&str, &std::path::Path)>) -> String {
+    if !command_succeeds("openssl", &["version"]) {
+        assert!(apt_get_available(), "the openssl CLI is not installed, and apt-get is not available to install it");
+        apt_get_install("openssl");
+    }
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &server.to_string(), "-servername", "localhost", version, "-alpn", "h2", "-ign_eof"])
+        .args(["-CAfile".as_ref(), ca.as_os_str(), "-cert".as_ref(), cert.as_os_str(), "-key".as_ref(), key.as_os_str()])
+        .args(session.map(|(flag, path)| [flag.as_ref(), path.as_os_str()]).into_iter().flatten())
+        // With -ign_eof s_client reads until the server closes: it does, on
+        // a refused certificate; a served one is closed by the idle timeout.
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// rustls restores a resumed session's client certificate without checking
+/// it again, so the server resumes no session: every handshake is a full
+/// one. Shown from the client's side, with rustls's own session cache (it
+/// resumes when the server lets it) and openssl's `-sess_out` (it saves
+/// nothing to resume), for a certificate that expires between the first
+/// handshake and the attempted resumption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_since_the_first_handshake_is_refused_on_resumption() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start_with(&pki, |raw| raw.server.idle_timeout_secs = 1);
+    // Valid for 3 more seconds.
+    let ca = imgsvc::pki::CertificateAuthority::load(&pki.paths().ca_cert(), &pki.paths().ca_key()).unwrap();
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let tenant = imgsvc::identity::TenantId::parse("alpha").unwrap();
+    let (cert, key) = (pki.dir.path().join("short.pem"), pki.dir.path().join("short-key.pem"));
+    ca.issue_client_until(&pki.trust_domain, &tenant, not_after).unwrap().write(&cert, &key).unwrap();
+    let ca_path = pki.paths().ca_cert();
+    let (_, good_cert, good_key) = pki.client_files("alpha");
+
+    let versions = [(&rustls::version::TLS12, "-tls1_2"), (&rustls::version::TLS13, "-tls1_3")];
+    let mut configs = Vec::new();
+    for (version, flag) in versions {
+        // A valid certificate: the second handshake is a full one too.
+        let good = single_version_config(&ca_path, &good_cert, &good_key, version);
+        for _ in 0..2 {
+            assert_eq!(handshake_and_read(server.addr, &good).await.unwrap(), rustls::HandshakeKind::Full, "{flag}");
+        }
+        // The short-lived certificate, while valid: served, session saved.
+        let short = single_version_config(&ca_path, &cert, &key, version);
+        assert_eq!(handshake_and_read(server.addr, &short).await.unwrap(), rustls::HandshakeKind::Full, "{flag}");
+        let session = pki.dir.path().join(format!("session{flag}"));
+        let first = s_client(server.addr, flag, (&ca_path, &cert, &key), Some(("-sess_out", &session)));
+        assert!(first.contains("New, TLSv1.") && !first.contains("alert"), "{flag}: {first}");
+        // Nothing to resume: no session ID (TLS 1.2), no ticket (TLS 1.3),
+        // so openssl saves no session.
+        assert!(!session.exists(), "{flag}: the server handed out a session to resume: {first}");
+        configs.push((short, session, flag));
+    }
+    // Until the certificate has expired (bounded: 3 s and a second of rounding).
+    let expired = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(not_after.unix_timestamp() as u64 + 1);
+    if let Ok(wait) = expired.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    for (short, session, flag) in configs {
+        let err = handshake_and_read(server.addr, &short).await.unwrap_err();
+        assert!(err.to_string().contains("CertificateExpired"), "{flag}: {err}");
+        let again = s_client(server.addr, flag, (&ca_path, &cert, &key), None);
+        assert!(again.contains("alert certificate expired"), "{flag}: {again}");
+    }
+    assert_still_serving(&server, &pki).await;
+}

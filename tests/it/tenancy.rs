@@ -258,6 +258,34 @@ async fn a_reload_changes_a_limit_without_touching_the_request_in_flight() {
     assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "image has 110 pixels (11x10), over the limit of 100"));
 }
 
+/// `limits.max_message_bytes` is fixed in tonic at the start: a reload that
+/// lowers it keeps the old limit in force everywhere (the admission layer
+/// checks and charges every message up to it) and says a restart is
+/// needed. Half applied, messages between the two limits went through
+/// unchecked and uncharged (issue 24).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lowering_the_message_limit_keeps_the_old_one_in_force_and_every_message_checked() {
+    let pki = Pki::new(&["alpha"]);
+    let server = TestServer::start_with(&pki, |raw| raw.limits.max_message_bytes = 8 << 20);
+    let ch = channel(&server, &pki, "alpha").await;
+    let report = server.reload(&pki, |raw| raw.limits.max_message_bytes = 1 << 20).unwrap();
+    assert_eq!(report.restart_needed, vec!["limits.max_message_bytes"], "{report:?}");
+    // 2 MB: under the limit in force (8 MiB, so tonic takes it), over the
+    // tenant's max_request_bytes as the reloaded config resolves it (its
+    // default, the new 1 MiB): checked at its prefix, not let through.
+    let image = gray(1448, 1448);
+    let bytes = image.encoded_len();
+    let status = NlImageServiceClient::new(ch.clone()).max_encoding_message_size(8 << 20).mean_filter(image).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message().to_string()),
+        (Code::ResourceExhausted, format!("request is {bytes} bytes, over tenant \"alpha\"'s limit of 1048576 bytes"))
+    );
+    // A second reload of the same file still names the key: the old value is the one in force.
+    let report = server.reload(&pki, |raw| raw.limits.max_message_bytes = 1 << 20).unwrap();
+    assert_eq!(report.restart_needed, vec!["limits.max_message_bytes"], "{report:?}");
+    assert_eq!(NlImageServiceClient::new(ch).mean_filter(gray(500, 500)).await.unwrap().into_inner().data.len(), 250_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_at_the_handshake_while_another_tenant_keeps_working() {
     let pki = Pki::new(&["alpha", "beta"]);
