@@ -1107,7 +1107,11 @@ mod tests {
                 "unknown operation \"blur\" (known: rotate, mean_filter)",
             ),
             ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
-            ("[tenants.a]\nrequests_per_second = 1e-21", "tenants.a.requests_per_second", "0.000000000000000000001 is out of range 0.000001..=1000000 (0 = no rate limit)"),
+            (
+                "[tenants.a]\nrequests_per_second = 1e-21",
+                "tenants.a.requests_per_second",
+                "0.000000000000000000001 is out of range 0.000001..=1000000 (0 = no rate limit)",
+            ),
             (
                 "[limits]\nmax_queued_jobs = 2\n[tenants.a]\n[tenants.b]\n[tenants.c]\nweight = 2",
                 "limits.max_queued_jobs",

@@ -92,7 +92,9 @@ impl Encoding {
     /// A `width`×`height` image can be written in this format?
     pub fn check_size(self, width: u32, height: u32) -> Result<(), CodecError> {
         match self.max_side() {
-            Some(limit) if width > limit || height > limit => Err(CodecError::TooLargeToEncode { encoding: self.name(), width, height, limit }),
+            Some(limit) if width > limit || height > limit => {
+                Err(CodecError::TooLargeToEncode { encoding: self.name(), width, height, limit })
+            }
             _ => Ok(()),
         }
     }

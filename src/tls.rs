@@ -131,12 +131,8 @@ impl ServerTls {
                 });
             }
             for crl in &parsed {
-                let (issuer, next_update) = crl_facts(crl).map_err(|reason| TlsError::Pem {
-                    what: "CRL",
-                    path: path.clone(),
-                    expected: "X509 CRL",
-                    reason,
-                })?;
+                let (issuer, next_update) =
+                    crl_facts(crl).map_err(|reason| TlsError::Pem { what: "CRL", path: path.clone(), expected: "X509 CRL", reason })?;
                 if let Some(next_update) = next_update {
                     if next_update <= now {
                         return Err(TlsError::CrlExpired { path: path.clone(), issuer, next_update: utc_text(next_update) });

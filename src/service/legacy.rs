@@ -210,7 +210,8 @@ mod tests {
     fn a_spliced_process_answer_is_the_message_prost_encodes() {
         use crate::proto::v1::{EncodedImage, Image};
         for (format, width, height, len) in [(1, 3, 2, 6), (7, 4096, 2160, 300), (0, 0, 0, 5), (3, 1, 1, 70_000)] {
-            let response = ProcessResponse { image: Some(Image { format, width, height, data: Bytes::from(vec![5u8; len]), encoded: None }) };
+            let response =
+                ProcessResponse { image: Some(Image { format, width, height, data: Bytes::from(vec![5u8; len]), encoded: None }) };
             let mut expected = vec![0u8];
             expected.extend_from_slice(&(response.encoded_len() as u32).to_be_bytes());
             expected.extend_from_slice(&response.encode_to_vec());

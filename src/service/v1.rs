@@ -189,7 +189,8 @@ impl ImageService for V1Service {
                 // The encoder's own limits, before the kernels and the encoder run.
                 if let Some(options) = &output {
                     let layout = input.layout();
-                    let turned = steps.iter().filter(|s| matches!(s, Step::Rotate(QuarterTurns::One | QuarterTurns::Three))).count() % 2 == 1;
+                    let turned =
+                        steps.iter().filter(|s| matches!(s, Step::Rotate(QuarterTurns::One | QuarterTurns::Three))).count() % 2 == 1;
                     let (w, h) = if turned { (layout.height(), layout.width()) } else { (layout.width(), layout.height()) };
                     options.encoding.check_size(w as u32, h as u32)?;
                 }

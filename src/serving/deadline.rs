@@ -45,10 +45,6 @@ pub fn passed() -> bool {
     PASSED.try_with(|p| p.load(Ordering::Acquire)).unwrap_or(false)
 }
 
-/// tonic's own `grpc-timeout` handling (which answers `CANCELLED`) wraps
-/// the router outside this layer and polls it first at every wake-up: a
-/// deadline this much earlier than the client's makes ours answer first.
-const AHEAD_OF_TONIC: Duration = Duration::from_millis(2);
 
 /// The layer; see the module docs.
 #[derive(Clone, Copy, Debug)]
@@ -159,7 +155,7 @@ where
             let call = self.inner.call(request);
             return Box::pin(async move { Ok(call.await?.map(tonic::body::Body::new)) });
         };
-        let at = tokio::time::Instant::now() + source.duration().saturating_sub(AHEAD_OF_TONIC);
+        let at = tokio::time::Instant::now() + source.duration();
         // The clone that was made ready is the one that serves the call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -226,7 +222,12 @@ impl Body for DeadlineBody {
 /// `status` as trailers: its `grpc-status` and `grpc-message`.
 fn status_trailers(status: Status) -> http::HeaderMap {
     let (parts, _) = status.into_http::<tonic::body::Body>().into_parts();
-    parts.headers.into_iter().filter_map(|(name, value)| Some((name?, value))).filter(|(name, _)| name.as_str().starts_with("grpc-")).collect()
+    parts
+        .headers
+        .into_iter()
+        .filter_map(|(name, value)| Some((name?, value)))
+        .filter(|(name, _)| name.as_str().starts_with("grpc-"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -244,6 +245,17 @@ mod tests {
         for bad in ["", "S", "123456789S", "10s", "-1S", "1.5S", "10"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_answer_names_the_deadline_that_passed() {
+        let client = Source::Client(Duration::from_millis(300)).status();
+        assert_eq!((client.code(), client.message()), (tonic::Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed"));
+        let server = Source::Server(Duration::from_secs(300)).status();
+        assert_eq!(
+            (server.code(), server.message()),
+            (tonic::Code::DeadlineExceeded, "the call took longer than the server's maximum of 300 s (server.max_deadline_secs)")
+        );
     }
 
     #[test]

@@ -412,8 +412,7 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>, close_after_records: Option
     // kernel's structs (see `wipe_secrets`).
     let mut secrets = std::mem::ManuallyDrop::new(conn.dangerous_extract_secrets().map_err(OffloadError::Secrets)?);
     let info = |(seq, secrets): &(u64, ConnectionTrafficSecrets)| {
-        let (cipher, key, iv) =
-            Cipher::of(secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
+        let (cipher, key, iv) = Cipher::of(secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
         CryptoInfo::new(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported)
     };
     let tx_seq = secrets.tx.0;
@@ -882,15 +881,36 @@ mod tests {
         type A256 = libc::tls12_crypto_info_aes_gcm_256;
         type Cha = libc::tls12_crypto_info_chacha20_poly1305;
         assert_eq!(
-            [offset_of!(A128, info), offset_of!(A128, iv), offset_of!(A128, key), offset_of!(A128, salt), offset_of!(A128, rec_seq), size_of::<A128>()],
+            [
+                offset_of!(A128, info),
+                offset_of!(A128, iv),
+                offset_of!(A128, key),
+                offset_of!(A128, salt),
+                offset_of!(A128, rec_seq),
+                size_of::<A128>()
+            ],
             [0, 4, 12, 28, 32, 40]
         );
         assert_eq!(
-            [offset_of!(A256, info), offset_of!(A256, iv), offset_of!(A256, key), offset_of!(A256, salt), offset_of!(A256, rec_seq), size_of::<A256>()],
+            [
+                offset_of!(A256, info),
+                offset_of!(A256, iv),
+                offset_of!(A256, key),
+                offset_of!(A256, salt),
+                offset_of!(A256, rec_seq),
+                size_of::<A256>()
+            ],
             [0, 4, 12, 44, 48, 56]
         );
         assert_eq!(
-            [offset_of!(Cha, info), offset_of!(Cha, iv), offset_of!(Cha, key), offset_of!(Cha, salt), offset_of!(Cha, rec_seq), size_of::<Cha>()],
+            [
+                offset_of!(Cha, info),
+                offset_of!(Cha, iv),
+                offset_of!(Cha, key),
+                offset_of!(Cha, salt),
+                offset_of!(Cha, rec_seq),
+                size_of::<Cha>()
+            ],
             [0, 4, 16, 48, 48, 56]
         );
         // The constants of linux/tls.h and linux/tcp.h.
@@ -962,7 +982,13 @@ mod tests {
         // rustls's extracted secrets: key and IV of both directions.
         let secrets = rustls::ExtractedSecrets {
             tx: (5, ConnectionTrafficSecrets::Aes256Gcm { key: rustls::crypto::cipher::AeadKey::from([0xA5; 32]), iv: [0x5A; 12].into() }),
-            rx: (6, ConnectionTrafficSecrets::Chacha20Poly1305 { key: rustls::crypto::cipher::AeadKey::from([0xC3; 32]), iv: [0x3C; 12].into() }),
+            rx: (
+                6,
+                ConnectionTrafficSecrets::Chacha20Poly1305 {
+                    key: rustls::crypto::cipher::AeadKey::from([0xC3; 32]),
+                    iv: [0x3C; 12].into(),
+                },
+            ),
         };
         let mut secrets = ManuallyDrop::new(secrets);
         let ptr = (&*secrets as *const rustls::ExtractedSecrets).cast::<u8>();

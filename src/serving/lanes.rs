@@ -16,9 +16,12 @@
 //! tenant's lane, re-registered with the lane's reactor ([`LaneTcp`]), and
 //! served by the lane's copy of the gRPC router. Lanes are created on first
 //! use, at most `server.max_io_lanes`; tenants beyond that, and connections
-//! without a tenant identity (refused by the interceptor anyway), share one
-//! lane. Each lane has `server.io_threads` threads (named `imgsvc-io-N`);
-//! they sleep when the lane is idle.
+//! of peers the server does not serve (no tenant identity, or a tenant not
+//! configured: refused by the interceptor anyway), share one lane. Those
+//! peers' connections have an allowance of their own
+//! ([`UNSERVED_ALLOWANCE`]) and a short life ([`UNSERVED_LIFETIME`]).
+//! Each lane has `server.io_threads` threads (named `imgsvc-io-N`); they
+//! sleep when the lane is idle.
 
 use std::{
     collections::HashMap,
@@ -147,6 +150,42 @@ impl<C> Drop for IoLanes<C> {
         for runtime in inner.runtimes.drain(..) {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// How many connections of peers the server does not serve (no tenant
+/// identity, or a tenant without a table when `unknown_tenants = "refuse"`)
+/// may be open at once, all together.
+pub const UNSERVED_ALLOWANCE: usize = 16;
+
+/// How long such a connection lives: long enough to be told why its calls
+/// are refused (PERMISSION_DENIED, UNAUTHENTICATED), then it is closed
+/// gracefully (GOAWAY) and, after [`UNSERVED_GRACE`], cut, whatever is open
+/// on it (a health `Watch` included).
+pub const UNSERVED_LIFETIME: std::time::Duration = std::time::Duration::from_secs(2);
+pub const UNSERVED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The connections of unserved peers: at most [`UNSERVED_ALLOWANCE`] at
+/// once, none with a lane of its own (they go to the shared lane).
+#[derive(Clone, Debug, Default)]
+pub struct UnservedConnections(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One unserved connection's place in the allowance, given back on drop.
+#[derive(Debug)]
+pub struct UnservedSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl UnservedConnections {
+    /// A place for one more, if the allowance has one.
+    pub fn admit(&self) -> Option<UnservedSlot> {
+        use std::sync::atomic::Ordering;
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < UNSERVED_ALLOWANCE).then_some(n + 1)).ok()?;
+        Some(UnservedSlot(self.0.clone()))
+    }
+}
+
+impl Drop for UnservedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

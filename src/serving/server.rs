@@ -36,7 +36,7 @@ use crate::{
         Phase, admin,
         admission::AdmissionLayer,
         certwatch,
-        connection::{ConnectionHandle, OpenConnections, TrackCallsLayer},
+        connection::{CloseReason, ConnectionHandle, OpenConnections, TrackCallsLayer},
         http2::{ConnectionServing, RouterService, ServedConnection},
         kernel_tls,
         lanes::{IoLanes, LaneTcp, ServeLane},
@@ -754,6 +754,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
     let Accepting { tls_config, handshake_timeout, trust_domain, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
         accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
+    let unserved = super::lanes::UnservedConnections::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -773,7 +774,8 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
         let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
-        let (lanes, lingering, trust_domain, tenancy) = (lanes.clone(), lingering.clone(), trust_domain.clone(), tenancy.clone());
+        let (lanes, lingering, trust_domain, tenancy, unserved) =
+            (lanes.clone(), lingering.clone(), trust_domain.clone(), tenancy.clone(), unserved.clone());
         tokio::spawn(async move {
             let _permit = permit;
             // For kernel TLS, rustls reads whole records only (see kernel_tls).
@@ -795,9 +797,24 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             return;
                         }
                     };
+                    // A peer whose calls are all refused (no tenant, or one
+                    // not configured) gets a place in a small allowance, the
+                    // shared lane and a short life (see `lanes::UNSERVED_ALLOWANCE`).
+                    let served = identity.tenant.as_ref().ok().filter(|t| tenancy.serves(t));
+                    let unserved = match served {
+                        Some(_) => None,
+                        None => match unserved.admit() {
+                            Some(slot) => Some(slot),
+                            None => {
+                                metrics::counter!("imgsvc_connections_refused_total", "reason" => "unserved").increment(1);
+                                tracing::warn!(%peer, "too many connections of peers that are not served: closing it");
+                                return;
+                            }
+                        },
+                    };
                     // Served on the tenant's I/O lane (see `crate::serving::lanes`);
                     // none once shutting down: the connection is dropped.
-                    let lane = match lanes.lane(identity.tenant.as_ref().ok()) {
+                    let lane = match lanes.lane(served) {
                         Ok(Some(lane)) => lane,
                         Ok(None) => return,
                         Err(e) => {
@@ -843,8 +860,17 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             if key_limit.reached().await
                                 && let Some(handle) = handle.upgrade()
                             {
-                                handle.close_gracefully(super::connection::CloseReason::KeyLimit, kernel_tls::KEY_LIMIT_GRACE);
+                                handle.close_gracefully(CloseReason::KeyLimit, kernel_tls::KEY_LIMIT_GRACE);
                             }
+                        });
+                    }
+                    if let Some(slot) = unserved {
+                        let handle = handle.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(super::lanes::UNSERVED_LIFETIME).await;
+                            handle.close_gracefully(CloseReason::Unconfigured, super::lanes::UNSERVED_GRACE);
+                            tokio::time::sleep(super::lanes::UNSERVED_GRACE).await;
+                            drop(slot);
                         });
                     }
                     let _ = lane.connections.send(LingeringStream::new(stream, handle, lingering, window)).await;

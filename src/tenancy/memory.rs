@@ -302,7 +302,14 @@ impl Budget {
         Self::try_charge_locked(&mut state, tenant, share, stage, n, fair)
     }
 
-    fn try_charge_locked(state: &mut BudgetState, tenant: &TenantId, share: u64, stage: Stage, n: u64, fair: bool) -> Result<(), Shortfall> {
+    fn try_charge_locked(
+        state: &mut BudgetState,
+        tenant: &TenantId,
+        share: u64,
+        stage: Stage,
+        n: u64,
+        fair: bool,
+    ) -> Result<(), Shortfall> {
         let total = state.total;
         if n > share.min(total) {
             return Err(Shortfall::Never { share, total });

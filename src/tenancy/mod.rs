@@ -39,8 +39,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use thiserror::Error;
 use std::sync::atomic::Ordering;
+use thiserror::Error;
 
 use tokio::sync::oneshot;
 
@@ -271,6 +271,13 @@ impl Tenancy {
         let account = self.shared.budget.account(tenant, share, Stage::Receiving);
         account.try_reserve(bytes)?;
         Ok(account)
+    }
+
+    /// Whether `tenant`'s calls are served at all (configured, or served
+    /// with the defaults): a connection of a tenant that is not gets no
+    /// I/O lane of its own and a short life.
+    pub fn serves(&self, tenant: &TenantId) -> bool {
+        self.policy().tenancy.policy(tenant).is_some()
     }
 
     /// A new, empty memory account for one call of an admitted tenant.
@@ -562,8 +569,14 @@ fn dispatch(shared: &Arc<Shared>, state: &mut State) {
         state.running_total += 1;
         state.memory_in_use += pending.bytes;
         metrics::histogram!("imgsvc_queue_wait_seconds", "tenant" => tenant.to_string()).record(pending.enqueued.elapsed().as_secs_f64());
-        let reservation =
-            Reservation { shared: Some(shared.clone()), tenant, bytes: pending.bytes, worker: true, estimate: pending.estimate, cpu_ns: None };
+        let reservation = Reservation {
+            shared: Some(shared.clone()),
+            tenant,
+            bytes: pending.bytes,
+            worker: true,
+            estimate: pending.estimate,
+            cpu_ns: None,
+        };
         let task = pending.task;
         shared.pool.spawn(move || task(reservation));
     }

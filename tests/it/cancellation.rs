@@ -88,7 +88,14 @@ async fn cancels_queued_work() {
     let mut with_deadline = tonic::Request::new(request(QUEUED_SIDE, 1));
     with_deadline.set_timeout(Duration::from_millis(300));
     let status = client(channel.clone()).process(with_deadline).await.unwrap_err();
-    assert_eq!((status.code(), status.message()), (Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed"));
+    // The server answers DEADLINE_EXCEEDED when the deadline passes; tonic's
+    // client enforces the same deadline itself, and when the server's answer
+    // is later than its own timer (a busy machine) it reports CANCELLED.
+    let seen = (status.code(), status.message());
+    assert!(
+        seen == (Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed") || seen == (Code::Cancelled, "Timeout expired"),
+        "{seen:?}"
+    );
     let cancelled = until_metric(admin, "imgsvc_cancelled_while_queued_total", &[tenant], 2.0, Duration::from_secs(10)).await;
     assert_eq!(cancelled, Some(2.0), "the request past its deadline is counted as cancelled");
 
@@ -102,12 +109,18 @@ async fn cancels_queued_work() {
     assert_eq!(sample("imgsvc_jobs_started_total", &[tenant]), None, "no job of the cancelled requests started");
     assert_eq!(sample("imgsvc_queue_depth", &[tenant]), Some(0.0));
     assert_eq!(sample("imgsvc_memory_in_flight_bytes", &[]), Some(held_bytes), "the budget holds the holder's images only");
-    let cancelled_calls =
-        until_metric(admin, "imgsvc_requests_total", &[tenant, ("method", PROCESS), ("code", "CANCELLED")], 1.0, Duration::from_secs(10))
-            .await;
-    assert_eq!(cancelled_calls, Some(1.0));
-    let expired = sample("imgsvc_requests_total", &[tenant, ("method", PROCESS), ("code", "DEADLINE_EXCEEDED")]);
-    assert_eq!(expired, Some(1.0), "the call past its deadline is counted as DEADLINE_EXCEEDED");
+    // The dropped call is CANCELLED; the one past its deadline is
+    // DEADLINE_EXCEEDED, or CANCELLED if the client's own timer reset the
+    // stream before the server's fired.
+    let ended = |code| sample("imgsvc_requests_total", &[tenant, ("method", PROCESS), ("code", code)]).unwrap_or(0.0);
+    for _ in 0..500 {
+        if ended("CANCELLED") + ended("DEADLINE_EXCEEDED") >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ended("CANCELLED") + ended("DEADLINE_EXCEEDED"), 2.0);
+    assert!(ended("CANCELLED") >= 1.0);
 
     // The holder finishes, its memory is released, and the tenant whose
     // requests were cancelled is served: its first job to run.

@@ -170,22 +170,10 @@ async fn a_peer_that_stops_answering_pings_is_closed_after_the_keepalive_timeout
 async fn a_call_open_longer_than_the_idle_timeout_keeps_its_connection() {
     let pki = Pki::new(&["hygiene"]);
     let server = TestServer::start_with(&pki, |raw| raw.server.idle_timeout_secs = 1);
-    let mut client = ImageServiceClient::new(channel(&server, &pki, "hygiene").await);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let header = StreamHeader { format: imgsvc::proto::v1::PixelFormat::Gray8 as i32, width: 2, height: 2, operations: vec![] };
-    tx.send(ProcessStreamRequest { part: Some(Part::Header(header)) }).await.unwrap();
-    let call = tokio::spawn(async move { client.process_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let (tx, call) = open_stream_call(ImageServiceClient::new(channel(&server, &pki, "hygiene").await)).await;
     // The call is open, its data not sent yet: three idle timeouts pass.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    tx.send(ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2, 3, 4]))) }).await.unwrap();
-    drop(tx);
-    let mut responses = call.await.unwrap().expect("the call was kept open").into_inner();
-    let mut parts = Vec::new();
-    while let Some(message) = responses.message().await.unwrap() {
-        parts.push(message.part.unwrap());
-    }
-    use imgsvc::proto::v1::process_stream_response::Part as Out;
-    assert!(matches!(&parts[..], [Out::Header(h), Out::Chunk(c)] if (h.width, h.height) == (2, 2) && c[..] == [1, 2, 3, 4]), "{parts:?}");
+    finish_stream_call(tx, call).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,19 +198,34 @@ async fn a_client_whose_idle_connection_was_closed_is_served_on_its_next_call() 
     assert_eq!(out.unwrap(), expected(&image, &ops));
 }
 
+/// A `ProcessStream` call in flight.
+type StreamCall =
+    tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<imgsvc::proto::v1::ProcessStreamResponse>>, tonic::Status>>;
+
 /// Opens a `ProcessStream` call on `client` and sends its header only: the
 /// call stays open until `tx` sends the 2×2 image's pixels and is dropped.
 async fn open_stream_call(
     mut client: ImageServiceClient<tonic::transport::Channel>,
-) -> (
-    tokio::sync::mpsc::Sender<ProcessStreamRequest>,
-    tokio::task::JoinHandle<Result<tonic::Response<tonic::Streaming<imgsvc::proto::v1::ProcessStreamResponse>>, tonic::Status>>,
-) {
+) -> (tokio::sync::mpsc::Sender<ProcessStreamRequest>, StreamCall) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let header = StreamHeader { format: imgsvc::proto::v1::PixelFormat::Gray8 as i32, width: 2, height: 2, operations: vec![] };
     tx.send(ProcessStreamRequest { part: Some(Part::Header(header)) }).await.unwrap();
     let call = tokio::spawn(async move { client.process_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
     (tx, call)
+}
+
+/// Sends the pixels of a call [`open_stream_call`] opened, ends it, and
+/// checks that the answer came back in full.
+async fn finish_stream_call(tx: tokio::sync::mpsc::Sender<ProcessStreamRequest>, call: StreamCall) {
+    tx.send(ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2, 3, 4]))) }).await.unwrap();
+    drop(tx);
+    let mut responses = call.await.unwrap().expect("the call was kept open").into_inner();
+    let mut parts = Vec::new();
+    while let Some(message) = responses.message().await.unwrap() {
+        parts.push(message.part.unwrap());
+    }
+    use imgsvc::proto::v1::process_stream_response::Part as Out;
+    assert!(matches!(&parts[..], [Out::Header(h), Out::Chunk(c)] if (h.width, h.height) == (2, 2) && c[..] == [1, 2, 3, 4]), "{parts:?}");
 }
 
 /// Waits (at most [`CLOSE_WITHIN`]) until the server lists exactly the
@@ -271,15 +274,7 @@ async fn a_connection_closed_gracefully_finishes_its_calls_and_its_client_moves_
     assert_eq!(handle.closing().map(|c| c.reason), Some(CloseReason::MaxAge));
 
     // The call open when the close began finishes, answered in full.
-    tx.send(ProcessStreamRequest { part: Some(Part::Chunk(Bytes::from_static(&[1, 2, 3, 4]))) }).await.unwrap();
-    drop(tx);
-    let mut responses = call.await.unwrap().expect("the call open at the GOAWAY goes on").into_inner();
-    let mut parts = Vec::new();
-    while let Some(message) = responses.message().await.unwrap() {
-        parts.push(message.part.unwrap());
-    }
-    use imgsvc::proto::v1::process_stream_response::Part as Out;
-    assert!(matches!(&parts[..], [Out::Header(h), Out::Chunk(c)] if (h.width, h.height) == (2, 2) && c[..] == [1, 2, 3, 4]), "{parts:?}");
+    finish_stream_call(tx, call).await;
 
     // Then the old connection ends, and the same channel's next call is
     // served over a new one.

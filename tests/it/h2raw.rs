@@ -20,8 +20,8 @@ use std::{
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use crate::common::{grpc_message, h2_connect, send_flow_controlled, start_call};
 use crate::common::{MIB, Pki, ServerProcess, metric, scrape, tls_connect};
+pub use crate::common::{grpc_message, h2_connect, send_flow_controlled, start_call};
 
 /// The stages of `imgsvc_memory_held_bytes{stage}`.
 pub const STAGES: [&str; 4] = ["receiving", "queued", "processing", "sending"];

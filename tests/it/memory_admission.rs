@@ -131,13 +131,15 @@ async fn a_message_whose_bytes_stop_arriving_is_refused_after_the_body_timeout_a
             )
         );
         let labels = [("tenant", tenant), ("stage", "receiving")];
-        let held = until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &labels, CONNECTION as f64, Duration::from_secs(10)).await;
+        let held =
+            until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &labels, CONNECTION as f64, Duration::from_secs(10)).await;
         assert_eq!(held, Some(CONNECTION as f64), "only {tenant}'s connection is still charged");
         assert_eq!(metric(&scrape(server.admin_addr), "imgsvc_body_timeouts_total", &[("tenant", tenant)]), Some(1.0));
     }
     let lines: Vec<String> = (0..2).map(|_| server.wait_for_log(&["request bytes stopped arriving"], Duration::from_secs(10))).collect();
     for tenant in ["alpha", "gamma"] {
-        let line = lines.iter().find(|l| l.contains(&format!("tenant={tenant} "))).unwrap_or_else(|| panic!("{tenant}'s line in {lines:?}"));
+        let line =
+            lines.iter().find(|l| l.contains(&format!("tenant={tenant} "))).unwrap_or_else(|| panic!("{tenant}'s line in {lines:?}"));
         assert!(line.contains("held=40894464"), "{line}");
     }
 }
@@ -154,7 +156,8 @@ async fn health_and_reflection_calls_take_call_slots_and_their_messages_are_char
     assert_eq!(check.into_inner().status(), ServingStatus::Serving, "an admitted health check is answered");
     const CONNECTION: u64 = 6 * MIB;
     let receiving = [("tenant", "alpha"), ("stage", "receiving")];
-    let held = until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &receiving, CONNECTION as f64, Duration::from_secs(10)).await;
+    let held =
+        until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &receiving, CONNECTION as f64, Duration::from_secs(10)).await;
     assert_eq!(held, Some(CONNECTION as f64), "the check's message is given back; its connection stays charged");
 
     let (mut send, connection) = h2_connect(&server, &pki, "alpha").await;
@@ -195,7 +198,8 @@ async fn health_and_reflection_calls_take_call_slots_and_their_messages_are_char
     // The raw client goes: all it held comes back.
     drop((unfinished, send));
     connection.abort();
-    let held = until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &receiving, CONNECTION as f64, Duration::from_secs(10)).await;
+    let held =
+        until_metric(server.admin_addr, "imgsvc_tenant_memory_held_bytes", &receiving, CONNECTION as f64, Duration::from_secs(10)).await;
     assert_eq!(held, Some(CONNECTION as f64), "only the tonic channel's connection is still charged");
     let open = until_metric(server.admin_addr, "imgsvc_tenant_calls_open", &[("tenant", "alpha")], 0.0, Duration::from_secs(10)).await;
     assert_eq!(open, Some(0.0), "all slots given back");

@@ -16,7 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{common::*, h2raw::{grpc_answer, grpc_answer_of}};
+use crate::{
+    common::*,
+    h2raw::{grpc_answer, grpc_answer_of},
+};
 use bytes::Bytes;
 use imgsvc::{
     client::{self, Api, CallOptions, ClientError, Op, RawImage, StreamMode},

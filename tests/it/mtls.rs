@@ -176,7 +176,12 @@ async fn serves_tls12_clients_as_well_as_tls13() {
 
 /// A rustls client config for `tenant`'s files, one protocol version only,
 /// with rustls's default client session cache (it offers resumption).
-fn single_version_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path, version: &'static rustls::SupportedProtocolVersion) -> std::sync::Arc<rustls::ClientConfig> {
+fn single_version_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> std::sync::Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(imgsvc::tls::read_certs("ca", ca).unwrap().remove(0)).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(imgsvc::tls::crypto_provider())
@@ -193,7 +198,10 @@ fn single_version_config(ca: &std::path::Path, cert: &std::path::Path, key: &std
 /// and a read of the server's first bytes, so that session tickets (sent
 /// before them, if any) are in the client's cache. Returns the handshake
 /// kind, or the error of the handshake or the read.
-async fn handshake_and_read(server: std::net::SocketAddr, config: &std::sync::Arc<rustls::ClientConfig>) -> Result<rustls::HandshakeKind, std::io::Error> {
+async fn handshake_and_read(
+    server: std::net::SocketAddr,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<rustls::HandshakeKind, std::io::Error> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(server).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -207,7 +215,12 @@ async fn handshake_and_read(server: std::net::SocketAddr, config: &std::sync::Ar
 
 /// Runs `openssl s_client` against `server` with a client certificate,
 /// saving the session (`-sess_out`) if asked; returns its output.
-fn s_client(server: std::net::SocketAddr, version: &str, (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path), session: Option<(&str, &std::path::Path)>) -> String {
+fn s_client(
+    server: std::net::SocketAddr,
+    version: &str,
+    (ca, cert, key): (&std::path::Path, &std::path::Path, &std::path::Path),
+    session: Option<(&str, &std::path::Path)>,
+) -> String {
     if !command_succeeds("openssl", &["version"]) {
         assert!(apt_get_available(), "the openssl CLI is not installed, and apt-get is not available to install it");
         apt_get_install("openssl");
