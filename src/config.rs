@@ -274,6 +274,9 @@ pub struct RawTls {
     /// Seconds the calls of a connection whose certificate was revoked or
     /// expired may take to finish after its GOAWAY.
     pub revoked_grace_secs: u64,
+    /// Testing only: a kernel-TLS connection asks for its graceful close
+    /// after this many records sent (0: at the cipher's limit).
+    pub kernel_tls_close_after_records: u64,
 }
 
 /// Whether the kernel encrypts and decrypts a connection's records once
@@ -307,6 +310,7 @@ impl Default for RawTls {
             kernel_tls: "auto".into(),
             key_permissions: "warn".into(),
             revoked_grace_secs: 10,
+            kernel_tls_close_after_records: 0,
         }
     }
 }
@@ -469,6 +473,9 @@ pub struct TlsSettings {
     /// Grace for the calls of a connection closed because its certificate
     /// was revoked or expired (`tls.revoked_grace_secs`).
     pub revoked_grace: Duration,
+    /// Testing only (`tls.kernel_tls_close_after_records`): close a
+    /// kernel-TLS connection gracefully after this many records sent.
+    pub kernel_tls_close_after_records: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -689,6 +696,7 @@ impl Settings {
                 kernel_tls,
                 refuse_exposed_key,
                 revoked_grace: Duration::from_secs(raw.tls.revoked_grace_secs),
+                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0).then_some(raw.tls.kernel_tls_close_after_records),
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,

@@ -402,6 +402,7 @@ mod tests {
             kernel_tls: crate::config::KernelTlsMode::Off,
             refuse_exposed_key: false,
             revoked_grace: Duration::from_secs(10),
+            kernel_tls_close_after_records: None,
         };
         let here = std::env::current_dir().unwrap().canonicalize().unwrap();
         let want: BTreeSet<PathBuf> = [here, tls.canonicalize().unwrap(), real.canonicalize().unwrap()].into();

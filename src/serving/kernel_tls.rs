@@ -35,6 +35,7 @@
 
 use std::{
     io,
+    sync::Arc,
     os::fd::{AsRawFd, RawFd},
     pin::Pin,
     task::{Context, Poll, ready},
@@ -359,7 +360,8 @@ pub enum OffloadError {
 /// Moves an established connection's record layer from rustls into the
 /// kernel (see the module documentation). The socket must have had its
 /// reads bounded to records since before the handshake.
-pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, OffloadError> {
+/// `close_after_records`: the test hook of `tls.kernel_tls_close_after_records`.
+pub async fn offload(mut stream: TlsStream<LaneTcp>, close_after_records: Option<u64>) -> Result<KernelTlsStream, OffloadError> {
     // What rustls still has to send (TLS 1.3 session tickets) goes first,
     // under rustls's keys and sequence numbers.
     stream.flush().await.map_err(OffloadError::Drain)?;
@@ -379,14 +381,19 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, 
     }
     tcp.stop_bounding_reads();
     // The plaintext rustls has decrypted and nobody has read yet.
+    // A close_notify right behind it ends the client's stream after that
+    // plaintext, which is still served (as rustls would).
     let mut drained = Vec::new();
-    loop {
+    let read_closed = loop {
         match io::Read::read(&mut conn.reader(), &mut chunk) {
-            Ok(0) => return Err(OffloadError::Closed), // close_notify
+            Ok(0) => break true, // close_notify
             Ok(n) => drained.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
             Err(e) => return Err(OffloadError::Drain(e)),
         }
+    };
+    if read_closed && drained.is_empty() {
+        return Err(OffloadError::Closed);
     }
     // Anything the last records made rustls answer.
     let mut pending = Vec::new();
@@ -395,6 +402,7 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, 
     }
     tcp.write_all(&pending).await.map_err(OffloadError::Drain)?;
 
+    let limits = conn.negotiated_cipher_suite().map(|suite| suite_limits(&suite, close_after_records));
     let version = match conn.protocol_version() {
         Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
         Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
@@ -407,14 +415,46 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>) -> Result<KernelTlsStream, 
         let (cipher, key, iv) = Cipher::of(secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
         CryptoInfo::new(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported)
     };
+    let tx_seq = secrets.tx.0;
     let infos = info(&secrets.tx).and_then(|tx| Ok((tx, info(&secrets.rx)?)));
     wipe_secrets(&mut secrets);
     let (tx, rx) = infos?;
+    let (records_sent, (close_at, hard_limit)) = (tx_seq, limits.unwrap_or((u64::MAX, u64::MAX)));
     let fd = tcp.as_raw_fd();
     set_ulp(fd).map_err(|source| OffloadError::Kernel { what: "TCP_ULP tls", source })?;
     set_crypto(fd, libc::TLS_TX, &tx).map_err(|source| OffloadError::Kernel { what: "TLS_TX", source })?;
     set_crypto(fd, libc::TLS_RX, &rx).map_err(|source| OffloadError::Kernel { what: "TLS_RX", source })?;
-    Ok(KernelTlsStream { tcp, drained, drained_from: 0, read_closed: false, write_closed: false })
+    Ok(KernelTlsStream {
+        tcp,
+        drained,
+        drained_from: 0,
+        read_closed,
+        read_stalled: false,
+        write_closed: false,
+        tls13: version == libc::TLS_1_3_VERSION,
+        warnings_left: WARNING_ALERTS_ALLOWED,
+        records_sent,
+        close_at,
+        hard_limit,
+        key_limit: KeyLimitGuard(Arc::new(KeyLimit::default())),
+    })
+}
+
+/// When to ask for a graceful close, and the record count the server's
+/// sending key must never reach, for a suite: rustls's confidentiality
+/// limit (`CipherSuiteCommon::confidentiality_limit`: 2^24 records for
+/// AES-GCM, none for ChaCha20-Poly1305),
+/// at which rustls would rekey or close. The close is asked for 1/16 of the
+/// limit early (2^20 records, 16 GB of full records at 2^24: room for the
+/// calls in flight to finish); `close_after_records` (a test hook) asks
+/// earlier.
+fn suite_limits(suite: &rustls::SupportedCipherSuite, close_after_records: Option<u64>) -> (u64, u64) {
+    let limit = match suite {
+        rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+        rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+    };
+    let close_at = limit - limit / 16;
+    (close_after_records.map_or(close_at, |n| n.min(close_at)), limit)
 }
 
 /// A connection whose records the kernel encrypts and decrypts.
@@ -424,15 +464,160 @@ pub struct KernelTlsStream {
     drained: Vec<u8>,
     drained_from: usize,
     read_closed: bool,
+    /// After a client's KeyUpdate: reads wait for the graceful close.
+    read_stalled: bool,
     write_closed: bool,
+    tls13: bool,
+    /// Warning alerts still tolerated in a row (TLS 1.2), as rustls counts.
+    warnings_left: u8,
+    /// An upper bound of the records sealed with the sending key so far
+    /// (rustls's sequence number at the switch, then at most one record per
+    /// 16 KiB of each write: the kernel closes a record at the end of each
+    /// `sendmsg` and at 2^14 bytes).
+    records_sent: u64,
+    /// At this many records the connection asks for a graceful close.
+    close_at: u64,
+    /// Writes that would reach this many records fail instead.
+    hard_limit: u64,
+    key_limit: KeyLimitGuard,
 }
 
-/// What a record that is not application data meant.
+/// Tells a waiter on [`KeyLimit::reached`] when the stream is gone.
+struct KeyLimitGuard(Arc<KeyLimit>);
+
+impl Drop for KeyLimitGuard {
+    fn drop(&mut self) {
+        self.0.set(2);
+    }
+}
+
+/// How many warning alerts in a row rustls accepts before it fails the
+/// connection (rustls 0.23.46, `TemperCounters::allowed_warning_alerts`).
+const WARNING_ALERTS_ALLOWED: u8 = 4;
+/// The largest plaintext of one TLS record (RFC 8446 §5.1).
+const MAX_RECORD: usize = 1 << 14;
+
+/// Alert descriptions (RFC 8446 §6).
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const ILLEGAL_PARAMETER: u8 = 47;
+const DECODE_ERROR: u8 = 50;
+const USER_CANCELED: u8 = 90;
+
+/// rustls's message for a TCP end without close_notify (`UNEXPECTED_EOF_MESSAGE`).
+const TRUNCATED: &str = "peer closed connection without sending TLS close_notify: \
+https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof";
+
+/// How long the calls in flight have once a kernel-TLS connection closes
+/// for its keys ([`KeyLimit`]).
+pub const KEY_LIMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A connection's request to be closed gracefully because its sending key
+/// nears its limit, or because the client changed its keys (a KeyUpdate the
+/// kernel cannot follow): the server closes it with
+/// `CloseReason::KeyLimit` (HTTP/2 GOAWAY, calls in flight finish).
+#[derive(Default)]
+pub struct KeyLimit {
+    notify: tokio::sync::Notify,
+    /// 0: nothing; 1: the close is asked for; 2: the stream is gone.
+    state: std::sync::atomic::AtomicU8,
+}
+
+impl KeyLimit {
+    fn set(&self, state: u8) {
+        if self.state.compare_exchange(0, state, std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire).is_ok() {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits until the close is asked for (`true`) or the stream is
+    /// dropped without it (`false`).
+    pub async fn reached(&self) -> bool {
+        loop {
+            match self.state.load(std::sync::atomic::Ordering::Acquire) {
+                0 => self.notify.notified().await,
+                state => return state == 1,
+            }
+        }
+    }
+}
+
+/// What a record that is not application data means, decided as rustls
+/// decides (`CommonState::process_alert`, its record layer).
+#[derive(Debug, PartialEq, Eq)]
 enum Control {
     /// close_notify: the end of the client's stream.
     CloseNotify,
     /// Application data after all (read with its type): serve it.
     Data(Vec<u8>),
+    /// A TLS 1.2 warning alert (or TLS 1.3 user_canceled): ignored.
+    Ignore,
+    /// The client's TLS 1.3 KeyUpdate: its next records use keys the
+    /// kernel does not have, so no more can be read.
+    KeyUpdate,
+    /// The connection fails; `alert` is sent first when set.
+    Fatal { alert: Option<u8>, kind: io::ErrorKind, why: String },
+}
+
+/// The decision for one record read with its type (`None`: the kernel gave
+/// none). `warnings_left` counts TLS 1.2 warnings in a row.
+fn decide(tls13: bool, warnings_left: &mut u8, record_type: Option<u8>, payload: &[u8]) -> Control {
+    let fatal = |alert, kind, why: String| Control::Fatal { alert, kind, why };
+    match (record_type, payload) {
+        (Some(APPLICATION_DATA), bytes) => {
+            *warnings_left = WARNING_ALERTS_ALLOWED;
+            Control::Data(bytes.to_vec())
+        }
+        (Some(ALERT), &[_, CLOSE_NOTIFY]) => Control::CloseNotify,
+        (Some(ALERT), &[level @ (1 | 2), description]) => {
+            if level == 2 {
+                return fatal(None, io::ErrorKind::ConnectionAborted, format!("TLS alert from the client: fatal, description {description}"));
+            }
+            if *warnings_left == 0 {
+                return fatal(
+                    None,
+                    io::ErrorKind::InvalidData,
+                    format!("too many TLS warning alerts from the client in a row (more than {WARNING_ALERTS_ALLOWED})"),
+                );
+            }
+            *warnings_left -= 1;
+            if tls13 && description != USER_CANCELED {
+                return fatal(
+                    Some(DECODE_ERROR),
+                    io::ErrorKind::InvalidData,
+                    format!("TLS 1.3 forbids warning alerts; the client sent description {description}"),
+                );
+            }
+            Control::Ignore
+        }
+        (Some(ALERT), &[level, _]) => {
+            fatal(Some(ILLEGAL_PARAMETER), io::ErrorKind::InvalidData, format!("TLS alert of unknown level {level} from the client"))
+        }
+        (Some(ALERT), bytes) => {
+            fatal(Some(DECODE_ERROR), io::ErrorKind::InvalidData, format!("a TLS alert record of {} bytes (2 expected)", bytes.len()))
+        }
+        (Some(HANDSHAKE), [KEY_UPDATE, ..]) if tls13 => Control::KeyUpdate,
+        (Some(t), _) => {
+            fatal(Some(UNEXPECTED_MESSAGE), io::ErrorKind::InvalidData, format!("unexpected TLS record of type {t} after the handshake"))
+        }
+        (None, _) => fatal(Some(UNEXPECTED_MESSAGE), io::ErrorKind::InvalidData, "a kernel-TLS read failed without a record type".into()),
+    }
+}
+
+/// The alert rustls sends for a record the kernel failed to open
+/// (`EBADMSG`: it does not authenticate; `EMSGSIZE`: too long).
+fn alert_for_read_error(e: &io::Error) -> Option<u8> {
+    match e.raw_os_error() {
+        Some(libc::EBADMSG) => Some(BAD_RECORD_MAC),
+        Some(libc::EMSGSIZE) => Some(RECORD_OVERFLOW),
+        _ => None,
+    }
+}
+
+/// The records one write of `n` bytes may seal, at most.
+fn records_of(n: usize) -> u64 {
+    n.div_ceil(MAX_RECORD) as u64
 }
 
 impl KernelTlsStream {
@@ -444,28 +629,55 @@ impl KernelTlsStream {
         self.tcp
     }
 
+    /// Asked for when the connection must close gracefully (see [`KeyLimit`]).
+    pub fn key_limit(&self) -> Arc<KeyLimit> {
+        self.key_limit.0.clone()
+    }
+
     /// Reads the next record with `recvmsg`, which also reports its type.
-    fn control_record(&self) -> io::Result<Control> {
+    fn control_record(&mut self) -> io::Result<Control> {
         let fd = self.tcp.as_raw_fd();
+        let (tls13, warnings_left) = (self.tls13, &mut self.warnings_left);
         self.tcp.try_io(Interest::READABLE, || {
-            let mut data = [0u8; 512];
+            let mut data = [0u8; MAX_RECORD];
             let (n, record_type) = recv_record(fd, &mut data)?;
-            match (record_type, data.get(..n)) {
-                (_, Some([])) if record_type.is_none() => Ok(Control::CloseNotify), // EOF
-                (Some(APPLICATION_DATA), Some(bytes)) => Ok(Control::Data(bytes.to_vec())),
-                (Some(ALERT), Some([_, CLOSE_NOTIFY])) => Ok(Control::CloseNotify),
-                (Some(ALERT), Some(&[level, description])) => Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("TLS alert from the client: level {level}, description {description}"),
-                )),
-                (Some(HANDSHAKE), Some([KEY_UPDATE, ..])) => Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "the client sent a TLS KeyUpdate, which a kernel-TLS connection does not follow here: closing it (the client reconnects)",
-                )),
-                (Some(t), _) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected TLS record of type {t} after the handshake"))),
-                (None, _) => Err(io::Error::new(io::ErrorKind::InvalidData, "a kernel-TLS read failed without a record type")),
+            if n == 0 && record_type.is_none() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, TRUNCATED));
             }
+            Ok(decide(tls13, warnings_left, record_type, &data[..n]))
         })
+    }
+
+    /// Sends a fatal alert, once, as rustls does before failing; the
+    /// connection is failing anyway, so an error sending it is ignored (a
+    /// socket whose read failed may refuse one write with that error).
+    fn send_fatal_alert(&mut self, description: u8) {
+        if self.write_closed {
+            return;
+        }
+        self.write_closed = true;
+        let fd = self.tcp.as_raw_fd();
+        for _ in 0..2 {
+            if self.tcp.try_io(Interest::WRITABLE, || send_record(fd, ALERT, &[2, description])).is_ok() {
+                break;
+            }
+        }
+    }
+
+    /// Counts the records a write of `n` bytes sealed; asks for the
+    /// graceful close once past `close_at`.
+    fn sent(&mut self, n: usize) {
+        self.records_sent = self.records_sent.saturating_add(records_of(n));
+        if self.records_sent >= self.close_at {
+            self.key_limit.0.set(1);
+        }
+    }
+
+    /// How much of a write of `len` bytes may go out without the sending
+    /// key reaching its hard limit (0: none; the write fails).
+    fn writable(&self, len: usize) -> usize {
+        let left = self.hard_limit.saturating_sub(self.records_sent).saturating_sub(1); // a close_notify still fits
+        len.min(usize::try_from(left).unwrap_or(usize::MAX).saturating_mul(MAX_RECORD))
     }
 
     /// Sends a close_notify alert (once), through the kernel's record layer.
@@ -555,18 +767,54 @@ impl AsyncRead for KernelTlsStream {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
+            if this.read_stalled {
+                // After a KeyUpdate: nothing more can be opened; the
+                // connection is closing gracefully (see KeyLimit).
+                return Poll::Pending;
+            }
+            let filled = buf.filled().len();
             match ready!(Pin::new(&mut this.tcp).poll_read(cx, buf)) {
+                // The TCP stream ended without close_notify: truncation,
+                // an error as in rustls.
+                Ok(()) if buf.filled().len() == filled && buf.remaining() > 0 => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, TRUNCATED)));
+                }
+                Ok(()) => {
+                    this.warnings_left = WARNING_ALERTS_ALLOWED;
+                    return Poll::Ready(Ok(()));
+                }
                 // The next record is not application data.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => match this.control_record() {
                     Ok(Control::CloseNotify) => this.read_closed = true,
                     Ok(Control::Data(bytes)) => this.drained = bytes,
+                    Ok(Control::Ignore) => {}
+                    Ok(Control::KeyUpdate) => {
+                        tracing::info!("the client changed its TLS keys (KeyUpdate), which this kernel cannot follow: closing the connection gracefully");
+                        this.read_stalled = true;
+                        this.key_limit.0.set(1);
+                    }
+                    Ok(Control::Fatal { alert, kind, why }) => {
+                        if let Some(alert) = alert {
+                            this.send_fatal_alert(alert);
+                        }
+                        return Poll::Ready(Err(io::Error::new(kind, why)));
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Poll::Ready(Err(e)),
                 },
-                other => return Poll::Ready(other),
+                Err(e) => {
+                    if let Some(alert) = alert_for_read_error(&e) {
+                        this.send_fatal_alert(alert);
+                    }
+                    return Poll::Ready(Err(e));
+                }
             }
         }
     }
+}
+
+fn key_exhausted() -> io::Error {
+    io::Error::other("the TLS sending key reached its confidentiality limit and the kernel cannot rekey: no more records under it")
 }
 
 impl AsyncWrite for KernelTlsStream {
@@ -575,14 +823,28 @@ impl AsyncWrite for KernelTlsStream {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        Pin::new(&mut this.tcp).poll_write(cx, buf)
+        let len = this.writable(buf.len());
+        if len == 0 && !buf.is_empty() {
+            return Poll::Ready(Err(key_exhausted()));
+        }
+        let n = ready!(Pin::new(&mut this.tcp).poll_write(cx, &buf[..len]))?;
+        this.sent(n);
+        Poll::Ready(Ok(n))
     }
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.writable(total) < total {
+            // Near the hard limit: one buffer at a time, cut to what fits.
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        let n = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs))?;
+        this.sent(n);
+        Poll::Ready(Ok(n))
     }
     fn is_write_vectored(&self) -> bool {
         true
@@ -777,5 +1039,67 @@ mod tests {
                 assert!(why.contains("tcp_available_ulp") && why.contains("modprobe tls"), "{why}");
             }
         }
+    }
+
+    #[test]
+    fn control_records_are_decided_as_rustls_decides_them() {
+        use io::ErrorKind::*;
+        let fatal = |alert, kind, why: &str| Control::Fatal { alert, kind, why: why.into() };
+        let (tls12, tls13) = (false, true);
+        let mut left = WARNING_ALERTS_ALLOWED;
+        // close_notify, at either level, in either version: the end of the stream.
+        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[1, 0]), Control::CloseNotify);
+        assert_eq!(decide(tls12, &mut left, Some(ALERT), &[2, 0]), Control::CloseNotify);
+        assert_eq!(decide(tls13, &mut left, Some(APPLICATION_DATA), b"h2"), Control::Data(b"h2".to_vec()));
+        // TLS 1.2 warnings are ignored, four in a row; the fifth fails (no alert back).
+        for _ in 0..4 {
+            assert_eq!(decide(tls12, &mut left, Some(ALERT), &[1, 100]), Control::Ignore);
+        }
+        assert_eq!(
+            decide(tls12, &mut left, Some(ALERT), &[1, 100]),
+            fatal(None, InvalidData, "too many TLS warning alerts from the client in a row (more than 4)")
+        );
+        // Application data resets the count.
+        assert_eq!(decide(tls12, &mut left, Some(APPLICATION_DATA), b""), Control::Data(Vec::new()));
+        assert_eq!(decide(tls12, &mut left, Some(ALERT), &[1, 100]), Control::Ignore);
+        // TLS 1.3: warnings other than user_canceled are a decode_error.
+        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[1, USER_CANCELED]), Control::Ignore);
+        assert_eq!(
+            decide(tls13, &mut left, Some(ALERT), &[1, 100]),
+            fatal(Some(DECODE_ERROR), InvalidData, "TLS 1.3 forbids warning alerts; the client sent description 100")
+        );
+        // Fatal alerts end the connection without an answer.
+        assert_eq!(decide(tls12, &mut left, Some(ALERT), &[2, 40]), fatal(None, ConnectionAborted, "TLS alert from the client: fatal, description 40"));
+        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[3, 40]), fatal(Some(ILLEGAL_PARAMETER), InvalidData, "TLS alert of unknown level 3 from the client"));
+        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[1]), fatal(Some(DECODE_ERROR), InvalidData, "a TLS alert record of 1 bytes (2 expected)"));
+        // A KeyUpdate is a TLS 1.3 message; any other record is unexpected.
+        assert_eq!(decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]), Control::KeyUpdate);
+        assert_eq!(
+            decide(tls12, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]),
+            fatal(Some(UNEXPECTED_MESSAGE), InvalidData, "unexpected TLS record of type 22 after the handshake")
+        );
+        assert_eq!(
+            decide(tls13, &mut left, Some(20), &[1]),
+            fatal(Some(UNEXPECTED_MESSAGE), InvalidData, "unexpected TLS record of type 20 after the handshake")
+        );
+        // A record that does not authenticate gets bad_record_mac, one too long record_overflow.
+        assert_eq!(alert_for_read_error(&io::Error::from_raw_os_error(libc::EBADMSG)), Some(BAD_RECORD_MAC));
+        assert_eq!(alert_for_read_error(&io::Error::from_raw_os_error(libc::EMSGSIZE)), Some(RECORD_OVERFLOW));
+        assert_eq!(alert_for_read_error(&io::Error::from_raw_os_error(libc::ECONNRESET)), None);
+    }
+
+    #[test]
+    fn the_sending_key_closes_before_rustls_would_rekey_and_never_passes_its_limit() {
+        let suite = |s: rustls::SupportedCipherSuite| suite_limits(&s, None);
+        use rustls::crypto::ring::cipher_suite as cs;
+        // rustls's confidentiality limits; the close is asked for 1/16 early.
+        assert_eq!(suite(cs::TLS13_AES_128_GCM_SHA256), ((1 << 24) - (1 << 20), 1 << 24));
+        assert_eq!(suite(cs::TLS13_AES_256_GCM_SHA384), ((1 << 24) - (1 << 20), 1 << 24));
+        assert_eq!(suite(cs::TLS13_CHACHA20_POLY1305_SHA256), (u64::MAX - u64::MAX / 16, u64::MAX));
+        // The test hook only ever brings the close earlier.
+        assert_eq!(suite_limits(&cs::TLS13_AES_128_GCM_SHA256, Some(50)), (50, 1 << 24));
+        assert_eq!(suite_limits(&cs::TLS13_AES_128_GCM_SHA256, Some(1 << 40)), ((1 << 24) - (1 << 20), 1 << 24));
+        // Records a write may seal: one per started 16 KiB.
+        assert_eq!([records_of(0), records_of(1), records_of(16384), records_of(16385), records_of(2 << 20)], [0, 1, 1, 2, 128]);
     }
 }

@@ -327,6 +327,7 @@ impl Server {
                 tenancy: tenancy.clone(),
                 connection_window: settings.http2_connection_window_charge(),
                 kernel_tls,
+                kernel_tls_close_after_records: settings.tls.kernel_tls_close_after_records,
             };
             grpc_accept.spawn(accept_loop(listener, accepting));
         }
@@ -744,13 +745,16 @@ struct Accepting {
     /// Charged to the tenant's memory share for each connection's life.
     connection_window: u64,
     kernel_tls: Option<kernel_tls::Ciphers>,
+    /// Testing only: see `tls.kernel_tls_close_after_records`.
+    kernel_tls_close_after_records: Option<u64>,
 }
 
 /// Accepts TCP connections, runs each TLS handshake under a deadline on its
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, lanes, lingering, tenancy, connection_window, kernel_tls } = accepting;
+    let Accepting { tls_config, handshake_timeout, trust_domain, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
+        accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     let unserved = super::lanes::UnservedConnections::default();
     loop {
@@ -822,7 +826,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     };
                     let mut stream = match kernel_tls {
                         Some(ciphers) if kernel_tls::kernel_takes(stream.get_ref().1, &ciphers) => {
-                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream)).await {
+                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream, kernel_tls_close_after_records)).await {
                                 Ok(Ok(stream)) => ServerStream::Kernel(stream),
                                 Ok(Err(e)) => {
                                     metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
@@ -850,6 +854,18 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         return;
                     }
                     let handle = ConnectionHandle::new(peer, identity, certificates);
+                    if let ServerStream::Kernel(kernel) = &stream {
+                        // Near the sending key's limit, or after a client's
+                        // KeyUpdate: GOAWAY, calls in flight finish.
+                        let (key_limit, handle) = (kernel.key_limit(), Arc::downgrade(&handle));
+                        tokio::spawn(async move {
+                            if key_limit.reached().await
+                                && let Some(handle) = handle.upgrade()
+                            {
+                                handle.close_gracefully(CloseReason::KeyLimit, kernel_tls::KEY_LIMIT_GRACE);
+                            }
+                        });
+                    }
                     if let Some(slot) = unserved {
                         let handle = handle.clone();
                         tokio::spawn(async move {
