@@ -141,7 +141,8 @@ async fn connections_naming_an_unconfigured_tenant_are_charged_and_bounded() {
     for _ in 0..6 {
         strangers.push(h2_connect(&server, &pki, "stranger").await);
     }
-    let closed = until_metric(server.admin_addr, "imgsvc_connections_refused_total", &[("reason", "memory")], 1.0, Duration::from_secs(10)).await;
+    let closed =
+        until_metric(server.admin_addr, "imgsvc_connections_refused_total", &[("reason", "memory")], 1.0, Duration::from_secs(10)).await;
     assert_eq!(closed, Some(1.0), "the sixth connection closed for memory");
     let held_peak = sampler.stop();
     assert_eq!(held_peak, 5 * per_connection, "five connections charged to the unserved pool at once");
