@@ -334,9 +334,9 @@ fn conversion_bytes(color: ColorType, pixels: u64) -> u64 {
 pub const MIN_DECODER_WORKING_BYTES: u64 = 1 << 20;
 
 /// What decoding a file holds in memory besides the file, from its header
-/// alone ([`decode_cost`]). [`decode`] runs within it: the decoder under
-/// [`image::Limits::max_alloc`] of `decoded` + its working allowance, and
-/// each later step (orientation, conversion) one buffer at a time.
+/// alone ([`decode_cost`]): the decoded buffer, and after it each later
+/// step (orientation, conversion) one buffer at a time, exactly; the
+/// decoder's own working memory as an allowance (see `decoder_working`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeCost {
     /// The decoder's output buffer, in the file's own mode.
@@ -464,18 +464,15 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     // Header only: the decoder is built (it reads the header) under the
     // allocation limit, and the dimensions are checked before any pixel
     // buffer exists.
-    let (reader, failed, _) = header_reader(&data, encoding, limits);
-    let bytes = checked_size(&reader.into_decoder().map_err(failed)?, limits)?;
-    // The header again, under the allocation limit this decode is charged
-    // for: some decoders (PNG's) take their own limit when they read it.
-    let limits = DecodeLimits { max_alloc_bytes: limits.max_alloc_bytes.min(bytes + decoder_working(bytes)), ..limits };
     let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
     let mut decoder = reader.into_decoder().map_err(failed)?;
+    let bytes = checked_size(&decoder, limits)?;
     // As `ImageReader::decode` does: the output buffer counts against the
-    // allocation limit, the decoder gets what is left — its working
-    // allowance in [`DecodeCost`], no more, whatever the caller's limit —
-    // and the side limits make the decoder itself refuse anything larger
-    // than we checked.
+    // allocation limit, the decoder gets what is left; and the side limits
+    // make the decoder itself refuse anything larger than we checked. (Not
+    // the working allowance of [`DecodeCost`]: the TIFF decoder needs more
+    // than that under image::Limits for a 1 MB image, so the allowance is a
+    // charge, not a bound.)
     let side = u32::try_from(limits.max_pixels).unwrap_or(u32::MAX);
     let mut decode_limits = header_limits;
     decode_limits.max_image_width = Some(side);

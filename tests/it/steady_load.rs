@@ -19,8 +19,9 @@ const CONCURRENCY: usize = 16;
 /// machine; the warm-up a third of it.
 const PHASE: Duration = Duration::from_secs(6);
 /// Growth allowed over both measured phases: allocator and page
-/// granularity. Before the metrics upkeep, about 20 bytes a call.
-const FLAT: u64 = MIB;
+/// granularity (measured: 0–88 KiB). Before the metrics upkeep, about 20
+/// bytes a call: 800 KiB over the fewest calls the test accepts.
+const FLAT: u64 = 512 * 1024;
 
 /// Runs small calls for `time` (8×8 gray rotations by 0°: transport,
 /// admission, metrics); returns the calls served (every one must succeed).
@@ -76,9 +77,9 @@ async fn resident_memory_stays_flat_over_many_small_calls_with_nobody_scraping()
         growth(after_first, after_second) / 1024,
     );
     let calls = first + second;
-    assert!(calls >= 60_000, "too few calls to measure: {first} + {second} (is the machine overloaded?)");
+    assert!(calls >= 40_000, "too few calls to measure: {first} + {second} (is the machine overloaded?)");
     // Before the metrics upkeep: about 20 bytes a call, 2 MiB over 100 k
-    // calls. Measured since: +4 to +8 KiB over each phase.
+    // calls. Measured since: +0 to +88 KiB over each phase.
     assert!(
         after_second <= after_warm_up + FLAT,
         "RSS grew with the calls served: {} KiB after the warm-up, {} KiB after {first} calls, {} KiB after {second} more ({:.1} bytes a call)",
