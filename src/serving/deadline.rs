@@ -45,7 +45,6 @@ pub fn passed() -> bool {
     PASSED.try_with(|p| p.load(Ordering::Acquire)).unwrap_or(false)
 }
 
-
 /// The layer; see the module docs.
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlineLayer {
@@ -250,7 +249,10 @@ mod tests {
     #[test]
     fn the_answer_names_the_deadline_that_passed() {
         let client = Source::Client(Duration::from_millis(300)).status();
-        assert_eq!((client.code(), client.message()), (tonic::Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed"));
+        assert_eq!(
+            (client.code(), client.message()),
+            (tonic::Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed")
+        );
         let server = Source::Server(Duration::from_secs(300)).status();
         assert_eq!(
             (server.code(), server.message()),
