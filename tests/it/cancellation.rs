@@ -93,7 +93,8 @@ async fn cancels_queued_work() {
     // is later than its own timer (a busy machine) it reports CANCELLED.
     let seen = (status.code(), status.message());
     assert!(
-        seen == (Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed") || seen == (Code::Cancelled, "Timeout expired"),
+        seen == (Code::DeadlineExceeded, "the call's deadline (300 ms, grpc-timeout) has passed")
+            || seen == (Code::Cancelled, "Timeout expired"),
         "{seen:?}"
     );
     let cancelled = until_metric(admin, "imgsvc_cancelled_while_queued_total", &[tenant], 2.0, Duration::from_secs(10)).await;
