@@ -175,7 +175,8 @@ fn percentiles(sorted: &[Duration]) -> String {
         let _ = write!(table, "<td>{v:.2}</td>");
     }
     table.push_str("</tr></table>\n");
-    let ticks: Vec<(f64, String)> = POINTS.iter().enumerate().map(|(i, p)| ((i as f64 + 0.5) / POINTS.len() as f64, format!("p{p}"))).collect();
+    let ticks: Vec<(f64, String)> =
+        POINTS.iter().enumerate().map(|(i, p)| ((i as f64 + 0.5) / POINTS.len() as f64, format!("p{p}"))).collect();
     frame("percentile-chart", "percentile", "latency (ms)", &ticks, y_max, &plot) + &table
 }
 

@@ -83,14 +83,16 @@ fn aged_connections_move_a_pinned_client_to_a_new_server_without_a_failed_call()
         ("IMGSVC_SERVER__MAX_CONNECTION_AGE_SECS", AGE.as_secs().to_string()),
         ("IMGSVC_SERVER__MAX_CONNECTION_AGE_GRACE_SECS", GRACE.as_secs().to_string()),
     ];
-    let env = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> { ageing.iter().cloned().chain(extra.iter().cloned()).collect() };
+    let env =
+        |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> { ageing.iter().cloned().chain(extra.iter().cloned()).collect() };
     let first = ServerProcess::spawn_with(&pki, "", &as_refs(&env(&[])));
     // The second server's addresses are fixed now so haproxy knows them; it
     // starts later.
     let (port2, admin2) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
     let second_env = env(&[("IMGSVC_SERVER__PORT", port2.to_string()), ("IMGSVC_ADMIN__LISTEN", admin2.to_string())]);
     let dir = tempfile::tempdir().unwrap();
-    let (_haproxy, front) = start_haproxy(&haproxy, dir.path(), &[(first.addr, first.admin_addr), (SocketAddr::from(([127, 0, 0, 1], port2)), admin2)]);
+    let (_haproxy, front) =
+        start_haproxy(&haproxy, dir.path(), &[(first.addr, first.admin_addr), (SocketAddr::from(([127, 0, 0, 1], port2)), admin2)]);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let load = Duration::from_secs(7);
@@ -170,7 +172,11 @@ fn aged_connections_move_a_pinned_client_to_a_new_server_without_a_failed_call()
     let reached = first_on_second.unwrap_or_else(|| panic!("no call reached the second server:\n{table}"));
     // Max age (+10 % jitter) + grace, plus haproxy's check and a scrape.
     let bound = AGE.mul_f64(1.1) + GRACE + Duration::from_millis(1000);
-    assert!(reached <= started_second + bound, "calls reached the new server {:?} after it started, over {bound:?}\n{table}", reached - started_second);
+    assert!(
+        reached <= started_second + bound,
+        "calls reached the new server {:?} after it started, over {bound:?}\n{table}",
+        reached - started_second
+    );
     // In the last two seconds both servers serve (the client alternates
     // between them as its connections age: leastconn picks the other one).
     let last = samples.last().unwrap();

@@ -359,7 +359,8 @@ fn extra_queries() -> Vec<(String, String)> {
     let config: Yaml = serde_yaml::from_str(adapter["data"]["config.yaml"].as_str().unwrap()).unwrap();
     let mut out = Vec::new();
     for rule in config["rules"].as_sequence().unwrap() {
-        let query = rule["metricsQuery"].as_str().unwrap().replace("<<.LabelMatchers>>", "job=\"imgsvc\"").replace("<<.GroupBy>>", "instance");
+        let query =
+            rule["metricsQuery"].as_str().unwrap().replace("<<.LabelMatchers>>", "job=\"imgsvc\"").replace("<<.GroupBy>>", "instance");
         out.push((format!("prometheus-adapter {}", rule["name"]["as"].as_str().unwrap()), query));
     }
     let keda: Yaml = serde_yaml::from_str(&std::fs::read_to_string(dir.join("keda-scaledobject.yaml")).unwrap()).unwrap();
