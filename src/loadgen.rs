@@ -145,7 +145,11 @@ impl BenchReport {
             self.p90_ms,
             self.p99_ms,
             self.max_ms,
-            if self.retries > 0 { format!("\nretries:  {} (after refusals that asked for a retry later)", self.retries) } else { String::new() },
+            if self.retries > 0 {
+                format!("\nretries:  {} (after refusals that asked for a retry later)", self.retries)
+            } else {
+                String::new()
+            },
         )
     }
 }

@@ -224,7 +224,9 @@ impl Balancer {
 /// asks for one no longer than [`MAX_RETRY_DELAY`].
 pub fn pushed_back(error: &ClientError) -> Option<Duration> {
     match error {
-        ClientError::Status { code: tonic::Code::ResourceExhausted, retry_after: Some(delay), .. } if *delay <= MAX_RETRY_DELAY => Some(*delay),
+        ClientError::Status { code: tonic::Code::ResourceExhausted, retry_after: Some(delay), .. } if *delay <= MAX_RETRY_DELAY => {
+            Some(*delay)
+        }
         _ => None,
     }
 }

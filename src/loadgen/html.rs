@@ -175,7 +175,8 @@ fn percentiles(sorted: &[Duration]) -> String {
         let _ = write!(table, "<td>{v:.2}</td>");
     }
     table.push_str("</tr></table>\n");
-    let ticks: Vec<(f64, String)> = POINTS.iter().enumerate().map(|(i, p)| ((i as f64 + 0.5) / POINTS.len() as f64, format!("p{p}"))).collect();
+    let ticks: Vec<(f64, String)> =
+        POINTS.iter().enumerate().map(|(i, p)| ((i as f64 + 0.5) / POINTS.len() as f64, format!("p{p}"))).collect();
     frame("percentile-chart", "percentile", "latency (ms)", &ticks, y_max, &plot) + &table
 }
 
@@ -208,10 +209,10 @@ fn throughput(samples: &[Sample], elapsed: Duration) -> String {
     if failed.iter().any(|&c| c > 0) {
         plot.push_str(&line(&failed, "#d23c3c"));
     }
-    let _ = write!(
+    let _ = writeln!(
         plot,
         "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"#2e9e4f\"/><text x=\"{:.1}\" y=\"{:.1}\">OK</text>\
-         <rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"#d23c3c\"/><text x=\"{:.1}\" y=\"{:.1}\">failed</text>\n",
+         <rect x=\"{:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"#d23c3c\"/><text x=\"{:.1}\" y=\"{:.1}\">failed</text>",
         LEFT + w - 110.0,
         TOP + 4.0,
         LEFT + w - 96.0,

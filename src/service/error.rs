@@ -197,8 +197,8 @@ pub struct Quota {
 impl ServiceError {
     /// The limit this error is a refusal over, if it is one.
     pub fn quota(&self) -> Option<Quota> {
-        use TenancyError as T;
         use crate::tenancy::memory::MemoryError as M;
+        use TenancyError as T;
         let tenant = |t: &crate::identity::TenantId, id: &'static str, description: String, value: u64| Quota {
             subject: format!("tenant:{t}"),
             id,
@@ -219,13 +219,13 @@ impl ServiceError {
                 format!("max_concurrent_requests + max_queued_requests = {max_concurrent} + {max_queued}"),
                 u64::from(*max_concurrent) + u64::from(*max_queued),
             ),
-            ServiceError::Tenancy(T::ServerBusy { queued }) => server("max_queued_jobs", format!("limits.max_queued_jobs = {queued}"), *queued as u64),
+            ServiceError::Tenancy(T::ServerBusy { queued }) => {
+                server("max_queued_jobs", format!("limits.max_queued_jobs = {queued}"), *queued as u64)
+            }
             ServiceError::Tenancy(T::MemoryBudget { budget, .. }) => {
                 server("memory_budget_bytes", format!("tenancy.memory_budget_bytes = {budget}"), *budget)
             }
-            ServiceError::Tenancy(T::Memory(M::NeverFits { tenant: t, tenant_share, budget, .. }))
-                if tenant_share < budget =>
-            {
+            ServiceError::Tenancy(T::Memory(M::NeverFits { tenant: t, tenant_share, budget, .. })) if tenant_share < budget => {
                 tenant(t, "memory_bytes", format!("max_memory_bytes = {tenant_share}"), *tenant_share)
             }
             ServiceError::Tenancy(T::Memory(M::NeverFits { budget, .. })) => {

@@ -56,6 +56,8 @@ pub struct ConnectionServing {
     router: RouterService,
     http2: http2::Builder<TokioExecutor>,
     idle_timeout: Option<Duration>,
+    /// `server.max_connection_age_secs` and `_grace_secs` (see [`super::ageing`]).
+    max_age: (Option<Duration>, Duration),
     open: OpenConnections,
 }
 
@@ -72,7 +74,8 @@ impl ConnectionServing {
             // Overrides the two sizes above when set (hyper starts at 64 KiB).
             .adaptive_window(settings.http2_adaptive_window)
             .max_frame_size(settings.http2_max_frame_size);
-        Self { router, http2, idle_timeout: settings.idle_timeout, open }
+        let max_age = (settings.max_connection_age, settings.max_connection_age_grace);
+        Self { router, http2, idle_timeout: settings.idle_timeout, max_age, open }
     }
 
     /// Serves the connections received on `incoming` until its sender is
@@ -94,6 +97,7 @@ impl ConnectionServing {
     async fn serve<C: ServedConnection>(self, connection: C, shutdown: CancellationToken) {
         let handle = connection.handle().clone();
         let _listed = self.open.register(handle.clone());
+        let _age_timer = super::ageing::watch(&handle, self.max_age.0, self.max_age.1);
         let info = ConnectionInfo { identity: handle.identity.clone(), activity: handle.activity.clone() };
         let service = PerConnection { router: self.router, info };
         let conn = self.http2.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));

@@ -26,6 +26,7 @@
 //! of them import each other.
 
 pub mod admin;
+pub mod ageing;
 pub mod admission;
 pub mod allocator;
 pub mod certwatch;

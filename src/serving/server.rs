@@ -521,6 +521,8 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.http2_max_frame_size", old.http2_max_frame_size != new.http2_max_frame_size);
     check("server.worker_nice", old.worker_nice != new.worker_nice);
     check("server.idle_timeout_secs", old.idle_timeout != new.idle_timeout);
+    check("server.max_connection_age_secs", old.max_connection_age != new.max_connection_age);
+    check("server.max_connection_age_grace_secs", old.max_connection_age_grace != new.max_connection_age_grace);
     check("server.io_threads", old.io_threads != new.io_threads);
     check("server.max_io_lanes", old.max_io_lanes != new.max_io_lanes);
     check("tls.trust_domain", old.tls.trust_domain != new.tls.trust_domain);

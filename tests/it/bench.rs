@@ -160,7 +160,8 @@ fn bench_html_report_renders_its_charts_in_headless_chromium() {
     let luma: Vec<f64> = image.pixels().map(|p| 0.299 * f64::from(p[0]) + 0.587 * f64::from(p[1]) + 0.114 * f64::from(p[2])).collect();
     let mean = luma.iter().sum::<f64>() / pixels;
     let variance = luma.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / pixels;
-    let coloured = |r: u8, g: u8, b: u8| image.pixels().filter(|p| p[0].abs_diff(r) < 24 && p[1].abs_diff(g) < 24 && p[2].abs_diff(b) < 24).count();
+    let coloured =
+        |r: u8, g: u8, b: u8| image.pixels().filter(|p| p[0].abs_diff(r) < 24 && p[1].abs_diff(g) < 24 && p[2].abs_diff(b) < 24).count();
     assert!(variance > 100.0, "the screenshot is nearly uniform (luma variance {variance:.1})");
     assert!(coloured(0x3b, 0x7d, 0xd8) > 500, "the histogram's blue bars are not on the screenshot");
     assert!(coloured(0xe0, 0x7b, 0x39) > 500, "the percentiles' orange bars are not on the screenshot");

@@ -310,6 +310,10 @@ fn a_rate_limit_refusal_gives_grpcio_retry_info_equal_to_the_pushback_header_and
     assert_eq!(details["pushback_ms"], delay.to_string(), "RetryInfo and grpc-retry-pushback-ms agree: {details}");
     assert!(error["details"].as_str().unwrap().ends_with(&format!("retry in {delay} ms")), "{error}");
     let violation = &details["quota_violations"][0];
-    assert_eq!((violation["subject"].as_str(), violation["quota_id"].as_str()), (Some("tenant:alpha"), Some("requests_per_second")), "{details}");
+    assert_eq!(
+        (violation["subject"].as_str(), violation["quota_id"].as_str()),
+        (Some("tenant:alpha"), Some("requests_per_second")),
+        "{details}"
+    );
     assert_eq!(violation["quota_metric"], "imgsvc_tenant_limit", "{details}");
 }

@@ -38,6 +38,7 @@ mod batch;
 mod bench;
 mod cancellation;
 mod cert_rotation;
+mod connection_ageing;
 mod cli;
 mod compression;
 mod config;
