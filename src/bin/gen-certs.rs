@@ -145,7 +145,11 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     }
     if args.renew_crl {
         let number = pki::renew_crl(&args.out).map_err(|e| (1, e.into()))?;
-        println!("re-signed the CRLs in {} (CRL number {number}), valid {} days", pki::PkiPaths::new(&args.out).crl().display(), pki::CRL_DAYS);
+        println!(
+            "re-signed the CRLs in {} (CRL number {number}), valid {} days",
+            pki::PkiPaths::new(&args.out).crl().display(),
+            pki::CRL_DAYS
+        );
         return Ok(());
     }
     if args.force && args.tenants.is_empty() && args.server_names.is_empty() {

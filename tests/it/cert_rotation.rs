@@ -668,7 +668,11 @@ async fn h2_as(addr: SocketAddr, pki: &Pki, cert: &Path, key: &Path) -> h2::clie
 
 /// Health checks one after the other on one connection, every 10 ms, until
 /// the server stops taking new calls on it, `stop` says so, or 30 s pass.
-async fn keep_calling(send: h2::client::SendRequest<bytes::Bytes>, calls: Arc<Mutex<usize>>, mut stop: tokio::sync::watch::Receiver<bool>) -> CallLoop {
+async fn keep_calling(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    calls: Arc<Mutex<usize>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> CallLoop {
     use tonic_health::pb::HealthCheckRequest;
     let mut seen = CallLoop::default();
     let give_up = Instant::now() + Duration::from_secs(30);
