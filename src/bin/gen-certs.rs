@@ -209,7 +209,7 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
 /// Prints the index of `dir` with each certificate's state.
 fn list(dir: &std::path::Path) -> Result<(), pki::PkiError> {
     let rows = pki::list(dir)?;
-    println!("{:<40} {:<20} {:<23} {:<32} {}", "SERIAL", "TENANT", "NOT AFTER", "STATE", "FILE");
+    println!("{:<40} {:<20} {:<23} {:<32} FILE", "SERIAL", "TENANT", "NOT AFTER", "STATE");
     for (entry, state) in rows {
         let tenant = entry.tenant.as_ref().map_or("(server)", |t| t.as_str());
         let state = match state {
