@@ -374,9 +374,11 @@ impl IssuedCert {
     /// The certificate, DER.
     pub fn der(&self) -> Result<Vec<u8>, PkiError> {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
-        CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
-            .map(|d| d.to_vec())
-            .map_err(|e| PkiError::Parse { what: "certificate", path: "(just issued)".into(), reason: e.to_string() })
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map(|d| d.to_vec()).map_err(|e| PkiError::Parse {
+            what: "certificate",
+            path: "(just issued)".into(),
+            reason: e.to_string(),
+        })
     }
     /// Writes the certificate (0644) and the key (0600), each atomically.
     pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
@@ -499,7 +501,11 @@ pub struct IndexEntry {
 
 impl IndexEntry {
     fn of(der: &[u8], tenant: Option<TenantId>, file: &str, path: &Path) -> Result<Self, PkiError> {
-        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse { what: "certificate", path: path.into(), reason: e.to_string() })?;
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::Parse {
+            what: "certificate",
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         Ok(Self {
             serial: hex(cert.raw_serial()),
             issuer: cert.issuer().to_string(),
@@ -527,7 +533,8 @@ impl Index {
             return Self::from_files(paths);
         }
         let text = read_to_string(&path)?;
-        let bad = |line: usize, reason: &str| PkiError::Parse { what: "index", path: path.clone(), reason: format!("line {line}: {reason}") };
+        let bad =
+            |line: usize, reason: &str| PkiError::Parse { what: "index", path: path.clone(), reason: format!("line {line}: {reason}") };
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#') && !l.trim().is_empty()) {
             let fields: Vec<&str> = line.split('\t').collect();
@@ -556,7 +563,11 @@ impl Index {
                 continue;
             }
             let path = paths.dir.join(&name);
-            let der = crate::tls::read_certs("certificate", &path).map_err(|e| PkiError::Parse { what: "certificate", path: path.clone(), reason: e.to_string() })?;
+            let der = crate::tls::read_certs("certificate", &path).map_err(|e| PkiError::Parse {
+                what: "certificate",
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             entries.push(IndexEntry::of(&der[0], tenant, &name, &path)?);
         }
         Ok(Self { entries })
@@ -647,13 +658,19 @@ pub fn revoke_target(dir: &Path, target: &RevokeTarget) -> Result<RevokeReport, 
             // The current file too, should the index have missed it.
             let path = paths.client_cert(tenant);
             if path.exists() {
-                let der = crate::tls::read_certs("client certificate", &path)
-                    .map_err(|e| PkiError::Parse { what: "client certificate", path: path.clone(), reason: e.to_string() })?;
+                let der = crate::tls::read_certs("client certificate", &path).map_err(|e| PkiError::Parse {
+                    what: "client certificate",
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
                 index.record(IndexEntry::of(&der[0], Some(tenant.clone()), &format!("client-{tenant}.pem"), &path)?);
             }
             let mine: Vec<IndexEntry> = index.entries.iter().filter(|e| e.tenant.as_ref() == Some(tenant)).cloned().collect();
             if mine.is_empty() {
-                return Err(PkiError::NothingToRevoke { what: target.to_string(), looked: format!("{} and {}", paths.index().display(), path.display()) });
+                return Err(PkiError::NothingToRevoke {
+                    what: target.to_string(),
+                    looked: format!("{} and {}", paths.index().display(), path.display()),
+                });
             }
             mine
         }
@@ -669,8 +686,11 @@ pub fn revoke_target(dir: &Path, target: &RevokeTarget) -> Result<RevokeReport, 
             found
         }
         RevokeTarget::File(path) => {
-            let der = crate::tls::read_certs("certificate", path)
-                .map_err(|e| PkiError::Parse { what: "certificate", path: path.clone(), reason: e.to_string() })?;
+            let der = crate::tls::read_certs("certificate", path).map_err(|e| PkiError::Parse {
+                what: "certificate",
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let entry = IndexEntry::of(&der[0], None, &name, path)?;
             if !cas.iter().any(|ca| ca.subject() == entry.issuer) {
@@ -776,7 +796,11 @@ fn next_crl_number(paths: &PkiPaths, blocks: &[CrlBlock]) -> Result<u64, PkiErro
     let path = paths.crl_number();
     let counter = if path.exists() {
         let text = read_to_string(&path)?;
-        text.trim().parse::<u64>().map_err(|_| PkiError::Parse { what: "CRL number counter", path: path.clone(), reason: format!("{:?} is not a number", text.trim()) })?
+        text.trim().parse::<u64>().map_err(|_| PkiError::Parse {
+            what: "CRL number counter",
+            path: path.clone(),
+            reason: format!("{:?} is not a number", text.trim()),
+        })?
     } else {
         0
     };
@@ -785,7 +809,7 @@ fn next_crl_number(paths: &PkiPaths, blocks: &[CrlBlock]) -> Result<u64, PkiErro
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()

@@ -145,7 +145,11 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
     }
     if args.renew_crl {
         let number = pki::renew_crl(&args.out).map_err(|e| (1, e.into()))?;
-        println!("re-signed the CRLs in {} (CRL number {number}), valid {} days", pki::PkiPaths::new(&args.out).crl().display(), pki::CRL_DAYS);
+        println!(
+            "re-signed the CRLs in {} (CRL number {number}), valid {} days",
+            pki::PkiPaths::new(&args.out).crl().display(),
+            pki::CRL_DAYS
+        );
         return Ok(());
     }
     if args.force && args.tenants.is_empty() && args.server_names.is_empty() {
@@ -205,7 +209,7 @@ fn run(args: Args) -> Result<(), (u8, anyhow::Error)> {
 /// Prints the index of `dir` with each certificate's state.
 fn list(dir: &std::path::Path) -> Result<(), pki::PkiError> {
     let rows = pki::list(dir)?;
-    println!("{:<40} {:<20} {:<23} {:<32} {}", "SERIAL", "TENANT", "NOT AFTER", "STATE", "FILE");
+    println!("{:<40} {:<20} {:<23} {:<32} FILE", "SERIAL", "TENANT", "NOT AFTER", "STATE");
     for (entry, state) in rows {
         let tenant = entry.tenant.as_ref().map_or("(server)", |t| t.as_str());
         let state = match state {

@@ -26,7 +26,7 @@
 //! It does not verify anything itself: [`crate::tls::ServerTls::load`] does.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, Once},
     time::Duration,
@@ -38,9 +38,18 @@ use notify::{
     event::{AccessKind, AccessMode},
 };
 
+use rustls::{
+    CertificateError,
+    pki_types::{CertificateDer, UnixTime},
+    server::danger::ClientCertVerifier,
+};
+
 use crate::{
     config::TlsSettings,
-    serving::server::ReloadHandle,
+    serving::{
+        connection::{CloseReason, ConnectionHandle, OpenConnections},
+        server::ReloadHandle,
+    },
     tls::{CertificateValidity, ServerTls},
 };
 
@@ -82,14 +91,25 @@ pub fn count_reload(trigger: Trigger, ok: bool) {
 }
 
 /// The certificates a server has loaded: the expiry gauge, the expiry
-/// warnings, and whether new material differs from what is loaded.
-#[derive(Clone, Default)]
+/// warnings, whether new material differs from what is loaded, and the
+/// client certificate verifier in force (open connections are checked
+/// again with it after each reload).
+#[derive(Clone)]
 pub struct LoadedCertificates {
     inner: Arc<Mutex<Loaded>>,
+    /// Counts publications: changes after every load (start, reload).
+    published: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for LoadedCertificates {
+    fn default() -> Self {
+        Self { inner: Arc::default(), published: Arc::new(tokio::sync::watch::channel(0).0) }
+    }
 }
 
 #[derive(Default)]
 struct Loaded {
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
     fingerprint: Option<u64>,
     validity: Vec<CertificateValidity>,
     /// Gauge labels published so far (to blank those no longer loaded).
@@ -128,8 +148,21 @@ impl LoadedCertificates {
         loaded.labels.extend(earliest.keys().map(|l| l.to_string()));
         loaded.fingerprint = Some(tls.fingerprint);
         loaded.validity = tls.validity.clone();
+        loaded.verifier = Some(tls.verifier.clone());
         drop(loaded);
+        self.published.send_modify(|n| *n += 1);
         self.warn(warning_days);
+    }
+
+    /// The client certificate verifier of the material loaded last.
+    pub fn verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.lock().verifier.clone()
+    }
+
+    /// Changes after every [`LoadedCertificates::publish`]: once the
+    /// verifier of a reload is in place.
+    pub fn publications(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Logs a warning for each loaded certificate that expires within
@@ -228,7 +261,15 @@ pub fn spawn(reload: ReloadHandle) -> WatchGuard {
 
 async fn run(reload: ReloadHandle, changed: Arc<tokio::sync::Notify>, mut watch: Option<DirWatch>) {
     let mut reloaded = reload.tls_changes();
+    let mut published = reload.certificates().publications();
     let mut daily = tokio::time::interval_at(tokio::time::Instant::now() + WARN_EVERY, WARN_EVERY);
+    let mut expiry = tokio::time::interval(EXPIRY_CHECK_EVERY);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut not_after = HashMap::new();
+    // A handshake in progress during a reload finishes with the material
+    // before it: its connection is checked once more when every such
+    // handshake has finished or timed out.
+    let mut late_check: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let settings = reload.tls_settings();
         sync_watch(&mut watch, &settings, &changed);
@@ -258,7 +299,119 @@ async fn run(reload: ReloadHandle, changed: Arc<tokio::sync::Notify>, mut watch:
                 }
             }
             _ = daily.tick() => reload.certificates().warn(settings.expiry_warning_days),
+            changed = published.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                recheck_open_connections(&reload, &settings);
+                late_check = Some(Box::pin(tokio::time::sleep(settings.handshake_timeout)));
+            }
+            () = async { late_check.as_mut().expect("guarded").await }, if late_check.is_some() => {
+                late_check = None;
+                recheck_open_connections(&reload, &settings);
+            }
+            _ = expiry.tick() => {
+                close_expired(&reload.connections(), &mut not_after, unix_now(), settings.revoked_grace);
+            }
         }
+    }
+}
+
+/// How often the expiry of open connections' client certificates is checked.
+pub const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a client chain (leaf first) no longer verifies with `verifier` at
+/// `now`, if it does not: the same check as at the handshake (roots, CRLs,
+/// validity, usage). `None` for a chain that verifies, or an empty one (a
+/// connection without a certificate has no tenant: its calls are refused).
+pub fn recheck(
+    verifier: &dyn ClientCertVerifier,
+    certificates: &[CertificateDer<'static>],
+    now: UnixTime,
+) -> Option<(CloseReason, rustls::Error)> {
+    let (leaf, intermediates) = certificates.split_first()?;
+    let err = verifier.verify_client_cert(leaf, intermediates, now).err()?;
+    let reason = match &err {
+        rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => CloseReason::Expired,
+        _ => CloseReason::Revoked,
+    };
+    Some((reason, err))
+}
+
+/// Verifies every open connection's client chain again with `verifier`
+/// (the one new handshakes use, after a reload) and closes those that fail
+/// gracefully: GOAWAY now, `grace` for their calls. A chain shared by
+/// several connections is verified once. Returns how many it closed.
+pub fn close_unverified(connections: &OpenConnections, verifier: &dyn ClientCertVerifier, grace: Duration) -> usize {
+    let now = UnixTime::now();
+    let open = connections.list();
+    let mut verdicts: HashMap<&[CertificateDer<'static>], Option<(CloseReason, String)>> = HashMap::new();
+    let mut closed = 0;
+    for conn in open.iter().filter(|c| c.closing().is_none()) {
+        let verdict = verdicts
+            .entry(conn.certificates.as_slice())
+            .or_insert_with(|| recheck(verifier, &conn.certificates, now).map(|(reason, e)| (reason, e.to_string())));
+        if let Some((reason, error)) = verdict {
+            log_failed(conn, *reason, error);
+            conn.close_gracefully(*reason, grace);
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// The earliest notAfter of a chain (seconds since the epoch); `None` for
+/// an empty or unparsable one.
+fn chain_not_after(certificates: &[CertificateDer<'static>]) -> Option<i64> {
+    use x509_parser::prelude::FromDer;
+    certificates
+        .iter()
+        .map(|der| x509_parser::certificate::X509Certificate::from_der(der).ok().map(|(_, c)| c.validity().not_after.timestamp()))
+        .collect::<Option<Vec<i64>>>()?
+        .into_iter()
+        .min()
+}
+
+/// Closes the open connections whose client chain has passed its
+/// notAfter (as a handshake at `now` would refuse it). `not_after` caches
+/// each connection's earliest notAfter by id; ids no longer open are
+/// dropped from it.
+fn close_expired(connections: &OpenConnections, not_after: &mut HashMap<u64, Option<i64>>, now: i64, grace: Duration) -> usize {
+    let open = connections.list();
+    let ids: std::collections::HashSet<u64> = open.iter().map(|c| c.id).collect();
+    not_after.retain(|id, _| ids.contains(id));
+    let mut closed = 0;
+    for conn in &open {
+        let t = *not_after.entry(conn.id).or_insert_with(|| chain_not_after(&conn.certificates));
+        // webpki refuses a certificate once now > notAfter.
+        if t.is_some_and(|t| now > t) && conn.closing().is_none() {
+            let at = crate::tls::utc_text(t.unwrap_or_default());
+            log_failed(conn, CloseReason::Expired, &format!("a certificate of its chain expired at {at}"));
+            conn.close_gracefully(CloseReason::Expired, grace);
+            closed += 1;
+        }
+    }
+    closed
+}
+
+fn log_failed(conn: &ConnectionHandle, reason: CloseReason, error: &str) {
+    let tenant = conn.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+    tracing::warn!(
+        peer = %conn.peer,
+        %tenant,
+        reason = reason.label(),
+        error,
+        "the client certificate of an open connection no longer verifies: closing it"
+    );
+}
+
+/// After a reload: verifies every open connection's client certificate
+/// again with the verifier now in force, and closes those that fail.
+fn recheck_open_connections(reload: &ReloadHandle, settings: &TlsSettings) {
+    let Some(verifier) = reload.certificates().verifier() else { return };
+    let closed = close_unverified(&reload.connections(), verifier.as_ref(), settings.revoked_grace);
+    if closed > 0 {
+        tracing::warn!(closed, "TLS material reloaded: closing connections whose client certificates no longer verify");
     }
 }
 

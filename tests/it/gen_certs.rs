@@ -196,7 +196,9 @@ fn revoke_of_a_tenant_without_certificate_fails_naming_the_file() {
     let dir = pki.dir.path().display();
     assert_eq!(
         String::from_utf8_lossy(&result.stderr),
-        format!("gen-certs: error: nothing to revoke for every certificate of tenant ghost: not found in {dir}/index.tsv and {dir}/client-ghost.pem\n")
+        format!(
+            "gen-certs: error: nothing to revoke for every certificate of tenant ghost: not found in {dir}/index.tsv and {dir}/client-ghost.pem\n"
+        )
     );
     assert!(!pki.paths().crl().exists());
 }
@@ -262,8 +264,12 @@ fn reissuing_a_tenant_takes_force_and_keeps_the_old_serial_in_the_index() {
     assert_eq!(refused.status.code(), Some(1));
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        said.starts_with(&format!("gen-certs: error: {} already holds tenant c's certificate (serial {first_serial}, valid until ", cert.display()))
-            && said.ends_with(&format!("); pass --force to issue a new one (the old one stays valid until revoked: gen-certs --revoke-serial {first_serial})\n")),
+        said.starts_with(&format!(
+            "gen-certs: error: {} already holds tenant c's certificate (serial {first_serial}, valid until ",
+            cert.display()
+        )) && said.ends_with(&format!(
+            "); pass --force to issue a new one (the old one stays valid until revoked: gen-certs --revoke-serial {first_serial})\n"
+        )),
         "{said}"
     );
     assert_eq!(std::fs::read(&cert).unwrap(), first, "nothing overwritten");
@@ -333,7 +339,9 @@ fn revokes_by_serial_file_and_tenant_as_openssl_verify_sees_it() {
     assert_eq!(unknown.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&unknown.stderr),
-        format!("gen-certs: error: nothing to revoke for serial abcdef: not found in {out}/index.tsv (revoke a certificate it does not list by its file: --revoke-cert FILE)\n")
+        format!(
+            "gen-certs: error: nothing to revoke for serial abcdef: not found in {out}/index.tsv (revoke a certificate it does not list by its file: --revoke-cert FILE)\n"
+        )
     );
 }
 

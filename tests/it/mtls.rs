@@ -340,7 +340,10 @@ fn a_server_key_others_may_read_is_warned_about_or_refused() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert_eq!(
         load("warn").unwrap().warnings,
-        [format!("server key {}: mode 0644 lets every user of the machine read or write it; chmod 600 it, or 640 with the server's own group", key.display())]
+        [format!(
+            "server key {}: mode 0644 lets every user of the machine read or write it; chmod 600 it, or 640 with the server's own group",
+            key.display()
+        )]
     );
     let err = load("refuse").unwrap_err();
     assert_eq!(
