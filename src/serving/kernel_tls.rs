@@ -1032,7 +1032,12 @@ mod tests {
         // A registered `tls` ULP is listed; an unlisted one may still be a
         // module the kernel loads on first use, so only one way is certain.
         let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        // Where it is listed, every cipher must be taken: a crypto-info
+        // layout the kernel rejects fails here instead of falling back.
         match probe() {
+            Support::Available(ciphers) if listed.split_whitespace().any(|u| u == "tls") => {
+                assert_eq!(ciphers, Ciphers { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true })
+            }
             Support::Available(ciphers) => assert_ne!(ciphers, Ciphers::default()),
             Support::Unavailable(why) => {
                 assert!(!listed.split_whitespace().any(|u| u == "tls"), "tls is listed ({listed:?}) but the probe says: {why}");
