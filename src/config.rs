@@ -660,7 +660,8 @@ impl Settings {
                 watch_debounce: Duration::from_millis(raw.tls.watch_debounce_ms),
                 expiry_warning_days: raw.tls.expiry_warning_days,
                 kernel_tls,
-                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0).then_some(raw.tls.kernel_tls_close_after_records),
+                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0)
+                    .then_some(raw.tls.kernel_tls_close_after_records),
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,

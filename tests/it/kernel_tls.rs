@@ -294,10 +294,13 @@ fn check_config_probes_the_kernel_like_the_start() {
             .output()
             .unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        match (kernel().ok_or_else(|| match probe() {
-            Support::Unavailable(why) => why,
-            Support::Available(_) => unreachable!("kernel() is None only when the probe is unavailable"),
-        }), mode) {
+        match (
+            kernel().ok_or_else(|| match probe() {
+                Support::Unavailable(why) => why,
+                Support::Available(_) => unreachable!("kernel() is None only when the probe is unavailable"),
+            }),
+            mode,
+        ) {
             (Ok(ciphers), _) => {
                 assert!(out.status.success(), "{mode}: {stderr}");
                 assert!(
