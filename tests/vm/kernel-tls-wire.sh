@@ -18,13 +18,7 @@ cd "$(dirname "$0")/../.."
 t0=$(date +%s.%N)
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(date +%s.%N)"; }
 cargo build --locked --release --features imgsvc/otlp --bin imgsvc-server --bin gen-certs >&2
-bin=$(cargo test --locked --release --features imgsvc/otlp --test it --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "it" and m.get("executable"):
-        print(m["executable"])')
-[ -x "$bin" ] || { echo "kernel-tls-wire.sh: no integration-test binary from cargo" >&2; exit 1; }
+bin=$(tests/vm/it-binary.sh)
 echo "build: $(since "$t0") s" >&2
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 work=$(mktemp -d /tmp/ktls-wire.XXXXXX)
