@@ -21,7 +21,8 @@ cargo build --locked --release --features imgsvc/otlp --bin imgsvc-server --bin 
 bin=$(tests/vm/it-binary.sh)
 echo "build: $(since "$t0") s" >&2
 target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-work=$(mktemp -d /tmp/ktls-wire.XXXXXX)
+# Under the target directory: the guest sees the host's file system, not its /tmp.
+work=$(mktemp -d "$target/ktls-wire.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cat >"$work/run" <<INNER
 set -e
