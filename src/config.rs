@@ -696,7 +696,8 @@ impl Settings {
                 kernel_tls,
                 refuse_exposed_key,
                 revoked_grace: Duration::from_secs(raw.tls.revoked_grace_secs),
-                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0).then_some(raw.tls.kernel_tls_close_after_records),
+                kernel_tls_close_after_records: (raw.tls.kernel_tls_close_after_records > 0)
+                    .then_some(raw.tls.kernel_tls_close_after_records),
             },
             limits: Limits {
                 max_image_pixels: l.max_image_pixels,

@@ -35,9 +35,9 @@
 
 use std::{
     io,
-    sync::Arc,
     os::fd::{AsRawFd, RawFd},
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -572,7 +572,11 @@ fn decide(tls13: bool, warnings_left: &mut u8, record_type: Option<u8>, payload:
         (Some(ALERT), &[_, CLOSE_NOTIFY]) => Control::CloseNotify,
         (Some(ALERT), &[level @ (1 | 2), description]) => {
             if level == 2 {
-                return fatal(None, io::ErrorKind::ConnectionAborted, format!("TLS alert from the client: fatal, description {description}"));
+                return fatal(
+                    None,
+                    io::ErrorKind::ConnectionAborted,
+                    format!("TLS alert from the client: fatal, description {description}"),
+                );
             }
             if *warnings_left == 0 {
                 return fatal(
@@ -789,7 +793,9 @@ impl AsyncRead for KernelTlsStream {
                     Ok(Control::Data(bytes)) => this.drained = bytes,
                     Ok(Control::Ignore) => {}
                     Ok(Control::KeyUpdate) => {
-                        tracing::info!("the client changed its TLS keys (KeyUpdate), which this kernel cannot follow: closing the connection gracefully");
+                        tracing::info!(
+                            "the client changed its TLS keys (KeyUpdate), which this kernel cannot follow: closing the connection gracefully"
+                        );
                         this.read_stalled = true;
                         this.key_limit.0.set(1);
                     }
@@ -1032,7 +1038,12 @@ mod tests {
         // A registered `tls` ULP is listed; an unlisted one may still be a
         // module the kernel loads on first use, so only one way is certain.
         let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        // Where it is listed, every cipher must be taken: a crypto-info
+        // layout the kernel rejects fails here instead of falling back.
         match probe() {
+            Support::Available(ciphers) if listed.split_whitespace().any(|u| u == "tls") => {
+                assert_eq!(ciphers, Ciphers { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true })
+            }
             Support::Available(ciphers) => assert_ne!(ciphers, Ciphers::default()),
             Support::Unavailable(why) => {
                 assert!(!listed.split_whitespace().any(|u| u == "tls"), "tls is listed ({listed:?}) but the probe says: {why}");
@@ -1069,9 +1080,18 @@ mod tests {
             fatal(Some(DECODE_ERROR), InvalidData, "TLS 1.3 forbids warning alerts; the client sent description 100")
         );
         // Fatal alerts end the connection without an answer.
-        assert_eq!(decide(tls12, &mut left, Some(ALERT), &[2, 40]), fatal(None, ConnectionAborted, "TLS alert from the client: fatal, description 40"));
-        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[3, 40]), fatal(Some(ILLEGAL_PARAMETER), InvalidData, "TLS alert of unknown level 3 from the client"));
-        assert_eq!(decide(tls13, &mut left, Some(ALERT), &[1]), fatal(Some(DECODE_ERROR), InvalidData, "a TLS alert record of 1 bytes (2 expected)"));
+        assert_eq!(
+            decide(tls12, &mut left, Some(ALERT), &[2, 40]),
+            fatal(None, ConnectionAborted, "TLS alert from the client: fatal, description 40")
+        );
+        assert_eq!(
+            decide(tls13, &mut left, Some(ALERT), &[3, 40]),
+            fatal(Some(ILLEGAL_PARAMETER), InvalidData, "TLS alert of unknown level 3 from the client")
+        );
+        assert_eq!(
+            decide(tls13, &mut left, Some(ALERT), &[1]),
+            fatal(Some(DECODE_ERROR), InvalidData, "a TLS alert record of 1 bytes (2 expected)")
+        );
         // A KeyUpdate is a TLS 1.3 message; any other record is unexpected.
         assert_eq!(decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]), Control::KeyUpdate);
         assert_eq!(

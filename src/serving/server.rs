@@ -755,8 +755,17 @@ struct Accepting {
 /// own task, and hands finished handshakes to the server. Refused handshakes
 /// (no client certificate, wrong CA, expired…) are logged with the peer.
 async fn accept_loop(listener: TcpListener, accepting: Accepting) {
-    let Accepting { tls_config, handshake_timeout, trust_domain, lanes, lingering, tenancy, connection_window, kernel_tls, kernel_tls_close_after_records } =
-        accepting;
+    let Accepting {
+        tls_config,
+        handshake_timeout,
+        trust_domain,
+        lanes,
+        lingering,
+        tenancy,
+        connection_window,
+        kernel_tls,
+        kernel_tls_close_after_records,
+    } = accepting;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(1024));
     let unserved = super::lanes::UnservedConnections::default();
     loop {
@@ -828,7 +837,8 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     };
                     let mut stream = match kernel_tls {
                         Some(ciphers) if kernel_tls::kernel_takes(stream.get_ref().1, &ciphers) => {
-                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream, kernel_tls_close_after_records)).await {
+                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream, kernel_tls_close_after_records)).await
+                            {
                                 Ok(Ok(stream)) => ServerStream::Kernel(stream),
                                 Ok(Err(e)) => {
                                     metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);

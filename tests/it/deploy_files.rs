@@ -329,7 +329,7 @@ fn kubernetes_manifests_pass_schema_validation() {
     let out = tool.args(["--strict", "--kubernetes-version", "1.33.0"]).args(&files).output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{said}");
-    assert_eq!(said.matches(" passed for resource ").count(), 8, "{said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 9, "{said}");
 }
 
 /// The hours of a Go duration such as `2160h`.

@@ -1,9 +1,12 @@
 //! Kernel TLS (`tls.kernel_tls`): what the server does on the kernel at
 //! hand. Where the kernel has kernel TLS, `on` and `auto` move every
-//! connection's records into it, for TLS 1.3 and 1.2 and every cipher rustls
-//! offers, and large images come back exact; where it has not, `on` refuses
-//! to start saying why and `auto` serves through rustls. Which branch runs
-//! follows the same probe the server uses. `tests/vm/run.sh` runs this
+//! connection's records into it for the suites it takes safely (TLS 1.3,
+//! TLS 1.2 ChaCha20-Poly1305; TLS 1.2 AES-GCM stays in rustls), and large
+//! images come back exact; where it has not, `on` refuses to start saying
+//! why and `auto` serves through rustls. Which branch runs follows
+//! [`kernel`]: where the kernel lists the `tls` upper-layer protocol, the
+//! probe must take every cipher, or the test fails (a layout the kernel
+//! rejects must not pass as "no kernel TLS here"). `tests/vm/run.sh` runs this
 //! module (and the whole suite with `IMGSVC_TLS__KERNEL_TLS=on`) in a VM
 //! whose kernel has the `tls` module (docs/performance.md#kernel-tls).
 
@@ -17,11 +20,30 @@ use imgsvc::{
     imaging::{Layout, QuarterTurns, reference},
     proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient},
     serving::{
-        kernel_tls::{Support, probe},
+        kernel_tls::{Ciphers, Support, probe},
         server::{Server, ServerError},
     },
 };
 use rustls::{SupportedCipherSuite, crypto::ring::cipher_suite as suites};
+
+/// The ciphers the kernel takes, `None` where it has no kernel TLS. Where
+/// `/proc/sys/net/ipv4/tcp_available_ulp` lists `tls`, the probe must find
+/// all three ciphers: a refusal there is a failure, not a fallback.
+fn kernel() -> Option<Ciphers> {
+    let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let listed = listed.split_whitespace().any(|u| u == "tls");
+    match probe() {
+        Support::Available(ciphers) => {
+            let all = Ciphers { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true };
+            assert!(!listed || ciphers == all, "the kernel lists tls but took only {ciphers:?}");
+            Some(ciphers)
+        }
+        Support::Unavailable(why) => {
+            assert!(!listed, "the kernel lists the tls upper-layer protocol but the probe says: {why}");
+            None
+        }
+    }
+}
 
 fn image(w: i32, h: i32, seed: u32) -> NlImage {
     let data: Vec<u8> = (0..(w * h * 3) as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 11) as u8).collect();
@@ -93,15 +115,16 @@ fn connections(server: &TestServer, tenant: &str, record_layer: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_moves_every_version_and_cipher_into_the_kernel_or_refuses_to_start() {
     let pki = Pki::new(&["ktls-on"]);
-    match probe() {
-        Support::Available(ciphers) => {
+    match kernel() {
+        Some(ciphers) => {
             let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "on".into());
+            // TLS 1.2 AES-GCM stays in rustls (its explicit nonces).
             let offered = [
                 (suites::TLS13_AES_128_GCM_SHA256, ciphers.aes_128_gcm),
                 (suites::TLS13_AES_256_GCM_SHA384, ciphers.aes_256_gcm),
                 (suites::TLS13_CHACHA20_POLY1305_SHA256, ciphers.chacha20_poly1305),
-                (suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, ciphers.aes_128_gcm),
-                (suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, ciphers.aes_256_gcm),
+                (suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, false),
+                (suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, false),
                 (suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, ciphers.chacha20_poly1305),
             ];
             let (mut kernel, mut rustls) = (0.0, 0.0);
@@ -118,7 +141,8 @@ async fn on_moves_every_version_and_cipher_into_the_kernel_or_refuses_to_start()
             }
             assert!(kernel > 0.0, "the kernel took no cipher: {ciphers:?}");
         }
-        Support::Unavailable(why) => {
+        None => {
+            let Support::Unavailable(why) = probe() else { panic!("the probe changed its mind") };
             let mut raw = raw_config(&pki);
             raw.tls.kernel_tls = "on".into();
             let err = Server::new(Settings::validate(raw, "test config".into()).unwrap()).err().expect("on must refuse to start");
@@ -135,9 +159,9 @@ async fn auto_serves_exact_answers_through_whichever_record_layer_the_kernel_all
     let pki = Pki::new(&["ktls-auto"]);
     let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
     exact_answers(channel(&server, &pki, "ktls-auto").await).await;
-    let (expected, other) = match probe() {
-        Support::Available(_) => ("kernel", "rustls"),
-        Support::Unavailable(_) => ("rustls", "kernel"),
+    let (expected, other) = match kernel() {
+        Some(_) => ("kernel", "rustls"),
+        None => ("rustls", "kernel"),
     };
     assert_eq!(connections(&server, "ktls-auto", expected), 1.0);
     // The first connection is gone (its channel dropped); the next one is
@@ -147,31 +171,47 @@ async fn auto_serves_exact_answers_through_whichever_record_layer_the_kernel_all
     assert_eq!(connections(&server, "ktls-auto", other), 0.0);
 }
 
-/// Reads HTTP/2 frames until a PING acknowledgement (`Ok(true)`) or the end
-/// of the connection (`Ok(false)` or an error).
-async fn until_ping_ack(tls: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<bool> {
+/// How a raw HTTP/2 exchange ended.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    PingAck,
+    /// GOAWAY (its error code), then the end of the connection.
+    GoAway(u32),
+    End,
+}
+
+/// Reads HTTP/2 frames until a PING acknowledgement, a GOAWAY or the end of
+/// the connection.
+async fn until_ping_ack(tls: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Seen> {
     use tokio::io::AsyncReadExt;
     loop {
         let mut header = [0u8; 9];
         match tls.read_exact(&mut header).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Seen::End),
             Err(e) => return Err(e),
         }
         let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
         let mut payload = vec![0u8; len];
         tls.read_exact(&mut payload).await?;
-        if header[3] == 6 && header[4] & 1 == 1 {
-            return Ok(true);
+        match header[3] {
+            6 if header[4] & 1 == 1 => return Ok(Seen::PingAck),
+            7 => return Ok(Seen::GoAway(u32::from_be_bytes(payload[4..8].try_into().unwrap()))),
+            _ => {}
         }
     }
 }
 
+fn key_limit_closes(server: &TestServer) -> f64 {
+    metric(&scrape(server.admin_addr.unwrap()), "imgsvc_connections_closed_total", &[("reason", "key_limit")]).unwrap_or(0.0)
+}
+
 /// A TLS 1.3 client may rekey at any time (KeyUpdate). rustls follows it;
-/// kernel TLS here does not, so the server closes that connection rather
-/// than misread it — and keeps serving everyone else.
+/// a kernel that cannot take new keys cannot read the client's next
+/// records, so the server closes that connection gracefully (GOAWAY with
+/// NO_ERROR, `reason="key_limit"`) — and keeps serving everyone else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_connection() {
+async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_connection_gracefully() {
     use tokio::io::AsyncWriteExt;
     let pki = Pki::new(&["ktls-rekey"]);
     let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
@@ -182,18 +222,60 @@ async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_conne
     tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
     tls.write_all(&ping(1)).await.unwrap();
     tls.flush().await.unwrap();
-    assert!(until_ping_ack(&mut tls).await.unwrap(), "the first PING is answered");
+    assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "the first PING is answered");
 
     tls.get_mut().1.refresh_traffic_keys().unwrap(); // sends KeyUpdate
     tls.write_all(&ping(2)).await.unwrap();
     tls.flush().await.unwrap();
     let answered = tokio::time::timeout(std::time::Duration::from_secs(60), until_ping_ack(&mut tls)).await.expect("an answer or the end");
-    match probe() {
-        Support::Unavailable(_) => assert!(answered.unwrap(), "rustls follows the KeyUpdate and answers"),
-        Support::Available(_) => assert!(!matches!(answered, Ok(true)), "kernel TLS closes the connection: {answered:?}"),
+    match kernel() {
+        None => {
+            assert_eq!(answered.unwrap(), Seen::PingAck, "rustls follows the KeyUpdate and answers");
+            assert_eq!(key_limit_closes(&server), 0.0);
+        }
+        Some(_) => {
+            assert_eq!(answered.unwrap(), Seen::GoAway(0), "kernel TLS closes the connection gracefully");
+            assert_eq!(key_limit_closes(&server), 1.0);
+        }
     }
     // Everyone else is still served.
     exact_answers(channel(&server, &pki, "ktls-rekey").await).await;
+}
+
+/// The server's sending key: a kernel-TLS connection asks for its graceful
+/// close before the key reaches its limit; here the test hook
+/// (`tls.kernel_tls_close_after_records`) brings that to 20 records, so
+/// calls on one channel cross it again and again — and every call is
+/// answered, exactly (the client moves to a new connection on GOAWAY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sending_key_near_its_limit_closes_gracefully_and_every_call_is_answered() {
+    let pki = Pki::new(&["ktls-limit"]);
+    let server = TestServer::start_with(&pki, |raw| {
+        raw.tls.kernel_tls = "auto".into();
+        raw.tls.kernel_tls_close_after_records = 20;
+    });
+    let channel = channel(&server, &pki, "ktls-limit").await;
+    for i in 0..10u32 {
+        let mut client = NlImageServiceClient::new(channel.clone());
+        let img = image(200, 100, i); // 60 kB: four records or more each way
+        let rotated = client
+            .rotate_image(NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(img.clone()) })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e}"))
+            .into_inner();
+        assert!(rotated.data == reference::rotate(&img.data, Layout::new(200, 100, 3).unwrap(), QuarterTurns::One), "call {i}");
+    }
+    match kernel() {
+        None => {
+            assert_eq!(connections(&server, "ktls-limit", "rustls"), 1.0);
+            assert_eq!(key_limit_closes(&server), 0.0);
+        }
+        Some(_) => {
+            // 10 answers of 4+ records each, 20 records per connection.
+            let (opened, closed) = (connections(&server, "ktls-limit", "kernel"), key_limit_closes(&server));
+            assert!(opened >= 3.0 && closed >= opened - 1.0, "{opened} connections, {closed} closed for the key limit");
+        }
+    }
 }
 
 /// `--check-config` probes the kernel as the start does: "on" fails the
@@ -212,20 +294,26 @@ fn check_config_probes_the_kernel_like_the_start() {
             .output()
             .unwrap();
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        match (probe(), mode) {
-            (Support::Available(ciphers), _) => {
+        match (
+            kernel().ok_or_else(|| match probe() {
+                Support::Unavailable(why) => why,
+                Support::Available(_) => unreachable!("kernel() is None only when the probe is unavailable"),
+            }),
+            mode,
+        ) {
+            (Ok(ciphers), _) => {
                 assert!(out.status.success(), "{mode}: {stderr}");
                 assert!(
                     stdout.contains(&format!("kernel TLS: on ({ciphers}; {})", imgsvc::serving::kernel_tls::TLS12_GCM_IN_RUSTLS)),
                     "{mode}: {stdout}"
                 );
             }
-            (Support::Unavailable(why), "on") => {
+            (Err(why), "on") => {
                 assert_eq!(out.status.code(), Some(78), "{stdout}{stderr}");
                 assert!(stderr.contains("tls.kernel_tls is \"on\" but kernel TLS is unavailable") && stderr.contains(&why), "{stderr}");
                 assert_eq!(stderr.matches("kernel TLS is unavailable").count(), 1, "said once: {stderr}");
             }
-            (Support::Unavailable(why), _) => {
+            (Err(why), _) => {
                 assert!(out.status.success(), "{stderr}");
                 assert!(stdout.contains(&format!("kernel TLS: off: {why}")), "{stdout}");
             }

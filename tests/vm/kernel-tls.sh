@@ -12,13 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || modules=(legacy_api:: mtls:: connection_hygiene:: streaming::)
-bin=$(cargo test --locked --release --features imgsvc/otlp --test it --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "it" and m.get("executable"):
-        print(m["executable"])')
-[ -x "$bin" ] || { echo "kernel-tls.sh: no integration-test binary from cargo" >&2; exit 1; }
+bin=$(tests/vm/it-binary.sh)
 export NO_COLOR=1
 echo "== kernel_tls:: in the VM" >&2
 tests/vm/run.sh --timeout 900 -- "$bin" kernel_tls:: --test-threads 2
