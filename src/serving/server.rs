@@ -395,7 +395,11 @@ fn lane_server(
         .layer(TrackCallsLayer)
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
-        .layer(AdmissionLayer::new(tenancy.clone()).stream_window(settings.http2_stream_window_max()))
+        .layer(
+            AdmissionLayer::new(tenancy.clone())
+                .stream_window(settings.http2_stream_window_max())
+                .connection_charge(settings.http2_connection_window_charge()),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(legacy)
