@@ -152,11 +152,54 @@ pub struct CallMemory {
 pub struct AdmissionLayer {
     tenancy: Tenancy,
     stream_window: u64,
+    credits: Arc<ConnectionCredits>,
+}
+
+/// What each connection's own charge (its configured window and one
+/// frame, charged for its life at accept) covers of the bytes its calls
+/// held back for memory leave unread, by connection (peer address); an
+/// entry lives while some call of the connection is held back.
+#[derive(Debug, Default)]
+struct ConnectionCredits {
+    size: u64,
+    used: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, u64>>,
+}
+
+impl ConnectionCredits {
+    fn take(&self, peer: std::net::SocketAddr, n: u64) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let held = used.entry(peer).or_default();
+        if *held + n <= self.size {
+            *held += n;
+            return true;
+        }
+        if *held == 0 {
+            used.remove(&peer);
+        }
+        false
+    }
+
+    fn give_back(&self, peer: std::net::SocketAddr, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = used.get_mut(&peer) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                used.remove(&peer);
+            }
+        }
+    }
 }
 
 impl AdmissionLayer {
     pub fn new(tenancy: Tenancy) -> Self {
-        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT) }
+        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default() }
+    }
+
+    /// What each connection is charged for its life at accept: it covers
+    /// the unread bytes of its calls held back for memory up to that much.
+    pub fn connection_charge(mut self, bytes: u64) -> Self {
+        self.credits = Arc::new(ConnectionCredits { size: bytes, ..Default::default() });
+        self
     }
 
     /// The most request bytes HTTP/2 may buffer unread for one stream (its
@@ -171,7 +214,7 @@ impl AdmissionLayer {
 impl<S> tower::Layer<S> for AdmissionLayer {
     type Service = Admit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admit { inner, tenancy: self.tenancy.clone(), stream_window: self.stream_window }
+        Admit { inner, tenancy: self.tenancy.clone(), stream_window: self.stream_window, credits: self.credits.clone() }
     }
 }
 
@@ -180,6 +223,7 @@ pub struct Admit<S> {
     inner: S,
     tenancy: Tenancy,
     stream_window: u64,
+    credits: Arc<ConnectionCredits>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -211,6 +255,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tenancy = self.tenancy.clone();
         let stream_window = self.stream_window;
+        let credits = request
+            .extensions()
+            .get::<crate::identity::PeerIdentity>()
+            .and_then(|p| p.remote_addr)
+            .map(|peer| (self.credits.clone(), peer));
         Box::pin(async move {
             let (admission, slot) = match tenancy.admit_call(&tenant, method.operations()) {
                 Ok(admitted) => admitted,
@@ -228,6 +277,7 @@ where
             let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
             body.stream_window = stream_window;
             body.body_timeout = body_timeout;
+            body.credits = credits;
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
             let mut response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
             if let Some(spliced) = response.extensions_mut().remove::<SplicedAnswer>() {
@@ -291,6 +341,10 @@ pub struct ChargedRequest {
     body_timeout: Duration,
     /// Runs out `body_timeout` after the last frame, while inside a message.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection's credit for unread bytes, and its peer.
+    credits: Option<(Arc<ConnectionCredits>, std::net::SocketAddr)>,
+    /// Credit taken while held back, given back when the wait ends.
+    credit_taken: u64,
     /// No message charged yet: the call waits its turn behind the tenant's
     /// other calls; its later messages go ahead of calls not yet started.
     first: bool,
@@ -323,6 +377,8 @@ impl ChargedRequest {
             stream_window: u64::from(crate::config::HYPER_BDP_LIMIT),
             body_timeout: Duration::from_millis(crate::config::DEFAULT_BODY_TIMEOUT_MS),
             idle: None,
+            credits: None,
+            credit_taken: 0,
             first: true,
             failed: false,
         }
@@ -398,6 +454,14 @@ impl ChargedRequest {
         Ok(None)
     }
 
+    fn give_back_credit(&mut self) {
+        if let Some((credits, peer)) = &self.credits
+            && self.credit_taken > 0
+        {
+            credits.give_back(*peer, std::mem::take(&mut self.credit_taken));
+        }
+    }
+
     /// Whether a message has begun and not all of it has arrived.
     fn inside_message(&self) -> bool {
         match self.framing {
@@ -442,6 +506,7 @@ impl Body for ChargedRequest {
             if let Some(waiting) = this.waiting.as_mut() {
                 let result = ready!(waiting.as_mut().poll(cx));
                 this.waiting = None;
+                this.give_back_credit();
                 if let Err(error) = result {
                     this.failed = true;
                     return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
@@ -469,15 +534,28 @@ impl Body for ChargedRequest {
                             }
                             // Held back: its body stays unread in HTTP/2, at most
                             // one stream window, plus the rest of the frame in
-                            // hand. Those bytes are in memory whatever the budget
-                            // says, so they are charged now, fitting or not (the
-                            // gauges show them; they delay later charges), and
-                            // the rest waits. The connection's window has room
-                            // for every stream's window, so the other calls on
-                            // the connection keep flowing.
+                            // hand. Those bytes are covered, while it waits, by
+                            // its connection's own charge if that has room, or
+                            // else charged now (and the rest waits); when not
+                            // even they fit, the call is refused now (the budget
+                            // stays exact). The connection's window has room for
+                            // every stream's window, so the other calls on it
+                            // keep flowing.
                             let in_hand = (this.held.as_ref().map_or(0, Bytes::len) - this.scanned) as u64;
-                            let unread = in_hand.saturating_add(this.stream_window).min(charge);
-                            this.account.charge_held(unread);
+                            let mut unread = in_hand.saturating_add(this.stream_window).min(charge);
+                            if let Some((credits, peer)) = &this.credits
+                                && credits.take(*peer, unread)
+                            {
+                                this.credit_taken = unread;
+                                unread = 0;
+                            } else if let Err(error) = this.account.try_reserve(unread) {
+                                this.failed = true;
+                                memory::count_refusal(this.account.tenant(), "unread_window");
+                                return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
+                            }
+                            if unread == charge {
+                                continue;
+                            }
                             let account = this.account.clone();
                             let wait = this.memory_wait;
                             this.waiting = Some(Box::pin(async move {
@@ -530,6 +608,12 @@ impl Body for ChargedRequest {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for ChargedRequest {
+    fn drop(&mut self) {
+        self.give_back_credit();
     }
 }
 

@@ -26,8 +26,8 @@
 //! of them import each other.
 
 pub mod admin;
-pub mod ageing;
 pub mod admission;
+pub mod ageing;
 pub mod allocator;
 pub mod certwatch;
 pub mod connection;

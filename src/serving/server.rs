@@ -410,7 +410,11 @@ fn lane_server(
         .layer(super::deadline::DeadlineLayer::new(settings.max_deadline))
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
-        .layer(AdmissionLayer::new(tenancy.clone()).stream_window(settings.http2_stream_window_max()))
+        .layer(
+            AdmissionLayer::new(tenancy.clone())
+                .stream_window(settings.http2_stream_window_max())
+                .connection_charge(settings.http2_connection_window_charge()),
+        )
         .service(routes);
     let router = RouterService::new(tower::ServiceExt::map_response(router, |response| response.map(tonic::body::Body::new)));
     let serving = ConnectionServing::new(settings, router, connections);

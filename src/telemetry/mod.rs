@@ -4,9 +4,9 @@
 //! the `otlp` cargo feature, export of the request spans over OTLP/gRPC.
 
 pub mod metrics;
-pub mod tenant_limits;
 #[cfg(feature = "otlp")]
 mod otlp;
+pub mod tenant_limits;
 pub mod traceparent;
 
 use std::{

@@ -398,10 +398,6 @@ impl Budget {
         publish(&mut state, tenant, from);
         publish(&mut state, tenant, to);
     }
-
-    fn force_charge(&self, tenant: &TenantId, stage: Stage, n: u64) {
-        self.lock().charge(tenant, stage, n);
-    }
 }
 
 /// Updates the gauges of `stage` (overall and `tenant`'s). The handles are
@@ -489,16 +485,6 @@ impl Account {
         Ok(())
     }
 
-    /// Charges `n` bytes that are already in memory and cannot be refused
-    /// without refusing the call (a held-back request's unread window),
-    /// whether or not they fit: the gauges show them, and later charges
-    /// wait for them.
-    pub fn charge_held(&self, n: u64) {
-        let mut state = self.lock();
-        self.budget.force_charge(&self.tenant, state.stage, n);
-        state.held += n;
-    }
-
     /// Charges `n` more bytes for a call that already holds memory (its
     /// later messages, its images), waiting up to `max_wait` for memory
     /// to be released when they do not fit now: ahead of the charges of
@@ -517,6 +503,9 @@ impl Account {
     }
 
     async fn reserve_queued(&self, n: u64, max_wait: Duration, on_wait: impl FnOnce(), first: bool) -> Result<(), MemoryError> {
+        if n == 0 {
+            return Ok(());
+        }
         let started = Instant::now();
         let stage = self.stage();
         let waiter = match self.budget.charge_or_queue(&self.tenant, self.share, stage, n, first) {
@@ -612,7 +601,8 @@ impl Account {
         };
         let reason = match error {
             MemoryError::NeverFits { .. } => "never_fits",
-            MemoryError::Exhausted { .. } | MemoryError::BodyTimeout { .. } => "exhausted",
+            MemoryError::Exhausted { .. } => "exhausted",
+            MemoryError::BodyTimeout { .. } => "body_timeout",
         };
         if !waited.is_zero() || matches!(error, MemoryError::NeverFits { .. }) {
             metrics::counter!("imgsvc_memory_refusals_total", "tenant" => self.tenant.to_string(), "reason" => reason).increment(1);
@@ -862,17 +852,5 @@ mod tests {
         assert!(poll_once(new_wait.as_mut()).is_pending());
         running.release(1000);
         assert!(matches!(poll_once(new_wait.as_mut()), std::task::Poll::Ready(Ok(()))));
-    }
-
-    #[test]
-    fn bytes_already_held_are_charged_even_beyond_the_share() {
-        let budget = Budget::new(1000);
-        let a = budget.account(t("a"), 500, Stage::Receiving);
-        a.try_reserve(450).unwrap();
-        a.charge_held(100);
-        assert_eq!((a.held(), budget.tenant_held(&t("a")), budget.stage_held(Stage::Receiving, None)), (550, 550, 550));
-        assert!(matches!(a.try_reserve(1), Err(MemoryError::Exhausted { tenant_held: 550, .. })));
-        drop(a);
-        assert_eq!(budget.held(), 0);
     }
 }
