@@ -73,15 +73,7 @@ impl ConnectionServing {
             .initial_connection_window_size(settings.http2_connection_window_advertised())
             // Overrides the two sizes above when set (hyper starts at 64 KiB).
             .adaptive_window(settings.http2_adaptive_window)
-            .max_frame_size(settings.http2_max_frame_size)
-            // A connection on which the server had to reset this many
-            // streams (refusals at the headers reset the rest of the
-            // body) is sent GOAWAY ENHANCE_YOUR_CALM: hyper's guard against
-            // reset floods (RUSTSEC-2024-0003), which tonic's serving
-            // turned off. Its calls still in flight fail with
-            // RESOURCE_EXHAUSTED; a client that keeps being refused
-            // reconnects.
-            .max_local_error_reset_streams(MAX_LOCAL_RESETS);
+            .max_frame_size(settings.http2_max_frame_size);
         let max_age = (settings.max_connection_age, settings.max_connection_age_grace);
         Self { router, http2, idle_timeout: settings.idle_timeout, max_age, open }
     }
@@ -152,10 +144,6 @@ impl ConnectionServing {
         }
     }
 }
-
-/// Streams the server may reset on one connection before it sends GOAWAY
-/// ENHANCE_YOUR_CALM (hyper's default).
-const MAX_LOCAL_RESETS: usize = 1024;
 
 /// A grace the server's drain deadline, not the connection, bounds.
 const UNBOUNDED: Duration = Duration::from_secs(100 * 365 * 86_400);
