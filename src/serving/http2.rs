@@ -73,7 +73,15 @@ impl ConnectionServing {
             .initial_connection_window_size(settings.http2_connection_window_advertised())
             // Overrides the two sizes above when set (hyper starts at 64 KiB).
             .adaptive_window(settings.http2_adaptive_window)
-            .max_frame_size(settings.http2_max_frame_size);
+            .max_frame_size(settings.http2_max_frame_size)
+            // As tonic's serving had it: no cap on the streams the server
+            // resets on one connection. Refusals at the headers reset the
+            // rest of each refused body, and hyper's default cap (1024,
+            // against reset floods, RUSTSEC-2024-0003) would then end a
+            // busy tenant's connection with ENHANCE_YOUR_CALM, failing its
+            // admitted calls; admission already bounds what each stream
+            // can cost (slots, rate, memory).
+            .max_local_error_reset_streams(None);
         let max_age = (settings.max_connection_age, settings.max_connection_age_grace);
         Self { router, http2, idle_timeout: settings.idle_timeout, max_age, open }
     }
