@@ -232,10 +232,14 @@ pub fn pushed_back(error: &ClientError) -> Option<Duration> {
 }
 
 /// Failures another server may not have: the server is unreachable, going
-/// away, or the connection broke mid-call.
+/// away, or the connection broke mid-call. An `INTERNAL` that h2 made on
+/// the client's side ("h2 protocol error: …": the connection failed under
+/// the call, as when a server closes it right after its GOAWAY) is such a
+/// failure too; an `INTERNAL` a server answered is not.
 pub fn retryable(error: &ClientError) -> bool {
     match error {
         ClientError::Connect { .. } => true,
+        ClientError::Status { code: tonic::Code::Internal, message, .. } => message.starts_with("h2 protocol error"),
         ClientError::Status { code, .. } => {
             matches!(code, tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
         }
@@ -269,6 +273,14 @@ mod tests {
         assert!(retryable(&ClientError::Connect { address: "a".into(), explanation: "refused".into() }));
         assert!(retryable(&status(tonic::Code::Unavailable)));
         assert!(retryable(&status(tonic::Code::Unknown)));
+        let internal = |message: &str| ClientError::Status {
+            code: tonic::Code::Internal,
+            message: message.into(),
+            hint: String::new(),
+            retry_after: None,
+        };
+        assert!(retryable(&internal("h2 protocol error: http2 error")), "the connection broke under the call");
+        assert!(!retryable(&internal("the worker pool failed")), "a server's own INTERNAL answer");
         for code in
             [tonic::Code::InvalidArgument, tonic::Code::ResourceExhausted, tonic::Code::Unauthenticated, tonic::Code::DeadlineExceeded]
         {
