@@ -44,6 +44,9 @@ pub enum InvalidRequest {
     /// The encoded image or the requested output encoding is not usable.
     #[error(transparent)]
     Codec(CodecError),
+    /// A compressed request message its encoding cannot inflate.
+    #[error("the request message is compressed with {encoding} (grpc-encoding) but is not valid {encoding} data: {error}")]
+    Compressed { encoding: &'static str, error: String },
 }
 
 /// A ProcessStream request that breaks the stream protocol.
@@ -127,6 +130,7 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::Tenancy(
                 T::RateLimited { .. }
                 | T::RequestTooLarge { .. }
+                | T::InflatesTooLarge { .. }
                 | T::TenantBusy { .. }
                 | T::ServerBusy { .. }
                 | T::QueueShare { .. }
@@ -212,6 +216,9 @@ impl ServiceError {
             }
             ServiceError::Tenancy(T::RequestTooLarge { tenant: t, limit, .. }) => {
                 tenant(t, "request_bytes", format!("max_request_bytes = {limit}"), *limit)
+            }
+            ServiceError::Tenancy(T::InflatesTooLarge { tenant: t, limit, what, .. }) => {
+                tenant(t, "request_bytes", format!("{limit} bytes inflated ({what})"), *limit)
             }
             ServiceError::Tenancy(T::TenantBusy { tenant: t, max_concurrent, max_queued, .. }) => tenant(
                 t,

@@ -16,7 +16,11 @@
 //!    polled: HTTP/2 flow control holds the sender, other streams keep
 //!    flowing. After `tenancy.memory_wait_ms` the call is refused with
 //!    RESOURCE_EXHAUSTED and `grpc-retry-pushback-ms`; a message that can
-//!    never fit is refused at once.
+//!    never fit is refused at once. A compressed message (gzip, zstd) is
+//!    charged its bytes and the tenant's request limit, kept aside until
+//!    it has all come, inflated here within that limit ([`super::inflate`])
+//!    and handed on uncompressed, charged as an uncompressed message of its
+//!    size; tonic never inflates.
 //! 3. The handler finds the [`Admission`] and the account in the request's
 //!    extensions ([`CallMemory`]); it sizes the account to what each stage
 //!    holds (see `crate::service`).
@@ -43,10 +47,11 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use tonic::{Status, codegen::http};
 
+use super::inflate::{self, InflateError, RequestEncoding};
 use crate::{
     identity::Tenant,
     service::{LimitExceeded, ServiceError, legacy::SplicedAnswer},
@@ -275,6 +280,7 @@ where
             let body_timeout = policy.tenancy.body_timeout;
             let (mut parts, body) = request.into_parts();
             let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
+            body.encoding = RequestEncoding::of(&parts.headers);
             body.stream_window = stream_window;
             body.body_timeout = body_timeout;
             body.credits = credits;
@@ -308,6 +314,9 @@ enum Framing {
     Prefix { seen: usize, prefix: [u8; 5] },
     /// Inside a message: bytes still to come.
     Message { remaining: u64 },
+    /// Inside a compressed message the layer inflates itself: bytes still
+    /// to come, and those received (charged at its prefix).
+    Compressed { remaining: u64, received: BytesMut },
 }
 
 /// A request body whose messages are charged to the call's account before
@@ -330,8 +339,23 @@ pub struct ChargedRequest {
     complete: u64,
     /// Stream messages: the charge of the message being received.
     current: u64,
-    /// The inflation buffer of compressed messages is charged.
-    inflating: bool,
+    /// The request's `grpc-encoding`, when the layer inflates its
+    /// compressed messages (see [`super::inflate`]).
+    encoding: Option<RequestEncoding>,
+    /// What a compressed message being received is charged: its bytes
+    /// and its inflated size's limit.
+    compressed_charge: u64,
+    /// Pieces of the body ready to be handed on, in order: their memory is
+    /// charged.
+    ready: std::collections::VecDeque<Bytes>,
+    /// Where in `held` the bytes not yet handed on (nor kept aside as a
+    /// prefix or a compressed message) start.
+    pass_from: usize,
+    /// A message's prefix, handed on once its memory is charged.
+    pending_prefix: Option<[u8; 5]>,
+    /// An inflated message (prefix and bytes), handed on once its memory
+    /// is charged.
+    pending_message: Option<(Bytes, Bytes)>,
     /// `limits.max_message_bytes`: tonic refuses larger messages itself.
     max_message_bytes: u64,
     /// The most bytes HTTP/2 buffers unread for this stream.
@@ -372,7 +396,12 @@ impl ChargedRequest {
             waiting: None,
             complete: 0,
             current: 0,
-            inflating: false,
+            encoding: None,
+            compressed_charge: 0,
+            ready: std::collections::VecDeque::new(),
+            pass_from: 0,
+            pending_prefix: None,
+            pending_message: None,
             max_message_bytes,
             stream_window: u64::from(crate::config::HYPER_BDP_LIMIT),
             body_timeout: Duration::from_millis(crate::config::DEFAULT_BODY_TIMEOUT_MS),
@@ -384,25 +413,37 @@ impl ChargedRequest {
         }
     }
 
-    /// What a message of `len` bytes (after its prefix) is charged, and
-    /// what of that stays charged for the rest of the call.
-    fn charge_for(&mut self, compressed: bool, len: u64) -> (u64, u64) {
-        if compressed && !self.inflating {
-            // Its size once inflated is unknown until it is inflated: tonic
-            // inflates each message of a call into one buffer, of at most
-            // the tenant's request limit (checked once inflated). That
-            // buffer is charged once, for the call's lifetime; the handler
-            // then holds what the call needs.
-            self.inflating = true;
-            let buffer = self.admission.policy.max_request_bytes;
-            return (len.saturating_add(buffer), buffer);
+    /// The most a compressed message of this call may inflate to, and
+    /// the limit's name.
+    fn inflate_limit(&self) -> (u64, &'static str) {
+        match self.method {
+            ImageMethod::Other(_) => (self.max_message_bytes, "the limit for calls other than the image methods"),
+            _ => (self.admission.policy.max_request_bytes.min(self.max_message_bytes), "the tenant's max_request_bytes"),
         }
-        (len.saturating_mul(self.method.reserve_factor()), 0)
     }
 
-    /// Scans `held` from `scanned`: returns the charge a new message needs
-    /// before the frame can go on, or `None` when the whole frame may go.
+    /// What an uncompressed message of `len` bytes is charged when its
+    /// prefix arrives.
+    fn charge_for(&self, len: u64) -> u64 {
+        len.saturating_mul(self.method.reserve_factor())
+    }
+
+    /// Scans `held` from `scanned`, moving what may be handed on to
+    /// `ready`: returns the charge a message needs before scanning goes on
+    /// (its prefix, or its inflated bytes, are handed on once it is
+    /// charged), or `None` when the whole frame is scanned.
+    ///
+    /// A message's prefix is never handed on before its charge, nor split:
+    /// its bytes are kept aside until all five have come. A compressed
+    /// message (with a `grpc-encoding` the layer inflates) is kept aside
+    /// whole, inflated, and handed on uncompressed.
     fn scan(&mut self) -> Result<Option<u64>, Status> {
+        if let Some(prefix) = self.pending_prefix.take() {
+            self.ready.push_back(Bytes::copy_from_slice(&prefix));
+        }
+        if let Some((prefix, message)) = self.pending_message.take() {
+            self.ready.extend([prefix, message].into_iter().filter(|b| !b.is_empty()));
+        }
         // A cheap clone (a reference count), so `self` can be updated.
         let frame = self.held.clone().expect("scanning a held frame");
         let mut at = self.scanned;
@@ -417,41 +458,131 @@ impl ChargedRequest {
                         self.message_done();
                     }
                 }
+                Framing::Compressed { remaining, received } => {
+                    let take = (*remaining).min((frame.len() - at) as u64) as usize;
+                    received.extend_from_slice(&frame[at..at + take]);
+                    *remaining -= take as u64;
+                    at += take;
+                    self.pass_from = at;
+                    if *remaining == 0 {
+                        let received = std::mem::take(received).freeze();
+                        self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
+                        self.scanned = at;
+                        return self.inflated(received).map(Some);
+                    }
+                }
                 Framing::Prefix { seen, prefix } => {
+                    if *seen == 0 && at > self.pass_from {
+                        // The previous message's last bytes go on.
+                        self.ready.push_back(frame.slice(self.pass_from..at));
+                    }
                     let take = (5 - *seen).min(frame.len() - at);
                     prefix[*seen..*seen + take].copy_from_slice(&frame[at..at + take]);
                     *seen += take;
                     at += take;
+                    self.pass_from = at;
                     if *seen == 5 {
-                        let compressed = prefix[0] == 1;
-                        let len = u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]));
-                        self.framing = Framing::Message { remaining: len };
-                        if len == 0 {
-                            self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
-                        }
+                        let prefix = *prefix;
                         self.scanned = at;
-                        if let ImageMethod::Other(method) = self.method
-                            && len > self.max_message_bytes
-                        {
-                            let limit = self.max_message_bytes;
-                            return Err(Status::from(ServiceError::from(LimitExceeded::OtherMessage { method, len, limit })));
-                        }
-                        if len > self.max_message_bytes {
-                            // tonic refuses it from this prefix, before reading it.
-                            return Ok(Some(0));
-                        }
-                        self.admission.check_request_bytes(len).map_err(|e| Status::from(ServiceError::from(e)))?;
-                        let (charge, kept) = self.charge_for(compressed, len);
-                        if self.method.releases_each_message() {
-                            self.current = charge - kept;
-                        }
-                        return Ok(Some(charge));
+                        return self.prefix_done(prefix).map(Some);
                     }
                 }
             }
         }
-        self.scanned = at;
+        if at > self.pass_from {
+            self.ready.push_back(frame.slice(self.pass_from..at));
+        }
+        self.held = None;
+        self.scanned = 0;
+        self.pass_from = 0;
         Ok(None)
+    }
+
+    /// A message's prefix has come: checks its length and says what the
+    /// message is charged.
+    fn prefix_done(&mut self, prefix: [u8; 5]) -> Result<u64, Status> {
+        let compressed = prefix[0] == 1;
+        let len = u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]));
+        if let ImageMethod::Other(method) = self.method
+            && len > self.max_message_bytes
+        {
+            let limit = self.max_message_bytes;
+            return Err(Status::from(ServiceError::from(LimitExceeded::OtherMessage { method, len, limit })));
+        }
+        if compressed && self.encoding.is_some() {
+            self.admission.check_request_bytes(len).map_err(|e| Status::from(ServiceError::from(e)))?;
+            // Its bytes, and its inflated size at most: given back to what
+            // it needs once inflated.
+            let charge = len.saturating_add(self.inflate_limit().0);
+            self.compressed_charge = charge;
+            if self.method.releases_each_message() {
+                self.current = charge;
+            }
+            self.framing = Framing::Compressed { remaining: len, received: BytesMut::with_capacity(len as usize) };
+            if len == 0 {
+                // Nothing to wait for: inflated (or refused) now.
+                self.framing = Framing::Prefix { seen: 0, prefix: [0; 5] };
+                let extra = self.inflated(Bytes::new())?;
+                return Ok(charge + extra);
+            }
+            return Ok(charge);
+        }
+        self.pending_prefix = Some(prefix);
+        self.framing = if len == 0 { Framing::Prefix { seen: 0, prefix: [0; 5] } } else { Framing::Message { remaining: len } };
+        if len > self.max_message_bytes {
+            // tonic refuses it from this prefix, before reading it.
+            return Ok(0);
+        }
+        self.admission.check_request_bytes(len).map_err(|e| Status::from(ServiceError::from(e)))?;
+        let charge = self.charge_for(len);
+        if self.method.releases_each_message() {
+            self.current = charge;
+        }
+        Ok(charge)
+    }
+
+    /// A compressed message has all come: inflates it within its limit and
+    /// makes it the uncompressed message it is handed on as. Returns what
+    /// more it must be charged (its charge is adjusted to what the
+    /// uncompressed message is charged, plus one copy: tonic copies the
+    /// one buffer into its own before this one is dropped).
+    fn inflated(&mut self, received: Bytes) -> Result<u64, Status> {
+        let encoding = self.encoding.expect("only a call with an encoding inflates");
+        let (limit, what) = self.inflate_limit();
+        let data = match inflate::inflate(encoding, &received, limit) {
+            Ok(data) => Bytes::from(data),
+            Err(InflateError::TooLarge) => {
+                let tenant = self.account.tenant().clone();
+                let compressed = received.len() as u64;
+                return Err(Status::from(ServiceError::from(TenancyError::InflatesTooLarge {
+                    tenant,
+                    encoding: encoding.name(),
+                    compressed,
+                    limit,
+                    what,
+                })));
+            }
+            Err(InflateError::Corrupt(error)) => {
+                return Err(Status::from(ServiceError::from(crate::service::InvalidRequest::Compressed {
+                    encoding: encoding.name(),
+                    error,
+                })));
+            }
+        };
+        drop(received);
+        let len = data.len() as u64;
+        let charged = std::mem::take(&mut self.compressed_charge);
+        let target = len.saturating_mul(self.method.reserve_factor().max(2));
+        let extra = target.saturating_sub(charged);
+        self.account.release(charged.saturating_sub(target));
+        if self.method.releases_each_message() {
+            self.current = target;
+        }
+        let mut prefix = [0u8; 5];
+        prefix[1..].copy_from_slice(&(len as u32).to_be_bytes());
+        self.pending_message = Some((Bytes::copy_from_slice(&prefix), data));
+        self.message_done();
+        Ok(extra)
     }
 
     fn give_back_credit(&mut self) {
@@ -466,7 +597,7 @@ impl ChargedRequest {
     fn inside_message(&self) -> bool {
         match self.framing {
             Framing::Prefix { seen, .. } => seen > 0,
-            Framing::Message { remaining } => remaining > 0,
+            Framing::Message { remaining } | Framing::Compressed { remaining, .. } => remaining > 0,
         }
     }
 
@@ -480,6 +611,23 @@ impl ChargedRequest {
         metrics::counter!("imgsvc_body_timeouts_total", "tenant" => tenant.to_string()).increment(1);
         tracing::warn!(%tenant, method = self.method.name(), held, timeout_ms = self.body_timeout.as_millis() as u64, "request bytes stopped arriving: call refused, its memory released");
         Status::from(ServiceError::from(TenancyError::from(memory::MemoryError::BodyTimeout { tenant, timeout: self.body_timeout, held })))
+    }
+
+    /// The body ended inside a message: hands on the bytes of it kept
+    /// aside (a partial prefix, or a compressed message with its prefix),
+    /// unchanged.
+    fn hand_on_partial_message(&mut self) {
+        match std::mem::replace(&mut self.framing, Framing::Prefix { seen: 0, prefix: [0; 5] }) {
+            Framing::Prefix { seen, prefix } => self.ready.push_back(Bytes::copy_from_slice(&prefix[..seen])),
+            Framing::Compressed { remaining, received } => {
+                let declared = received.len() as u64 + remaining;
+                let mut prefix = [1u8; 5];
+                prefix[1..].copy_from_slice(&(declared as u32).to_be_bytes());
+                self.ready.push_back(Bytes::copy_from_slice(&prefix));
+                self.ready.push_back(received.freeze());
+            }
+            Framing::Message { .. } => {}
+        }
     }
 
     fn message_done(&mut self) {
@@ -498,11 +646,14 @@ impl Body for ChargedRequest {
         if this.failed {
             return Poll::Ready(None);
         }
-        if this.complete > 0 && this.waiting.is_none() && this.held.is_none() {
+        if this.complete > 0 && this.waiting.is_none() && this.held.is_none() && this.ready.is_empty() {
             // Every complete stream message has been decoded and consumed.
             this.account.release(std::mem::take(&mut this.complete));
         }
         loop {
+            if let Some(piece) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
             if let Some(waiting) = this.waiting.as_mut() {
                 let result = ready!(waiting.as_mut().poll(cx));
                 this.waiting = None;
@@ -570,11 +721,7 @@ impl Body for ChargedRequest {
                         }
                         continue;
                     }
-                    Ok(None) => {
-                        let frame = this.held.take().expect("scanned above");
-                        this.scanned = 0;
-                        return Poll::Ready(Some(Ok(Frame::data(frame))));
-                    }
+                    Ok(None) => continue,
                 }
             }
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
@@ -597,17 +744,25 @@ impl Body for ChargedRequest {
                     Ok(data) => this.held = Some(data),
                     Err(frame) => return Poll::Ready(Some(Ok(frame))),
                 },
+                None if this.inside_message() => {
+                    // The body ended inside a message: what was kept aside
+                    // goes on as it came, and tonic reports the truncation
+                    // as it would have.
+                    this.hand_on_partial_message();
+                    continue;
+                }
                 other => return Poll::Ready(other),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.held.is_none() && self.inner.is_end_stream()
+        self.held.is_none() && self.ready.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // Inflated messages are longer than what arrives.
+        if self.encoding.is_some() { SizeHint::default() } else { self.inner.size_hint() }
     }
 }
 

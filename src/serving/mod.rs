@@ -33,6 +33,7 @@ pub mod certwatch;
 pub mod connection;
 pub mod deadline;
 pub mod http2;
+pub mod inflate;
 pub mod kernel_tls;
 pub mod lanes;
 pub mod server;

@@ -67,6 +67,10 @@ pub enum TenancyError {
     RateLimited { tenant: TenantId, rate: f64, burst: u32, retry_after: Duration },
     #[error("request is {bytes} bytes, over tenant \"{tenant}\"'s limit of {limit} bytes")]
     RequestTooLarge { tenant: TenantId, bytes: u64, limit: u64 },
+    /// A compressed request message that inflates past its limit; `what`
+    /// names the limit.
+    #[error("request message of {compressed} bytes ({encoding}) inflates to more than {limit} bytes, {what}")]
+    InflatesTooLarge { tenant: TenantId, encoding: &'static str, compressed: u64, limit: u64, what: &'static str },
     #[error(
         "tenant \"{tenant}\" already has {admitted} requests running or queued, its limit (max_concurrent_requests {max_concurrent} + max_queued_requests {max_queued})"
     )]
@@ -93,7 +97,7 @@ impl TenancyError {
             Self::Disabled { .. } => "disabled",
             Self::OperationNotAllowed { .. } => "operation_not_allowed",
             Self::RateLimited { .. } => "rate_limited",
-            Self::RequestTooLarge { .. } => "request_too_large",
+            Self::RequestTooLarge { .. } | Self::InflatesTooLarge { .. } => "request_too_large",
             Self::TenantBusy { .. } => "tenant_busy",
             Self::QueueShare { .. } => "queue_share",
             Self::ServerBusy { .. } => "server_busy",

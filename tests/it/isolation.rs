@@ -9,7 +9,9 @@
 //!   number is bounded;
 //! - many calls on one connection, each waiting for memory with the first
 //!   frame of its body sent: what the server holds of those frames is in
-//!   its accounting.
+//!   its accounting;
+//! - gzip and zstd bombs: inflated no further than the tenant's request
+//!   limit, within what they were charged.
 //!
 //! The raw HTTP/2 client is [`crate::h2raw`].
 
@@ -291,4 +293,86 @@ async fn an_unread_process_answer_is_charged_for_every_copy_of_it() {
         connection.abort();
         assert_eq!(held_back_to_zero(server.admin_addr, Duration::from_secs(10)).await, 0.0, "every charge released");
     }
+}
+
+/// Compressed requests inflate no further than what they were charged
+/// (the tenant's `max_request_bytes`), whatever the server's message
+/// limit: before, tonic inflated each message up to
+/// `limits.max_message_bytes` (256 MiB here) outside the accounting
+/// (issue 24; measured: 20 gzip streams of 190 KB on one connection, each
+/// inflating to 187 MiB, `max_request_bytes` 1 MiB, a 128 MiB budget: RSS
+/// +215 MiB). Here 20 bombs of each encoding, each 64 MiB of zeros
+/// compressed to a few KiB, are refused with RESOURCE_EXHAUSTED naming the
+/// limit; RSS stays within the accounting; corrupt data is
+/// INVALID_ARGUMENT; a valid compressed call is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_bombs_inflate_no_further_than_the_tenants_request_limit() {
+    use imgsvc::proto::nlimage::NlImage;
+    use prost::Message;
+    use std::io::Write;
+    const BOMBS: usize = 20;
+    let gzip = |data: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    };
+    let zstd = |data: &[u8]| zstd::bulk::compress(data, 3).unwrap();
+    let zeros = vec![0u8; 64 << 20];
+    let bombs = [("gzip", gzip(&zeros)), ("zstd", zstd(&zeros))];
+    drop(zeros);
+    let image = NlImage { color: false, width: 64, height: 64, data: (0..64 * 64).map(|i| (i % 251) as u8).collect::<Vec<_>>().into() };
+    let valid = [("gzip", gzip(&image.encode_to_vec())), ("zstd", zstd(&image.encode_to_vec()))];
+
+    let pki = Pki::new(&["alpha"]);
+    let extra = "[tenancy]\nmemory_budget_bytes = 134217728\n\
+                 [tenant_defaults]\nmax_request_bytes = 1048576\nmax_concurrent_requests = 48\n";
+    let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let path = "/NLImageService/MeanFilter";
+    for ((encoding, bomb), (_, valid)) in bombs.iter().zip(&valid) {
+        let headers = [("grpc-encoding", *encoding)];
+        let (mut send, connection) = h2_connect(&server, &pki, "alpha").await;
+        assert!(bomb.len() < 100_000, "{encoding}: {} bytes", bomb.len());
+        // Warm-up: a valid compressed call is answered.
+        let (response, mut body) = start_call_with(&mut send, path, &headers).await;
+        body.send_data(grpc_frame(true, valid), true).unwrap();
+        let (status, answer) = grpc_answer(response).await;
+        assert_eq!(status.code(), Code::Ok, "{encoding}: {status:?}");
+        assert_eq!(NlImage::decode(&answer[5..]).unwrap().data.len(), 64 * 64, "{encoding}");
+        let idle = server.usage().rss;
+        reset_peak_rss(&server);
+        let sampler = HeldSampler::start(server.admin_addr);
+
+        let mut calls = Vec::new();
+        for _ in 0..BOMBS {
+            let (response, mut body) = start_call_with(&mut send, path, &headers).await;
+            send_what_fits(&mut body, grpc_frame(true, bomb), Duration::from_secs(10)).await;
+            let _ = body.send_data(bytes::Bytes::new(), true);
+            calls.push((response, body));
+        }
+        for (response, _body) in calls {
+            let (status, _) = grpc_answer(response).await;
+            assert_eq!(status.code(), Code::ResourceExhausted, "{encoding}: {status:?}");
+            let want = format!("({encoding}) inflates to more than 1048576 bytes, the tenant's max_request_bytes");
+            assert!(status.message().contains(&want), "{encoding}: {}", status.message());
+        }
+        let held_peak = sampler.stop();
+        // Each bomb may hold its compressed bytes and 1 MiB inflated; the
+        // overhead is the decoders' state and allocator slack.
+        assert_rss_within(&format!("{encoding} bombs"), &server, idle, held_peak, 16 * MIB);
+
+        // Corrupt data: the client's mistake, named.
+        let (response, mut body) = start_call_with(&mut send, path, &headers).await;
+        body.send_data(grpc_frame(true, b"these bytes are not compressed"), true).unwrap();
+        let (status, _) = grpc_answer(response).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{encoding}: {status:?}");
+        assert!(status.message().contains(&format!("not valid {encoding} data")), "{}", status.message());
+
+        // And the server still serves, on the same connection.
+        let (response, mut body) = start_call_with(&mut send, path, &headers).await;
+        body.send_data(grpc_frame(true, valid), true).unwrap();
+        assert_eq!(grpc_answer(response).await.0.code(), Code::Ok, "{encoding}: served after the bombs");
+        drop(send);
+        connection.abort();
+    }
+    assert_eq!(held_back_to_zero(server.admin_addr, Duration::from_secs(10)).await, 0.0, "every charge released");
 }
