@@ -22,12 +22,12 @@ use std::{
 
 use crate::common::*;
 use bytes::Bytes;
-use serde_json::json;
 use imgsvc::{
     client::{Api, Balancer, Op, RawImage},
     imaging::QuarterTurns,
     proto::v1::PixelFormat,
 };
+use serde_json::json;
 
 const TENANT: &str = "ageing";
 /// `server.max_connection_age_secs` and `_grace_secs` in this test.
