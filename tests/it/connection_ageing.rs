@@ -8,6 +8,10 @@
 //! fails. (A call the client dispatches to a connection at the moment it
 //! closes is cancelled by hyper before it is sent; the client retries such
 //! a call, and the test prints how many it retried.)
+//!
+//! The same holds for grpcio (gRPC C-core) with its default channel (no
+//! retry policy): one channel through haproxy to two servers, four threads
+//! calling for 6 s across several ageing cycles, and no call fails.
 
 use std::{
     net::SocketAddr,
@@ -23,6 +27,7 @@ use imgsvc::{
     imaging::QuarterTurns,
     proto::v1::PixelFormat,
 };
+use serde_json::json;
 
 const TENANT: &str = "ageing";
 /// `server.max_connection_age_secs` and `_grace_secs` in this test.
@@ -70,6 +75,26 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The ageing settings of this test as environment, with `extra`.
+fn ageing_env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    [
+        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_SECS", AGE.as_secs().to_string()),
+        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_GRACE_SECS", GRACE.as_secs().to_string()),
+    ]
+    .into_iter()
+    .chain(extra.iter().cloned())
+    .collect()
+}
+
+fn ensure_haproxy() -> std::path::PathBuf {
+    crate::haproxy::ensure_haproxy().expect("haproxy (Debian's package) is needed: apt-get install haproxy")
+}
+
+/// Connections closed at their maximum age, over all `admins`.
+fn aged_out(admins: &[SocketAddr]) -> f64 {
+    admins.iter().map(|a| metric(&scrape(*a), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0)).sum()
+}
+
 fn ok_calls(admin: SocketAddr) -> f64 {
     let labels = [("tenant", TENANT), ("method", "imgsvc.v1.ImageService/Process"), ("code", "OK")];
     metric(&scrape(admin), "imgsvc_requests_total", &labels).unwrap_or(0.0)
@@ -77,19 +102,13 @@ fn ok_calls(admin: SocketAddr) -> f64 {
 
 #[test]
 fn aged_connections_move_a_pinned_client_to_a_new_server_without_a_failed_call() {
-    let haproxy = crate::haproxy::ensure_haproxy().expect("haproxy (Debian's package) is needed: apt-get install haproxy");
+    let haproxy = ensure_haproxy();
     let pki = std::sync::Arc::new(Pki::new(&[TENANT]));
-    let ageing = [
-        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_SECS", AGE.as_secs().to_string()),
-        ("IMGSVC_SERVER__MAX_CONNECTION_AGE_GRACE_SECS", GRACE.as_secs().to_string()),
-    ];
-    let env =
-        |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> { ageing.iter().cloned().chain(extra.iter().cloned()).collect() };
-    let first = ServerProcess::spawn_with(&pki, "", &as_refs(&env(&[])));
+    let first = ServerProcess::spawn_with(&pki, "", &as_refs(&ageing_env(&[])));
     // The second server's addresses are fixed now so haproxy knows them; it
     // starts later.
     let (port2, admin2) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
-    let second_env = env(&[("IMGSVC_SERVER__PORT", port2.to_string()), ("IMGSVC_ADMIN__LISTEN", admin2.to_string())]);
+    let second_env = ageing_env(&[("IMGSVC_SERVER__PORT", port2.to_string()), ("IMGSVC_ADMIN__LISTEN", admin2.to_string())]);
     let dir = tempfile::tempdir().unwrap();
     let (_haproxy, front) =
         start_haproxy(&haproxy, dir.path(), &[(first.addr, first.admin_addr), (SocketAddr::from(([127, 0, 0, 1], port2)), admin2)]);
@@ -184,7 +203,41 @@ fn aged_connections_move_a_pinned_client_to_a_new_server_without_a_failed_call()
     let (a, b) = (last.1 - before.1, last.2 - before.2);
     assert!(a > 0.0 && b > 0.0, "both servers serve at the end: {a} and {b}\n{table}");
     // Several ageing cycles happened, each a graceful close.
-    let closed = metric(&scrape(first.admin_addr), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0)
-        + metric(&scrape(second.admin_addr), "imgsvc_connections_closed_total", &[("reason", "max_age")]).unwrap_or(0.0);
+    let closed = aged_out(&[first.admin_addr, second.admin_addr]);
     assert!(closed >= 3.0, "{closed} connections aged out\n{table}");
+}
+
+#[test]
+fn grpcio_loses_no_call_across_ageing_cycles_through_haproxy() {
+    use crate::interop_grpcio::{pattern, run_driver, v1_image, v1_operations};
+    let haproxy = ensure_haproxy();
+    let pki = Pki::new(&[TENANT]);
+    let env = ageing_env(&[]);
+    let servers: Vec<ServerProcess> = std::thread::scope(|s| {
+        let starting: Vec<_> = (0..2).map(|_| s.spawn(|| ServerProcess::spawn_with(&pki, "", &as_refs(&env)))).collect();
+        starting.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let admins: Vec<SocketAddr> = servers.iter().map(|s| s.admin_addr).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (_haproxy, front) = start_haproxy(&haproxy, dir.path(), &servers.iter().map(|s| (s.addr, s.admin_addr)).collect::<Vec<_>>());
+
+    // Non-square, every sample different from its neighbours: a wrong or
+    // truncated answer cannot pass for the right one.
+    let image = pattern(PixelFormat::Gray8, 48, 32);
+    let ops = [Op::Rotate(QuarterTurns::One)];
+    let load = json!({
+        "seconds": 6, "threads": 4, "rpc": "Process",
+        "request": { "image": v1_image(&image), "operations": v1_operations(&ops) },
+        "expect": { "image": v1_image(&expected(&image, &ops)) },
+    });
+    let report = run_driver(front, &pki, TENANT, json!({ "load": load }));
+    let (ok, failed) = (report["ok"].as_u64().unwrap(), report["failed"].as_u64().unwrap());
+    let served: Vec<f64> = admins.iter().map(|a| ok_calls(*a)).collect();
+    let closed = aged_out(&admins);
+    eprintln!("grpcio {}: {ok} calls OK, {failed} failed; OK per server {served:?}; {closed} connections aged out", report["grpcio"]);
+    assert_eq!(failed, 0, "no call fails across the ageing cycles: {}", report["failures"]);
+    assert!(ok > 100, "{ok}");
+    assert!(served.iter().all(|n| *n > 0.0), "both servers serve: {served:?}");
+    assert_eq!(served.iter().sum::<f64>(), ok as f64, "each call the servers answered reached grpcio once: {served:?}");
+    assert!(closed >= 3.0, "{closed} connections aged out");
 }

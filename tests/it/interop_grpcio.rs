@@ -11,6 +11,7 @@
 //! `tests/support/requirements-grpcio.txt`.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
@@ -45,18 +46,16 @@ fn python() -> &'static Path {
     })
 }
 
-/// Runs `calls` through grpcio against `server` as `tenant`: one result per
-/// call (`{"response": …}`, `{"responses": […]}` or `{"error": {"code", "details"}}`).
-fn grpcio(server: &ServerProcess, pki: &Pki, tenant: &str, calls: Vec<Value>) -> Vec<Value> {
+/// Runs `tests/support/grpcio_driver.py` with `job` (its `"calls"` or
+/// `"load"`) against `target` as `tenant` and returns the driver's report,
+/// whose grpcio version it checks.
+pub(crate) fn run_driver(target: SocketAddr, pki: &Pki, tenant: &str, mut job: Value) -> Value {
     use std::io::Write;
     let (ca, cert, key) = pki.client_files(tenant);
-    let job = json!({
-        "target": server.addr.to_string(),
-        "server_name": "localhost",
-        "ca": ca, "cert": cert, "key": key,
-        "proto_dir": concat!(env!("CARGO_MANIFEST_DIR"), "/proto"),
-        "calls": calls,
-    });
+    job["target"] = json!(target.to_string());
+    job["server_name"] = json!("localhost");
+    (job["ca"], job["cert"], job["key"]) = (json!(ca), json!(cert), json!(key));
+    job["proto_dir"] = json!(concat!(env!("CARGO_MANIFEST_DIR"), "/proto"));
     let mut child = Command::new(python())
         .arg(format!("{SUPPORT}/grpcio_driver.py"))
         .stdin(Stdio::piped())
@@ -67,10 +66,18 @@ fn grpcio(server: &ServerProcess, pki: &Pki, tenant: &str, calls: Vec<Value>) ->
     child.stdin.take().unwrap().write_all(job.to_string().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "grpcio_driver.py failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    let mut report: Value = serde_json::from_slice(&out.stdout).expect("the driver prints one JSON object");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the driver prints one JSON object");
     assert!(report["grpcio"].as_str().is_some_and(|v| v.starts_with("1.")), "grpcio version: {}", report["grpcio"]);
+    report
+}
+
+/// Runs `calls` through grpcio against `server` as `tenant`: one result per
+/// call (`{"response": …}`, `{"responses": […]}` or `{"error": {"code", "details"}}`).
+fn grpcio(server: &ServerProcess, pki: &Pki, tenant: &str, calls: Vec<Value>) -> Vec<Value> {
+    let count = calls.len();
+    let mut report = run_driver(server.addr, pki, tenant, json!({ "calls": calls }));
     let Value::Array(results) = report["results"].take() else { panic!("no results in {report}") };
-    assert_eq!(results.len(), job["calls"].as_array().unwrap().len(), "one result per call");
+    assert_eq!(results.len(), count, "one result per call");
     results
 }
 
@@ -116,7 +123,7 @@ fn from_nl_image(message: &Value) -> RawImage {
 }
 
 /// A v1 `Image` (raw pixels) in the proto3 JSON mapping.
-fn v1_image(image: &RawImage) -> Value {
+pub(crate) fn v1_image(image: &RawImage) -> Value {
     json!({ "format": image.format.as_str_name(), "width": image.width, "height": image.height, "data": base64_of(&image.data) })
 }
 
@@ -129,7 +136,7 @@ fn from_v1_image(message: &Value, data: Bytes) -> RawImage {
 
 /// v1 `Operation`s in the proto3 JSON mapping; rotations alternate between
 /// the two ways of saying them (`quarter_turns`, `angle`).
-fn v1_operations(ops: &[Op]) -> Value {
+pub(crate) fn v1_operations(ops: &[Op]) -> Value {
     let angle = |t: QuarterTurns| ["ANGLE_0", "ANGLE_90", "ANGLE_180", "ANGLE_270"][t.count() as usize];
     ops.iter()
         .enumerate()
@@ -147,7 +154,7 @@ fn photo(name: &str) -> RawImage {
 
 /// A deterministic image whose samples are all different from their
 /// neighbours, so a wrong rotation or filter cannot pass.
-fn pattern(format: PixelFormat, width: u32, height: u32) -> RawImage {
+pub(crate) fn pattern(format: PixelFormat, width: u32, height: u32) -> RawImage {
     let len = width as usize * height as usize * imgsvc::imagefile::bytes_per_pixel(format);
     let data: Vec<u8> = (0..len).map(|i| (i * 151 % 251) as u8).collect();
     RawImage { format, width, height, data: data.into() }

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Calls imgsvc with grpcio (gRPC C-core), for tests/it/interop_grpcio.rs.
+"""Calls imgsvc with grpcio (gRPC C-core), for tests/it/interop_grpcio.rs
+and tests/it/connection_ageing.rs.
 
 Reads one JSON job on stdin:
 
@@ -17,12 +18,29 @@ from `proto_dir`. Writes one JSON object on stdout: {"grpcio": version,
 "INVALID_ARGUMENT", "details": "..."}}; a call with "status_details": true
 adds the decoded google.rpc.Status details to its error (see status_details). Anything else (no server, bad
 certificates) ends the script with a traceback and a non-zero exit.
+
+A job with "load" instead of "calls" keeps one unary call going from each
+of several threads, all on the one channel, for a time (for
+tests/it/connection_ageing.rs):
+
+    "load": {"seconds": 6, "threads": 4, "rpc": "Process", "request": {...},
+             "expect": {...}}
+
+and writes {"grpcio": version, "ok": n, "failed": n, "failures": [{"code",
+"details"}, ...]}: every call that did not end in a response equal to
+"expect" (the response message in the proto3 JSON mapping) is a failure,
+with its status code and details, or the code "WRONG_ANSWER" and the start
+of what came back. The channel sets no retry policy (grpcio's default:
+C-core's transparent retries only), so what the client does on its own is
+what is measured. At most 100 failures are listed ("failed" counts all).
 """
 
 import importlib
 import json
 import sys
 import tempfile
+import threading
+import time
 
 import grpc
 from google.protobuf import json_format
@@ -31,6 +49,7 @@ from grpc_tools import protoc
 
 PROTOS = ["nlimage.proto", "imgsvc/v1/imgsvc.proto"]
 CALL_TIMEOUT_SECS = 30
+LISTED_FAILURES = 100
 
 
 def generate_stubs(proto_dir, out_dir):
@@ -68,6 +87,44 @@ def status_details(e):
     return out
 
 
+def load(spec, unary):
+    """Calls `spec["rpc"]` from `spec["threads"]` threads for `spec["seconds"]`;
+    counts the answers equal to `spec["expect"]` and lists the rest."""
+    method, request_type = unary[spec["rpc"]]
+    request = json_format.ParseDict(spec["request"], request_type())
+    expect = spec["expect"]
+    deadline = time.monotonic() + spec["seconds"]
+    lock = threading.Lock()
+    counts = {"ok": 0, "failed": 0}
+    failures = []
+
+    def fail(failure):
+        with lock:
+            counts["failed"] += 1
+            if len(failures) < LISTED_FAILURES:
+                failures.append(failure)
+
+    def caller():
+        while time.monotonic() < deadline:
+            try:
+                got = message_dict(method(request, timeout=CALL_TIMEOUT_SECS))
+            except grpc.RpcError as e:
+                fail({"code": e.code().name, "details": e.details()})
+                continue
+            if got == expect:
+                with lock:
+                    counts["ok"] += 1
+            else:
+                fail({"code": "WRONG_ANSWER", "details": json.dumps(got)[:200]})
+
+    threads = [threading.Thread(target=caller) for _ in range(spec["threads"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {**counts, "failures": failures}
+
+
 def main():
     job = json.load(sys.stdin)
     with tempfile.TemporaryDirectory(prefix="imgsvc-stubs-") as stubs:
@@ -91,6 +148,10 @@ def main():
                 "Process": (v1.Process, v1_pb2.ProcessRequest),
                 "HealthCheck": (health.Check, health_pb2.HealthCheckRequest),
             }
+            if "load" in job:
+                report = load(job["load"], unary)
+                json.dump({"grpcio": grpc.__version__, **report}, sys.stdout)
+                return
             results = []
             for call in job["calls"]:
                 try:
