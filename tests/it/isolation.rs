@@ -11,7 +11,9 @@
 //!   frame of its body sent: what the server holds of those frames is in
 //!   its accounting;
 //! - gzip and zstd bombs: inflated no further than the tenant's request
-//!   limit, within what they were charged.
+//!   limit, within what they were charged;
+//! - a flood of health checks declaring large messages: refused at their
+//!   prefixes.
 //!
 //! The raw HTTP/2 client is [`crate::h2raw`].
 
@@ -375,4 +377,56 @@ async fn compression_bombs_inflate_no_further_than_the_tenants_request_limit() {
         connection.abort();
     }
     assert_eq!(held_back_to_zero(server.admin_addr, Duration::from_secs(10)).await, 0.0, "every charge released");
+}
+
+/// The health flood of issue 24: one connection opening 60 streams to
+/// `grpc.health.v1.Health/Check`, each declaring a 4 MiB message and
+/// sending all but its last KiB, raised RSS by 249 MiB on a 128 MiB budget
+/// while every gauge read 0 (health passed admission uncharged). Now each
+/// is admitted like an image call (slots, rate) and refused at its prefix
+/// (over the 64 KiB limit of calls other than the image methods): RSS stays
+/// within the accounting and a health check is then answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_flood_is_refused_at_its_prefixes_within_the_accounting() {
+    const STREAMS: usize = 60;
+    let pki = Pki::new(&["alpha"]);
+    let extra = "[tenancy]\nmemory_budget_bytes = 134217728\n[tenant_defaults]\nmax_concurrent_requests = 64\n";
+    let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let (mut send, connection) = h2_connect(&server, &pki, "alpha").await;
+    let path = "/grpc.health.v1.Health/Check";
+    let (response, mut body) = start_call(&mut send, path).await;
+    body.send_data(grpc_frame(false, &[]), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0.code(), Code::Ok);
+    let idle = server.usage().rss;
+    reset_peak_rss(&server);
+    let sampler = HeldSampler::start(server.admin_addr);
+
+    let message = {
+        let mut message = grpc_prefix(false, 4 << 20).to_vec();
+        message.resize(5 + (4 << 20) - 1024, 1);
+        bytes::Bytes::from(message)
+    };
+    let mut calls = Vec::new();
+    for _ in 0..STREAMS {
+        let (response, mut body) = start_call(&mut send, path).await;
+        send_what_fits(&mut body, message.clone(), Duration::from_millis(200)).await;
+        calls.push((response, body));
+    }
+    for (response, _body) in calls {
+        let (status, _) = grpc_answer(response).await;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("message of 4194304 bytes to grpc.health.v1.Health/Check, over the limit of 65536 bytes"),
+            "{}",
+            status.message()
+        );
+    }
+    let held_peak = sampler.stop();
+    assert_rss_within("health flood", &server, idle, held_peak, 16 * MIB);
+
+    let (response, mut body) = start_call(&mut send, path).await;
+    body.send_data(grpc_frame(false, &[]), true).unwrap();
+    assert_eq!(grpc_answer(response).await.0.code(), Code::Ok, "a health check answered after the flood");
+    drop(send);
+    connection.abort();
 }
