@@ -167,6 +167,7 @@ pub struct RawTenantLimits {
     pub max_image_pixels: Option<u64>,
     pub max_request_bytes: Option<u64>,
     pub max_memory_bytes: Option<u64>,
+    pub max_connections: Option<u32>,
     pub allowed_operations: Option<Vec<String>>,
     pub weight: Option<u32>,
     pub enabled: Option<bool>,
@@ -761,6 +762,11 @@ fn resolve_trace_export(
 /// Built-in tenant limits, under `[tenant_defaults]`.
 const DEFAULT_MAX_CONCURRENT: u32 = 32;
 const DEFAULT_MAX_QUEUED: u32 = 128;
+/// Connections one tenant may have open at once. Below what the default
+/// memory share holds (85 connections with the default windows), so the
+/// count binds first; a gRPC channel is one connection and client pools
+/// use a handful (docs/tenancy.md#what-a-tenant-can-take).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
 
 /// The per-tenant limits against the server-wide ones: every enabled
 /// tenant's weighted part of `limits.max_queued_jobs` holds at least one
@@ -902,6 +908,13 @@ fn resolve_tenant(
         memory_budget,
         " (at most tenancy.memory_budget_bytes)",
     )?;
+    let max_connections = in_range(
+        "max_connections",
+        own.max_connections.or(defaults.max_connections).unwrap_or(DEFAULT_MAX_CONNECTIONS).into(),
+        1,
+        100_000,
+        "",
+    )? as u32;
     let weight = in_range("weight", own.weight.or(defaults.weight).unwrap_or(1).into(), 1, 1000, "")? as u32;
     let mut allowed_operations = match own.allowed_operations.as_ref().or(defaults.allowed_operations.as_ref()) {
         None => Operation::ALL.to_vec(),
@@ -925,6 +938,7 @@ fn resolve_tenant(
         max_image_pixels,
         max_request_bytes,
         max_memory_bytes,
+        max_connections,
         allowed_operations,
         weight,
     })
@@ -1128,7 +1142,7 @@ mod tests {
         let s = load(&toml, &[]).unwrap();
         let a = &s.tenancy.tenants[&TenantId::parse("team-a").unwrap()];
         assert_eq!((a.weight, a.rate, a.allowed_operations.as_slice()), (5, Some((10.0, 10)), &[Operation::Rotate][..]));
-        assert_eq!(a.max_concurrent_requests, DEFAULT_MAX_CONCURRENT);
+        assert_eq!((a.max_concurrent_requests, a.max_connections), (DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONNECTIONS));
         let b = &s.tenancy.tenants[&TenantId::parse("team-b").unwrap()];
         assert_eq!((b.enabled, b.weight, b.allowed_operations.len()), (false, 2, 2));
         assert_eq!(s.tenancy.unknown_tenants, UnknownTenants::Refuse);
@@ -1144,6 +1158,8 @@ mod tests {
                 "unknown operation \"blur\" (known: rotate, mean_filter)",
             ),
             ("[tenants.a]\nweight = 0", "tenants.a.weight", "0 is out of range 1..=1000"),
+            ("[tenants.a]\nmax_connections = 0", "tenants.a.max_connections", "0 is out of range 1..=100000"),
+            ("[tenant_defaults]\nmax_connections = 100001", "tenant_defaults.max_connections", "100001 is out of range 1..=100000"),
             (
                 "[tenants.a]\nrequests_per_second = 1e-21",
                 "tenants.a.requests_per_second",

@@ -134,6 +134,7 @@ impl From<ServiceError> for tonic::Status {
                 | T::TenantBusy { .. }
                 | T::ServerBusy { .. }
                 | T::QueueShare { .. }
+                | T::TooManyConnections { .. }
                 | T::MemoryBudget { .. }
                 | T::Memory(_)
                 | T::Worker(WorkerError::Busy { .. }),
@@ -226,6 +227,9 @@ impl ServiceError {
                 format!("max_concurrent_requests + max_queued_requests = {max_concurrent} + {max_queued}"),
                 u64::from(*max_concurrent) + u64::from(*max_queued),
             ),
+            ServiceError::Tenancy(T::TooManyConnections { tenant: t, limit, .. }) => {
+                tenant(t, "connections", format!("max_connections = {limit}"), u64::from(*limit))
+            }
             ServiceError::Tenancy(T::ServerBusy { queued }) => {
                 server("max_queued_jobs", format!("limits.max_queued_jobs = {queued}"), *queued as u64)
             }

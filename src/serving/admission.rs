@@ -265,7 +265,13 @@ where
             .get::<crate::identity::PeerIdentity>()
             .and_then(|p| p.remote_addr)
             .map(|peer| (self.credits.clone(), peer));
+        let over_connection_limit = request.extensions().get::<super::connection::ConnectionInfo>().and_then(|c| c.refused.clone());
         Box::pin(async move {
+            if let Some(refused) = over_connection_limit {
+                let error = refused.error();
+                metrics::counter!("imgsvc_refusals_total", "tenant" => tenant.to_string(), "reason" => error.reason()).increment(1);
+                return Ok(refusal(method, &tenant, error).await);
+            }
             let (admission, slot) = match tenancy.admit_call(&tenant, method.operations()) {
                 Ok(admitted) => admitted,
                 Err(error) => return Ok(refusal(method, &tenant, error).await),

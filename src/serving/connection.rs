@@ -33,7 +33,7 @@ use std::{
 use hyper::body::{Body, Frame, SizeHint};
 use tonic::codegen::http;
 
-use crate::identity::PeerIdentity;
+use crate::{identity::PeerIdentity, tenancy::OverConnectionLimit};
 
 /// Why a connection is being closed: the `reason` label of
 /// `imgsvc_connections_closed_total` and of the log line.
@@ -55,6 +55,8 @@ pub enum CloseReason {
     KeyLimit,
     /// Its certificate names a tenant this server does not serve.
     Unconfigured,
+    /// Its tenant had `max_connections` open at its handshake.
+    TenantConnections,
 }
 
 impl CloseReason {
@@ -67,12 +69,15 @@ impl CloseReason {
             Self::Expired => "expired",
             Self::KeyLimit => "key_limit",
             Self::Unconfigured => "unconfigured",
+            Self::TenantConnections => "tenant_connections",
         }
     }
 
-    /// Routine closes are logged at debug level, the others at info.
+    /// Routine closes are logged at debug level, the others at info. A
+    /// connection over its tenant's limit is routine here: its refusal is
+    /// logged, rate-limited, by [`crate::tenancy::Tenancy::admit_connection`].
     fn routine(self) -> bool {
-        matches!(self, Self::Shutdown | Self::Idle | Self::MaxAge)
+        matches!(self, Self::Shutdown | Self::Idle | Self::MaxAge | Self::TenantConnections)
     }
 }
 
@@ -95,12 +100,26 @@ pub struct ConnectionHandle {
     /// The client's certificate chain, leaf first (empty if it sent none).
     pub certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub opened: Instant,
+    /// Set when its tenant had `max_connections` open at its handshake:
+    /// every call on it is refused.
+    pub refused: Option<OverConnectionLimit>,
     pub(crate) activity: Arc<Activity>,
     closing: tokio::sync::watch::Sender<Option<Closing>>,
 }
 
 impl ConnectionHandle {
     pub fn new(peer: SocketAddr, identity: PeerIdentity, certificates: Vec<rustls::pki_types::CertificateDer<'static>>) -> Arc<Self> {
+        Self::refusing(peer, identity, certificates, None)
+    }
+
+    /// [`ConnectionHandle::new`], whose calls are all refused when `refused`
+    /// is set.
+    pub fn refusing(
+        peer: SocketAddr,
+        identity: PeerIdentity,
+        certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+        refused: Option<OverConnectionLimit>,
+    ) -> Arc<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Arc::new(Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -108,6 +127,7 @@ impl ConnectionHandle {
             identity,
             certificates,
             opened: Instant::now(),
+            refused,
             activity: Activity::new(),
             closing: tokio::sync::watch::channel(None).0,
         })
@@ -214,6 +234,9 @@ impl Drop for Registered {
 pub struct ConnectionInfo {
     pub identity: PeerIdentity,
     pub activity: Arc<Activity>,
+    /// The connection is over its tenant's `max_connections`: the admission
+    /// layer refuses each of its calls with this.
+    pub refused: Option<OverConnectionLimit>,
 }
 
 /// The calls a connection has open, and since when it has had none.

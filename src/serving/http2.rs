@@ -106,7 +106,7 @@ impl ConnectionServing {
         let handle = connection.handle().clone();
         let _listed = self.open.register(handle.clone());
         let _age_timer = super::ageing::watch(&handle, self.max_age.0, self.max_age.1);
-        let info = ConnectionInfo { identity: handle.identity.clone(), activity: handle.activity.clone() };
+        let info = ConnectionInfo { identity: handle.identity.clone(), activity: handle.activity.clone(), refused: handle.refused.clone() };
         let service = PerConnection { router: self.router, info };
         let conn = self.http2.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
         tokio::pin!(conn);

@@ -43,7 +43,7 @@ use crate::{
         worker::{WorkerError, WorkerPool},
     },
     telemetry::{self, metrics::HandshakeFailure},
-    tenancy::{RuntimePolicy, Tenancy},
+    tenancy::{ConnectionSlot, OverConnectionLimit, RuntimePolicy, Tenancy},
     tls::{ServerTls, TlsError},
 };
 
@@ -643,6 +643,8 @@ pub struct LingeringStream {
     lingering: TaskTracker,
     /// The connection's HTTP/2 window, charged while it lives.
     _window: Option<Arc<crate::tenancy::memory::Account>>,
+    /// One of its tenant's `max_connections`, while it lives.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl LingeringStream {
@@ -651,8 +653,9 @@ impl LingeringStream {
         handle: Arc<ConnectionHandle>,
         lingering: TaskTracker,
         window: Option<Arc<crate::tenancy::memory::Account>>,
+        slot: Option<ConnectionSlot>,
     ) -> Self {
-        Self { inner: Some(inner), handle, lingering, _window: window }
+        Self { inner: Some(inner), handle, lingering, _window: window, _slot: slot }
     }
 
     fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut ServerStream> {
@@ -802,11 +805,28 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
                     let identity = PeerIdentity::of(Some(peer), Some(certificates), &trust_domain);
                     let certificates: Vec<_> = certificates.iter().map(|c| c.clone().into_owned()).collect();
+                    // A served tenant's connection takes one of its
+                    // `max_connections`. Beyond them it is handled like a
+                    // peer that is not served (below), but its calls are
+                    // refused RESOURCE_EXHAUSTED naming the limit: a gRPC
+                    // client reports that status and message as they are
+                    // and does not retry it, where a GOAWAY at once would
+                    // reach it as UNAVAILABLE, retried on a new connection.
+                    let served = identity.tenant.as_ref().ok().filter(|t| tenancy.serves(t));
+                    let (tenant_slot, refused) = match served.map(|t| tenancy.admit_connection(t)) {
+                        Some(Ok(slot)) => (Some(slot), None),
+                        Some(Err(e)) => {
+                            metrics::counter!("imgsvc_connections_refused_total", "reason" => "tenant_connections").increment(1);
+                            (None, OverConnectionLimit::of(&e))
+                        }
+                        None => (None, None),
+                    };
+                    let served = served.filter(|_| refused.is_none());
                     // The request bytes HTTP/2 may buffer for this connection
                     // unread: charged to the tenant (no tenant served: to the
                     // unserved pool), or the connection is closed (its share
                     // is taken by its other connections and calls).
-                    let window = match tenancy.connection_account(identity.tenant.as_ref().ok(), connection_window) {
+                    let window = match tenancy.connection_account(served, connection_window) {
                         Ok(window) => Some(window),
                         Err(e) => {
                             metrics::counter!("imgsvc_connections_refused_total", "reason" => "memory").increment(1);
@@ -814,14 +834,15 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             return;
                         }
                     };
-                    // A peer whose calls are all refused (no tenant, or one
-                    // not configured) gets a place in a small allowance, the
-                    // shared lane and a short life (see `lanes::UNSERVED_ALLOWANCE`).
-                    let served = identity.tenant.as_ref().ok().filter(|t| tenancy.serves(t));
+                    // A peer whose calls are all refused (no tenant, one
+                    // not configured, or over its tenant's connections) gets
+                    // a place in a small allowance, the shared lane and a
+                    // short life (see `lanes::UNSERVED_ALLOWANCE`).
                     let unserved = match served {
                         Some(_) => None,
                         None => match unserved.admit() {
                             Some(slot) => Some(slot),
+                            None if refused.is_some() => return, // counted, and logged by `admit_connection`
                             None => {
                                 metrics::counter!("imgsvc_connections_refused_total", "reason" => "unserved").increment(1);
                                 tracing::warn!(%peer, "too many connections of peers that are not served: closing it");
@@ -869,7 +890,8 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         tracing::warn!(%peer, error = %e, "cannot move the connection to its I/O lane: dropping it");
                         return;
                     }
-                    let handle = ConnectionHandle::new(peer, identity, certificates);
+                    let close_reason = if refused.is_some() { CloseReason::TenantConnections } else { CloseReason::Unconfigured };
+                    let handle = ConnectionHandle::refusing(peer, identity, certificates, refused);
                     if let ServerStream::Kernel(kernel) = &stream {
                         // Near the sending key's limit, or after a client's
                         // KeyUpdate: GOAWAY, calls in flight finish.
@@ -886,12 +908,12 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         let handle = handle.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(super::lanes::UNSERVED_LIFETIME).await;
-                            handle.close_gracefully(CloseReason::Unconfigured, super::lanes::UNSERVED_GRACE);
+                            handle.close_gracefully(close_reason, super::lanes::UNSERVED_GRACE);
                             tokio::time::sleep(super::lanes::UNSERVED_GRACE).await;
                             drop(slot);
                         });
                     }
-                    let _ = lane.connections.send(LingeringStream::new(stream, handle, lingering, window)).await;
+                    let _ = lane.connections.send(LingeringStream::new(stream, handle, lingering, window, tenant_slot)).await;
                 }
                 Ok(Err(e)) => {
                     let reason = HandshakeFailure::classify(&e);

@@ -43,10 +43,12 @@ pub enum Limit {
     RequestBytes,
     /// `max_image_pixels`, per image.
     ImagePixels,
+    /// `max_connections`; usage `imgsvc_tenant_connections`.
+    Connections,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Calls,
         Limit::ConcurrentRequests,
         Limit::QueuedRequests,
@@ -55,6 +57,7 @@ impl Limit {
         Limit::Burst,
         Limit::RequestBytes,
         Limit::ImagePixels,
+        Limit::Connections,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Limit {
             Limit::Burst => "burst",
             Limit::RequestBytes => "request_bytes",
             Limit::ImagePixels => "image_pixels",
+            Limit::Connections => "connections",
         }
     }
 
@@ -81,6 +85,7 @@ impl Limit {
             Limit::Burst => f64::from(policy.rate?.1),
             Limit::RequestBytes => policy.max_request_bytes as f64,
             Limit::ImagePixels => policy.max_image_pixels as f64,
+            Limit::Connections => f64::from(policy.max_connections),
         })
     }
 }

@@ -79,6 +79,10 @@ pub enum TenancyError {
         "tenant \"{tenant}\" already has {open} calls open, its weighted part of the server's queue and workers: (limits.max_queued_jobs {max_queued_jobs} + {workers} workers) x weight {weight} / total weight {total_weight} = {part}"
     )]
     QueueShare { tenant: TenantId, open: u32, part: u32, weight: u32, total_weight: u64, max_queued_jobs: usize, workers: usize },
+    #[error(
+        "tenant \"{tenant}\" already had {open} connections open, its limit (max_connections {limit}): calls on this connection are refused and it is closed; use the connections open"
+    )]
+    TooManyConnections { tenant: TenantId, open: u32, limit: u32 },
     #[error("server queue is full: {queued} image jobs are waiting (limits.max_queued_jobs)")]
     ServerBusy { queued: usize },
     #[error("image needs {needed} bytes in flight, over the server's memory budget of {budget} bytes (tenancy.memory_budget_bytes)")]
@@ -100,6 +104,7 @@ impl TenancyError {
             Self::RequestTooLarge { .. } | Self::InflatesTooLarge { .. } => "request_too_large",
             Self::TenantBusy { .. } => "tenant_busy",
             Self::QueueShare { .. } => "queue_share",
+            Self::TooManyConnections { .. } => "tenant_connections",
             Self::ServerBusy { .. } => "server_busy",
             Self::MemoryBudget { .. } => "memory_budget",
             Self::Memory(MemoryError::NeverFits { .. }) => "memory_share",
@@ -207,6 +212,11 @@ struct State {
     /// Of those, calls of tenants without a `[tenants.<name>]` table
     /// (served with the defaults): they share one part of the queue.
     unconfigured_calls: u32,
+    /// Connections holding a [`ConnectionSlot`].
+    connections: HashMap<TenantId, u32>,
+    /// When a tenant's refused connections were last logged, and how many
+    /// were refused since.
+    connection_warnings: HashMap<TenantId, (Option<Instant>, u64)>,
     scheduler: FairScheduler<Pending>,
 }
 
@@ -252,6 +262,8 @@ impl Tenancy {
             waiting_memory: HashMap::new(),
             calls: HashMap::new(),
             unconfigured_calls: 0,
+            connections: HashMap::new(),
+            connection_warnings: HashMap::new(),
             scheduler: FairScheduler::default(),
         };
         Self { shared: Arc::new(Shared { state: Mutex::new(state), pool, worker_slots, budget }) }
@@ -283,6 +295,50 @@ impl Tenancy {
     /// I/O lane of its own and a short life.
     pub fn serves(&self, tenant: &TenantId) -> bool {
         self.policy().tenancy.policy(tenant).is_some()
+    }
+
+    /// One of `tenant`'s connections, from its handshake until it ends: at
+    /// most its `max_connections` at once (`imgsvc_tenant_connections`).
+    /// Beyond that, [`TenancyError::TooManyConnections`], logged at warn at
+    /// most once per [`CONNECTION_WARNING_INTERVAL`] per tenant. The limit in
+    /// force at the handshake decides: a reload that lowers it closes no
+    /// connection. For tenants that are served ([`Tenancy::serves`]).
+    pub fn admit_connection(&self, tenant: &TenantId) -> Result<ConnectionSlot, TenancyError> {
+        let mut state = lock(&self.shared.state);
+        let policy = state.policy.clone();
+        let Some(limit) = policy.tenancy.policy(tenant).map(|p| p.max_connections) else {
+            return Err(TenancyError::UnknownTenant { tenant: tenant.clone() });
+        };
+        let open = state.connections.entry(tenant.clone()).or_default();
+        if *open >= limit {
+            let open = *open;
+            if open == 0 {
+                state.connections.remove(tenant);
+            }
+            let now = Instant::now();
+            let (last, refused) = state.connection_warnings.entry(tenant.clone()).or_insert((None, 0));
+            *refused += 1;
+            if last.is_none_or(|last| now.duration_since(last) >= CONNECTION_WARNING_INTERVAL) {
+                let refused = std::mem::take(refused);
+                *last = Some(now);
+                drop(state);
+                tracing::warn!(
+                    %tenant,
+                    limit,
+                    refused,
+                    "tenant has max_connections connections open: its new connections are refused (their calls get RESOURCE_EXHAUSTED, then they are closed); logged at most once a minute per tenant, `refused` counts since the last"
+                );
+            }
+            return Err(TenancyError::TooManyConnections { tenant: tenant.clone(), open, limit });
+        }
+        *open += 1;
+        metrics::gauge!("imgsvc_tenant_connections", "tenant" => tenant.to_string()).set(f64::from(*open));
+        Ok(ConnectionSlot { shared: self.shared.clone(), tenant: tenant.clone() })
+    }
+
+    /// How many of `tenant`'s connections hold a [`ConnectionSlot`] now.
+    pub fn connections(&self, tenant: &TenantId) -> u32 {
+        lock(&self.shared.state).connections.get(tenant).copied().unwrap_or(0)
     }
 
     /// A new, empty memory account for one call of an admitted tenant.
@@ -762,6 +818,59 @@ impl Drop for CallSlot {
         if self.unconfigured {
             state.unconfigured_calls -= 1;
         }
+    }
+}
+
+/// How often a tenant's refused connections are logged, at most.
+pub const CONNECTION_WARNING_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One of a tenant's connections ([`Tenancy::admit_connection`]), from its
+/// handshake until it ends. Released on drop.
+pub struct ConnectionSlot {
+    shared: Arc<Shared>,
+    tenant: TenantId,
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionSlot").field("tenant", &self.tenant).finish()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut state = lock(&self.shared.state);
+        if let Some(n) = state.connections.get_mut(&self.tenant) {
+            *n -= 1;
+            metrics::gauge!("imgsvc_tenant_connections", "tenant" => self.tenant.to_string()).set(f64::from(*n));
+            if *n == 0 {
+                state.connections.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// A connection over its tenant's `max_connections` at its handshake
+/// ([`TenancyError::TooManyConnections`]): every call on it is refused with
+/// that error until it is closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverConnectionLimit {
+    pub tenant: TenantId,
+    pub open: u32,
+    pub limit: u32,
+}
+
+impl OverConnectionLimit {
+    /// The refusal, from the error [`Tenancy::admit_connection`] returned.
+    pub fn of(error: &TenancyError) -> Option<Self> {
+        match error {
+            TenancyError::TooManyConnections { tenant, open, limit } => Some(Self { tenant: tenant.clone(), open: *open, limit: *limit }),
+            _ => None,
+        }
+    }
+
+    pub fn error(&self) -> TenancyError {
+        TenancyError::TooManyConnections { tenant: self.tenant.clone(), open: self.open, limit: self.limit }
     }
 }
 

@@ -59,6 +59,9 @@ pub struct TenantPolicy {
     /// Bytes this tenant's requests may hold at once (its share of the
     /// memory budget, see [`crate::tenancy::memory`]).
     pub max_memory_bytes: u64,
+    /// Connections open at once (each tenant on its own, an unconfigured
+    /// one served with the defaults too); counted from the handshake.
+    pub max_connections: u32,
     /// Sorted, no duplicates.
     pub allowed_operations: Vec<Operation>,
     pub weight: u32,

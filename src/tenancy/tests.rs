@@ -17,6 +17,7 @@ fn policy_with(max_concurrent: u32, max_queued: u32) -> TenantPolicy {
         max_request_bytes: 10_000,
         // No share of its own: the budget bounds these tests' tenants.
         max_memory_bytes: u64::MAX,
+        max_connections: 4,
         allowed_operations: Operation::ALL.to_vec(),
         weight: 1,
     }
@@ -540,4 +541,32 @@ async fn a_tenant_holds_no_more_than_its_part_of_the_workers_while_another_waits
     for c in calls {
         c.await.unwrap().unwrap();
     }
+}
+
+#[test]
+fn a_tenant_holds_at_most_max_connections_and_a_lowered_limit_closes_none_of_them() {
+    let three = TenantPolicy { max_connections: 3, ..policy_with(4, 4) };
+    let ten = tenancy(&[("a", three.clone()), ("b", three.clone())], 1, 1 << 20);
+    let mut held: Vec<_> = (0..3).map(|_| ten.admit_connection(&t("a")).unwrap()).collect();
+    assert_eq!(
+        ten.admit_connection(&t("a")).unwrap_err(),
+        TenancyError::TooManyConnections { tenant: t("a"), open: 3, limit: 3 }
+    );
+    assert!(ten.admit_connection(&t("b")).is_ok(), "counted per tenant");
+    assert_eq!(
+        ten.admit_connection(&t("nobody")).unwrap_err(),
+        TenancyError::UnknownTenant { tenant: t("nobody") }
+    );
+    held.pop();
+    assert_eq!(ten.connections(&t("a")), 2);
+    held.push(ten.admit_connection(&t("a")).unwrap());
+    // Lowered to 1: the three stay, new ones are refused until all but one end.
+    ten.reconfigure(runtime(&[("a", TenantPolicy { max_connections: 1, ..three })], 1 << 20));
+    assert_eq!(ten.connections(&t("a")), 3);
+    assert!(matches!(ten.admit_connection(&t("a")), Err(TenancyError::TooManyConnections { open: 3, limit: 1, .. })));
+    held.truncate(1);
+    assert!(matches!(ten.admit_connection(&t("a")), Err(TenancyError::TooManyConnections { open: 1, limit: 1, .. })));
+    held.clear();
+    assert_eq!(ten.connections(&t("a")), 0);
+    drop(ten.admit_connection(&t("a")).unwrap());
 }

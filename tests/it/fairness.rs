@@ -330,3 +330,82 @@ fn unserved_peers_get_a_small_allowance_and_a_short_life_while_a_configured_tena
         assert_eq!((image.width, image.height), (50, 50));
     })
 }
+
+const CAPPED: &str = "fair-capped";
+const NEIGHBOUR: &str = "fair-neighbour";
+
+/// One call on `channel`, served.
+async fn served(channel: &Channel) {
+    let image = client(channel.clone()).process(mean_filters(50, 1)).await.unwrap().into_inner().image.unwrap();
+    assert_eq!((image.width, image.height), (50, 50));
+}
+
+#[test]
+fn a_tenant_past_its_max_connections_has_its_new_connection_refused_and_another_tenant_is_not() {
+    block_on(async {
+        let pki = Pki::new(&[CAPPED, NEIGHBOUR]);
+        // The same limit for both: it is counted per tenant.
+        let server = TestServer::start_with(&pki, |raw| {
+            for tenant in [CAPPED, NEIGHBOUR] {
+                raw.tenants.get_mut(tenant).unwrap().max_connections = Some(3);
+            }
+        });
+        let admin = server.admin_addr.unwrap();
+        let refused_before = metric(&scrape(admin), "imgsvc_connections_refused_total", &[("reason", "tenant_connections")]).unwrap_or(0.0);
+        let closed_before = metric(&scrape(admin), "imgsvc_connections_closed_total", &[("reason", "tenant_connections")]).unwrap_or(0.0);
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            let channel = channel(&server, &pki, CAPPED).await;
+            served(&channel).await;
+            open.push(channel);
+        }
+        let text = scrape(admin);
+        assert_eq!(metric(&text, "imgsvc_tenant_connections", &[("tenant", CAPPED)]), Some(3.0));
+        assert_eq!(metric(&text, "imgsvc_tenant_limit", &[("tenant", CAPPED), ("limit", "connections")]), Some(3.0));
+
+        // The fourth: its handshake succeeds, its calls are refused naming the limit.
+        let fourth = channel(&server, &pki, CAPPED).await;
+        let status = client(fourth.clone()).process(mean_filters(50, 1)).await.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (
+                Code::ResourceExhausted,
+                "tenant \"fair-capped\" already had 3 connections open, its limit (max_connections 3): calls on this connection are refused and it is closed; use the connections open"
+            )
+        );
+        let text = scrape(admin);
+        let refused = metric(&text, "imgsvc_connections_refused_total", &[("reason", "tenant_connections")]).unwrap_or(0.0);
+        assert_eq!(refused - refused_before, 1.0);
+        assert_eq!(metric(&text, "imgsvc_tenant_connections", &[("tenant", CAPPED)]), Some(3.0), "the refused one takes no place");
+        assert_eq!(metric(&text, "imgsvc_refusals_total", &[("tenant", CAPPED), ("reason", "tenant_connections")]), Some(1.0));
+
+        // Another tenant, with the same limit, has its own three.
+        let mut neighbours = Vec::new();
+        for _ in 0..3 {
+            let channel = channel(&server, &pki, NEIGHBOUR).await;
+            served(&channel).await;
+            neighbours.push(channel);
+        }
+        assert_eq!(metric(&scrape(admin), "imgsvc_tenant_connections", &[("tenant", NEIGHBOUR)]), Some(3.0));
+
+        // One closed, a new one is served.
+        drop(open.pop());
+        let left = until_metric(admin, "imgsvc_tenant_connections", &[("tenant", CAPPED)], 2.0, Duration::from_secs(10)).await;
+        assert_eq!(left, Some(2.0), "the closed connection gives its place back");
+        let again = channel(&server, &pki, CAPPED).await;
+        served(&again).await;
+        assert_eq!(metric(&scrape(admin), "imgsvc_tenant_connections", &[("tenant", CAPPED)]), Some(3.0));
+
+        // The refused connection is closed within its short life (2 s, then 1 s of grace).
+        let closed = until_metric(
+            admin,
+            "imgsvc_connections_closed_total",
+            &[("reason", "tenant_connections")],
+            closed_before + 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(closed, Some(closed_before + 1.0), "the refused connection is closed (GOAWAY)");
+        drop(fourth);
+    })
+}
