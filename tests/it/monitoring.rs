@@ -348,7 +348,7 @@ fn a_real_prometheus_evaluates_every_rule_alert_and_panel_against_a_loaded_serve
     // The tenant-limit ratio names the tenant and the limit.
     let usage = query(api, "imgsvc:tenant_limit_usage:ratio{tenant=\"mon-a\"}");
     let limits: BTreeSet<&str> = usage.iter().map(|s| s["metric"]["limit"].as_str().unwrap()).collect();
-    assert_eq!(limits, BTreeSet::from(["calls", "memory_bytes", "queued_requests", "requests_per_second"]), "{usage:?}");
+    assert_eq!(limits, BTreeSet::from(["calls", "connections", "memory_bytes", "queued_requests", "requests_per_second"]), "{usage:?}");
 }
 
 /// The autoscalers' queries (deploy/kubernetes/autoscaling), with their
