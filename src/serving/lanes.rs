@@ -21,7 +21,8 @@
 //! peers' connections have an allowance of their own
 //! ([`UNSERVED_ALLOWANCE`]) and a short life ([`UNSERVED_LIFETIME`]).
 //! Each lane has `server.io_threads` threads (named `imgsvc-io-N`); they
-//! sleep when the lane is idle.
+//! sleep when the lane is idle. `imgsvc_io_lane{tenant}` is 1 for each
+//! lane started (`tenant="(shared)"` for the shared one), until shutdown.
 
 use std::{
     collections::HashMap,
@@ -49,6 +50,20 @@ pub type ServeLane<C> = Arc<dyn Fn(mpsc::Receiver<C>) -> Pin<Box<dyn Future<Outp
 enum LaneKey {
     Tenant(TenantId),
     Shared,
+}
+
+/// The `tenant` label of the shared lane in `imgsvc_io_lane`; no tenant
+/// name can take this form.
+pub const SHARED_LANE: &str = "(shared)";
+
+impl LaneKey {
+    /// The `tenant` label of `imgsvc_io_lane`.
+    fn label(&self) -> String {
+        match self {
+            LaneKey::Tenant(t) => t.to_string(),
+            LaneKey::Shared => SHARED_LANE.to_string(),
+        }
+    }
 }
 
 /// Where to send a connection: its lane's queue and runtime.
@@ -113,6 +128,7 @@ impl<C: Send + 'static> IoLanes<C> {
             inner.runtimes.push(runtime);
             inner.lanes.insert(key.clone(), lane);
             metrics::gauge!("imgsvc_io_lanes").set(inner.lanes.len() as f64);
+            metrics::gauge!("imgsvc_io_lane", "tenant" => key.label()).set(1.0);
             match &key {
                 LaneKey::Tenant(t) => tracing::debug!(tenant = %t, lane = n, "I/O lane started"),
                 LaneKey::Shared => tracing::debug!(lane = n, "shared I/O lane started"),
@@ -127,6 +143,9 @@ impl<C: Send + 'static> IoLanes<C> {
     pub fn close(&self) -> Vec<JoinHandle<()>> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.open = false;
+        for key in inner.lanes.keys() {
+            metrics::gauge!("imgsvc_io_lane", "tenant" => key.label()).set(0.0);
+        }
         inner.lanes.clear();
         std::mem::take(&mut inner.served)
     }

@@ -280,6 +280,9 @@ fn unserved_peers_get_a_small_allowance_and_a_short_life_while_a_configured_tena
             raw.tenants.remove(STRANGER);
         });
         let admin = server.admin_addr.unwrap();
+        // The configured tenant's connection, open before the strangers come.
+        let member = channel(&server, &pki, MEMBER).await;
+        served(&member).await;
         // A health Watch on a stranger's connection.
         let mut health = HealthClient::new(channel(&server, &pki, STRANGER).await);
         let watch = tokio::spawn(async move {
@@ -325,9 +328,14 @@ fn unserved_peers_get_a_small_allowance_and_a_short_life_while_a_configured_tena
             (status.code(), status.message()),
             (Code::PermissionDenied, "tenant \"fair-stranger\" is not configured on this server")
         );
-        // A configured tenant is served all along.
-        let image = client(channel(&server, &pki, MEMBER).await).process(mean_filters(50, 1)).await.unwrap().into_inner().image.unwrap();
-        assert_eq!((image.width, image.height), (50, 50));
+        // A configured tenant is served all along, on its connection and on a new one.
+        served(&member).await;
+        served(&channel(&server, &pki, MEMBER).await).await;
+        // It has an I/O lane of its own; the stranger's tenant got none
+        // (its connections went to the shared lane).
+        let text = scrape(admin);
+        assert_eq!(metric(&text, "imgsvc_io_lane", &[("tenant", MEMBER)]), Some(1.0), "{text}");
+        assert_eq!(metric(&text, "imgsvc_io_lane", &[("tenant", STRANGER)]), None, "no lane for a tenant not served");
     })
 }
 
