@@ -139,6 +139,8 @@ impl From<ServiceError> for tonic::Status {
                 | T::Memory(_)
                 | T::Worker(WorkerError::Busy { .. }),
             ) => Code::ResourceExhausted,
+            // Its caller has gone: nobody receives this.
+            ServiceError::Kernel(ImagingError::Cancelled) => Code::Cancelled,
             ServiceError::Tenancy(T::Worker(_)) | ServiceError::Kernel(_) | ServiceError::Encode(_) => Code::Internal,
             ServiceError::NoTenant => Code::Unauthenticated,
             ServiceError::Transport(status) if status.code() == Code::Unknown => Code::Cancelled,

@@ -94,24 +94,31 @@ enum Kernels {
 fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<PixelBuffer, imaging::ImagingError> {
     let mut current = input;
     // A job whose caller has gone (cancelled, or past its deadline) stops
-    // at the next step: what it made so far is dropped unseen.
+    // at the next step, or inside a kernel at its next band of rows
+    // (`imaging::Cancel`): what it made so far is dropped unseen, and the
+    // job ends with `ImagingError::Cancelled`, which nobody receives.
     let job = crate::tenancy::current_job();
+    let gone = || job.as_ref().is_some_and(|j| j.gone());
+    let stopped = || {
+        crate::tenancy::count_abandoned();
+        Err(imaging::ImagingError::Cancelled)
+    };
     for &step in steps {
-        if job.as_ref().is_some_and(|j| j.gone()) {
-            crate::tenancy::count_abandoned();
-            break;
+        if gone() {
+            return stopped();
         }
-        current = match current.depth() {
-            Depth::Eight => {
-                let (layout, out) = apply(step, current.data(), current.layout(), kernels)?;
-                current.with_data(layout, Bytes::from(out))
-            }
+        let applied = match current.depth() {
+            Depth::Eight => apply(step, current.data(), current.layout(), kernels, &gone).map(|(layout, out)| (layout, Bytes::from(out))),
             Depth::Sixteen => {
                 let samples: Vec<u16> = current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                let (layout, out) = apply(step, &samples, current.layout(), kernels)?;
-                let bytes: Vec<u8> = out.iter().flat_map(|s| s.to_le_bytes()).collect();
-                current.with_data(layout, Bytes::from(bytes))
+                apply(step, &samples, current.layout(), kernels, &gone)
+                    .map(|(layout, out)| (layout, Bytes::from(out.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>())))
             }
+        };
+        current = match applied {
+            Ok((layout, data)) => current.with_data(layout, data),
+            Err(imaging::ImagingError::Cancelled) => return stopped(),
+            Err(e) => return Err(e),
         };
     }
     Ok(current)
@@ -122,12 +129,13 @@ fn apply<T: imaging::Sample + Default>(
     src: &[T],
     layout: Layout,
     kernels: Kernels,
+    cancel: imaging::Cancel<'_>,
 ) -> Result<(Layout, Vec<T>), imaging::ImagingError> {
     use imaging::reference;
     Ok(match (step, kernels) {
-        (Step::Rotate(turns), Kernels::Fast) => (layout.rotated(turns), imaging::rotate(src, layout, turns)?),
+        (Step::Rotate(turns), Kernels::Fast) => (layout.rotated(turns), imaging::rotate_cancellable(src, layout, turns, cancel)?),
         (Step::Rotate(turns), Kernels::Reference) => (layout.rotated(turns), reference::rotate(src, layout, turns)),
-        (Step::MeanFilter, Kernels::Fast) => (layout, imaging::mean_filter(src, layout)?),
+        (Step::MeanFilter, Kernels::Fast) => (layout, imaging::mean_filter_cancellable(src, layout, cancel)?),
         (Step::MeanFilter, Kernels::Reference) => (layout, reference::mean_filter(src, layout)),
     })
 }

@@ -28,6 +28,10 @@ pub enum ImagingError {
     /// The destination buffer does not hold exactly the number of output samples.
     #[error("destination buffer has {actual} samples, expected {expected} (width * height * channels)")]
     DestinationLength { expected: usize, actual: usize },
+    /// The caller's cancellation check said stop, between two bands of rows
+    /// (the `_cancellable` forms); the output was dropped unfinished.
+    #[error("the kernel was stopped between two bands of rows: its result is no longer wanted")]
+    Cancelled,
     /// The requested instruction-set path cannot run on this CPU.
     #[error("kernel path {path} is not available on this CPU (available: {available})")]
     PathUnavailable { path: &'static str, available: String },

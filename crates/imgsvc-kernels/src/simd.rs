@@ -166,6 +166,20 @@ pub(super) fn filled_vec<T: Sample>(len: usize, write_all: impl FnOnce(&mut [May
     v
 }
 
+/// [`filled_vec`] whose `write_some` may stop early: `None` when it returns
+/// false (some samples may be unwritten; the allocation is dropped as it is,
+/// never read).
+pub(super) fn filled_vec_until<T: Sample>(len: usize, write_some: impl FnOnce(&mut [MaybeUninit<T>]) -> bool) -> Option<Vec<T>> {
+    let mut v = Vec::with_capacity(len);
+    if !write_some(&mut v.spare_capacity_mut()[..len]) {
+        return None;
+    }
+    // SAFETY: as in `filled_vec`: `write_some` returned true, so it ran the
+    // kernel over every band of the destination.
+    unsafe { v.set_len(len) };
+    Some(v)
+}
+
 /// `dst.copy_from_slice(src)` for a destination that may be uninitialised
 /// (`<[MaybeUninit<P>]>::write_copy_of_slice` is newer than the crate's
 /// minimum Rust version).
