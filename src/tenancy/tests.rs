@@ -548,15 +548,9 @@ fn a_tenant_holds_at_most_max_connections_and_a_lowered_limit_closes_none_of_the
     let three = TenantPolicy { max_connections: 3, ..policy_with(4, 4) };
     let ten = tenancy(&[("a", three.clone()), ("b", three.clone())], 1, 1 << 20);
     let mut held: Vec<_> = (0..3).map(|_| ten.admit_connection(&t("a")).unwrap()).collect();
-    assert_eq!(
-        ten.admit_connection(&t("a")).unwrap_err(),
-        TenancyError::TooManyConnections { tenant: t("a"), open: 3, limit: 3 }
-    );
+    assert_eq!(ten.admit_connection(&t("a")).unwrap_err(), TenancyError::TooManyConnections { tenant: t("a"), open: 3, limit: 3 });
     assert!(ten.admit_connection(&t("b")).is_ok(), "counted per tenant");
-    assert_eq!(
-        ten.admit_connection(&t("nobody")).unwrap_err(),
-        TenancyError::UnknownTenant { tenant: t("nobody") }
-    );
+    assert_eq!(ten.admit_connection(&t("nobody")).unwrap_err(), TenancyError::UnknownTenant { tenant: t("nobody") });
     held.pop();
     assert_eq!(ten.connections(&t("a")), 2);
     held.push(ten.admit_connection(&t("a")).unwrap());
