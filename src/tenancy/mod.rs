@@ -808,13 +808,7 @@ impl std::fmt::Debug for CallSlot {
 impl Drop for CallSlot {
     fn drop(&mut self) {
         let mut state = lock(&self.shared.state);
-        if let Some(n) = state.calls.get_mut(&self.tenant) {
-            *n -= 1;
-            metrics::gauge!("imgsvc_tenant_calls_open", "tenant" => self.tenant.to_string()).set(*n as f64);
-            if *n == 0 {
-                state.calls.remove(&self.tenant);
-            }
-        }
+        release_one(&mut state.calls, &self.tenant, "imgsvc_tenant_calls_open");
         if self.unconfigured {
             state.unconfigured_calls -= 1;
         }
@@ -839,13 +833,18 @@ impl std::fmt::Debug for ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut state = lock(&self.shared.state);
-        if let Some(n) = state.connections.get_mut(&self.tenant) {
-            *n -= 1;
-            metrics::gauge!("imgsvc_tenant_connections", "tenant" => self.tenant.to_string()).set(f64::from(*n));
-            if *n == 0 {
-                state.connections.remove(&self.tenant);
-            }
+        release_one(&mut lock(&self.shared.state).connections, &self.tenant, "imgsvc_tenant_connections");
+    }
+}
+
+/// Takes one from `tenant`'s count (removed at 0) and sets the gauge
+/// `name{tenant}` to what is left.
+fn release_one(counts: &mut HashMap<TenantId, u32>, tenant: &TenantId, name: &'static str) {
+    if let Some(n) = counts.get_mut(tenant) {
+        *n -= 1;
+        metrics::gauge!(name, "tenant" => tenant.to_string()).set(f64::from(*n));
+        if *n == 0 {
+            counts.remove(tenant);
         }
     }
 }
