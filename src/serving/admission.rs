@@ -699,7 +699,7 @@ impl Body for ChargedRequest {
                             {
                                 this.credit_taken = unread;
                                 unread = 0;
-                            } else if let Err(error) = this.account.try_reserve(unread) {
+                            } else if let Err(error) = this.account.try_reserve_unread(unread) {
                                 this.failed = true;
                                 memory::count_refusal(this.account.tenant(), "unread_window");
                                 return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
