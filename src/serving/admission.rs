@@ -296,12 +296,13 @@ where
                 ImageMethod::Other(_) => OTHER_MAX_MESSAGE_BYTES,
                 _ => policy.limits.max_message_bytes as u64,
             };
-            let memory_wait = if hold_back { policy.tenancy.memory_wait } else { Duration::ZERO };
+            let memory_wait = policy.tenancy.memory_wait;
             let body_timeout = policy.tenancy.body_timeout;
             let (mut parts, body) = request.into_parts();
             let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
             body.encoding = RequestEncoding::of(&parts.headers);
             body.stream_window = stream_window;
+            body.hold_back = hold_back;
             body.body_timeout = body_timeout;
             body.credits = credits;
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
@@ -385,6 +386,9 @@ pub struct ChargedRequest {
     body_timeout: Duration,
     /// Runs out `body_timeout` after the last frame, while inside a message.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether a message whose memory is not there now may wait for it
+    /// ([`AdmissionLayer::hold_back`]); if not, the call is refused.
+    hold_back: bool,
     /// The connection's credit for unread bytes, and its peer.
     credits: Option<(Arc<ConnectionCredits>, std::net::SocketAddr)>,
     /// Credit taken while held back, given back when the wait ends.
@@ -426,6 +430,7 @@ impl ChargedRequest {
             stream_window: u64::from(crate::config::HYPER_BDP_LIMIT),
             body_timeout: Duration::from_millis(crate::config::DEFAULT_BODY_TIMEOUT_MS),
             idle: None,
+            hold_back: true,
             credits: None,
             credit_taken: 0,
             first: true,
@@ -698,10 +703,19 @@ impl Body for ChargedRequest {
                         // queue behind image calls.
                         let first = std::mem::replace(&mut this.first, false) && !matches!(this.method, ImageMethod::Other(_));
                         let fits = if first { this.account.try_reserve_fair(charge) } else { this.account.try_reserve(charge) };
-                        if charge > 0 && fits.is_err() {
+                        if charge > 0
+                            && let Err(refusal) = fits
+                        {
                             if let Err(error) = this.account.check_fits(charge) {
                                 this.failed = true;
                                 return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
+                            }
+                            if !this.hold_back {
+                                // Refused now, with its retry delay, rather
+                                // than held back (adaptive windows).
+                                this.failed = true;
+                                memory::count_refusal(this.account.tenant(), "exhausted");
+                                return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(refusal))))));
                             }
                             // Held back: its body stays unread in HTTP/2, at most
                             // one stream window, plus the rest of the frame in

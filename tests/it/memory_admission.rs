@@ -247,6 +247,10 @@ async fn with_adaptive_windows_a_call_without_memory_is_refused_at_once_and_stal
     }
     assert!(served >= 1, "the call that had memory is served ({refused} refused)");
     assert_eq!(served + refused, 3);
-    let waits = metric(&scrape(server.admin_addr), "imgsvc_memory_waits_total", &[("tenant", "alpha")]).unwrap_or(0.0);
-    eprintln!("adaptive windows: {served} served, {refused} refused at once, {waits} waits counted");
+    let text = scrape(server.admin_addr);
+    let waits = metric(&text, "imgsvc_memory_waits_total", &[("tenant", "alpha")]);
+    assert_eq!(waits, None, "no call waited for memory");
+    let counted = metric(&text, "imgsvc_memory_refusals_total", &[("tenant", "alpha"), ("reason", "exhausted")]).unwrap_or(0.0);
+    assert_eq!(counted, refused as f64, "each refusal counted");
+    eprintln!("adaptive windows: {served} served, {refused} refused at once");
 }
