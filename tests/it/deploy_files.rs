@@ -262,7 +262,7 @@ fn kubernetes_scales_on_queue_and_memory_waits_through_prometheus_adapter_or_ked
         pods.iter().map(|m| (str_at(m, "pods.metric.name"), str_at(m, "pods.target.type"), str_at(m, "pods.target.averageValue"))).collect();
     assert_eq!(
         targets,
-        [("imgsvc_queue_wait_seconds_mean", "AverageValue", "50m"), ("imgsvc_memory_waits_per_second", "AverageValue", "1")]
+        [("imgsvc_queue_wait_seconds_mean", "AverageValue", "10m"), ("imgsvc_memory_waits_per_second", "AverageValue", "1")]
     );
     let name = targets[0].0;
 
@@ -293,7 +293,7 @@ fn kubernetes_scales_on_queue_and_memory_waits_through_prometheus_adapter_or_ked
     assert_eq!(get(&keda, "spec.advanced.horizontalPodAutoscalerConfig.behavior"), get(hpa, "spec.behavior"));
     let trigger = get(&keda, "spec.triggers.0");
     assert_eq!((str_at(trigger, "type"), str_at(trigger, "metricType")), ("prometheus", "Value"));
-    assert_eq!(str_at(trigger, "metadata.threshold"), "0.05", "the HPA's 50m");
+    assert_eq!(str_at(trigger, "metadata.threshold"), "0.01", "the HPA's 10m");
     assert!(str_at(trigger, "metadata.query").contains("imgsvc_queue_wait_seconds_sum"));
     let trigger = get(&keda, "spec.triggers.1");
     assert_eq!((str_at(trigger, "type"), str_at(trigger, "metricType")), ("prometheus", "Value"));
