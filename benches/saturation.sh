@@ -4,8 +4,9 @@
 # one core) with one worker per core, one tenant, and `imgsvc-client bench`
 # pinned to --client-cpus (default core 1: it stands for remote clients;
 # 1024x1024 GRAY8 mean filters, a few ms each) at offered load stepping
-# up: concurrency 1, 2, 3, 4, 6, 8, 12, 16 for --duration seconds each, one
-# step after the other. For each step:
+# up: concurrency 1, 2, 3, 4, 6, 8, 12, 16 over up to --connections (4)
+# bench processes, for --duration (8) seconds each, one step after the
+# other. For each step:
 #   calls/s, client p50 and p99 latency,
 #   server CPU: utime + stime of the process over the step (/proc/PID/stat)
 #     as % of its cores (what a CPU HPA target sees: use / request),
@@ -13,18 +14,21 @@
 #   mean queue wait: delta imgsvc_queue_wait_seconds_sum / delta _count
 #     over the step (the HPA's imgsvc_queue_wait_seconds_mean),
 #   in flight per worker: imgsvc_in_flight_requests (all tenants and
-#     methods) sampled every 0.5 s, mean over the step, / workers,
+#     methods) sampled every 0.5 s, mean over the step, / workers; and
+#     imgsvc_tenant_calls_open the same way (calls admitted at their
+#     headers, including those waiting for memory),
 #   memory waits per second (delta imgsvc_memory_waits_total).
-# Then the same at concurrency 8 on a server whose memory budget holds
-# about one call (memory-bound: calls wait for memory before they queue).
+# Then the same at concurrency 8 on a server whose memory budget holds the
+# connections and about one call (memory-bound: calls wait for memory
+# before they queue).
 #
 #   benches/saturation.sh [--duration S] [--steps "1 2 4"] [--workers N]
 #                         [--connections N] [--server-cpus LIST] [--client-cpus LIST]
 #                         [--memory-budget BYTES] [--skip-build]
 #
 # Writes the table to benches/results/saturation_<UTC date>.txt. Loopback
-# only; every step has a time bound. Run it on a quiet machine: the
-# server's and the client's CPU share the cores (the load average is
+# only; every step has a time bound. Run it on a quiet machine: other
+# processes take from the pinned cores (the load average is
 # printed).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,7 +52,7 @@ while [ $# -gt 0 ]; do
     --steps) STEPS="$2"; shift 2 ;;
     --memory-budget) MEMORY_BUDGET="$2"; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
