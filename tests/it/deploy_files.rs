@@ -258,8 +258,10 @@ fn kubernetes_scales_on_queue_and_memory_waits_through_prometheus_adapter_or_ked
     // Two saturation signals (benches/saturation.sh): queue wait, and memory
     // waits, which a memory-bound pod shows at zero queue wait and low CPU.
     let pods: Vec<&Value> = metrics.iter().filter(|m| m["type"] == "Pods").collect();
-    let targets: Vec<(&str, &str, &str)> =
-        pods.iter().map(|m| (str_at(m, "pods.metric.name"), str_at(m, "pods.target.type"), str_at(m, "pods.target.averageValue"))).collect();
+    let targets: Vec<(&str, &str, &str)> = pods
+        .iter()
+        .map(|m| (str_at(m, "pods.metric.name"), str_at(m, "pods.target.type"), str_at(m, "pods.target.averageValue")))
+        .collect();
     assert_eq!(
         targets,
         [("imgsvc_queue_wait_seconds_mean", "AverageValue", "10m"), ("imgsvc_memory_waits_per_second", "AverageValue", "1")]
