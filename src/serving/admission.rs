@@ -158,6 +158,7 @@ pub struct AdmissionLayer {
     tenancy: Tenancy,
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
+    hold_back: bool,
 }
 
 /// What each connection's own charge (its configured window and one
@@ -197,7 +198,18 @@ impl ConnectionCredits {
 
 impl AdmissionLayer {
     pub fn new(tenancy: Tenancy) -> Self {
-        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default() }
+        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default(), hold_back: true }
+    }
+
+    /// Whether a call whose memory is not there now may wait for it
+    /// (`tenancy.memory_wait_ms`) with its body held back. Not with
+    /// adaptive HTTP/2 windows (`server.http2_adaptive_window`): the
+    /// connection window is not widened then, so a held-back body could
+    /// hold back the other calls on its connection; such a call is refused
+    /// at once, with the retry delay, instead.
+    pub fn hold_back(mut self, allowed: bool) -> Self {
+        self.hold_back = allowed;
+        self
     }
 
     /// What each connection is charged for its life at accept: it covers
@@ -219,7 +231,13 @@ impl AdmissionLayer {
 impl<S> tower::Layer<S> for AdmissionLayer {
     type Service = Admit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admit { inner, tenancy: self.tenancy.clone(), stream_window: self.stream_window, credits: self.credits.clone() }
+        Admit {
+            inner,
+            tenancy: self.tenancy.clone(),
+            stream_window: self.stream_window,
+            credits: self.credits.clone(),
+            hold_back: self.hold_back,
+        }
     }
 }
 
@@ -229,6 +247,7 @@ pub struct Admit<S> {
     tenancy: Tenancy,
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
+    hold_back: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -260,6 +279,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tenancy = self.tenancy.clone();
         let stream_window = self.stream_window;
+        let hold_back = self.hold_back;
         let credits = request
             .extensions()
             .get::<crate::identity::PeerIdentity>()
@@ -276,7 +296,7 @@ where
                 ImageMethod::Other(_) => OTHER_MAX_MESSAGE_BYTES,
                 _ => policy.limits.max_message_bytes as u64,
             };
-            let memory_wait = policy.tenancy.memory_wait;
+            let memory_wait = if hold_back { policy.tenancy.memory_wait } else { Duration::ZERO };
             let body_timeout = policy.tenancy.body_timeout;
             let (mut parts, body) = request.into_parts();
             let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
@@ -699,7 +719,7 @@ impl Body for ChargedRequest {
                             {
                                 this.credit_taken = unread;
                                 unread = 0;
-                            } else if let Err(error) = this.account.try_reserve(unread) {
+                            } else if let Err(error) = this.account.try_reserve_unread(unread) {
                                 this.failed = true;
                                 memory::count_refusal(this.account.tenant(), "unread_window");
                                 return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));

@@ -249,7 +249,10 @@ fn a_running_job_whose_caller_goes_away_stops_early_and_frees_its_worker() {
             let mut c = client(channel.clone());
             async move { c.process(mean_filters(1000, 1024)).await }
         });
-        until_load(&server, ABANDONED, "the long job running", |l| l.running == 1).await;
+        // Started on its worker (not only given one: a job whose caller
+        // goes before it starts never runs, and costs no CPU).
+        let started = until_metric(admin, "imgsvc_jobs_started_total", &[("tenant", ABANDONED)], 2.0, Duration::from_secs(20)).await;
+        assert_eq!(started, Some(2.0), "the long job started");
         call.abort();
         assert!(call.await.unwrap_err().is_cancelled());
         let abandoned = cpu_after(admin, ABANDONED, sixteen).await - sixteen;
