@@ -28,11 +28,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then
-  (cd "$ROOT" && cargo build --locked --release --features imgsvc/otlp --bins)
-fi
-BIN="$TARGET/release"
+BIN="$(release_bin "$ROOT" "$BUILD")"
 WORK="$(mktemp -d)"
 SERVER_PID=""
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"; }
