@@ -4,7 +4,8 @@
 #  1. flood: tenants "dev" and "light" each send 1024x1024 GRAY8 mean
 #     filters at concurrency 160 while "limited" sends the same at
 #     concurrency 2; prints each run (the refusals of "limited" are the
-#     figure) and the server's refusals by tenant and reason. Config as in
+#     figure), its p99 against its p99 alone on the same server just
+#     before, and the server's refusals by tenant and reason. Config as in
 #     the issue: three tenants, default limits, a 4 GiB budget.
 #  2. CPU shares: tenant "gray" sends 2048x2048 GRAY8 quarter turns, tenant
 #     "rgb" 1024x1024 RGB8 mean filters (concurrency 8 each), first with
@@ -28,11 +29,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
-TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then
-  (cd "$ROOT" && cargo build --locked --release --features imgsvc/otlp --bins)
-fi
-BIN="$TARGET/release"
+BIN="$(release_bin "$ROOT" "$BUILD")"
 WORK="$(mktemp -d)"
 SERVER_PID=""
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; rm -rf "$WORK"; }
@@ -75,12 +72,17 @@ metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v n="$1" -v t="tenan
   echo "# benches/fairness.sh --duration $DURATION, $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
   echo "## 1. flood: dev and light at concurrency 160, limited at 2 (1024x1024 GRAY8 mean)"
   start_server $'[tenants.dev]\n[tenants.light]\n[tenants.limited]'
+  echo "### limited alone (its solo latency, same server)"
+  bench limited --op mean --width 1024 --height 1024 --format gray8 --concurrency 2 | tee "$WORK/solo.txt"
   bench dev --op mean --width 1024 --height 1024 --format gray8 --concurrency 160 >"$WORK/dev.txt" 2>&1 &
   A=$!
   bench light --op mean --width 1024 --height 1024 --format gray8 --concurrency 160 >"$WORK/light.txt" 2>&1 &
   B=$!
-  echo "### limited"; bench limited --op mean --width 1024 --height 1024 --format gray8 --concurrency 2
+  echo "### limited"; bench limited --op mean --width 1024 --height 1024 --format gray8 --concurrency 2 | tee "$WORK/flooded.txt"
   wait "$A" "$B" || true
+  p99() { awk '/^latency:/ { for (i = 1; i <= NF; i++) if ($i == "p99") print $(i + 1) }' "$1"; }
+  SOLO=$(p99 "$WORK/solo.txt"); FLOODED=$(p99 "$WORK/flooded.txt")
+  echo "### limited p99: alone $SOLO ms, under the flood $FLOODED ms, $(awk -v a="$SOLO" -v b="$FLOODED" 'BEGIN { if (a > 0) printf "%.1fx", b / a; else print "-" }')"
   echo "### dev"; cat "$WORK/dev.txt"
   echo "### light"; cat "$WORK/light.txt"
   echo "### server refusals"; curl -s "http://127.0.0.1:$ADMIN/metrics" | grep '^imgsvc_refusals_total' || echo "(none)"

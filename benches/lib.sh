@@ -1,6 +1,14 @@
-# Helpers shared by the benchmark scripts (sourced, not run): loopback
-# ports, a server's CPU time, and the bench PKI with the common head of
-# the server config.
+# shellcheck shell=bash
+# Helpers shared by the benchmark scripts (sourced, not run): the release
+# binaries, loopback ports, a server's CPU time, and the bench PKI with the
+# common head of the server config.
+
+# release_bin ROOT BUILD: builds the release binaries in CI's profile when
+# BUILD is 1; prints their directory (under CARGO_TARGET_DIR if set).
+release_bin() {
+  if [ "$2" = 1 ]; then (cd "$1" && cargo build --locked --release --features imgsvc/otlp --bins) >&2 || return; fi
+  echo "${CARGO_TARGET_DIR:-$1/target}/release"
+}
 
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

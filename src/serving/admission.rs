@@ -158,6 +158,7 @@ pub struct AdmissionLayer {
     tenancy: Tenancy,
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
+    hold_back: bool,
 }
 
 /// What each connection's own charge (its configured window and one
@@ -197,7 +198,18 @@ impl ConnectionCredits {
 
 impl AdmissionLayer {
     pub fn new(tenancy: Tenancy) -> Self {
-        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default() }
+        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default(), hold_back: true }
+    }
+
+    /// Whether a call whose memory is not there now may wait for it
+    /// (`tenancy.memory_wait_ms`) with its body held back. Not with
+    /// adaptive HTTP/2 windows (`server.http2_adaptive_window`): the
+    /// connection window is not widened then, so a held-back body could
+    /// hold back the other calls on its connection; such a call is refused
+    /// at once, with the retry delay, instead.
+    pub fn hold_back(mut self, allowed: bool) -> Self {
+        self.hold_back = allowed;
+        self
     }
 
     /// What each connection is charged for its life at accept: it covers
@@ -219,7 +231,13 @@ impl AdmissionLayer {
 impl<S> tower::Layer<S> for AdmissionLayer {
     type Service = Admit<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Admit { inner, tenancy: self.tenancy.clone(), stream_window: self.stream_window, credits: self.credits.clone() }
+        Admit {
+            inner,
+            tenancy: self.tenancy.clone(),
+            stream_window: self.stream_window,
+            credits: self.credits.clone(),
+            hold_back: self.hold_back,
+        }
     }
 }
 
@@ -229,6 +247,7 @@ pub struct Admit<S> {
     tenancy: Tenancy,
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
+    hold_back: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -260,6 +279,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let tenancy = self.tenancy.clone();
         let stream_window = self.stream_window;
+        let hold_back = self.hold_back;
         let credits = request
             .extensions()
             .get::<crate::identity::PeerIdentity>()
@@ -288,6 +308,7 @@ where
             let mut body = ChargedRequest::new(body, method, admission.clone(), account.clone(), memory_wait, max_message_bytes);
             body.encoding = RequestEncoding::of(&parts.headers);
             body.stream_window = stream_window;
+            body.hold_back = hold_back;
             body.body_timeout = body_timeout;
             body.credits = credits;
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
@@ -371,6 +392,9 @@ pub struct ChargedRequest {
     body_timeout: Duration,
     /// Runs out `body_timeout` after the last frame, while inside a message.
     idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether a message whose memory is not there now may wait for it
+    /// ([`AdmissionLayer::hold_back`]); if not, the call is refused.
+    hold_back: bool,
     /// The connection's credit for unread bytes, and its peer.
     credits: Option<(Arc<ConnectionCredits>, std::net::SocketAddr)>,
     /// Credit taken while held back, given back when the wait ends.
@@ -412,6 +436,7 @@ impl ChargedRequest {
             stream_window: u64::from(crate::config::HYPER_BDP_LIMIT),
             body_timeout: Duration::from_millis(crate::config::DEFAULT_BODY_TIMEOUT_MS),
             idle: None,
+            hold_back: true,
             credits: None,
             credit_taken: 0,
             first: true,
@@ -684,10 +709,19 @@ impl Body for ChargedRequest {
                         // queue behind image calls.
                         let first = std::mem::replace(&mut this.first, false) && !matches!(this.method, ImageMethod::Other(_));
                         let fits = if first { this.account.try_reserve_fair(charge) } else { this.account.try_reserve(charge) };
-                        if charge > 0 && fits.is_err() {
+                        if charge > 0
+                            && let Err(refusal) = fits
+                        {
                             if let Err(error) = this.account.check_fits(charge) {
                                 this.failed = true;
                                 return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));
+                            }
+                            if !this.hold_back {
+                                // Refused now, with its retry delay, rather
+                                // than held back (adaptive windows).
+                                this.failed = true;
+                                memory::count_refusal(this.account.tenant(), "exhausted");
+                                return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(refusal))))));
                             }
                             // Held back: its body stays unread in HTTP/2, at most
                             // one stream window, plus the rest of the frame in
@@ -705,7 +739,7 @@ impl Body for ChargedRequest {
                             {
                                 this.credit_taken = unread;
                                 unread = 0;
-                            } else if let Err(error) = this.account.try_reserve(unread) {
+                            } else if let Err(error) = this.account.try_reserve_unread(unread) {
                                 this.failed = true;
                                 memory::count_refusal(this.account.tenant(), "unread_window");
                                 return Poll::Ready(Some(Err(Status::from(ServiceError::from(TenancyError::from(error))))));

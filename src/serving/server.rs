@@ -413,7 +413,8 @@ fn lane_server(
         .layer(
             AdmissionLayer::new(tenancy.clone())
                 .stream_window(settings.http2_stream_window_max())
-                .connection_charge(settings.http2_connection_window_charge()),
+                .connection_charge(settings.http2_connection_window_charge())
+                .hold_back(!settings.http2_adaptive_window),
         )
         .service(routes);
     let router = RouterService::new(tower::ServiceExt::map_response(router, |response| response.map(tonic::body::Body::new)));

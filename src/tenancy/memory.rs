@@ -437,6 +437,10 @@ pub struct Account {
     state: Mutex<AccountState>,
 }
 
+/// How far beyond its share the unread windows of a tenant's held-back
+/// calls may take it: an eighth of the share ([`Account::try_reserve_unread`]).
+pub const UNREAD_OVERDRAFT_DIVISOR: u64 = 8;
+
 impl Account {
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
@@ -455,6 +459,24 @@ impl Account {
     pub fn try_reserve(&self, n: u64) -> Result<(), MemoryError> {
         let mut state = self.lock();
         match self.budget.try_charge(&self.tenant, self.share, state.stage, n, false) {
+            Ok(()) => {
+                state.held += n;
+                Ok(())
+            }
+            Err(shortfall) => Err(self.error(n, shortfall, Duration::ZERO)),
+        }
+    }
+
+    /// As [`Account::try_reserve`], for request bytes that are already in
+    /// memory and must be counted, not waited for (the unread window of a
+    /// call held back for memory): they may take the tenant up to
+    /// [`UNREAD_OVERDRAFT_DIVISOR`]th of its share beyond it, while the
+    /// server's budget has room. The budget itself is never exceeded; the
+    /// tenant's later charges wait until it is back under its share.
+    pub fn try_reserve_unread(&self, n: u64) -> Result<(), MemoryError> {
+        let mut state = self.lock();
+        let limit = self.share.saturating_add(self.share / UNREAD_OVERDRAFT_DIVISOR);
+        match self.budget.try_charge(&self.tenant, limit, state.stage, n, false) {
             Ok(()) => {
                 state.held += n;
                 Ok(())
@@ -679,6 +701,27 @@ mod tests {
         assert_eq!((budget.held(), budget.tenant_held(&t("a"))), (600, 0));
         drop(b);
         drop(a2);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn unread_bytes_may_take_a_tenant_an_eighth_beyond_its_share_never_beyond_the_budget() {
+        let budget = Budget::new(1000);
+        let a = budget.account(t("a"), 800, Stage::Receiving);
+        a.try_reserve(800).unwrap();
+        assert!(a.try_reserve(1).is_err(), "the share is full");
+        // An eighth of 800 beyond it, for unread bytes only.
+        a.try_reserve_unread(100).unwrap();
+        assert!(matches!(a.try_reserve_unread(1).unwrap_err(), MemoryError::Exhausted { tenant_held: 900, tenant_share: 900, .. }));
+        assert_eq!((budget.held(), budget.tenant_held(&t("a"))), (900, 900));
+        // The budget bounds it too: with 950 held, only 50 more.
+        let b = budget.account(t("b"), 1000, Stage::Receiving);
+        b.try_reserve(50).unwrap();
+        let c = budget.account(t("c"), 1000, Stage::Receiving);
+        c.try_reserve(950).unwrap_err();
+        assert!(matches!(c.try_reserve_unread(51).unwrap_err(), MemoryError::Exhausted { server_held: 950, budget: 1000, .. }));
+        c.try_reserve_unread(50).unwrap();
+        drop((a, b, c));
         assert_eq!(budget.held(), 0);
     }
 

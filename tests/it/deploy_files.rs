@@ -250,15 +250,23 @@ fn autoscaling(file: &str) -> Value {
 }
 
 #[test]
-fn kubernetes_scales_on_queue_wait_through_prometheus_adapter_or_keda_and_spreads_over_zones_and_nodes() {
+fn kubernetes_scales_on_queue_and_memory_waits_through_prometheus_adapter_or_keda_and_spreads_over_zones_and_nodes() {
     let docs = manifests();
     let deployment = one_of_kind(&docs, "Deployment");
     let hpa = one_of_kind(&docs, "HorizontalPodAutoscaler");
     let metrics = get(hpa, "spec.metrics").as_sequence().unwrap();
-    let saturation = metrics.iter().find(|m| m["type"] == "Pods").expect("a Pods metric: the saturation signal");
-    let name = str_at(saturation, "pods.metric.name");
-    assert_eq!(str_at(saturation, "pods.target.type"), "AverageValue");
-    assert_eq!(str_at(saturation, "pods.target.averageValue"), "50m");
+    // Two saturation signals (benches/saturation.sh): queue wait, and memory
+    // waits, which a memory-bound pod shows at zero queue wait and low CPU.
+    let pods: Vec<&Value> = metrics.iter().filter(|m| m["type"] == "Pods").collect();
+    let targets: Vec<(&str, &str, &str)> = pods
+        .iter()
+        .map(|m| (str_at(m, "pods.metric.name"), str_at(m, "pods.target.type"), str_at(m, "pods.target.averageValue")))
+        .collect();
+    assert_eq!(
+        targets,
+        [("imgsvc_queue_wait_seconds_mean", "AverageValue", "10m"), ("imgsvc_memory_waits_per_second", "AverageValue", "1")]
+    );
+    let name = targets[0].0;
 
     // prometheus-adapter serves that name from the server's summary.
     let adapter = autoscaling("prometheus-adapter.yaml");
@@ -267,11 +275,16 @@ fn kubernetes_scales_on_queue_wait_through_prometheus_adapter_or_keda_and_spread
     let rule = &config["rules"][0];
     assert_eq!(str_at(rule, "name.as"), name);
     assert!(str_at(rule, "seriesQuery").starts_with("imgsvc_queue_wait_seconds_count{"));
-    for resource in ["namespace", "pod"] {
-        assert_eq!(get(rule, &format!("resources.overrides.{resource}.resource")), resource);
+    let memory_rule = &config["rules"][1];
+    assert_eq!(str_at(memory_rule, "name.as"), targets[1].0);
+    assert!(str_at(memory_rule, "seriesQuery").starts_with("imgsvc_memory_waits_total{"));
+    for rule in [rule, memory_rule] {
+        for resource in ["namespace", "pod"] {
+            assert_eq!(get(rule, &format!("resources.overrides.{resource}.resource")), resource);
+        }
+        let query = str_at(rule, "metricsQuery");
+        assert!(query.contains("<<.LabelMatchers>>") && query.contains("<<.GroupBy>>"), "{query}");
     }
-    let query = str_at(rule, "metricsQuery");
-    assert!(query.contains("<<.LabelMatchers>>") && query.contains("<<.GroupBy>>"), "{query}");
 
     // KEDA: the same target, bounds, threshold and behaviour.
     let keda = autoscaling("keda-scaledobject.yaml");
@@ -282,8 +295,12 @@ fn kubernetes_scales_on_queue_wait_through_prometheus_adapter_or_keda_and_spread
     assert_eq!(get(&keda, "spec.advanced.horizontalPodAutoscalerConfig.behavior"), get(hpa, "spec.behavior"));
     let trigger = get(&keda, "spec.triggers.0");
     assert_eq!((str_at(trigger, "type"), str_at(trigger, "metricType")), ("prometheus", "Value"));
-    assert_eq!(str_at(trigger, "metadata.threshold"), "0.05", "the HPA's 50m");
+    assert_eq!(str_at(trigger, "metadata.threshold"), "0.01", "the HPA's 10m");
     assert!(str_at(trigger, "metadata.query").contains("imgsvc_queue_wait_seconds_sum"));
+    let trigger = get(&keda, "spec.triggers.1");
+    assert_eq!((str_at(trigger, "type"), str_at(trigger, "metricType")), ("prometheus", "Value"));
+    assert_eq!(str_at(trigger, "metadata.threshold"), "1", "the HPA's memory waits a second");
+    assert!(str_at(trigger, "metadata.query").contains("rate(imgsvc_memory_waits_total"));
 
     // Spread over zones and nodes, never blocking a scale-out.
     let spread = get(deployment, "spec.template.spec.topologySpreadConstraints").as_sequence().unwrap();

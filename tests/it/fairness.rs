@@ -1,5 +1,6 @@
 //! Fair shares of what the tenants share (issue 25): a tenant that sends
-//! a little is served in full while two others flood the server's queue;
+//! a little is served in full while two others flood the server's queue
+//! (small unary calls, and streams of larger images);
 //! a call's deadline, and the server's maximum, end it with
 //! DEADLINE_EXCEEDED and release what it held.
 //!
@@ -57,26 +58,48 @@ fn a_third_tenant_is_served_in_full_while_two_others_flood_the_queue() {
         let admin = server.admin_addr.unwrap();
         let until = Instant::now() + Duration::from_millis(2500);
         let mut floods = Vec::new();
-        for tenant in [FLOOD_A, FLOOD_B] {
+        // FLOOD_A sends small unary calls; FLOOD_B as many, and as many
+        // ProcessStream calls of an image four times larger (chunked).
+        for (tenant, streams) in [(FLOOD_A, false), (FLOOD_B, false), (FLOOD_B, true)] {
             let channel = channel(&server, &pki, tenant).await;
             for _ in 0..40 {
                 let mut c = client(channel.clone());
+                let channel = channel.clone();
                 floods.push(tokio::spawn(async move {
                     let (mut served, mut refused) = (0u32, Vec::new());
                     for _ in 0..100_000 {
                         if Instant::now() > until {
                             break;
                         }
-                        match c.process(mean_filters(SIDE, 2)).await {
-                            Ok(_) => served += 1,
-                            Err(status) => {
-                                refused.push((status.code(), status.message().to_owned()));
+                        let result = if streams {
+                            use imgsvc::client::{Api, CallOptions, ClientError, Op, RawImage, StreamMode, process_with};
+                            let side = 2 * SIDE;
+                            let image = RawImage {
+                                format: PixelFormat::Rgb8,
+                                width: side,
+                                height: side,
+                                data: Bytes::from(vec![7u8; (side * side * 3) as usize]),
+                            };
+                            let options = CallOptions { compression: None, stream: StreamMode::Always, chunk_bytes: 100_000 };
+                            let ops = [Op::MeanFilter, Op::MeanFilter];
+                            match process_with(channel.clone(), Api::V1, image, &ops, "localhost", &options).await {
+                                Ok(_) => Ok(()),
+                                Err(ClientError::Status { code, message, .. }) => Err((code, message)),
+                                Err(other) => Err((Code::Unknown, other.to_string())),
+                            }
+                        } else {
+                            c.process(mean_filters(SIDE, 2)).await.map(|_| ()).map_err(|s| (s.code(), s.message().to_owned()))
+                        };
+                        match result {
+                            Ok(()) => served += 1,
+                            Err(refusal) => {
+                                refused.push(refusal);
                                 // A client that retries soon, not at once.
                                 tokio::time::sleep(Duration::from_millis(2)).await;
                             }
                         }
                     }
-                    (tenant, served, refused)
+                    (tenant, streams, served, refused)
                 }));
             }
         }
@@ -103,8 +126,8 @@ fn a_third_tenant_is_served_in_full_while_two_others_flood_the_queue() {
         }
         let (mut flood_refusals, mut flood_served) = (0, std::collections::HashMap::new());
         for f in floods {
-            let (tenant, served, refused) = f.await.unwrap();
-            *flood_served.entry(tenant).or_insert(0) += served;
+            let (tenant, streams, served, refused) = f.await.unwrap();
+            *flood_served.entry((tenant, streams)).or_insert(0) += served;
             let part = format!(
                 "tenant \"{tenant}\" already has 5 calls open, its weighted part of the server's queue and workers: (limits.max_queued_jobs 16 + 1 workers) x weight 1 / total weight 3 = 5"
             );
@@ -114,9 +137,10 @@ fn a_third_tenant_is_served_in_full_while_two_others_flood_the_queue() {
             flood_refusals += refused.len();
         }
         assert!(flood_refusals > 0, "the flooders went past their parts (else the test floods too little)");
-        for tenant in [FLOOD_A, FLOOD_B] {
-            assert!(flood_served[tenant] > 0, "{tenant} is served within its part");
+        for (tenant, streams) in [(FLOOD_A, false), (FLOOD_B, false), (FLOOD_B, true)] {
+            assert!(flood_served[&(tenant, streams)] > 0, "{tenant} is served within its part (streams: {streams})");
         }
+        eprintln!("flooders served: {flood_served:?}, {flood_refusals} refused");
         let failed: Vec<_> = steady_results.iter().filter(|(r, _)| r != &Ok(Some((SIDE, SIDE)))).collect();
         assert!(failed.is_empty(), "every call of the steady tenant is served: {failed:?}");
         assert!(steady_results.len() >= 10, "the steady tenant made {} calls", steady_results.len());

@@ -245,26 +245,29 @@ async fn a_client_key_update_is_followed_by_rustls_and_closes_a_kernel_tls_conne
 /// The server's sending key: a kernel-TLS connection asks for its graceful
 /// close before the key reaches its limit; here the test hook
 /// (`tls.kernel_tls_close_after_records`) brings that to 20 records, so
-/// calls on one channel cross it again and again — and every call is
+/// calls on one client cross it again and again — and every call is
 /// answered, exactly (the client moves to a new connection on GOAWAY).
+/// Through imgsvc's own client (`client::Balancer`): a bare tonic channel
+/// fails a call it hands to a connection at the moment that connection
+/// closes (`CANCELLED`, seen in the VM run), which the client retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sending_key_near_its_limit_closes_gracefully_and_every_call_is_answered() {
+    use imgsvc::client::{Api, Balancer, Op, RawImage};
+    use imgsvc::proto::v1::PixelFormat;
     let pki = Pki::new(&["ktls-limit"]);
     let server = TestServer::start_with(&pki, |raw| {
         raw.tls.kernel_tls = "auto".into();
         raw.tls.kernel_tls_close_after_records = 20;
     });
-    let channel = channel(&server, &pki, "ktls-limit").await;
+    let client = Balancer::new(vec![target_of(server.addr)], pki.credentials("ktls-limit"));
+    let ops = [Op::Rotate(QuarterTurns::One)];
     for i in 0..10u32 {
-        let mut client = NlImageServiceClient::new(channel.clone());
         let img = image(200, 100, i); // 60 kB: four records or more each way
-        let rotated = client
-            .rotate_image(NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(img.clone()) })
-            .await
-            .unwrap_or_else(|e| panic!("call {i}: {e}"))
-            .into_inner();
+        let raw = RawImage { format: PixelFormat::Rgb8, width: 200, height: 100, data: img.data.clone() };
+        let (rotated, _) = client.process(Api::Legacy, &raw, &ops).await.unwrap_or_else(|e| panic!("call {i}: {e}"));
         assert!(rotated.data == reference::rotate(&img.data, Layout::new(200, 100, 3).unwrap(), QuarterTurns::One), "call {i}");
     }
+    eprintln!("{} calls retried by the client", client.retries());
     match kernel() {
         None => {
             assert_eq!(connections(&server, "ktls-limit", "rustls"), 1.0);

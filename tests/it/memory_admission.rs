@@ -206,3 +206,51 @@ async fn health_and_reflection_calls_take_call_slots_and_their_messages_are_char
     assert_eq!(open, Some(0.0), "all slots given back");
     drop(channel);
 }
+
+/// With adaptive HTTP/2 windows (`server.http2_adaptive_window`) the
+/// connection window is not widened, so a body held back for memory could
+/// hold back the calls beside it until `memory_wait_ms`: such a call is
+/// refused at once (RESOURCE_EXHAUSTED, after waiting 0 ms, with the retry
+/// delay) instead of waiting, and the call that has memory is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_adaptive_windows_a_call_without_memory_is_refused_at_once_and_stalls_nobody() {
+    let pki = Pki::new(&["alpha"]);
+    // As above (one 18 MB rotation fits alpha's 64 MiB share at a time),
+    // with a 30 s wait that a held-back call would sit through.
+    let extra = "[tenancy]\nmemory_budget_bytes = 134217728\nmemory_wait_ms = 30000\n";
+    let env = [("IMGSVC_LOG__LEVEL", QUIET_LOG), ("IMGSVC_SERVER__HTTP2_ADAPTIVE_WINDOW", "true")];
+    let server = ServerProcess::spawn_with(&pki, extra, &env);
+    let channel = client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
+    let client = NlImageServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+    let calls = (0..3u8).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let image = rgb(3000, 2000, i + 1);
+            let request = NlImageRotateRequest { rotation: Rotation::OneEightyDeg as i32, image: Some(image.clone()) };
+            client.rotate_image(request).await.map(|answer| answer.into_inner().data == image.data)
+        })
+    });
+    let (mut served, mut refused) = (0, 0);
+    for call in calls.collect::<Vec<_>>() {
+        // Well under the 30 s a held-back call would wait.
+        match tokio::time::timeout(Duration::from_secs(20), call).await.expect("answered, not held back").unwrap() {
+            Ok(same) => {
+                assert!(same, "the exact answer");
+                served += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{}", status.message());
+                assert!(status.message().contains("after waiting 0 ms") && status.message().contains("retry in"), "{}", status.message());
+                refused += 1;
+            }
+        }
+    }
+    assert!(served >= 1, "the call that had memory is served ({refused} refused)");
+    assert_eq!(served + refused, 3);
+    let text = scrape(server.admin_addr);
+    let waits = metric(&text, "imgsvc_memory_waits_total", &[("tenant", "alpha")]);
+    assert_eq!(waits, None, "no call waited for memory");
+    let counted = metric(&text, "imgsvc_memory_refusals_total", &[("tenant", "alpha"), ("reason", "exhausted")]).unwrap_or(0.0);
+    assert_eq!(counted, refused as f64, "each refusal counted");
+    eprintln!("adaptive windows: {served} served, {refused} refused at once");
+}
