@@ -99,6 +99,7 @@ fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<Pix
     // job ends with `ImagingError::Cancelled`, which nobody receives.
     let job = crate::tenancy::current_job();
     let gone = || job.as_ref().is_some_and(|j| j.gone());
+    let bands = crate::tenancy::JobBands::current();
     let stopped = || {
         crate::tenancy::count_abandoned();
         Err(imaging::ImagingError::Cancelled)
@@ -108,10 +109,10 @@ fn run_steps(steps: &[Step], input: PixelBuffer, kernels: Kernels) -> Result<Pix
             return stopped();
         }
         let applied = match current.depth() {
-            Depth::Eight => apply(step, current.data(), current.layout(), kernels, &gone).map(|(layout, out)| (layout, Bytes::from(out))),
+            Depth::Eight => apply(step, current.data(), current.layout(), kernels, &bands).map(|(layout, out)| (layout, Bytes::from(out))),
             Depth::Sixteen => {
                 let samples: Vec<u16> = current.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-                apply(step, &samples, current.layout(), kernels, &gone)
+                apply(step, &samples, current.layout(), kernels, &bands)
                     .map(|(layout, out)| (layout, Bytes::from(out.iter().flat_map(|s| s.to_le_bytes()).collect::<Vec<u8>>())))
             }
         };

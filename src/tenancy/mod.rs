@@ -534,7 +534,7 @@ impl Tenancy {
                 job_account.set_stage(Stage::Processing);
                 let cpu = ThreadCpu::start();
                 let result = CURRENT_JOB.set(&job_state, || std::panic::catch_unwind(AssertUnwindSafe(job)));
-                reservation.cpu_ns = cpu.elapsed_ns();
+                reservation.cpu_ns = cpu.elapsed_ns().map(|own| job_state.cpu_ns(own));
                 // Free the worker before answering, so a caller that submits
                 // its next job as soon as it has this result finds it free.
                 drop(reservation);
@@ -902,7 +902,16 @@ impl Drop for WaitingMemory<'_> {
 /// Where a queued job is: waiting, started on a worker, or abandoned by
 /// its caller (cancelled, or its deadline passed).
 #[derive(Debug, Default)]
-pub struct JobState(std::sync::atomic::AtomicU8);
+pub struct JobState {
+    state: std::sync::atomic::AtomicU8,
+    /// CPU time other threads spent on this job's bands of rows (a kernel
+    /// split across the pool): charged to this job.
+    borrowed_ns: std::sync::atomic::AtomicU64,
+    /// CPU time this job's thread spent on other jobs' bands (stolen while
+    /// it waited inside a kernel of its own): charged to them, not to this
+    /// job.
+    lent_ns: std::sync::atomic::AtomicU64,
+}
 
 const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
@@ -911,17 +920,68 @@ const GONE: u8 = 2;
 impl JobState {
     /// The worker takes the job: false if its caller has gone.
     fn start(&self) -> bool {
-        self.0.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        self.state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// The caller goes away: true if the job had not started.
     fn abandon(&self) -> bool {
-        self.0.swap(GONE, Ordering::AcqRel) == QUEUED
+        self.state.swap(GONE, Ordering::AcqRel) == QUEUED
     }
 
     /// Whether the job's caller has gone: a running job may stop early.
     pub fn gone(&self) -> bool {
-        self.0.load(Ordering::Acquire) == GONE
+        self.state.load(Ordering::Acquire) == GONE
+    }
+
+    /// The job's CPU time, from what its own thread measured: plus what
+    /// other threads spent on its bands, less what its thread spent on
+    /// other jobs' bands.
+    fn cpu_ns(&self, own_thread_ns: u64) -> u64 {
+        (own_thread_ns + self.borrowed_ns.load(Ordering::Acquire)).saturating_sub(self.lent_ns.load(Ordering::Acquire))
+    }
+}
+
+/// The [`imaging::Bands`] of the job running on this thread: its kernels
+/// stop at the next band once its caller has gone, and the CPU time of each
+/// band that runs on another thread is moved to this job (from the job
+/// that thread was running, if any), so a kernel split across the workers
+/// is charged all it took.
+pub struct JobBands(Option<Arc<JobState>>);
+
+std::thread_local! {
+    /// The CPU time of this thread when its current band began.
+    static BAND_STARTED: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+impl JobBands {
+    /// For the job running on this thread (none outside a job).
+    pub fn current() -> Self {
+        Self(current_job())
+    }
+}
+
+impl crate::imaging::Bands for JobBands {
+    fn cancelled(&self) -> bool {
+        let Some(job) = &self.0 else { return false };
+        if job.gone() {
+            return true;
+        }
+        let own = current_job().is_some_and(|mine| Arc::ptr_eq(&mine, job));
+        if !own {
+            BAND_STARTED.with(|b| b.set(thread_cpu_time()));
+        }
+        false
+    }
+
+    fn band_done(&self) {
+        let Some(job) = &self.0 else { return };
+        let Some(started) = BAND_STARTED.with(|b| b.take()) else { return };
+        let Some(now) = thread_cpu_time() else { return };
+        let ns = now.saturating_sub(started).as_nanos() as u64;
+        job.borrowed_ns.fetch_add(ns, Ordering::AcqRel);
+        if let Some(mine) = current_job() {
+            mine.lent_ns.fetch_add(ns, Ordering::AcqRel);
+        }
     }
 }
 

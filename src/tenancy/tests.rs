@@ -564,3 +564,51 @@ fn a_tenant_holds_at_most_max_connections_and_a_lowered_limit_closes_none_of_the
     assert_eq!(ten.connections(&t("a")), 0);
     drop(ten.admit_connection(&t("a")).unwrap());
 }
+
+/// A kernel split across two threads: the bands the other thread runs are
+/// charged to the job (its own thread's CPU time alone would miss them),
+/// and when that thread was running a job of its own, taken off that job.
+#[test]
+fn a_kernel_split_across_threads_charges_the_job_every_band() {
+    use crate::imaging::{self, Layout};
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let layout = Layout::new(2048, 2048, 3).unwrap();
+    let src = vec![9u8; layout.samples()];
+    let job = Arc::new(JobState::default());
+    assert!(job.start());
+    let (own, other) = pool.install(|| {
+        // Bounded: the other thread normally takes bands of the first run.
+        for _ in 0..20 {
+            let cpu = ThreadCpu::start();
+            let out = CURRENT_JOB.set(&job, || imaging::mean_filter_cancellable(&src, layout, &JobBands::current()));
+            assert_eq!(out.unwrap().len(), layout.samples());
+            let own = cpu.elapsed_ns().unwrap();
+            if job.borrowed_ns.load(Ordering::Acquire) > 0 {
+                return (own, job.borrowed_ns.load(Ordering::Acquire));
+            }
+        }
+        panic!("the other thread of the pool never ran a band in 20 kernels");
+    });
+    assert_eq!(job.lent_ns.load(Ordering::Acquire), 0, "the other thread ran no job of its own");
+    assert_eq!(job.cpu_ns(own), own + other);
+
+    // A thread inside a job of its own that runs another job's band lends
+    // that band's time: it moves from the first job to the second.
+    let (mine, theirs) = (Arc::new(JobState::default()), Arc::new(JobState::default()));
+    CURRENT_JOB.set(&mine, || {
+        let bands = JobBands(Some(theirs.clone()));
+        assert!(!crate::imaging::Bands::cancelled(&bands));
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(5) {
+            std::hint::black_box(0u64);
+        }
+        crate::imaging::Bands::band_done(&bands);
+    });
+    let moved = theirs.borrowed_ns.load(Ordering::Acquire);
+    assert!(moved > 0);
+    assert_eq!(mine.lent_ns.load(Ordering::Acquire), moved);
+    assert_eq!(mine.cpu_ns(moved + 1000), 1000);
+    // Its caller gone, the job's kernels stop at their next band.
+    theirs.abandon();
+    assert!(crate::imaging::Bands::cancelled(&JobBands(Some(theirs))));
+}

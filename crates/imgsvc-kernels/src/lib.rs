@@ -116,10 +116,27 @@ pub enum Parallelism {
     Auto,
 }
 
-/// Asked between bands of rows whether the kernel's result is still
-/// wanted: `true` stops it ([`ImagingError::Cancelled`]). Called from the
-/// pool's threads when the kernel is split across them.
-pub type Cancel<'a> = &'a (dyn Fn() -> bool + Sync);
+/// What a cancellable kernel tells its caller about each band of rows, on
+/// the thread that runs the band (one of the pool's threads when the
+/// kernel is split across them): before it, whether the result is still
+/// wanted; after it, that it ran (for a caller that accounts the CPU time
+/// of bands run on other threads). A `Fn() -> bool` closure is a
+/// [`Bands`] that only answers the first question.
+pub trait Bands: Sync {
+    /// Asked before a band: `true` stops the kernel ([`ImagingError::Cancelled`]).
+    fn cancelled(&self) -> bool;
+    /// Called after a band ran, on the thread that ran it.
+    fn band_done(&self) {}
+}
+
+impl<F: Fn() -> bool + Sync> Bands for F {
+    fn cancelled(&self) -> bool {
+        self()
+    }
+}
+
+/// The [`Bands`] a cancellable kernel is given.
+pub type Cancel<'a> = &'a dyn Bands;
 
 /// Run on one thread, a cancellable kernel asks its [`Cancel`] check about
 /// every this many output samples (whole rows: at least
@@ -197,11 +214,12 @@ fn for_each_band_until<T: Send>(
 ) -> bool {
     let stopped = std::sync::atomic::AtomicBool::new(false);
     let guarded = |row0: usize, band: &mut [MaybeUninit<T>]| {
-        if stopped.load(std::sync::atomic::Ordering::Relaxed) || cancel() {
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) || cancel.cancelled() {
             stopped.store(true, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         f(row0, band);
+        cancel.band_done();
     };
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
     if threads > 1 && rows >= 2 {
