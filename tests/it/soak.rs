@@ -144,14 +144,16 @@ async fn many_clients_for_a_while_get_exact_results_and_leave_no_growth_behind()
     let clients = env_or("IMGSVC_SOAK_CLIENTS", 200) as usize;
     let pki = Pki::new(&TENANTS);
     let extra = format!(
-        "[tenancy]\nmemory_budget_bytes = {MEMORY_BUDGET}\nmemory_wait_ms = 60000\n[tenant_defaults]\nmax_concurrent_requests = 1000\nmax_queued_requests = 10000\n"
+        "[tenancy]\nmemory_budget_bytes = {MEMORY_BUDGET}\nmemory_wait_ms = 60000\n[tenant_defaults]\nmax_concurrent_requests = 1000\nmax_queued_requests = 10000\n\
+         max_connections = 1000\n"
     );
     // About 67 connections per tenant: with the default 4 MiB windows and
     // 1 MiB frames they would take 335 MiB of a 256 MiB share before any
     // call (each connection is charged its window and one frame). Many
     // clients on a short link is what 2 MiB windows and small frames are
     // for (docs/configuration.md): 67 × (2 MiB + 64 KiB) per tenant, 414
-    // MiB of the 512 MiB budget for the three.
+    // MiB of the 512 MiB budget for the three. `max_connections` above the
+    // 67 each tenant opens (the default is 64).
     let server = ServerProcess::spawn_with(
         &pki,
         &extra,
