@@ -16,7 +16,6 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -37,8 +36,7 @@ const GRACE: Duration = Duration::from_secs(1);
 /// haproxy in front of two backends, checking `/readyz` every 100 ms so a
 /// backend that starts is in the pool at once.
 fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr)]) -> (KillOnDrop, SocketAddr) {
-    for _ in 0..5 {
-        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    crate::haproxy::spawn_haproxy(haproxy, dir, |listen| {
         let mut config = format!(
             "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  timeout check 1s\n  retries 2\n  option redispatch\n\
              frontend grpc\n  bind {listen}\n  default_backend imgsvc\n\
@@ -48,21 +46,8 @@ fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr
         for (i, (grpc, admin)) in backends.iter().enumerate() {
             config.push_str(&format!("  server imgsvc{} {grpc} check port {}\n", i + 1, admin.port()));
         }
-        let cfg = dir.join("haproxy.cfg");
-        std::fs::write(&cfg, config).unwrap();
-        let mut child = KillOnDrop::spawn(Command::new(haproxy).args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break; // exited: the port was taken, try another
-            }
-            if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
-                return (child, listen);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("haproxy did not start");
+        config
+    })
 }
 
 /// Environment pairs as `ServerProcess::spawn_with` takes them.

@@ -62,12 +62,17 @@ fn test_config(listen: SocketAddr, backends: &[(SocketAddr, SocketAddr)]) -> Str
 }
 
 fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr)]) -> (KillOnDrop, SocketAddr) {
-    // haproxy binds its own port: take a free one (retried, bounded, should
-    // another process grab it in between).
+    spawn_haproxy(haproxy, dir, |listen| test_config(listen, backends))
+}
+
+/// Starts haproxy with the configuration `config(listen)` makes for a free
+/// loopback port (haproxy binds its own port: retried, bounded, should
+/// another process grab it in between), and returns once it accepts there.
+pub(crate) fn spawn_haproxy(haproxy: &Path, dir: &Path, config: impl Fn(SocketAddr) -> String) -> (KillOnDrop, SocketAddr) {
     for _ in 0..5 {
         let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let cfg = dir.join("haproxy.cfg");
-        std::fs::write(&cfg, test_config(listen, backends)).unwrap();
+        std::fs::write(&cfg, config(listen)).unwrap();
         let mut child = KillOnDrop::spawn(Command::new(haproxy).args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -77,7 +82,7 @@ fn start_haproxy(haproxy: &Path, dir: &Path, backends: &[(SocketAddr, SocketAddr
             if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
                 return (child, listen);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
     panic!("haproxy did not start");
