@@ -10,7 +10,7 @@
 # /proc/PID/stat over the measured run, divided by the calls answered: it
 # does not depend on who bounds the rate.
 #
-#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--raw] [--kernel-tls] [--save FILE]
+#   benches/transport.sh [--peers DIR] [--duration S] [--rounds R] [--scenarios A,B,C,N] [--no-peer] [--bare] [--raw] [--kernel-tls] [--tonic-buffer] [--save FILE]
 #
 # --bare adds a server to each round: NLImageService on plain tonic with
 # the same kernels and nothing else (examples/bare_tonic.rs), and a table,
@@ -22,6 +22,11 @@
 # --kernel-tls adds imgsvc with tls.kernel_tls = "on" (the kernel seals and
 # opens the records; it needs a kernel with the `tls` module: run the
 # script inside tests/vm/run.sh on a machine without) and a table of both.
+#
+# --tonic-buffer adds imgsvc with server.owned_message_buffer = false (the
+# unary image methods' requests read by tonic's codec, as before
+# 2026-12-07, instead of the admission layer's own buffer) and a table of
+# both: what the owned message buffer costs or saves per call.
 #
 # The servers take turns for R rounds (default 3: imgsvc, the peer, imgsvc,
 # the peer, ...), and the table shows each figure's median over the rounds
@@ -44,6 +49,7 @@ PEER=1
 BARE=0
 RAW=0
 KTLS=0
+TONIC_BUFFER=0
 SAVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,8 +61,9 @@ while [ $# -gt 0 ]; do
     --bare) BARE=1; shift ;;
     --raw) RAW=1; shift ;;
     --kernel-tls) KTLS=1; shift ;;
+    --tonic-buffer) TONIC_BUFFER=1; shift ;;
     --save) SAVE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
@@ -169,6 +176,10 @@ for round in $(seq "$ROUNDS"); do
     serve imgsvc-ktls "imgsvc with kernel TLS" env IMGSVC_TLS__KERNEL_TLS=on \
       sh -c 'exec "$0" --config "$1" --port "$PORT"' "$ROOT/target/release/imgsvc-server" "$WORK/imgsvc.toml"
   fi
+  if [ "$TONIC_BUFFER" = 1 ]; then
+    serve imgsvc-tonic-buffer "imgsvc with tonic's request buffer" env IMGSVC_SERVER__OWNED_MESSAGE_BUFFER=false \
+      sh -c 'exec "$0" --config "$1" --port "$PORT"' "$ROOT/target/release/imgsvc-server" "$WORK/imgsvc.toml"
+  fi
   if [ "$PEER" = 1 ]; then
     serve cpp-opencv "C++ gRPC + OpenCV peer" sh -c 'exec "$0" --host 127.0.0.1 --port "$PORT" --tls-cert "$1" --tls-key "$2" --client-ca "$3" >/dev/null 2>&1' \
       "$BIN" "$PKI/server.pem" "$PKI/server-key.pem" "$PKI/ca.pem"
@@ -236,6 +247,7 @@ def versus(label, name):
               f"{me['p99_ms']:.1f} vs {other['p99_ms']:.1f} |")
 versus("tonic-bare", "bare tonic")
 versus("imgsvc-ktls", "kernel TLS")
+versus("imgsvc-tonic-buffer", "tonic's buffer")
 if any(label == "raw-tls" for label, _ in runs):
     print()
     print("| scenario | raw TLS ms CPU/req (min-max) | raw TLS / floor | imgsvc / raw TLS | bare tonic / raw TLS | C++ peer / raw TLS |")

@@ -203,6 +203,7 @@ pub struct RawServer {
     pub worker_threads: usize,
     pub drain_timeout_secs: u64,
     pub compress_responses: bool,
+    pub owned_message_buffer: bool,
     pub http2_keepalive_interval_secs: u64,
     pub http2_keepalive_timeout_secs: u64,
     pub max_concurrent_streams: u32,
@@ -227,6 +228,7 @@ impl Default for RawServer {
             worker_threads: 0,
             drain_timeout_secs: 30,
             compress_responses: false,
+            owned_message_buffer: true,
             http2_keepalive_interval_secs: 60,
             http2_keepalive_timeout_secs: 20,
             max_concurrent_streams: 256,
@@ -406,6 +408,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Compress responses (gzip/zstd) for clients that accept it.
     pub compress_responses: bool,
+    /// The unary image methods' requests are read into a buffer the
+    /// admission layer owns and decoded in place (`serving::unary`),
+    /// not by tonic's codec.
+    pub owned_message_buffer: bool,
     /// HTTP/2 PING interval on idle connections; `None`: no pings.
     pub http2_keepalive_interval: Option<Duration>,
     /// How long a PING may go unanswered before the connection is closed.
@@ -668,6 +674,7 @@ impl Settings {
             worker_threads,
             drain_timeout: Duration::from_secs(raw.server.drain_timeout_secs),
             compress_responses: raw.server.compress_responses,
+            owned_message_buffer: raw.server.owned_message_buffer,
             http2_keepalive_interval: (raw.server.http2_keepalive_interval_secs > 0)
                 .then(|| Duration::from_secs(raw.server.http2_keepalive_interval_secs)),
             http2_keepalive_timeout: Duration::from_secs(raw.server.http2_keepalive_timeout_secs),

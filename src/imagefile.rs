@@ -367,6 +367,20 @@ fn decoder_working(decoded: u64) -> u64 {
     decoded.max(MIN_DECODER_WORKING_BYTES)
 }
 
+/// The allocation limit a decoder of a `decoded`-byte image runs under
+/// (before its output buffer is reserved from it): the output and the
+/// working allowance charged for it, never above the server's limit.
+///
+/// image 0.25's TIFF decoder subtracts its output buffer from the limit a
+/// second time (`TiffDecoder::set_limits` takes `total_bytes_buffer` off a
+/// `max_alloc` that `Limits::reserve` has already reduced by it), which
+/// left a 1 MB TIFF no room for its strip tables: for TIFF the output is
+/// added once more, so that its strips get the same allowance.
+fn decoder_alloc_limit(encoding: Encoding, decoded: u64, max_alloc_bytes: u64) -> u64 {
+    let twice_reserved = if encoding == Encoding::Tiff { decoded } else { 0 };
+    decoded.saturating_add(decoder_working(decoded)).saturating_add(twice_reserved).min(max_alloc_bytes.saturating_add(twice_reserved))
+}
+
 /// A decoded file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decoded {
@@ -467,16 +481,17 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
     let mut decoder = reader.into_decoder().map_err(failed)?;
     let bytes = checked_size(&decoder, limits)?;
-    // As `ImageReader::decode` does: the output buffer counts against the
-    // allocation limit, the decoder gets what is left; and the side limits
-    // make the decoder itself refuse anything larger than we checked. (Not
-    // the working allowance of [`DecodeCost`]: the TIFF decoder needs more
-    // than that under image::Limits for a 1 MB image, so the allowance is a
-    // charge, not a bound.)
+    // The decoder runs under image::Limits set from what was charged for
+    // it (`DecodeCost`): its output buffer plus its working allowance.
+    // As `ImageReader::decode` does, the output buffer is reserved from the
+    // allocation limit and the decoder gets what is left: the allowance.
+    // The side limits make the decoder itself refuse anything larger than
+    // we checked.
     let side = u32::try_from(limits.max_pixels).unwrap_or(u32::MAX);
     let mut decode_limits = header_limits;
     decode_limits.max_image_width = Some(side);
     decode_limits.max_image_height = Some(side);
+    decode_limits.max_alloc = Some(decoder_alloc_limit(encoding, bytes, limits.max_alloc_bytes));
     decode_limits.reserve(bytes).map_err(failed)?;
     decoder.set_limits(decode_limits).map_err(failed)?;
     let orientation = decoder.orientation().map_err(failed)?;
@@ -584,6 +599,25 @@ mod tests {
     fn gradient(format: PixelFormat, width: u32, height: u32) -> RawImage {
         let len = (width * height) as usize * bytes_per_pixel(format);
         RawImage { format, width, height, data: (0..len).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>().into() }
+    }
+
+    /// The decoders run bounded by what is charged for them (output plus
+    /// working allowance), and every lossless encoding of a 1 MB image
+    /// (the TIFF the bound once refused among them) decodes within it.
+    #[test]
+    fn decoders_run_within_their_charged_allowance() {
+        let (decoded, working) = (1_080_000u64, decoder_working(1_080_000));
+        assert_eq!(decoder_alloc_limit(Encoding::Png, decoded, 64 << 20), decoded + working);
+        assert_eq!(decoder_alloc_limit(Encoding::Tiff, decoded, 64 << 20), 2 * decoded + working, "TIFF's second subtraction made up");
+        assert_eq!(decoder_alloc_limit(Encoding::Png, decoded, 1 << 20), 1 << 20, "never above the server's limit");
+        for encoding in [Encoding::Png, Encoding::Tiff, Encoding::WebP, Encoding::Bmp] {
+            for format in [PixelFormat::Rgb8, PixelFormat::Rgba16] {
+                let img = gradient(format, 600, 600);
+                let encoded = encode(&img, &EncodeOptions::new(encoding)).unwrap();
+                let decoded = decode(&encoded.data, &opts(0)).unwrap_or_else(|e| panic!("{encoding:?} {format:?}: {e}"));
+                assert_eq!((decoded.image.width, decoded.image.height), (600, 600), "{encoding:?} {format:?}");
+            }
+        }
     }
 
     /// What each lossless encoding gives back for each mode: the stored

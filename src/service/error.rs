@@ -47,6 +47,19 @@ pub enum InvalidRequest {
     /// A compressed request message its encoding cannot inflate.
     #[error("the request message is compressed with {encoding} (grpc-encoding) but is not valid {encoding} data: {error}")]
     Compressed { encoding: &'static str, error: String },
+    /// A unary call's body with no message, or more than one.
+    #[error("expected {expected} request message, got {actual}")]
+    MessageCount { expected: u32, actual: &'static str },
+    /// The body ended inside a message or its prefix.
+    #[error("the request body ended after {received} of the {declared} bytes of its {what}")]
+    Truncated { received: u64, declared: u64, what: &'static str },
+    /// A message with the compressed flag and no `grpc-encoding` the
+    /// server inflates, or a flag that is neither 0 nor 1.
+    #[error("message has compressed flag {flag}, expected 0 (or 1 with grpc-encoding gzip or zstd)")]
+    CompressedFlag { flag: u8 },
+    /// Bytes that are not the protobuf message the method takes.
+    #[error("the request message is not a valid {message}: {error}")]
+    NotProtobuf { message: &'static str, error: String },
 }
 
 /// A ProcessStream request that breaks the stream protocol.
@@ -82,6 +95,8 @@ pub enum LimitExceeded {
     Decode(CodecError),
     #[error("message of {len} bytes to {method}, over the limit of {limit} bytes for calls other than the image methods")]
     OtherMessage { method: &'static str, len: u64, limit: u64 },
+    #[error("request message of {len} bytes, over the server's message limit of {limit} bytes (limits.max_message_bytes)")]
+    Message { len: u64, limit: u64 },
 }
 
 #[derive(Debug, Error)]

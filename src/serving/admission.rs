@@ -51,7 +51,10 @@ use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
 use tonic::{Status, codegen::http};
 
-use super::inflate::{self, InflateError, RequestEncoding};
+use super::{
+    inflate::{self, InflateError, RequestEncoding},
+    unary::UnaryHandlers,
+};
 use crate::{
     identity::Tenant,
     service::{LimitExceeded, ServiceError, legacy::SplicedAnswer},
@@ -159,6 +162,7 @@ pub struct AdmissionLayer {
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
     hold_back: bool,
+    unary: Option<Arc<UnaryHandlers>>,
 }
 
 /// What each connection's own charge (its configured window and one
@@ -198,7 +202,14 @@ impl ConnectionCredits {
 
 impl AdmissionLayer {
     pub fn new(tenancy: Tenancy) -> Self {
-        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default(), hold_back: true }
+        Self { tenancy, stream_window: u64::from(crate::config::HYPER_BDP_LIMIT), credits: Arc::default(), hold_back: true, unary: None }
+    }
+
+    /// Serves the unary image methods from an owned message buffer with
+    /// these handlers ([`super::unary`]) instead of passing them to tonic.
+    pub fn owned_unary(mut self, handlers: UnaryHandlers) -> Self {
+        self.unary = Some(Arc::new(handlers));
+        self
     }
 
     /// Whether a call whose memory is not there now may wait for it
@@ -237,6 +248,7 @@ impl<S> tower::Layer<S> for AdmissionLayer {
             stream_window: self.stream_window,
             credits: self.credits.clone(),
             hold_back: self.hold_back,
+            unary: self.unary.clone(),
         }
     }
 }
@@ -248,6 +260,7 @@ pub struct Admit<S> {
     stream_window: u64,
     credits: Arc<ConnectionCredits>,
     hold_back: bool,
+    unary: Option<Arc<UnaryHandlers>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -280,6 +293,7 @@ where
         let tenancy = self.tenancy.clone();
         let stream_window = self.stream_window;
         let hold_back = self.hold_back;
+        let unary = self.unary.clone().filter(|_| UnaryHandlers::serves(method));
         let credits = request
             .extensions()
             .get::<crate::identity::PeerIdentity>()
@@ -312,10 +326,15 @@ where
             body.body_timeout = body_timeout;
             body.credits = credits;
             parts.extensions.insert(CallMemory { admission, account: account.clone() });
-            let mut response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
-            if let Some(spliced) = response.extensions_mut().remove::<SplicedAnswer>() {
-                response = response.map(|body| tonic::body::Body::new(SplicedBody::new(body, spliced)));
-            }
+            let response = if let Some(unary) = unary {
+                unary.serve(method, http::Request::from_parts(parts, body), max_message_bytes).await
+            } else {
+                let mut response = inner.call(http::Request::from_parts(parts, tonic::body::Body::new(body))).await?;
+                if let Some(spliced) = response.extensions_mut().remove::<SplicedAnswer>() {
+                    response = response.map(|body| tonic::body::Body::new(SplicedBody::new(body, spliced)));
+                }
+                response
+            };
             Ok(response.map(|body| tonic::body::Body::new(ChargedResponse::new(body, account, slot, method))))
         })
     }

@@ -38,6 +38,7 @@ pub mod kernel_tls;
 pub mod lanes;
 pub mod server;
 pub mod systemd;
+pub mod unary;
 pub mod worker;
 
 /// Where a server is in its life cycle.

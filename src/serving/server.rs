@@ -40,6 +40,7 @@ use crate::{
         http2::{ConnectionServing, RouterService, ServedConnection},
         kernel_tls,
         lanes::{IoLanes, LaneTcp, ServeLane},
+        unary::UnaryHandlers,
         worker::{WorkerError, WorkerPool},
     },
     telemetry::{self, metrics::HandshakeFailure},
@@ -272,12 +273,18 @@ impl Server {
         // only when configured: many clients (grpcio among them) advertise
         // gzip by default, and gzipping megabytes of pixels costs far more
         // CPU than the kernels (pixels rarely compress well anyway).
-        let mut legacy = NlImageServiceServer::new(LegacyService::new(processor.clone(), !settings.compress_responses))
+        let legacy_service = LegacyService::new(processor.clone(), !settings.compress_responses);
+        let v1_service = V1Service::new(processor, !settings.compress_responses);
+        // The unary image methods from an owned, charged message buffer
+        // (serving::unary); tonic's encoder when responses are compressed.
+        let unary = (settings.owned_message_buffer && !settings.compress_responses)
+            .then(|| UnaryHandlers { legacy: legacy_service.clone(), v1: v1_service.clone() });
+        let mut legacy = NlImageServiceServer::new(legacy_service)
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd);
-        let mut v1 = ImageServiceServer::new(V1Service::new(processor, !settings.compress_responses))
+        let mut v1 = ImageServiceServer::new(v1_service)
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes)
             .accept_compressed(CompressionEncoding::Gzip)
@@ -310,7 +317,7 @@ impl Server {
         let lanes = Arc::new(IoLanes::new(
             settings.io_threads,
             settings.max_io_lanes,
-            lane_server(&settings, &tenancy, connections, health_service, reflection, legacy, v1),
+            lane_server(&settings, &tenancy, connections, health_service, reflection, (legacy, v1, unary)),
         ));
         let mut admin_task = JoinSet::new();
         if let Some(listener) = admin {
@@ -401,8 +408,7 @@ fn lane_server(
     connections: OpenConnections,
     health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     reflection: tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    legacy: NlImageServiceServer<LegacyService>,
-    v1: ImageServiceServer<V1Service>,
+    (legacy, v1, unary): (NlImageServiceServer<LegacyService>, ImageServiceServer<V1Service>, Option<UnaryHandlers>),
 ) -> ServeLane<LingeringStream> {
     let routes = tonic::service::Routes::new(health_service).add_service(reflection).add_service(legacy).add_service(v1).prepare();
     let router = tower::ServiceBuilder::new()
@@ -410,12 +416,16 @@ fn lane_server(
         .layer(super::deadline::DeadlineLayer::new(settings.max_deadline))
         .layer(tower::util::MapResponseLayer::new(message_limit_status::<tonic::service::interceptor::ResponseBody<tonic::body::Body>>))
         .layer(tonic::service::InterceptorLayer::new(TenantInterceptor))
-        .layer(
-            AdmissionLayer::new(tenancy.clone())
+        .layer({
+            let admission = AdmissionLayer::new(tenancy.clone())
                 .stream_window(settings.http2_stream_window_max())
                 .connection_charge(settings.http2_connection_window_charge())
-                .hold_back(!settings.http2_adaptive_window),
-        )
+                .hold_back(!settings.http2_adaptive_window);
+            match unary {
+                Some(handlers) => admission.owned_unary(handlers),
+                None => admission,
+            }
+        })
         .service(routes);
     let router = RouterService::new(tower::ServiceExt::map_response(router, |response| response.map(tonic::body::Body::new)));
     let serving = ConnectionServing::new(settings, router, connections);
@@ -517,6 +527,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     check("server.drain_timeout_secs", old.drain_timeout != new.drain_timeout);
     check("server.max_deadline_secs", old.max_deadline != new.max_deadline);
     check("server.compress_responses", old.compress_responses != new.compress_responses);
+    check("server.owned_message_buffer", old.owned_message_buffer != new.owned_message_buffer);
     check("server.http2_keepalive_interval_secs", old.http2_keepalive_interval != new.http2_keepalive_interval);
     check("server.http2_keepalive_timeout_secs", old.http2_keepalive_timeout != new.http2_keepalive_timeout);
     check("server.max_concurrent_streams", old.max_concurrent_streams != new.max_concurrent_streams);

@@ -412,7 +412,11 @@ async fn messages_over_the_size_limit_get_resource_exhausted_and_the_connection_
     let mut client = NlImageServiceClient::new(channel(&server, &pki, "alpha").await);
     let status = client.mean_filter(nl(false, 300, 300, 90_000)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("the limit is: 65536 bytes"), "{}", status.message());
+    assert!(
+        status.message().contains("request message of 90010 bytes, over the server's message limit of 65536 bytes"),
+        "{}",
+        status.message()
+    );
     assert!(client.mean_filter(nl(false, 100, 100, 10_000)).await.is_ok());
 }
 

@@ -430,3 +430,106 @@ async fn a_health_flood_is_refused_at_its_prefixes_within_the_accounting() {
     drop(send);
     connection.abort();
 }
+
+/// What the server may hold beyond its accounting's peak while large
+/// legacy calls run: HTTP/2's frames in flight beyond the connection
+/// charges, allocator slack and RSS's page granularity. Measured at 2–9
+/// MiB (printed); one uncharged copy of a request would be 24 MiB over.
+const LEGACY_OVERHEAD: u64 = 16 * MIB;
+
+/// The legacy methods' charge (twice the request message at its prefix:
+/// the owned message buffer and the answer) proven against the server's
+/// RSS: four concurrent 3840×2160 RGB rotations and mean filters on four
+/// connections, every answer checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_legacy_calls_hold_no_more_than_they_are_charged() {
+    use imgsvc::proto::nlimage::{
+        NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient,
+    };
+    const W: usize = 3840;
+    const H: usize = 2160;
+    let pki = Pki::new(&["alpha"]);
+    let extra = "[tenancy]\nmemory_budget_bytes = 1073741824\n";
+    let server = ServerProcess::spawn_with(&pki, extra, &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let pixels: bytes::Bytes = (0..W * H * 3).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let image = NlImage { color: true, width: W as i32, height: H as i32, data: pixels.clone() };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let channel = imgsvc::client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
+        clients.push(NlImageServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20));
+    }
+    // Warm-up: one call per connection (threads, first allocations).
+    for client in &mut clients {
+        let tiny = NlImage { color: false, width: 2, height: 2, data: vec![1, 2, 3, 4].into() };
+        client.mean_filter(tiny).await.unwrap();
+    }
+    let idle = server.usage().rss;
+    reset_peak_rss(&server);
+    let sampler = HeldSampler::start(server.admin_addr);
+    let calls = clients.into_iter().enumerate().map(|(i, mut client)| {
+        let image = image.clone();
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                let request = NlImageRotateRequest { rotation: Rotation::NinetyDeg as i32, image: Some(image) };
+                client.rotate_image(request).await.map(tonic::Response::into_inner)
+            } else {
+                client.mean_filter(image).await.map(tonic::Response::into_inner)
+            }
+        })
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let held_peak = sampler.stop();
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap().unwrap_or_else(|status| panic!("call {i}: {status:?}"));
+        if i % 2 == 0 {
+            assert_eq!((answer.width, answer.height), (H as i32, W as i32), "rotated");
+            // Counter-clockwise: the source's top-right pixel is the answer's top-left.
+            assert_eq!(&answer.data[..3], &pixels[(W - 1) * 3..W * 3], "rotation {i}");
+        } else {
+            assert_eq!((answer.width, answer.height), (W as i32, H as i32));
+            assert_eq!(answer.data.len(), pixels.len(), "mean filter {i}");
+        }
+    }
+    // Each call held its request and its answer at once: the check below
+    // is not trivially met.
+    assert!(held_peak >= 2 * (W * H * 3) as u64, "the accounting's peak {held_peak} is below what the calls must hold");
+    assert_rss_within("large legacy calls", &server, idle, held_peak, LEGACY_OVERHEAD);
+    assert_eq!(held_back_to_zero(server.admin_addr, Duration::from_secs(10)).await, 0.0, "every charge released");
+}
+
+/// The unary image methods are read by the admission layer's own message
+/// buffer, not tonic's codec: a client's framing and protobuf mistakes
+/// are INVALID_ARGUMENT naming what was expected (tonic answered INTERNAL),
+/// and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_and_protobuf_mistakes_on_the_image_methods_are_invalid_argument() {
+    let pki = Pki::new(&["alpha"]);
+    let server = ServerProcess::spawn_with(&pki, "", &[("IMGSVC_LOG__LEVEL", QUIET_LOG)]);
+    let (mut send, connection) = h2_connect(&server, &pki, "alpha").await;
+    let cases: [(&str, bytes::Bytes, &str); 4] = [
+        ("/NLImageService/MeanFilter", grpc_frame(false, &[0x22, 0xff, 0xff, 0x01]), "not a valid NLImage"),
+        ("/NLImageService/RotateImage", bytes::Bytes::new(), "expected 1 request message, got none"),
+        ("/imgsvc.v1.ImageService/Process", grpc_prefix(false, 10), "ended after 0 of the 10 bytes of its request message"),
+        (
+            "/NLImageService/MeanFilter",
+            [grpc_frame(false, &[]), grpc_frame(false, &[])].concat().into(),
+            "expected 1 request message, got more than one",
+        ),
+    ];
+    for (path, body_bytes, words) in cases {
+        let (response, mut body) = start_call(&mut send, path).await;
+        body.send_data(body_bytes, true).unwrap();
+        let (status, _) = grpc_answer(response).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status:?}");
+        assert!(status.message().contains(words), "{path}: {:?} should say {words:?}", status.message());
+    }
+    let (response, mut body) = start_call(&mut send, "/NLImageService/MeanFilter").await;
+    let image = imgsvc::proto::nlimage::NlImage { color: false, width: 1, height: 1, data: vec![9].into() };
+    body.send_data(grpc_frame(false, &prost::Message::encode_to_vec(&image)), true).unwrap();
+    let (status, answer) = grpc_answer(response).await;
+    assert_eq!(status.code(), Code::Ok, "{status:?}");
+    let answer = <imgsvc::proto::nlimage::NlImage as prost::Message>::decode(&answer[5..]).expect("an NLImage");
+    assert_eq!((answer.width, answer.height, answer.data.len()), (1, 1, 1), "the connection serves on");
+    drop(send);
+    connection.abort();
+}
