@@ -481,6 +481,17 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     let (reader, failed, header_limits) = header_reader(&data, encoding, limits);
     let mut decoder = reader.into_decoder().map_err(failed)?;
     let bytes = checked_size(&decoder, limits)?;
+    let alloc_limit = decoder_alloc_limit(encoding, bytes, limits.max_alloc_bytes);
+    let (failed, header_limits) = if encoding == Encoding::Png {
+        // image's PNG decoder takes its allocation limit when it is built
+        // (its `set_limits` does not reach the png crate): built again,
+        // under the bound, for the pixels.
+        let (reader, failed, header_limits) = header_reader(&data, encoding, DecodeLimits { max_alloc_bytes: alloc_limit, ..limits });
+        decoder = reader.into_decoder().map_err(failed)?;
+        (failed, header_limits)
+    } else {
+        (failed, header_limits)
+    };
     // The decoder runs under image::Limits set from what was charged for
     // it (`DecodeCost`): its output buffer plus its working allowance.
     // As `ImageReader::decode` does, the output buffer is reserved from the
@@ -491,7 +502,7 @@ fn decode_unguarded(data: &[u8], options: &DecodeOptions) -> Result<Decoded, Cod
     let mut decode_limits = header_limits;
     decode_limits.max_image_width = Some(side);
     decode_limits.max_image_height = Some(side);
-    decode_limits.max_alloc = Some(decoder_alloc_limit(encoding, bytes, limits.max_alloc_bytes));
+    decode_limits.max_alloc = Some(alloc_limit);
     decode_limits.reserve(bytes).map_err(failed)?;
     decoder.set_limits(decode_limits).map_err(failed)?;
     let orientation = decoder.orientation().map_err(failed)?;
