@@ -137,7 +137,7 @@ impl TestServer {
         let mut raw = raw_config(pki);
         edit(&mut raw);
         let settings = Settings::validate(raw, "test config".into()).unwrap();
-        // Logs only: span export is tested through the binary (tests/otlp_export.rs).
+        // Logs only: span export is tested through the binary (tests/it/otlp_export.rs).
         let _ = imgsvc::telemetry::init(&settings.log, None);
         let admin = settings.admin;
         let server = Server::new(settings).unwrap();
@@ -579,7 +579,7 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then waits (at most 60 s) for the graceful exit.
-    #[allow(dead_code, reason = "only tests/otlp_export.rs stops a server process this way")]
+    #[allow(dead_code, reason = "only otlp_export (with the otlp feature) stops a server process this way")]
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         send_signal(self.pid(), "TERM");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

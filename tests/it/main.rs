@@ -24,15 +24,20 @@
 //! the binary re-runs itself with `--exact <test>`). Same name, same
 //! assertions; the parent passes when the child does.
 //!
-//! # The other test binary
-//! `tests/otlp_export.rs` stays a binary of its own: it needs the `otlp`
-//! cargo feature (`required-features`). CI builds the whole suite with it
-//! (`cargo test --locked --release --features imgsvc/otlp`, one build); a
-//! plain `cargo test --release` skips that binary and runs instead the
-//! config test for a build without the feature. It uses this harness
-//! through `#[path]`.
+//! # The `otlp` feature
+//! `otlp_export` (the server's span export to an OTLP collector) is a
+//! module here compiled only with the `otlp` cargo feature. CI builds the
+//! whole suite with it (`cargo test --locked --release --features
+//! imgsvc/otlp --tests`, one build); a plain `cargo test --release` leaves
+//! that module out and runs instead the config test for a build without
+//! the feature. Until 2026-12-07 it was a second test binary: a second
+//! compile of the harness and a second link of every dependency, about
+//! 40 s of CI's test build.
 
 mod common;
+
+#[cfg(feature = "otlp")]
+mod otlp_export;
 
 mod batch;
 mod bench;

@@ -2,13 +2,9 @@
 //! request spans to an OTLP/gRPC collector, under the caller's W3C trace,
 //! and flushes them when it shuts down.
 //!
-//! `cargo test --locked --release --features otlp --test otlp_export`
-#![cfg(feature = "otlp")]
-
-// The harness of the main test binary (tests/it/); this binary uses part of it.
-#[allow(dead_code)]
-#[path = "it/common.rs"]
-mod common;
+//! `cargo test --locked --release --features otlp --test it otlp_export::`
+//! (a module of the one test binary, compiled with the `otlp` feature only:
+//! see `main.rs`).
 
 use std::{
     net::SocketAddr,
@@ -16,8 +12,8 @@ use std::{
     time::Duration,
 };
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use imgsvc::proto::nlimage::{NlImage, nl_image_service_client::NlImageServiceClient};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
