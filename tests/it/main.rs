@@ -2,7 +2,7 @@
 //! the harness in [`common`]. One binary links the dependency tree once
 //! (33 test files were 33 links of the whole tree).
 //!
-//! Run one capability with a filter: `cargo test --release --test it mtls::`.
+//! Run one capability with a filter: `cargo test --profile ci --test it mtls::`.
 //!
 //! # One process, shared by every test
 //! The tests run in parallel threads of one process, so nothing a test
@@ -27,8 +27,8 @@
 //! # The `otlp` feature
 //! `otlp_export` (the server's span export to an OTLP collector) is a
 //! module here compiled only with the `otlp` cargo feature. CI builds the
-//! whole suite with it (`cargo test --locked --release --features
-//! imgsvc/otlp --tests`, one build); a plain `cargo test --release` leaves
+//! whole suite with it (`cargo test --locked --profile ci --features
+//! imgsvc/otlp --tests`, one build); a plain `cargo test --profile ci` leaves
 //! that module out and runs instead the config test for a build without
 //! the feature. Until 2026-12-07 it was a second test binary: a second
 //! compile of the harness and a second link of every dependency, about

@@ -2,7 +2,7 @@
 //! request spans to an OTLP/gRPC collector, under the caller's W3C trace,
 //! and flushes them when it shuts down.
 //!
-//! `cargo test --locked --release --features otlp --test it otlp_export::`
+//! `cargo test --locked --profile ci --features otlp --test it otlp_export::`
 //! (a module of the one test binary, compiled with the `otlp` feature only:
 //! see `main.rs`).
 

@@ -3,7 +3,7 @@
 # shared by tests/vm/kernel-tls.sh and tests/vm/kernel-tls-wire.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin=$(cargo test --locked --release --features imgsvc/otlp --test it --no-run --message-format=json 2>/dev/null |
+bin=$(cargo test --locked --profile ci --features imgsvc/otlp --test it --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
