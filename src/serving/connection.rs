@@ -105,6 +105,8 @@ pub struct ConnectionHandle {
     pub refused: Option<OverConnectionLimit>,
     pub(crate) activity: Arc<Activity>,
     closing: tokio::sync::watch::Sender<Option<Closing>>,
+    /// Whether the error that ended it has been counted.
+    error_counted: std::sync::atomic::AtomicBool,
 }
 
 impl ConnectionHandle {
@@ -130,7 +132,20 @@ impl ConnectionHandle {
             refused,
             activity: Activity::new(),
             closing: tokio::sync::watch::channel(None).0,
+            error_counted: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Counts the error that ends the connection, once, in
+    /// `imgsvc_connection_errors_total{tenant,kind}`, whether its stream
+    /// saw it first (an end the HTTP/2 layer would take for a clean one:
+    /// h2 closes an idle server connection without error on an unexpected
+    /// end of stream, truncation included) or the HTTP/2 layer did.
+    pub fn count_error(&self, kind: &'static str) {
+        if !self.error_counted.swap(true, Ordering::AcqRel) {
+            let tenant = self.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+            metrics::counter!("imgsvc_connection_errors_total", "tenant" => tenant, "kind" => kind).increment(1);
+        }
     }
 
     /// Sends HTTP/2 GOAWAY now (clients start new calls elsewhere, on a new

@@ -119,7 +119,9 @@ impl ConnectionServing {
             tokio::select! {
                 served = conn.as_mut() => {
                     if let Err(e) = served {
-                        tracing::debug!(peer = %handle.peer, error = %e, "connection ended with an error");
+                        let kind = error_kind(&e);
+                        handle.count_error(kind);
+                        tracing::debug!(peer = %handle.peer, error = %e, kind, "connection ended with an error");
                     }
                     break;
                 }
@@ -185,5 +187,74 @@ impl tower::Service<http::Request<Incoming>> for PerConnection {
         let mut request = http::Request::from_parts(parts, tonic::body::Body::new(body));
         request.extensions_mut().insert(self.info.clone());
         Box::pin(self.router.call(request).instrument(span))
+    }
+}
+
+/// rustls's words for a TCP end without close_notify; kernel TLS reports
+/// the same (`kernel_tls`).
+const TRUNCATED_PREFIX: &str = "peer closed connection without sending TLS close_notify";
+
+/// What ended a connection with an error, for
+/// `imgsvc_connection_errors_total{kind}`: `truncated` (the client's TCP
+/// stream ended without TLS close_notify: rustls and kernel TLS alike),
+/// `tls` (a TLS alert, or a record that does not authenticate or parse),
+/// `reset` (the peer reset or aborted the TCP connection), `timeout`, or
+/// `http2` (anything else: an HTTP/2 protocol error, a keepalive PING
+/// unanswered).
+pub fn error_kind(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return match io.kind() {
+                K::UnexpectedEof if io.to_string().starts_with(TRUNCATED_PREFIX) => "truncated",
+                K::InvalidData => "tls",
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => "reset",
+                K::TimedOut => "timeout",
+                _ => "http2",
+            };
+        }
+        next = e.source();
+    }
+    "http2"
+}
+
+#[cfg(test)]
+mod error_kind_tests {
+    use std::io;
+
+    use super::error_kind;
+
+    #[derive(Debug)]
+    struct Wrapped(io::Error);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn connection_errors_are_told_apart_through_their_sources() {
+        let truncated = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof",
+        );
+        let cases = [
+            (truncated, "truncated"),
+            (io::Error::new(io::ErrorKind::UnexpectedEof, "early eof"), "http2"),
+            (io::Error::new(io::ErrorKind::InvalidData, "received fatal alert: DecryptError"), "tls"),
+            (io::Error::from(io::ErrorKind::ConnectionReset), "reset"),
+            (io::Error::from(io::ErrorKind::TimedOut), "timeout"),
+        ];
+        for (error, kind) in cases {
+            let words = error.to_string();
+            assert_eq!(error_kind(&Wrapped(error)), kind, "{words}");
+        }
+        assert_eq!(error_kind(&std::fmt::Error), "http2");
     }
 }

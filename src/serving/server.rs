@@ -712,7 +712,12 @@ impl tokio::io::AsyncRead for LingeringStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        self.stream().poll_read(cx, buf)
+        let this = self.get_mut();
+        let read = std::pin::Pin::new(this.inner.as_mut().expect("present until drop")).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Err(e)) = &read {
+            this.handle.count_error(super::http2::error_kind(e));
+        }
+        read
     }
 }
 

@@ -323,3 +323,55 @@ fn check_config_probes_the_kernel_like_the_start() {
         }
     }
 }
+
+fn connection_errors(server: &TestServer, tenant: &str, kind: &str) -> f64 {
+    metric(&scrape(server.admin_addr.unwrap()), "imgsvc_connection_errors_total", &[("tenant", tenant), ("kind", kind)]).unwrap_or(0.0)
+}
+
+/// A client's TCP stream that ends without TLS close_notify is a
+/// truncation (an attacker cutting the stream short looks the same): the
+/// connection ends with an error, counted as `truncated`, whichever record
+/// layer serves it; one that sends close_notify first ends cleanly. The
+/// same assertions in both branches: on a kernel with kernel TLS (the VM),
+/// the kernel path must tell the two apart as rustls does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_without_close_notify_is_a_truncation_and_one_closed_with_it_is_not() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new(&["ktls-cut"]);
+    let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
+    let expected = if kernel().is_some() { "kernel" } else { "rustls" };
+    let ping = [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[7u8; 8]].concat();
+    for (round, close_notify) in [(1.0, false), (2.0, true)] {
+        let mut tls = tls_connect(server.addr, &pki, "ktls-cut").await;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        tls.write_all(&ping).await.unwrap();
+        tls.flush().await.unwrap();
+        assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "served before the end");
+        if close_notify {
+            tls.shutdown().await.unwrap(); // close_notify, then the TCP end
+        } else {
+            tls.get_mut().0.shutdown().await.unwrap(); // the TCP end alone
+        }
+        // The server ends the connection either way.
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), until_ping_ack(&mut tls)).await.expect("the server ends it");
+        assert!(!matches!(ended, Ok(Seen::PingAck)), "nothing more is answered: {ended:?}");
+        assert_eq!(connections(&server, "ktls-cut", expected), round, "served by {expected}");
+    }
+    // Counted once the server has seen the end; the clean close never.
+    let admin = server.admin_addr.unwrap();
+    let truncated = until_metric(
+        admin,
+        "imgsvc_connection_errors_total",
+        &[("tenant", "ktls-cut"), ("kind", "truncated")],
+        1.0,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let seen: Vec<String> = scrape(admin).lines().filter(|l| l.contains("connection_errors")).map(String::from).collect();
+    assert_eq!(truncated, Some(1.0), "the cut stream is counted as a truncation: {seen:?}");
+    for kind in ["tls", "reset", "timeout", "http2"] {
+        assert_eq!(connection_errors(&server, "ktls-cut", kind), 0.0, "{kind}: the close_notify ended cleanly");
+    }
+    exact_answers(channel(&server, &pki, "ktls-cut").await).await;
+}
