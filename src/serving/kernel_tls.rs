@@ -572,11 +572,8 @@ fn decide(tls13: bool, warnings_left: &mut u8, record_type: Option<u8>, payload:
         (Some(ALERT), &[_, CLOSE_NOTIFY]) => Control::CloseNotify,
         (Some(ALERT), &[level @ (1 | 2), description]) => {
             if level == 2 {
-                return fatal(
-                    None,
-                    io::ErrorKind::ConnectionAborted,
-                    format!("TLS alert from the client: fatal, description {description}"),
-                );
+                // InvalidData, as rustls reports every TLS error.
+                return fatal(None, io::ErrorKind::InvalidData, format!("TLS alert from the client: fatal, description {description}"));
             }
             if *warnings_left == 0 {
                 return fatal(
@@ -1082,7 +1079,7 @@ mod tests {
         // Fatal alerts end the connection without an answer.
         assert_eq!(
             decide(tls12, &mut left, Some(ALERT), &[2, 40]),
-            fatal(None, ConnectionAborted, "TLS alert from the client: fatal, description 40")
+            fatal(None, InvalidData, "TLS alert from the client: fatal, description 40")
         );
         assert_eq!(
             decide(tls13, &mut left, Some(ALERT), &[3, 40]),
