@@ -153,6 +153,12 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
+    /// The tenant as logs and metric labels name it: `-` for a peer
+    /// without one.
+    pub fn tenant_label(&self) -> String {
+        self.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string())
+    }
+
     /// The identity of a peer that presented `certs` (leaf first).
     pub fn of(
         remote_addr: Option<SocketAddr>,

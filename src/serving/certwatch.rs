@@ -395,7 +395,7 @@ fn close_expired(connections: &OpenConnections, not_after: &mut HashMap<u64, Opt
 }
 
 fn log_failed(conn: &ConnectionHandle, reason: CloseReason, error: &str) {
-    let tenant = conn.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+    let tenant = conn.identity.tenant_label();
     tracing::warn!(
         peer = %conn.peer,
         %tenant,

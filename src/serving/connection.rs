@@ -143,7 +143,7 @@ impl ConnectionHandle {
     /// end of stream, truncation included) or the HTTP/2 layer did.
     pub fn count_error(&self, kind: &'static str) {
         if !self.error_counted.swap(true, Ordering::AcqRel) {
-            let tenant = self.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+            let tenant = self.identity.tenant_label();
             metrics::counter!("imgsvc_connection_errors_total", "tenant" => tenant, "kind" => kind).increment(1);
         }
     }
@@ -171,7 +171,7 @@ impl ConnectionHandle {
         });
         if first {
             metrics::counter!("imgsvc_connections_closed_total", "reason" => reason.label()).increment(1);
-            let tenant = self.identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+            let tenant = self.identity.tenant_label();
             let (peer, open_calls, grace_ms) = (self.peer, self.open_calls(), grace.as_millis() as u64);
             if reason.routine() {
                 tracing::debug!(%peer, %tenant, reason = reason.label(), open_calls, grace_ms, "closing connection (GOAWAY)");

@@ -900,7 +900,7 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             ServerStream::Rustls(stream)
                         }
                     };
-                    let tenant_label = identity.tenant.as_ref().map_or_else(|_| "-".to_string(), |t| t.to_string());
+                    let tenant_label = identity.tenant_label();
                     metrics::counter!("imgsvc_tls_connections_total", "tenant" => tenant_label, "record_layer" => stream.record_layer())
                         .increment(1);
                     if let Err(e) = stream.tcp_mut().rehome(&lane.runtime) {

@@ -12,6 +12,24 @@ use imgsvc::{
     proto::nlimage::{NlImage, NlImageRotateRequest, nl_image_rotate_request::Rotation, nl_image_service_client::NlImageServiceClient},
 };
 
+/// `n` concurrent half turns of 3000×2000 RGB images (18 MB each) on one
+/// channel; each task says whether its answer kept the pixels (constant
+/// images: a half turn keeps them).
+fn half_turns(
+    client: &NlImageServiceClient<tonic::transport::Channel>,
+    n: u8,
+) -> impl Iterator<Item = tokio::task::JoinHandle<Result<bool, tonic::Status>>> + use<> {
+    let client = client.clone();
+    (0..n).map(move |i| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let image = rgb(3000, 2000, i + 1);
+            let request = NlImageRotateRequest { rotation: Rotation::OneEightyDeg as i32, image: Some(image.clone()) };
+            client.rotate_image(request).await.map(|answer| answer.into_inner().data == image.data)
+        })
+    })
+}
+
 fn rgb(width: u32, height: u32, fill: u8) -> NlImage {
     NlImage { color: true, width: width as i32, height: height as i32, data: Bytes::from(vec![fill; width as usize * height as usize * 3]) }
 }
@@ -29,15 +47,7 @@ async fn concurrent_large_calls_on_one_channel_beyond_the_share_are_all_served_o
     let channel = client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
     let client = NlImageServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
 
-    let calls = (0..4u8).map(|i| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let image = rgb(3000, 2000, i + 1);
-            let request = NlImageRotateRequest { rotation: Rotation::OneEightyDeg as i32, image: Some(image.clone()) };
-            // Constant images: a half turn keeps the pixels.
-            client.rotate_image(request).await.map(|answer| answer.into_inner().data == image.data)
-        })
-    });
+    let calls = half_turns(&client, 4);
     let mut served = 0;
     for call in calls.collect::<Vec<_>>() {
         let result = tokio::time::timeout(Duration::from_secs(60), call).await.expect("served, not stalled").unwrap();
@@ -222,14 +232,7 @@ async fn with_adaptive_windows_a_call_without_memory_is_refused_at_once_and_stal
     let server = ServerProcess::spawn_with(&pki, extra, &env);
     let channel = client::connect(&target_of(server.addr), &pki.credentials("alpha")).await.unwrap();
     let client = NlImageServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-    let calls = (0..3u8).map(|i| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let image = rgb(3000, 2000, i + 1);
-            let request = NlImageRotateRequest { rotation: Rotation::OneEightyDeg as i32, image: Some(image.clone()) };
-            client.rotate_image(request).await.map(|answer| answer.into_inner().data == image.data)
-        })
-    });
+    let calls = half_turns(&client, 3);
     let (mut served, mut refused) = (0, 0);
     for call in calls.collect::<Vec<_>>() {
         // Well under the 30 s a held-back call would wait.
