@@ -9,29 +9,37 @@
 //! anyway, and rustls's record copies and buffers go.
 //!
 //! How, for one connection:
-//! 1. The handshake runs in rustls as always, but the socket ([`LaneTcp`])
-//!    hands rustls at most one TLS record per read
-//!    ([`LaneTcp::bound_reads_to_records`]), so that rustls never holds part
-//!    of a record the kernel would then miss.
-//! 2. [`offload`] finishes the record in progress, takes the plaintext rustls
-//!    has already decrypted (the client's first HTTP/2 bytes, often), writes
-//!    what rustls still has to send, extracts the traffic secrets and
-//!    sequence numbers, and hands them to the kernel (`TCP_ULP` `tls`, then
-//!    `TLS_TX` and `TLS_RX`).
+//! 1. The handshake runs in rustls's unbuffered API ([`handshake`]), which
+//!    is fed exactly the bytes read: the socket ([`LaneTcp`]) returns at
+//!    most one TLS record per read ([`LaneTcp::bound_reads_to_records`]), and
+//!    the handshake ends at a record boundary, so no byte the kernel needs
+//!    is left in user space. Application data that arrived with the
+//!    client's Finished is decrypted by rustls and kept.
+//! 2. [`offload`] turns the connection into rustls's
+//!    [`KernelConnection`] (which keeps the traffic secrets for key
+//!    updates), and hands the keys and sequence numbers to the kernel
+//!    (`TCP_ULP` `tls`, then `TLS_TX` and `TLS_RX`).
 //! 3. [`KernelTlsStream`] serves the drained plaintext first, then reads and
 //!    writes the socket. A record that is not application data makes `read`
-//!    fail with `EIO`; it is then read with `recvmsg` and its type: a
-//!    close_notify alert ends the stream, any other alert or a post-handshake
-//!    message (a client's KeyUpdate: the kernel cannot follow it here) ends
-//!    the connection with an error. Shutting down sends close_notify.
+//!    fail with `EIO`; it is then read with `recvmsg` and its type and
+//!    decided as rustls decides it ([`decide`]): close_notify ends the
+//!    stream, a client's TLS 1.3 KeyUpdate is followed (the new receiving
+//!    key from rustls, then `TLS_RX` again; the server's own KeyUpdate
+//!    before its next record when the client asks for one), alerts are
+//!    taken as rustls takes them. Shutting down sends close_notify.
+//! 4. The server's sending key never passes its limit: near it, a TLS 1.3
+//!    connection sends a KeyUpdate and changes keys; a TLS 1.2 one (no key
+//!    update in TLS 1.2) closes gracefully ([`KeyLimit`]).
 //!
 //! Whether the kernel can do it at all is [`probe`]d once at start, on a
 //! loopback socket pair: the `tls` upper-layer protocol must exist (the
-//! `tls` module, `CONFIG_TLS`), and each cipher is tried. `auto` falls back
-//! to rustls when it cannot (or the negotiated cipher is not among those the
-//! kernel took); `on` refuses to start. Once secrets are extracted there is
-//! no way back to rustls: a connection whose offload then fails is closed
-//! (counted and logged), which the probe makes rare.
+//! `tls` module, `CONFIG_TLS`), every cipher rustls may negotiate must be
+//! taken (a handshake run for the kernel cannot fall back to rustls's
+//! record layer), and a second `TLS_TX` tells whether the kernel accepts
+//! new keys on a live socket (Linux 6.14 and later). Where it does not, a
+//! client's KeyUpdate and the key limit close the connection gracefully
+//! instead (GOAWAY; calls in flight finish). `auto` serves through rustls
+//! when the kernel cannot; `on` refuses to start.
 
 use std::{
     io,
@@ -41,9 +49,13 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
+use rustls::{
+    ConnectionTrafficSecrets, ProtocolVersion, ServerConfig,
+    kernel::KernelConnection,
+    server::{ServerConnectionData, UnbufferedServerConnection},
+    unbuffered::{ConnectionState, EncodeError, UnbufferedStatus},
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
-use tokio_rustls::server::TlsStream;
 
 use crate::{config::KernelTlsMode, serving::lanes::LaneTcp};
 
@@ -55,8 +67,9 @@ const APPLICATION_DATA: u8 = 23;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 
-/// Said wherever the suites the kernel takes are listed (see [`kernel_cipher`]).
-pub const TLS12_GCM_IN_RUSTLS: &str = "TLS 1.2 AES-GCM stays in rustls: the kernel would repeat its explicit nonces";
+/// Said wherever the suites the kernel takes are listed (see
+/// [`tls12_gcm_first_kernel_nonce`]).
+pub const TLS12_GCM_NONCES: &str = "TLS 1.2 AES-GCM with explicit nonces disjoint from rustls's";
 
 /// The AEAD ciphers the kernel accepted in [`probe`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,10 +90,34 @@ impl std::fmt::Display for Ciphers {
     }
 }
 
+impl Ciphers {
+    /// Every cipher rustls may negotiate.
+    pub const ALL: Ciphers = Ciphers { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true };
+}
+
+/// What the kernel takes: its ciphers, and whether it accepts new keys on a
+/// live socket (TLS 1.3 key updates, Linux 6.14 and later).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTls {
+    pub ciphers: Ciphers,
+    pub rekey: bool,
+}
+
+impl std::fmt::Display for KernelTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = if self.rekey {
+            "TLS 1.3 key updates followed in the kernel"
+        } else {
+            "this kernel takes no new keys (before Linux 6.14): a TLS 1.3 key update or the key limit closes the connection gracefully"
+        };
+        write!(f, "{}; {TLS12_GCM_NONCES}; {keys}", self.ciphers)
+    }
+}
+
 /// What [`probe`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Support {
-    Available(Ciphers),
+    Available(KernelTls),
     /// Why not, for the log and the `on` refusal.
     Unavailable(String),
 }
@@ -138,20 +175,42 @@ pub fn probe() -> Support {
     if ciphers == Ciphers::default() {
         return Support::Unavailable("the kernel's `tls` module accepted none of AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305".into());
     }
-    Support::Available(ciphers)
+    // A second TLS_TX on a TLS 1.3 socket: a key update (Linux 6.14 and
+    // later); older kernels refuse it (EBUSY).
+    let pair = listener.local_addr().and_then(std::net::TcpStream::connect).and_then(|c| Ok((c, listener.accept()?.0)));
+    let rekey = pair.is_ok_and(|(client, _server)| {
+        let fd = client.as_raw_fd();
+        let cipher = [Cipher::Aes128Gcm, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305].into_iter().find(|c| ciphers.has(*c));
+        cipher.is_some_and(|cipher| {
+            let info = CryptoInfo::new(cipher, libc::TLS_1_3_VERSION, &vec![0; cipher.key_len()], &[0; 12], 0);
+            set_ulp(fd).is_ok()
+                && info.is_ok_and(|info| set_crypto(fd, libc::TLS_TX, &info).is_ok() && set_crypto(fd, libc::TLS_TX, &info).is_ok())
+        })
+    });
+    Support::Available(KernelTls { ciphers, rekey })
 }
 
 /// What `tls.kernel_tls` comes to on this kernel, for the start and for
-/// `--check-config` alike: the ciphers the kernel takes over (`None`: rustls
+/// `--check-config` alike: what the kernel takes over (`None`: rustls
 /// seals every record) and the summary the start line shows (`on
-/// (ciphers)`, `off`, or `off: <why>` when `auto` falls back), or why
-/// `on` cannot start.
-pub fn resolve(mode: KernelTlsMode) -> Result<(Option<Ciphers>, String), String> {
+/// (ciphers; …)`, `off`, or `off: <why>` when `auto` falls back), or why
+/// `on` cannot start. A kernel that lacks one of the ciphers rustls may
+/// negotiate is not used: a handshake run for the kernel cannot go back to
+/// rustls's record layer.
+pub fn resolve(mode: KernelTlsMode) -> Result<(Option<KernelTls>, String), String> {
     if mode == KernelTlsMode::Off {
         return Ok((None, "off".into()));
     }
-    match probe() {
-        Support::Available(ciphers) => Ok((Some(ciphers), format!("on ({ciphers}; {TLS12_GCM_IN_RUSTLS})"))),
+    let support = match probe() {
+        Support::Available(kernel) if kernel.ciphers != Ciphers::ALL => Support::Unavailable(format!(
+            "the kernel's `tls` module takes only {} of AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305, and a connection \
+             that negotiates another could not be served",
+            kernel.ciphers
+        )),
+        support => support,
+    };
+    match support {
+        Support::Available(kernel) => Ok((Some(kernel), format!("on ({kernel})"))),
         Support::Unavailable(why) if mode == KernelTlsMode::On => Err(why),
         Support::Unavailable(why) => Ok((None, format!("off: {why}"))),
     }
@@ -179,32 +238,45 @@ impl Cipher {
     }
 }
 
-/// The cipher rustls negotiated on `conn`, if the kernel can take it:
-/// decided before the handshake's secrets are extracted, while falling back
-/// to rustls is still possible.
-pub fn kernel_takes(conn: &ServerConnection, ciphers: &Ciphers) -> bool {
-    conn.negotiated_cipher_suite().and_then(|suite| kernel_cipher(suite.suite())).is_some_and(|cipher| ciphers.has(cipher))
-}
-
-/// The kernel cipher a negotiated suite would be sealed with, or `None` for
-/// a suite that stays in rustls.
-///
-/// TLS 1.2 AES-GCM stays in rustls: its records carry an explicit nonce,
-/// which rustls computes as `salt ‖ (E XOR seq)` while the kernel sends
-/// `salt ‖ iv` and adds one per record (`tls_advance_record_sn`). Handed
-/// rustls's IV, the kernel's first record would repeat the nonce of the
-/// server's Finished under the same key — a GCM nonce reuse, which leaks
-/// the authentication key. TLS 1.3 and ChaCha20-Poly1305 build the nonce
-/// as `iv XOR seq` on both sides, so their sequences are one and the same.
+/// The kernel cipher of every suite rustls may negotiate (ring's provider,
+/// as in `src/tls.rs`).
 fn kernel_cipher(suite: rustls::CipherSuite) -> Option<Cipher> {
+    use rustls::CipherSuite as S;
     Some(match suite {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => Cipher::Aes128Gcm,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => Cipher::Aes256Gcm,
-        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
+        S::TLS13_AES_128_GCM_SHA256 | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            Cipher::Aes128Gcm
+        }
+        S::TLS13_AES_256_GCM_SHA384 | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            Cipher::Aes256Gcm
+        }
+        S::TLS13_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Cipher::Chacha20Poly1305,
         _ => return None,
     })
+}
+
+/// TLS 1.2 AES-GCM: the first explicit nonce the kernel may send, given
+/// rustls's `e` (the last eight bytes of its IV) and the records rustls
+/// sealed under the key before the switch (`used`, its sequence number:
+/// the server's Finished, so 1).
+///
+/// rustls sends `e XOR seq` as each record's explicit nonce; the kernel
+/// sends the IV it is handed and adds one per record
+/// (`tls_advance_record_sn`). Handed `e`, its first record would repeat
+/// the Finished's nonce under the same key (a GCM nonce reuse, which leaks
+/// the authentication key). The peer reads the explicit nonce from each
+/// record, so any unique sequence is valid: every `e XOR s` with
+/// `s < used` lies in the aligned block of `2^k >= used` values around
+/// `e`, and the kernel starts just past that block. It sends at most the
+/// suite's confidentiality limit (2^24) records under the key
+/// ([`KernelTlsStream::writable`]), far from wrapping around 2^64 back into
+/// the block; `tls12_gcm_kernel_nonces_are_disjoint_from_rustls_s` checks
+/// the whole sequence.
+fn tls12_gcm_first_kernel_nonce(e: u64, used: u64) -> u64 {
+    let bits = u64::BITS - used.saturating_sub(1).leading_zeros();
+    let block = if bits >= u64::BITS { u64::MAX } else { (1u64 << bits) - 1 };
+    (e | block).wrapping_add(1)
 }
 
 /// One direction's key material in the layout of `linux/tls.h`, made only
@@ -224,6 +296,20 @@ impl CryptoInfo {
     fn new(cipher: Cipher, version: u16, key: &[u8], iv: &[u8], seq: u64) -> Result<Box<Self>, String> {
         let mut info = Box::new(Self::empty(cipher, version));
         info.fill(key, iv, seq)?;
+        Ok(info)
+    }
+
+    /// For the sending side: as [`CryptoInfo::new`], but a TLS 1.2 AES-GCM
+    /// key starts the kernel's explicit nonces past every one rustls sent
+    /// ([`tls12_gcm_first_kernel_nonce`]).
+    fn for_sending(cipher: Cipher, version: u16, key: &[u8], iv: &[u8], seq: u64) -> Result<Box<Self>, String> {
+        let mut info = Self::new(cipher, version, key, iv, seq)?;
+        if version == libc::TLS_1_2_VERSION
+            && let CryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 { iv, .. })
+            | CryptoInfo::Aes256Gcm(libc::tls12_crypto_info_aes_gcm_256 { iv, .. }) = &mut *info
+        {
+            *iv = tls12_gcm_first_kernel_nonce(u64::from_be_bytes(*iv), seq).to_be_bytes();
+        }
         Ok(info)
     }
 
@@ -310,16 +396,22 @@ impl Drop for CryptoInfo {
     }
 }
 
+/// Secrets rustls hands over: [`rustls::ExtractedSecrets`] at the switch,
+/// `(u64, ConnectionTrafficSecrets)` at each key update. Each is sequence
+/// numbers and `ConnectionTrafficSecrets`, an enum of fixed-size byte
+/// arrays and lengths (no pointers, no heap).
+trait FlatSecrets {}
+impl FlatSecrets for rustls::ExtractedSecrets {}
+impl FlatSecrets for (u64, ConnectionTrafficSecrets) {}
+
 /// Wipes the secrets rustls handed over, then forgets them: rustls zeroizes
 /// an `AeadKey` when it drops, but not an `Iv` (rustls 0.23.46,
 /// `crypto/cipher.rs`), and gives no `&mut` to either.
-fn wipe_secrets(secrets: &mut std::mem::ManuallyDrop<rustls::ExtractedSecrets>) {
-    // SAFETY: `ExtractedSecrets` is sequence numbers and two
-    // `ConnectionTrafficSecrets`, each an enum of fixed-size byte arrays
-    // and lengths (no pointers, no heap). All-zero may not be a valid
+fn wipe<T: FlatSecrets>(secrets: &mut std::mem::ManuallyDrop<T>) {
+    // SAFETY: `T` is flat (see FlatSecrets). All-zero may not be a valid
     // enum, so the value is never used again: it stays in `ManuallyDrop`
     // and is never dropped (dropping would only zeroize the keys again).
-    unsafe { zeroize::zeroize_flat_type(&mut **secrets as *mut rustls::ExtractedSecrets) }
+    unsafe { zeroize::zeroize_flat_type(&mut **secrets as *mut T) }
 }
 
 fn set_ulp(fd: RawFd) -> io::Result<()> {
@@ -357,73 +449,179 @@ pub enum OffloadError {
     },
 }
 
-/// Moves an established connection's record layer from rustls into the
-/// kernel (see the module documentation). The socket must have had its
-/// reads bounded to records since before the handshake.
-/// `close_after_records`: the test hook of `tls.kernel_tls_close_after_records`.
-pub async fn offload(mut stream: TlsStream<LaneTcp>, close_after_records: Option<u64>) -> Result<KernelTlsStream, OffloadError> {
-    // What rustls still has to send (TLS 1.3 session tickets) goes first,
-    // under rustls's keys and sequence numbers.
-    stream.flush().await.map_err(OffloadError::Drain)?;
-    let (mut tcp, mut conn) = stream.into_inner();
-    // Finish the record rustls has begun: reads stay bounded to it.
-    let mut chunk = vec![0u8; 16 * 1024 + 256];
-    while !tcp.at_record_boundary() {
-        let n = tcp.read(&mut chunk).await.map_err(OffloadError::Drain)?;
-        if n == 0 {
-            return Err(OffloadError::Closed);
+/// A finished handshake whose records the kernel is to take over, ending
+/// at a record boundary ([`handshake`]).
+pub struct Handshake {
+    tcp: LaneTcp,
+    conn: UnbufferedServerConnection,
+    /// Application data rustls decrypted with the handshake's last records.
+    drained: Vec<u8>,
+    /// The client's close_notify came with them.
+    read_closed: bool,
+}
+
+impl Handshake {
+    /// The client's certificate chain, as rustls verified it.
+    pub fn peer_certificates(&self) -> &[rustls::pki_types::CertificateDer<'static>] {
+        self.conn.peer_certificates().unwrap_or_default()
+    }
+}
+
+/// A rustls error as tokio-rustls reports one (`InvalidData` wrapping it),
+/// so that handshake failures are classified alike on either path.
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The largest TLS record on the wire: 2^14 bytes of plaintext plus the
+/// 5-byte header and at most 256 bytes of expansion (RFC 8446 §5.2).
+const MAX_WIRE_RECORD: usize = MAX_RECORD + 5 + 256;
+
+/// Runs a server handshake in rustls's unbuffered API on a socket whose
+/// reads are bounded to records, until it is complete, nothing is left to
+/// send, and the bytes read end at a record boundary (see the module
+/// documentation). Errors are rustls's (`InvalidData`, after its alert has
+/// been sent) or the socket's.
+pub async fn handshake(mut tcp: LaneTcp, config: Arc<ServerConfig>) -> io::Result<Handshake> {
+    let mut conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let (mut incoming, mut filled) = (vec![0u8; MAX_WIRE_RECORD], 0usize);
+    let mut outgoing = Vec::new();
+    let (mut drained, mut read_closed) = (Vec::new(), false);
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut incoming[..filled]);
+        let read_more = match state {
+            Err(e) => {
+                // rustls's alert follows, from the same buffer (its
+                // deframer still refers to it).
+                incoming.copy_within(discard..filled, 0);
+                send_pending_alert(&mut conn, &mut tcp, &mut incoming[..filled - discard]).await;
+                return Err(tls_error(e));
+            }
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                encode(|out| data.encode(out), &mut outgoing).map_err(|e| io::Error::other(format!("encoding a handshake record: {e}")))?;
+                false
+            }
+            Ok(ConnectionState::TransmitTlsData(data)) => {
+                tcp.write_all(&outgoing).await?;
+                outgoing.clear();
+                data.done();
+                false
+            }
+            Ok(ConnectionState::ReadTraffic(mut records)) => {
+                while let Some(record) = records.next_record() {
+                    drained.extend_from_slice(record.map_err(tls_error)?.payload);
+                }
+                false
+            }
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                read_closed = true;
+                false
+            }
+            Ok(ConnectionState::BlockedHandshake) => true,
+            // The server may send before the client's Finished (TLS 1.3):
+            // done only once the handshake is and no record is half read.
+            Ok(ConnectionState::WriteTraffic(_)) => {
+                let done = filled == discard && !conn.is_handshaking() && tcp.at_record_boundary();
+                if done || read_closed {
+                    break;
+                }
+                true
+            }
+            Ok(other) => return Err(io::Error::other(format!("unexpected TLS state during the handshake: {other:?}"))),
+        };
+        incoming.copy_within(discard..filled, 0);
+        filled -= discard;
+        if !read_more {
+            continue;
         }
-        let mut fed = &chunk[..n];
-        while !fed.is_empty() {
-            conn.read_tls(&mut fed).map_err(OffloadError::Drain)?;
-            conn.process_new_packets().map_err(OffloadError::Rustls)?;
+        if read_closed {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof"));
+        }
+        if filled == incoming.len() {
+            incoming.resize(filled + MAX_WIRE_RECORD, 0);
+        }
+        let n = tcp.read(&mut incoming[filled..]).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof"));
+        }
+        filled += n;
+    }
+    Ok(Handshake { tcp, conn, drained, read_closed })
+}
+
+/// Encodes one record into `outgoing`, growing it as rustls asks.
+fn encode(mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>, outgoing: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let at = outgoing.len();
+    outgoing.resize(at + MAX_WIRE_RECORD, 0);
+    let n = match encode(&mut outgoing[at..]) {
+        Err(EncodeError::InsufficientSize(e)) => {
+            outgoing.resize(at + e.required_size, 0);
+            encode(&mut outgoing[at..])?
+        }
+        other => other?,
+    };
+    outgoing.truncate(at + n);
+    Ok(())
+}
+
+/// Sends the alert rustls queued with an error, as tokio-rustls does; the
+/// handshake is failing anyway, so errors here are ignored. Bounded: rustls
+/// queues one alert.
+async fn send_pending_alert(conn: &mut UnbufferedServerConnection, tcp: &mut LaneTcp, incoming: &mut [u8]) {
+    let mut outgoing = Vec::new();
+    for _ in 0..4 {
+        // Nothing is discarded from `incoming` here: rustls has failed and
+        // reads no further record. After the alert it reports its error
+        // again, not `TransmitTlsData`.
+        match conn.process_tls_records(incoming).state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                if encode(|out| data.encode(out), &mut outgoing).is_err() {
+                    break;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(data)) => {
+                data.done();
+                break;
+            }
+            _ => break,
         }
     }
-    tcp.stop_bounding_reads();
-    // The plaintext rustls has decrypted and nobody has read yet.
-    // A close_notify right behind it ends the client's stream after that
-    // plaintext, which is still served (as rustls would).
-    let mut drained = Vec::new();
-    let read_closed = loop {
-        match io::Read::read(&mut conn.reader(), &mut chunk) {
-            Ok(0) => break true, // close_notify
-            Ok(n) => drained.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
-            Err(e) => return Err(OffloadError::Drain(e)),
-        }
-    };
+    let _ = tcp.write_all(&outgoing).await;
+}
+
+/// Moves a finished handshake's record layer into the kernel (see the
+/// module documentation): rustls keeps only what key updates need.
+/// `close_after_records`: the test hook of `tls.kernel_tls_close_after_records`.
+pub fn offload(handshake: Handshake, kernel: KernelTls, close_after_records: Option<u64>) -> Result<KernelTlsStream, OffloadError> {
+    let Handshake { mut tcp, conn, drained, read_closed } = handshake;
     if read_closed && drained.is_empty() {
         return Err(OffloadError::Closed);
     }
-    // Anything the last records made rustls answer.
-    let mut pending = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut pending).map_err(OffloadError::Drain)?;
-    }
-    tcp.write_all(&pending).await.map_err(OffloadError::Drain)?;
-
-    let limits = conn.negotiated_cipher_suite().map(|suite| suite_limits(&suite, close_after_records));
+    tcp.stop_bounding_reads();
+    let suite = conn.negotiated_cipher_suite().ok_or_else(|| OffloadError::Unsupported("no cipher suite negotiated".into()))?;
+    let cipher = kernel_cipher(suite.suite())
+        .filter(|c| kernel.ciphers.has(*c))
+        .ok_or_else(|| OffloadError::Unsupported(format!("{:?}, which the kernel does not take", suite.suite())))?;
     let version = match conn.protocol_version() {
         Some(ProtocolVersion::TLSv1_3) => libc::TLS_1_3_VERSION,
         Some(ProtocolVersion::TLSv1_2) => libc::TLS_1_2_VERSION,
         other => return Err(OffloadError::Unsupported(format!("protocol version {other:?}"))),
     };
+    let (close_at, hard_limit) = suite_limits(&suite, close_after_records);
+    let (secrets, kernel_conn) = conn.dangerous_into_kernel_connection().map_err(OffloadError::Secrets)?;
     // The secrets are read where they lie and wiped once copied into the
-    // kernel's structs (see `wipe_secrets`).
-    let mut secrets = std::mem::ManuallyDrop::new(conn.dangerous_extract_secrets().map_err(OffloadError::Secrets)?);
-    let info = |(seq, secrets): &(u64, ConnectionTrafficSecrets)| {
-        let (cipher, key, iv) = Cipher::of(secrets).ok_or_else(|| OffloadError::Unsupported("a cipher the kernel does not take".into()))?;
-        CryptoInfo::new(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported)
-    };
-    let tx_seq = secrets.tx.0;
-    let infos = info(&secrets.tx).and_then(|tx| Ok((tx, info(&secrets.rx)?)));
-    wipe_secrets(&mut secrets);
+    // kernel's structs (see `wipe`).
+    let mut secrets = std::mem::ManuallyDrop::new(secrets);
+    let records_sent = secrets.tx.0;
+    let infos = crypto_info(cipher, version, &secrets.tx, CryptoInfo::for_sending)
+        .and_then(|tx| Ok((tx, crypto_info(cipher, version, &secrets.rx, CryptoInfo::new)?)));
+    wipe(&mut secrets);
     let (tx, rx) = infos?;
-    let (records_sent, (close_at, hard_limit)) = (tx_seq, limits.unwrap_or((u64::MAX, u64::MAX)));
     let fd = tcp.as_raw_fd();
     set_ulp(fd).map_err(|source| OffloadError::Kernel { what: "TCP_ULP tls", source })?;
     set_crypto(fd, libc::TLS_TX, &tx).map_err(|source| OffloadError::Kernel { what: "TLS_TX", source })?;
     set_crypto(fd, libc::TLS_RX, &rx).map_err(|source| OffloadError::Kernel { what: "TLS_RX", source })?;
+    let tls13 = version == libc::TLS_1_3_VERSION;
     Ok(KernelTlsStream {
         tcp,
         drained,
@@ -431,13 +629,62 @@ pub async fn offload(mut stream: TlsStream<LaneTcp>, close_after_records: Option
         read_closed,
         read_stalled: false,
         write_closed: false,
-        tls13: version == libc::TLS_1_3_VERSION,
+        tls13,
         warnings_left: WARNING_ALERTS_ALLOWED,
         records_sent,
         close_at,
         hard_limit,
         key_limit: KeyLimitGuard(Arc::new(KeyLimit::default())),
+        keys: (tls13 && kernel.rekey).then(|| Keys { conn: kernel_conn, cipher, send_update: false }),
     })
+}
+
+/// The kernel's struct for one direction's secrets, refused when the
+/// cipher is not the one negotiated.
+fn crypto_info(
+    cipher: Cipher,
+    version: u16,
+    (seq, secrets): &(u64, ConnectionTrafficSecrets),
+    make: fn(Cipher, u16, &[u8], &[u8], u64) -> Result<Box<CryptoInfo>, String>,
+) -> Result<Box<CryptoInfo>, OffloadError> {
+    match Cipher::of(secrets) {
+        Some((c, key, iv)) if c == cipher => make(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported),
+        _ => Err(OffloadError::Unsupported(format!("secrets for another cipher than {cipher:?}"))),
+    }
+}
+
+/// What a TLS 1.3 connection needs to change keys in the kernel.
+struct Keys {
+    /// rustls's side of the connection: derives each next traffic secret.
+    conn: KernelConnection<ServerConnectionData>,
+    cipher: Cipher,
+    /// The server's own KeyUpdate is due before its next record (the
+    /// client asked for one, or the sending key neared its limit).
+    send_update: bool,
+}
+
+impl Keys {
+    /// Follows the client's KeyUpdate: its next receiving key, from rustls,
+    /// into the kernel (which holds the client's next records until then).
+    fn update_receiving(&mut self, fd: RawFd) -> io::Result<()> {
+        let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_rx_secret().map_err(tls_error)?);
+        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
+        wipe(&mut secrets);
+        set_crypto(fd, libc::TLS_RX, &*info.map_err(io::Error::other)?)?;
+        metrics::counter!("imgsvc_tls_key_updates_total", "direction" => "received").increment(1);
+        Ok(())
+    }
+
+    /// Changes the server's sending key, once its KeyUpdate has been sent
+    /// under the old one.
+    fn update_sending(&mut self, fd: RawFd) -> io::Result<()> {
+        let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_tx_secret().map_err(tls_error)?);
+        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
+        wipe(&mut secrets);
+        set_crypto(fd, libc::TLS_TX, &*info.map_err(io::Error::other)?)?;
+        metrics::counter!("imgsvc_tls_key_updates_total", "direction" => "sent").increment(1);
+        Ok(())
+    }
 }
 
 /// When to ask for a graceful close, and the record count the server's
@@ -475,11 +722,16 @@ pub struct KernelTlsStream {
     /// 16 KiB of each write: the kernel closes a record at the end of each
     /// `sendmsg` and at 2^14 bytes).
     records_sent: u64,
-    /// At this many records the connection asks for a graceful close.
+    /// At this many records the sending key is changed (TLS 1.3 on a
+    /// kernel that takes new keys) or the connection asks for a graceful
+    /// close.
     close_at: u64,
     /// Writes that would reach this many records fail instead.
     hard_limit: u64,
     key_limit: KeyLimitGuard,
+    /// Key updates, where the kernel takes them (`None`: TLS 1.2, or a
+    /// kernel before 6.14).
+    keys: Option<Keys>,
 }
 
 /// Tells a waiter on [`KeyLimit::reached`] when the stream is gone.
@@ -504,6 +756,7 @@ const RECORD_OVERFLOW: u8 = 22;
 const ILLEGAL_PARAMETER: u8 = 47;
 const DECODE_ERROR: u8 = 50;
 const USER_CANCELED: u8 = 90;
+const INTERNAL_ERROR: u8 = 80;
 
 /// rustls's message for a TCP end without close_notify (`UNEXPECTED_EOF_MESSAGE`).
 const TRUNCATED: &str = "peer closed connection without sending TLS close_notify: \
@@ -553,9 +806,9 @@ enum Control {
     Data(Vec<u8>),
     /// A TLS 1.2 warning alert (or TLS 1.3 user_canceled): ignored.
     Ignore,
-    /// The client's TLS 1.3 KeyUpdate: its next records use keys the
-    /// kernel does not have, so no more can be read.
-    KeyUpdate,
+    /// The client's TLS 1.3 KeyUpdate: its next records use its next key;
+    /// `update_requested`: it asks the server to change its own.
+    KeyUpdate { update_requested: bool },
     /// The connection fails; `alert` is sent first when set.
     Fatal { alert: Option<u8>, kind: io::ErrorKind, why: String },
 }
@@ -598,7 +851,17 @@ fn decide(tls13: bool, warnings_left: &mut u8, record_type: Option<u8>, payload:
         (Some(ALERT), bytes) => {
             fatal(Some(DECODE_ERROR), io::ErrorKind::InvalidData, format!("a TLS alert record of {} bytes (2 expected)", bytes.len()))
         }
-        (Some(HANDSHAKE), [KEY_UPDATE, ..]) if tls13 => Control::KeyUpdate,
+        // One KeyUpdate, alone at the end of its record (RFC 8446 §5.1: a
+        // handshake message before a key change ends its record).
+        (Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, request]) if tls13 => match request {
+            0 | 1 => Control::KeyUpdate { update_requested: request == 1 },
+            _ => fatal(Some(ILLEGAL_PARAMETER), io::ErrorKind::InvalidData, format!("a KeyUpdate with request_update {request}")),
+        },
+        (Some(HANDSHAKE), [KEY_UPDATE, ..]) if tls13 => fatal(
+            Some(UNEXPECTED_MESSAGE),
+            io::ErrorKind::InvalidData,
+            format!("a KeyUpdate record of {} bytes (5 expected: one message, alone in its record)", payload.len()),
+        ),
         (Some(t), _) => {
             fatal(Some(UNEXPECTED_MESSAGE), io::ErrorKind::InvalidData, format!("unexpected TLS record of type {t} after the handshake"))
         }
@@ -670,8 +933,31 @@ impl KernelTlsStream {
     fn sent(&mut self, n: usize) {
         self.records_sent = self.records_sent.saturating_add(records_of(n));
         if self.records_sent >= self.close_at {
-            self.key_limit.0.set(1);
+            match self.keys.as_mut() {
+                Some(keys) => keys.send_update = true,
+                None => self.key_limit.0.set(1),
+            }
         }
+    }
+
+    /// Sends the server's KeyUpdate and changes its sending key, when one
+    /// is due ([`Keys::send_update`]): before any record under the next key.
+    fn poll_key_update(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.keys.as_ref().is_some_and(|k| k.send_update) {
+            let fd = self.tcp.as_raw_fd();
+            // update_not_requested: the client's keys are its own business.
+            match self.tcp.try_io(Interest::WRITABLE, || send_record(fd, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])) {
+                Ok(()) => {
+                    let keys = self.keys.as_mut().expect("checked above");
+                    keys.send_update = false;
+                    keys.update_sending(fd)?;
+                    self.records_sent = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// How much of a write of `len` bytes may go out without the sending
@@ -789,13 +1075,22 @@ impl AsyncRead for KernelTlsStream {
                     Ok(Control::CloseNotify) => this.read_closed = true,
                     Ok(Control::Data(bytes)) => this.drained = bytes,
                     Ok(Control::Ignore) => {}
-                    Ok(Control::KeyUpdate) => {
-                        tracing::info!(
-                            "the client changed its TLS keys (KeyUpdate), which this kernel cannot follow: closing the connection gracefully"
-                        );
-                        this.read_stalled = true;
-                        this.key_limit.0.set(1);
-                    }
+                    Ok(Control::KeyUpdate { update_requested }) => match this.keys.as_mut() {
+                        Some(keys) => {
+                            if let Err(e) = keys.update_receiving(this.tcp.as_raw_fd()) {
+                                this.send_fatal_alert(INTERNAL_ERROR);
+                                return Poll::Ready(Err(e));
+                            }
+                            keys.send_update |= update_requested;
+                        }
+                        None => {
+                            tracing::info!(
+                                "the client changed its TLS keys (KeyUpdate), which this kernel cannot follow: closing the connection gracefully"
+                            );
+                            this.read_stalled = true;
+                            this.key_limit.0.set(1);
+                        }
+                    },
                     Ok(Control::Fatal { alert, kind, why }) => {
                         if let Some(alert) = alert {
                             this.send_fatal_alert(alert);
@@ -817,7 +1112,7 @@ impl AsyncRead for KernelTlsStream {
 }
 
 fn key_exhausted() -> io::Error {
-    io::Error::other("the TLS sending key reached its confidentiality limit and the kernel cannot rekey: no more records under it")
+    io::Error::other("the TLS sending key reached its confidentiality limit and cannot be changed: no more records under it")
 }
 
 impl AsyncWrite for KernelTlsStream {
@@ -826,6 +1121,7 @@ impl AsyncWrite for KernelTlsStream {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        ready!(this.poll_key_update(cx))?;
         let len = this.writable(buf.len());
         if len == 0 && !buf.is_empty() {
             return Poll::Ready(Err(key_exhausted()));
@@ -839,6 +1135,7 @@ impl AsyncWrite for KernelTlsStream {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        ready!(this.poll_key_update(cx))?;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if this.writable(total) < total {
             // Near the hard limit: one buffer at a time, cut to what fits.
@@ -998,36 +1295,119 @@ mod tests {
         let len = std::mem::size_of::<rustls::ExtractedSecrets>();
         let (Some((_, key, iv)), Some((_, rx_key, rx_iv))) = (Cipher::of(&secrets.tx.1), Cipher::of(&secrets.rx.1)) else { panic!() };
         assert_eq!((key, iv, rx_key, rx_iv), (&[0xA5; 32][..], &[0x5A; 12][..], &[0xC3; 32][..], &[0x3C; 12][..]));
-        wipe_secrets(&mut secrets);
+        wipe(&mut secrets);
         // SAFETY: `secrets`'s storage, live and wholly written by the wipe.
         let after = unsafe { std::slice::from_raw_parts(ptr, len) };
         assert_eq!(after, vec![0; len]);
+
+        // A key update's next secret, as `KernelConnection` returns it.
+        let update =
+            (0u64, ConnectionTrafficSecrets::Aes128Gcm { key: rustls::crypto::cipher::AeadKey::from([0x99; 32]), iv: [0x66; 12].into() });
+        let mut update = ManuallyDrop::new(update);
+        let ptr = (&*update as *const (u64, ConnectionTrafficSecrets)).cast::<u8>();
+        let len = std::mem::size_of::<(u64, ConnectionTrafficSecrets)>();
+        let Some((_, key, iv)) = Cipher::of(&update.1) else { panic!() };
+        assert_eq!((key, iv), (&[0x99; 32][..], &[0x66; 12][..]));
+        wipe(&mut update);
+        // SAFETY: as above.
+        assert_eq!(unsafe { std::slice::from_raw_parts(ptr, len) }, vec![0; len]);
     }
 
     #[test]
-    fn tls12_aes_gcm_stays_in_rustls_and_every_other_suite_of_the_provider_goes_to_the_kernel() {
+    fn every_suite_of_the_provider_goes_to_the_kernel_under_its_cipher() {
         // Every suite the server can negotiate (ring's provider, as in
-        // src/tls.rs): TLS 1.2 AES-GCM's explicit nonces would repeat in the
-        // kernel (see kernel_cipher), every other suite maps to its cipher.
-        let mut kernel = Vec::new();
-        for suite in rustls::crypto::ring::ALL_CIPHER_SUITES {
-            let name = format!("{:?}", suite.suite());
-            let tls12_gcm = name.starts_with("TLS_ECDHE_") && name.contains("_GCM_");
-            match (kernel_cipher(suite.suite()), tls12_gcm) {
-                (None, true) => {}
-                (Some(cipher), false) => kernel.push((name, cipher)),
-                (got, _) => panic!("{name}: kernel cipher {got:?}"),
+        // src/tls.rs), TLS 1.2 AES-GCM included (its nonces: below).
+        let mut kernel: Vec<_> = rustls::crypto::ring::ALL_CIPHER_SUITES
+            .iter()
+            .map(|suite| (format!("{:?}", suite.suite()), kernel_cipher(suite.suite())))
+            .collect();
+        kernel.sort_by(|a, b| a.0.cmp(&b.0));
+        use Cipher::*;
+        let expected = [
+            ("TLS13_AES_128_GCM_SHA256", Aes128Gcm),
+            ("TLS13_AES_256_GCM_SHA384", Aes256Gcm),
+            ("TLS13_CHACHA20_POLY1305_SHA256", Chacha20Poly1305),
+            ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", Aes128Gcm),
+            ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", Aes256Gcm),
+            ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", Chacha20Poly1305),
+            ("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", Aes128Gcm),
+            ("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", Aes256Gcm),
+            ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Chacha20Poly1305),
+        ];
+        assert_eq!(kernel, expected.map(|(n, c)| (n.to_string(), Some(c))).to_vec());
+    }
+
+    /// The proof that TLS 1.2 AES-GCM's explicit nonces never repeat under
+    /// one key: rustls sent `e XOR s` for each `s < used`; the kernel sends
+    /// `first + i` for `i` below the suite's limit (the writes stop there:
+    /// `writable`). For each rustls nonce `u`, `u - first` (mod 2^64) must
+    /// be at least the limit, so that no `i` reaches it: the whole
+    /// sequence, not a sample.
+    #[test]
+    fn tls12_gcm_kernel_nonces_are_disjoint_from_rustls_s() {
+        let suite = rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256;
+        let (_, limit) = suite_limits(&suite, None);
+        assert_eq!(limit, 1 << 24);
+        let mut es = vec![0, 1, 2, 0x7fff_ffff_ffff_ffff, u64::MAX, u64::MAX - 1, u64::MAX - 5, 1 << 32];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            es.push(x);
+        }
+        for e in es {
+            for used in (0..=70).chain([255, 256, 257, 1 << 20]) {
+                let first = tls12_gcm_first_kernel_nonce(e, used);
+                for s in 0..used.min(300) {
+                    let u = e ^ s;
+                    assert!(
+                        u.wrapping_sub(first) >= limit,
+                        "e {e:#x}, used {used}: rustls's nonce {u:#x} is the kernel's record {}",
+                        u.wrapping_sub(first)
+                    );
+                }
+                if used > 300 {
+                    // The highest rustls nonces of a long prefix, too.
+                    for s in used - 300..used {
+                        assert!((e ^ s).wrapping_sub(first) >= limit, "e {e:#x}, used {used}, s {s}");
+                    }
+                }
             }
         }
-        kernel.sort_by(|a, b| a.0.cmp(&b.0));
-        let expected = [
-            ("TLS13_AES_128_GCM_SHA256", Cipher::Aes128Gcm),
-            ("TLS13_AES_256_GCM_SHA384", Cipher::Aes256Gcm),
-            ("TLS13_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
-            ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
-            ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Cipher::Chacha20Poly1305),
-        ];
-        assert_eq!(kernel, expected.map(|(n, c)| (n.to_string(), c)).to_vec());
+        // The usual case: the Finished alone (seq 0) went out under rustls.
+        assert_eq!(tls12_gcm_first_kernel_nonce(0x1000, 1), 0x1001);
+        assert_eq!(tls12_gcm_first_kernel_nonce(u64::MAX, 1), 0);
+    }
+
+    #[test]
+    fn the_sending_side_of_tls12_aes_gcm_alone_gets_the_disjoint_nonce() {
+        let key = [7u8; 32];
+        let iv: Vec<u8> = (1..=12).collect(); // salt 1..=4, e = 0x05060708090a0b0c
+        let e = u64::from_be_bytes(iv[4..].try_into().unwrap());
+        let iv_field = |info: &CryptoInfo| bytes(info)[4..12].to_vec();
+        for cipher in [Cipher::Aes128Gcm, Cipher::Aes256Gcm] {
+            let key = &key[..cipher.key_len()];
+            let sending = CryptoInfo::for_sending(cipher, libc::TLS_1_2_VERSION, key, &iv, 1).unwrap();
+            assert_eq!(iv_field(&sending), (e + 1).to_be_bytes(), "{cipher:?}");
+            // The record sequence number is rustls's, unchanged.
+            assert_eq!(bytes(&sending)[bytes(&sending).len() - 8..], 1u64.to_be_bytes());
+            let receiving = CryptoInfo::new(cipher, libc::TLS_1_2_VERSION, key, &iv, 1).unwrap();
+            assert_eq!(iv_field(&receiving), e.to_be_bytes(), "{cipher:?}");
+            // TLS 1.3 builds nonces as iv XOR seq on both sides.
+            let tls13 = CryptoInfo::for_sending(cipher, libc::TLS_1_3_VERSION, key, &iv, 1).unwrap();
+            assert_eq!(iv_field(&tls13), e.to_be_bytes(), "{cipher:?}");
+        }
+        let chacha = CryptoInfo::for_sending(Cipher::Chacha20Poly1305, libc::TLS_1_2_VERSION, &key, &iv, 1).unwrap();
+        assert_eq!(bytes(&chacha)[4..16], iv[..]);
+    }
+
+    /// Whether this kernel's release is 6.14 or later (TLS 1.3 key updates
+    /// in kernel TLS), from `/proc/sys/kernel/osrelease`.
+    fn kernel_takes_new_keys() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+        (numbers.next().unwrap(), numbers.next().unwrap()) >= (6, 14)
     }
 
     #[test]
@@ -1038,10 +1418,12 @@ mod tests {
         // Where it is listed, every cipher must be taken: a crypto-info
         // layout the kernel rejects fails here instead of falling back.
         match probe() {
-            Support::Available(ciphers) if listed.split_whitespace().any(|u| u == "tls") => {
-                assert_eq!(ciphers, Ciphers { aes_128_gcm: true, aes_256_gcm: true, chacha20_poly1305: true })
+            Support::Available(kernel) if listed.split_whitespace().any(|u| u == "tls") => {
+                assert_eq!(kernel.ciphers, Ciphers::ALL);
+                // New keys on a live socket: Linux 6.14 and later.
+                assert_eq!(kernel.rekey, kernel_takes_new_keys(), "{kernel:?}");
             }
-            Support::Available(ciphers) => assert_ne!(ciphers, Ciphers::default()),
+            Support::Available(kernel) => assert_ne!(kernel.ciphers, Ciphers::default()),
             Support::Unavailable(why) => {
                 assert!(!listed.split_whitespace().any(|u| u == "tls"), "tls is listed ({listed:?}) but the probe says: {why}");
                 assert!(why.contains("tcp_available_ulp") && why.contains("modprobe tls"), "{why}");
@@ -1090,7 +1472,21 @@ mod tests {
             fatal(Some(DECODE_ERROR), InvalidData, "a TLS alert record of 1 bytes (2 expected)")
         );
         // A KeyUpdate is a TLS 1.3 message; any other record is unexpected.
-        assert_eq!(decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]), Control::KeyUpdate);
+        assert_eq!(decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]), Control::KeyUpdate { update_requested: false });
+        assert_eq!(decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 1]), Control::KeyUpdate { update_requested: true });
+        assert_eq!(
+            decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 2]),
+            fatal(Some(ILLEGAL_PARAMETER), InvalidData, "a KeyUpdate with request_update 2")
+        );
+        // Not alone at the end of its record (two of them), or cut short.
+        assert_eq!(
+            decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0]),
+            fatal(Some(UNEXPECTED_MESSAGE), InvalidData, "a KeyUpdate record of 10 bytes (5 expected: one message, alone in its record)")
+        );
+        assert_eq!(
+            decide(tls13, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1]),
+            fatal(Some(UNEXPECTED_MESSAGE), InvalidData, "a KeyUpdate record of 4 bytes (5 expected: one message, alone in its record)")
+        );
         assert_eq!(
             decide(tls12, &mut left, Some(HANDSHAKE), &[KEY_UPDATE, 0, 0, 1, 0]),
             fatal(Some(UNEXPECTED_MESSAGE), InvalidData, "unexpected TLS record of type 22 after the handshake")

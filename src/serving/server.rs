@@ -159,7 +159,7 @@ pub struct Server {
     admin: Option<TcpListener>,
     /// The ciphers the kernel takes over after handshakes; `None`: rustls
     /// encrypts every connection.
-    kernel_tls: Option<kernel_tls::Ciphers>,
+    kernel_tls: Option<kernel_tls::KernelTls>,
     kernel_tls_summary: String,
     connections: OpenConnections,
 }
@@ -760,6 +760,22 @@ fn message_limit_status<B>(mut response: tonic::codegen::http::Response<B>) -> t
     response
 }
 
+/// A finished handshake: by tokio-rustls, or for the kernel by rustls's
+/// unbuffered API ([`kernel_tls::handshake`]).
+enum Handshaken {
+    Rustls(TlsStream<LaneTcp>),
+    Kernel(kernel_tls::Handshake, kernel_tls::KernelTls),
+}
+
+impl Handshaken {
+    fn peer_certificates(&self) -> &[rustls::pki_types::CertificateDer<'static>] {
+        match self {
+            Handshaken::Rustls(s) => s.get_ref().1.peer_certificates().unwrap_or_default(),
+            Handshaken::Kernel(h, _) => h.peer_certificates(),
+        }
+    }
+}
+
 /// What an accept loop needs besides its listener.
 struct Accepting {
     tls_config: watch::Receiver<Arc<rustls::ServerConfig>>,
@@ -770,7 +786,7 @@ struct Accepting {
     tenancy: Tenancy,
     /// Charged to the tenant's memory share for each connection's life.
     connection_window: u64,
-    kernel_tls: Option<kernel_tls::Ciphers>,
+    kernel_tls: Option<kernel_tls::KernelTls>,
     /// Testing only: see `tls.kernel_tls_close_after_records`.
     kernel_tls_close_after_records: Option<u64>,
 }
@@ -810,16 +826,24 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
         };
         // The newest TLS configuration (reloads take effect here);
         // established connections keep theirs.
-        let acceptor = TlsAcceptor::from(tls_config.borrow().clone());
+        let config = tls_config.borrow().clone();
         let (lanes, lingering, trust_domain, tenancy, unserved) =
             (lanes.clone(), lingering.clone(), trust_domain.clone(), tenancy.clone(), unserved.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            // For kernel TLS, rustls reads whole records only (see kernel_tls).
-            let tcp = if kernel_tls.is_some() { LaneTcp::new(tcp).bound_reads_to_records() } else { LaneTcp::new(tcp) };
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+            // For kernel TLS, rustls's unbuffered API runs the handshake on
+            // whole records (see kernel_tls).
+            let handshake = async {
+                Ok(match kernel_tls {
+                    Some(kernel) => {
+                        Handshaken::Kernel(kernel_tls::handshake(LaneTcp::new(tcp).bound_reads_to_records(), config).await?, kernel)
+                    }
+                    None => Handshaken::Rustls(TlsAcceptor::from(config).accept(LaneTcp::new(tcp)).await?),
+                })
+            };
+            match tokio::time::timeout(handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => {
-                    let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+                    let certificates = stream.peer_certificates();
                     let identity = PeerIdentity::of(Some(peer), Some(certificates), &trust_domain);
                     let certificates: Vec<_> = certificates.iter().map(|c| c.clone().into_owned()).collect();
                     // A served tenant's connection takes one of its
@@ -877,28 +901,18 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             return;
                         }
                     };
-                    let mut stream = match kernel_tls {
-                        Some(ciphers) if kernel_tls::kernel_takes(stream.get_ref().1, &ciphers) => {
-                            match tokio::time::timeout(handshake_timeout, kernel_tls::offload(stream, kernel_tls_close_after_records)).await
-                            {
-                                Ok(Ok(stream)) => ServerStream::Kernel(stream),
-                                Ok(Err(e)) => {
+                    let mut stream = match stream {
+                        Handshaken::Kernel(handshake, kernel) => {
+                            match kernel_tls::offload(handshake, kernel, kernel_tls_close_after_records) {
+                                Ok(stream) => ServerStream::Kernel(stream),
+                                Err(e) => {
                                     metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
                                     tracing::warn!(%peer, error = %e, "cannot move the connection to kernel TLS: closing it");
                                     return;
                                 }
-                                Err(_) => {
-                                    metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
-                                    tracing::warn!(%peer, "the switch to kernel TLS timed out (a record left unfinished): closing the connection");
-                                    return;
-                                }
                             }
                         }
-                        _ => {
-                            let mut stream = stream;
-                            stream.get_mut().0.stop_bounding_reads();
-                            ServerStream::Rustls(stream)
-                        }
+                        Handshaken::Rustls(stream) => ServerStream::Rustls(stream),
                     };
                     let tenant_label = identity.tenant_label();
                     metrics::counter!("imgsvc_tls_connections_total", "tenant" => tenant_label, "record_layer" => stream.record_layer())
