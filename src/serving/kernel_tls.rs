@@ -591,8 +591,14 @@ async fn send_pending_alert(conn: &mut UnbufferedServerConnection, tcp: &mut Lan
 
 /// Moves a finished handshake's record layer into the kernel (see the
 /// module documentation): rustls keeps only what key updates need.
-/// `close_after_records`: the test hook of `tls.kernel_tls_close_after_records`.
-pub fn offload(handshake: Handshake, kernel: KernelTls, close_after_records: Option<u64>) -> Result<KernelTlsStream, OffloadError> {
+/// `close_after_records`: the test hook of `tls.kernel_tls_close_after_records`;
+/// `tenant`: the label of `imgsvc_tls_key_updates_total`.
+pub fn offload(
+    handshake: Handshake,
+    kernel: KernelTls,
+    close_after_records: Option<u64>,
+    tenant: String,
+) -> Result<KernelTlsStream, OffloadError> {
     let Handshake { mut tcp, conn, drained, read_closed } = handshake;
     if read_closed && drained.is_empty() {
         return Err(OffloadError::Closed);
@@ -635,7 +641,7 @@ pub fn offload(handshake: Handshake, kernel: KernelTls, close_after_records: Opt
         close_at,
         hard_limit,
         key_limit: KeyLimitGuard(Arc::new(KeyLimit::default())),
-        keys: (tls13 && kernel.rekey).then(|| Keys { conn: kernel_conn, cipher, send_update: false }),
+        keys: (tls13 && kernel.rekey).then(|| Keys { conn: kernel_conn, cipher, send_update: false, tenant }),
     })
 }
 
@@ -661,6 +667,8 @@ struct Keys {
     /// The server's own KeyUpdate is due before its next record (the
     /// client asked for one, or the sending key neared its limit).
     send_update: bool,
+    /// The label of `imgsvc_tls_key_updates_total`.
+    tenant: String,
 }
 
 impl Keys {
@@ -671,7 +679,7 @@ impl Keys {
         let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
         wipe(&mut secrets);
         set_crypto(fd, libc::TLS_RX, &*info.map_err(io::Error::other)?)?;
-        metrics::counter!("imgsvc_tls_key_updates_total", "direction" => "received").increment(1);
+        metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "received").increment(1);
         Ok(())
     }
 
@@ -682,7 +690,7 @@ impl Keys {
         let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
         wipe(&mut secrets);
         set_crypto(fd, libc::TLS_TX, &*info.map_err(io::Error::other)?)?;
-        metrics::counter!("imgsvc_tls_key_updates_total", "direction" => "sent").increment(1);
+        metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "sent").increment(1);
         Ok(())
     }
 }

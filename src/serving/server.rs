@@ -901,9 +901,10 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                             return;
                         }
                     };
+                    let tenant_label = identity.tenant_label();
                     let mut stream = match stream {
                         Handshaken::Kernel(handshake, kernel) => {
-                            match kernel_tls::offload(handshake, kernel, kernel_tls_close_after_records) {
+                            match kernel_tls::offload(handshake, kernel, kernel_tls_close_after_records, tenant_label.clone()) {
                                 Ok(stream) => ServerStream::Kernel(stream),
                                 Err(e) => {
                                     metrics::counter!("imgsvc_connections_refused_total", "reason" => "kernel_tls").increment(1);
@@ -914,7 +915,6 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                         }
                         Handshaken::Rustls(stream) => ServerStream::Rustls(stream),
                     };
-                    let tenant_label = identity.tenant_label();
                     metrics::counter!("imgsvc_tls_connections_total", "tenant" => tenant_label, "record_layer" => stream.record_layer())
                         .increment(1);
                     if let Err(e) = stream.tcp_mut().rehome(&lane.runtime) {

@@ -210,8 +210,9 @@ fn key_limit_closes(server: &TestServer) -> f64 {
     metric(&scrape(server.admin_addr.unwrap()), "imgsvc_connections_closed_total", &[("reason", "key_limit")]).unwrap_or(0.0)
 }
 
-fn key_updates(server: &TestServer, direction: &str) -> f64 {
-    metric(&scrape(server.admin_addr.unwrap()), "imgsvc_tls_key_updates_total", &[("direction", direction)]).unwrap_or(0.0)
+fn key_updates(server: &TestServer, tenant: &str, direction: &str) -> f64 {
+    metric(&scrape(server.admin_addr.unwrap()), "imgsvc_tls_key_updates_total", &[("tenant", tenant), ("direction", direction)])
+        .unwrap_or(0.0)
 }
 
 /// A TLS 1.3 client may rekey at any time (KeyUpdate; rustls's client
@@ -245,17 +246,18 @@ async fn a_client_key_update_is_followed_where_the_keys_can_change_and_closes_gr
         }
         Some(kernel) if kernel.rekey => {
             assert_eq!(answered.unwrap(), Seen::PingAck, "the kernel takes the client's next key and answers");
-            assert_eq!((key_updates(&server, "received"), key_limit_closes(&server)), (1.0, 0.0));
+            assert_eq!(key_updates(&server, "ktls-rekey", "received"), 1.0);
             // And again, on the same connection.
             tls.get_mut().1.refresh_traffic_keys().unwrap();
             tls.write_all(&ping(3)).await.unwrap();
             tls.flush().await.unwrap();
             assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "the second key update is followed too");
-            assert_eq!(key_updates(&server, "received"), 2.0);
+            assert_eq!(key_updates(&server, "ktls-rekey", "received"), 2.0);
         }
         Some(_) => {
             assert_eq!(answered.unwrap(), Seen::GoAway(0), "kernel TLS closes the connection gracefully");
-            assert_eq!(key_limit_closes(&server), 1.0);
+            // (The counter is the process's: other tests may add to it.)
+            assert!(key_limit_closes(&server) >= 1.0);
         }
     }
     // Everyone else is still served.
@@ -363,11 +365,11 @@ async fn a_requested_key_update_is_answered_with_the_server_s_own_before_its_nex
     if rekeys {
         assert_eq!(seen, "ping ack", "the PING under the client's next key, answered under the server's next key");
         if kernel().is_some() {
-            assert_eq!((key_updates(&server, "received"), key_updates(&server, "sent")), (1.0, 1.0));
+            assert_eq!((key_updates(&server, "ktls-request", "received"), key_updates(&server, "ktls-request", "sent")), (1.0, 1.0));
         }
     } else {
         assert_eq!(seen, "goaway, end", "a kernel that cannot take new keys closes gracefully");
-        assert_eq!(key_limit_closes(&server), 1.0);
+        assert!(key_limit_closes(&server) >= 1.0);
     }
     exact_answers(channel(&server, &pki, "ktls-request").await).await;
 }
@@ -411,8 +413,8 @@ async fn a_sending_key_near_its_limit_is_changed_or_closed_gracefully_and_every_
         }
         Some(kernel) if kernel.rekey => {
             // One connection throughout; its key changed three times or more.
-            assert_eq!((opened, closed), (1.0, 0.0));
-            let sent = key_updates(&server, "sent");
+            assert_eq!(opened, 1.0);
+            let sent = key_updates(&server, "ktls-limit", "sent");
             assert!(sent >= 3.0, "{sent} key updates sent");
         }
         Some(_) => {
@@ -486,7 +488,7 @@ async fn the_kernel_path_s_own_handshake_verifies_the_client_and_ends_ready_for_
         let chain = handshake.peer_certificates();
         assert!(imgsvc::tls::subject_of(&chain[0]).contains("ktls-hs"), "{suite:?}: {}", imgsvc::tls::subject_of(&chain[0]));
         let mut tls = client.await.unwrap();
-        match (kernel_tls::offload(handshake, kernel_tls, None), kernel()) {
+        match (kernel_tls::offload(handshake, kernel_tls, None, "ktls-hs".into()), kernel()) {
             (Ok(mut stream), Some(_)) => {
                 // The kernel opens the client's first record and seals the answer.
                 let mut hello = [0u8; 5];
