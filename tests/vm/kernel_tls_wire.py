@@ -7,13 +7,15 @@ server offers (TLS 1.3 and TLS 1.2) connects an independent client (Python's
 records the server's bytes, and checks:
 
   nonce:   every TLS 1.2 AES-GCM record's explicit nonce on a connection is
-           unique, the server's encrypted Finished included (ChaCha20 and
-           TLS 1.3 records carry none: their nonce is iv XOR seq);
+           unique, the server's encrypted Finished (sealed by rustls)
+           included, and the kernel's records count up from just past it
+           (ChaCha20 and TLS 1.3 records carry none: their nonce is
+           iv XOR seq);
   decrypt: OpenSSL decrypts every answer, and each is the exact rotation
            of the image sent (a 90-degree rotation computed here);
   layer:   the server's metric says which record layer served each suite
-           (kernel for TLS 1.3 and TLS 1.2 ChaCha20, rustls for TLS 1.2
-           AES-GCM), so the check covers what the kernel sealed.
+           (the kernel, for every suite), so the check covers what the
+           kernel sealed.
 
 Exits 1 on the first failed check. No third-party modules.
 
@@ -34,8 +36,8 @@ SUITES = [
     ("TLS13_AES_128_GCM_SHA256", "TLSv1.3", "TLS_AES_128_GCM_SHA256", "kernel"),
     ("TLS13_AES_256_GCM_SHA384", "TLSv1.3", "TLS_AES_256_GCM_SHA384", "kernel"),
     ("TLS13_CHACHA20_POLY1305_SHA256", "TLSv1.3", "TLS_CHACHA20_POLY1305_SHA256", "kernel"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "rustls"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", "rustls"),
+    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "kernel"),
+    ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", "kernel"),
     ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", "TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", "kernel"),
 ]
 # WIRE_HOST=1: a trial run on a kernel without kernel TLS (every suite in rustls).
@@ -286,6 +288,13 @@ def one_suite(name, version, openssl_name, layer, port, admin_port, certs):
         if len(set(nonces)) != len(nonces):
             dup = [n.hex() for n in nonces if nonces.count(n) > 1]
             fail(f"{name}: explicit nonce repeated: {dup}")
+        if layer == "kernel":
+            # The kernel's records: one counter, from just past the block
+            # of rustls's nonces (the Finished's, e XOR 0 = e: e + 1 on).
+            kernel = [int.from_bytes(n, "big") for n in nonces[1:]]
+            first = int.from_bytes(nonces[0], "big") + 1
+            if kernel != [(first + i) % (1 << 64) for i in range(len(kernel))]:
+                fail(f"{name}: the kernel's explicit nonces {[hex(k) for k in kernel[:4]]}... do not count up from {first:#x}")
         line += f"; {len(nonces)} encrypted records (Finished included), {len(set(nonces))} distinct explicit nonces, first {nonces[0].hex()} {nonces[1].hex()} {nonces[2].hex()}"
     elif version == "TLSv1.2":
         line += f"; {sum(1 for t, _ in recs if t == 23)} application records (ChaCha20: no explicit nonce, iv XOR seq on both sides)"
