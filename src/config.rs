@@ -480,8 +480,9 @@ pub struct TlsSettings {
     /// Grace for the calls of a connection closed because its certificate
     /// was revoked or expired (`tls.revoked_grace_secs`).
     pub revoked_grace: Duration,
-    /// Testing only (`tls.kernel_tls_close_after_records`): close a
-    /// kernel-TLS connection gracefully after this many records sent.
+    /// Testing only (`tls.kernel_tls_close_after_records`): change a
+    /// kernel-TLS connection's sending key (TLS 1.3, where the kernel takes
+    /// new keys) or close it gracefully after this many records sent.
     pub kernel_tls_close_after_records: Option<u64>,
 }
 

@@ -619,8 +619,8 @@ pub fn offload(
     // kernel's structs (see `wipe`).
     let mut secrets = std::mem::ManuallyDrop::new(secrets);
     let records_sent = secrets.tx.0;
-    let infos = crypto_info(cipher, version, &secrets.tx, CryptoInfo::for_sending)
-        .and_then(|tx| Ok((tx, crypto_info(cipher, version, &secrets.rx, CryptoInfo::new)?)));
+    let infos = crypto_info(cipher, version, &secrets.tx, Direction::Sending)
+        .and_then(|tx| Ok((tx, crypto_info(cipher, version, &secrets.rx, Direction::Receiving)?)));
     wipe(&mut secrets);
     let (tx, rx) = infos?;
     let fd = tcp.as_raw_fd();
@@ -645,14 +645,25 @@ pub fn offload(
     })
 }
 
+/// Which of a connection's keys.
+#[derive(Clone, Copy)]
+enum Direction {
+    Sending,
+    Receiving,
+}
+
 /// The kernel's struct for one direction's secrets, refused when the
 /// cipher is not the one negotiated.
 fn crypto_info(
     cipher: Cipher,
     version: u16,
     (seq, secrets): &(u64, ConnectionTrafficSecrets),
-    make: fn(Cipher, u16, &[u8], &[u8], u64) -> Result<Box<CryptoInfo>, String>,
+    direction: Direction,
 ) -> Result<Box<CryptoInfo>, OffloadError> {
+    let make = match direction {
+        Direction::Sending => CryptoInfo::for_sending,
+        Direction::Receiving => CryptoInfo::new,
+    };
     match Cipher::of(secrets) {
         Some((c, key, iv)) if c == cipher => make(cipher, version, key, iv, *seq).map_err(OffloadError::Unsupported),
         _ => Err(OffloadError::Unsupported(format!("secrets for another cipher than {cipher:?}"))),
@@ -676,7 +687,7 @@ impl Keys {
     /// into the kernel (which holds the client's next records until then).
     fn update_receiving(&mut self, fd: RawFd) -> io::Result<()> {
         let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_rx_secret().map_err(tls_error)?);
-        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
+        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, Direction::Receiving);
         wipe(&mut secrets);
         set_crypto(fd, libc::TLS_RX, &*info.map_err(io::Error::other)?)?;
         metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "received").increment(1);
@@ -687,7 +698,7 @@ impl Keys {
     /// under the old one.
     fn update_sending(&mut self, fd: RawFd) -> io::Result<()> {
         let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_tx_secret().map_err(tls_error)?);
-        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, CryptoInfo::new);
+        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, Direction::Sending);
         wipe(&mut secrets);
         set_crypto(fd, libc::TLS_TX, &*info.map_err(io::Error::other)?)?;
         metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "sent").increment(1);
@@ -695,14 +706,14 @@ impl Keys {
     }
 }
 
-/// When to ask for a graceful close, and the record count the server's
-/// sending key must never reach, for a suite: rustls's confidentiality
-/// limit (`CipherSuiteCommon::confidentiality_limit`: 2^24 records for
-/// AES-GCM, none for ChaCha20-Poly1305),
-/// at which rustls would rekey or close. The close is asked for 1/16 of the
-/// limit early (2^20 records, 16 GB of full records at 2^24: room for the
-/// calls in flight to finish); `close_after_records` (a test hook) asks
-/// earlier.
+/// When to change the sending key (or, where it cannot change, ask for a
+/// graceful close), and the record count the server's sending key must
+/// never reach, for a suite: rustls's confidentiality limit
+/// (`CipherSuiteCommon::confidentiality_limit`: 2^24 records for AES-GCM,
+/// none for ChaCha20-Poly1305), at which rustls would rekey or close. Both
+/// happen 1/16 of the limit early (2^20 records, 16 GB of full records at
+/// 2^24: room for the calls in flight to finish); `close_after_records` (a
+/// test hook) brings them earlier.
 fn suite_limits(suite: &rustls::SupportedCipherSuite, close_after_records: Option<u64>) -> (u64, u64) {
     let limit = match suite {
         rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
@@ -775,7 +786,8 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
 pub const KEY_LIMIT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A connection's request to be closed gracefully because its sending key
-/// nears its limit, or because the client changed its keys (a KeyUpdate the
+/// nears its limit and cannot change (TLS 1.2, or a kernel that takes no
+/// new keys), or because the client changed its keys (a KeyUpdate such a
 /// kernel cannot follow): the server closes it with
 /// `CloseReason::KeyLimit` (HTTP/2 GOAWAY, calls in flight finish).
 #[derive(Default)]

@@ -924,8 +924,10 @@ async fn accept_loop(listener: TcpListener, accepting: Accepting) {
                     let close_reason = if refused.is_some() { CloseReason::TenantConnections } else { CloseReason::Unconfigured };
                     let handle = ConnectionHandle::refusing(peer, identity, certificates, refused);
                     if let ServerStream::Kernel(kernel) = &stream {
-                        // Near the sending key's limit, or after a client's
-                        // KeyUpdate: GOAWAY, calls in flight finish.
+                        // Where the keys cannot change (TLS 1.2, a kernel
+                        // before 6.14): near the sending key's limit, or
+                        // after a client's KeyUpdate, GOAWAY; calls in
+                        // flight finish.
                         let (key_limit, handle) = (kernel.key_limit(), Arc::downgrade(&handle));
                         tokio::spawn(async move {
                             if key_limit.reached().await
