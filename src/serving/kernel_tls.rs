@@ -683,25 +683,21 @@ struct Keys {
 }
 
 impl Keys {
-    /// Follows the client's KeyUpdate: its next receiving key, from rustls,
-    /// into the kernel (which holds the client's next records until then).
-    fn update_receiving(&mut self, fd: RawFd) -> io::Result<()> {
-        let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_rx_secret().map_err(tls_error)?);
-        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, Direction::Receiving);
+    /// Installs the next key of one direction in the kernel, as rustls's
+    /// `KernelConnection` derives it: receiving, to follow the client's
+    /// KeyUpdate (the kernel holds the client's next records until then);
+    /// sending, once the server's own KeyUpdate has gone out under the old
+    /// key.
+    fn update(&mut self, fd: RawFd, direction: Direction) -> io::Result<()> {
+        let (next, option, label) = match direction {
+            Direction::Receiving => (self.conn.update_rx_secret(), libc::TLS_RX, "received"),
+            Direction::Sending => (self.conn.update_tx_secret(), libc::TLS_TX, "sent"),
+        };
+        let mut secrets = std::mem::ManuallyDrop::new(next.map_err(tls_error)?);
+        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, direction);
         wipe(&mut secrets);
-        set_crypto(fd, libc::TLS_RX, &*info.map_err(io::Error::other)?)?;
-        metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "received").increment(1);
-        Ok(())
-    }
-
-    /// Changes the server's sending key, once its KeyUpdate has been sent
-    /// under the old one.
-    fn update_sending(&mut self, fd: RawFd) -> io::Result<()> {
-        let mut secrets = std::mem::ManuallyDrop::new(self.conn.update_tx_secret().map_err(tls_error)?);
-        let info = crypto_info(self.cipher, libc::TLS_1_3_VERSION, &secrets, Direction::Sending);
-        wipe(&mut secrets);
-        set_crypto(fd, libc::TLS_TX, &*info.map_err(io::Error::other)?)?;
-        metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => "sent").increment(1);
+        set_crypto(fd, option, &*info.map_err(io::Error::other)?)?;
+        metrics::counter!("imgsvc_tls_key_updates_total", "tenant" => self.tenant.clone(), "direction" => label).increment(1);
         Ok(())
     }
 }
@@ -970,7 +966,7 @@ impl KernelTlsStream {
                 Ok(()) => {
                     let keys = self.keys.as_mut().expect("checked above");
                     keys.send_update = false;
-                    keys.update_sending(fd)?;
+                    keys.update(fd, Direction::Sending)?;
                     self.records_sent = 0;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(self.tcp.poll_write_ready(cx))?,
@@ -1097,7 +1093,7 @@ impl AsyncRead for KernelTlsStream {
                     Ok(Control::Ignore) => {}
                     Ok(Control::KeyUpdate { update_requested }) => match this.keys.as_mut() {
                         Some(keys) => {
-                            if let Err(e) = keys.update_receiving(this.tcp.as_raw_fd()) {
+                            if let Err(e) = keys.update(this.tcp.as_raw_fd(), Direction::Receiving) {
                                 this.send_fatal_alert(INTERNAL_ERROR);
                                 return Poll::Ready(Err(e));
                             }

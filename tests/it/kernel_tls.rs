@@ -206,6 +206,22 @@ async fn until_ping_ack(tls: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::i
     }
 }
 
+/// An HTTP/2 PING frame carrying `payload` eight times.
+fn ping(payload: u8) -> Vec<u8> {
+    [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat()
+}
+
+/// Starts HTTP/2 on `tls` (preface, empty SETTINGS) and sends `ping`,
+/// which must be acknowledged: the connection is being served.
+async fn preface_and_ping(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ping: &[u8], why: &str) {
+    use tokio::io::AsyncWriteExt;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    tls.write_all(ping).await.unwrap();
+    tls.flush().await.unwrap();
+    assert_eq!(until_ping_ack(tls).await.unwrap(), Seen::PingAck, "{why}");
+}
+
 fn key_limit_closes(server: &TestServer) -> f64 {
     metric(&scrape(server.admin_addr.unwrap()), "imgsvc_connections_closed_total", &[("reason", "key_limit")]).unwrap_or(0.0)
 }
@@ -228,12 +244,7 @@ async fn a_client_key_update_is_followed_where_the_keys_can_change_and_closes_gr
     let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
     let mut tls = tls_connect(server.addr, &pki, "ktls-rekey").await;
     // HTTP/2 preface and empty SETTINGS, then a PING: answered with an ACK.
-    let ping = |payload: u8| [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat();
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    tls.write_all(&ping(1)).await.unwrap();
-    tls.flush().await.unwrap();
-    assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "the first PING is answered");
+    preface_and_ping(&mut tls, &ping(1), "the first PING is answered").await;
 
     tls.get_mut().1.refresh_traffic_keys().unwrap(); // sends KeyUpdate
     tls.write_all(&ping(2)).await.unwrap();
@@ -322,16 +333,9 @@ async fn a_requested_key_update_is_answered_with_the_server_s_own_before_its_nex
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
-    let ping = |payload: u8| [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat();
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-    tls.write_all(&ping(1)).await.unwrap();
-    tls.flush().await.unwrap();
-    assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "served before the key update");
+    preface_and_ping(&mut tls, &ping(1), "served before the key update").await;
     let (mut tcp, connection) = tls.into_inner();
-    #[allow(deprecated, reason = "the client side has no kernel-connection API to take the secrets from")]
-    let secrets = connection.dangerous_extract_secrets().unwrap();
-    let (mut tx, mut rx) = (RecordLayer::new(secrets.tx), RecordLayer::new(secrets.rx));
+    let (mut tx, mut rx) = RecordLayer::both(connection);
     let secret = |label: &str| log.0.lock().unwrap().get(label).cloned().unwrap_or_else(|| panic!("{label} was not logged"));
     let (client_secret, server_secret) = (secret("CLIENT_TRAFFIC_SECRET_0"), secret("SERVER_TRAFFIC_SECRET_0"));
     // The derivation agrees with rustls's keys before it is trusted for the next ones.
@@ -581,14 +585,10 @@ async fn a_stream_cut_without_close_notify_is_a_truncation_and_one_closed_with_i
     let pki = Pki::new(&["ktls-cut"]);
     let server = TestServer::start_with(&pki, |raw| raw.tls.kernel_tls = "auto".into());
     let expected = if kernel().is_some() { "kernel" } else { "rustls" };
-    let ping = [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[7u8; 8]].concat();
+    let ping = ping(7);
     for (round, close_notify) in [(1.0, false), (2.0, true)] {
         let mut tls = tls_connect(server.addr, &pki, "ktls-cut").await;
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-        tls.write_all(&ping).await.unwrap();
-        tls.flush().await.unwrap();
-        assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "served before the end");
+        preface_and_ping(&mut tls, &ping, "served before the end").await;
         if close_notify {
             tls.shutdown().await.unwrap(); // close_notify, then the TCP end
         } else {
@@ -632,6 +632,14 @@ impl RecordLayer {
     fn from_secret(secret: &[u8]) -> Self {
         let key = ring::aead::UnboundKey::new(&ring::aead::AES_128_GCM, &expand_label(secret, "key", 16)).unwrap();
         Self { key: ring::aead::LessSafeKey::new(key), iv: expand_label(secret, "iv", 12).try_into().unwrap(), seq: 0 }
+    }
+
+    /// The client's sending and receiving sides, from a connection after
+    /// its handshake.
+    fn both(connection: rustls::ClientConnection) -> (Self, Self) {
+        #[allow(deprecated, reason = "the client side has no kernel-connection API to take the secrets from")]
+        let secrets = connection.dangerous_extract_secrets().unwrap();
+        (Self::new(secrets.tx), Self::new(secrets.rx))
     }
 
     fn new((seq, secrets): (u64, rustls::ConnectionTrafficSecrets)) -> Self {
@@ -714,22 +722,15 @@ async fn tls13_alerts_from_the_client_are_taken_as_rustls_takes_them() {
     let mut config = client_config(&pki, "ktls-alert", suites::TLS13_AES_128_GCM_SHA256);
     config.enable_secret_extraction = true;
     let config = Arc::new(config);
-    let ping = |payload: u8| [&[0, 0, 8, 6, 0, 0, 0, 0, 0][..], &[payload; 8]].concat();
     // (alert level, description), and what follows it.
     let cases = [((1u8, 90u8), "ping ack"), ((1, 40), "alert"), ((2, 40), "end")];
     for ((level, description), expected) in cases {
         let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.unwrap();
-        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
-        tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-        tls.write_all(&ping(1)).await.unwrap();
-        tls.flush().await.unwrap();
-        assert_eq!(until_ping_ack(&mut tls).await.unwrap(), Seen::PingAck, "served before the alert");
+        preface_and_ping(&mut tls, &ping(1), "served before the alert").await;
         let (mut tcp, connection) = tls.into_inner();
-        #[allow(deprecated, reason = "the client side has no kernel-connection API to take the secrets from")]
-        let secrets = connection.dangerous_extract_secrets().unwrap();
-        let (mut tx, mut rx) = (RecordLayer::new(secrets.tx), RecordLayer::new(secrets.rx));
+        let (mut tx, mut rx) = RecordLayer::both(connection);
         tcp.write_all(&[tx.seal(21, &[level, description]), tx.seal(23, &ping(2))].concat()).await.unwrap();
         let seen = tokio::time::timeout(std::time::Duration::from_secs(30), after_the_alert(&mut tcp, &mut rx)).await.expect("an answer");
         // A warning fails the connection with the server's decode_error
