@@ -67,10 +67,6 @@ const APPLICATION_DATA: u8 = 23;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 
-/// Said wherever the suites the kernel takes are listed (see
-/// [`tls12_gcm_first_kernel_nonce`]).
-pub const TLS12_GCM_NONCES: &str = "TLS 1.2 AES-GCM with explicit nonces disjoint from rustls's";
-
 /// The AEAD ciphers the kernel accepted in [`probe`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ciphers {
@@ -110,7 +106,8 @@ impl std::fmt::Display for KernelTls {
         } else {
             "this kernel takes no new keys (before Linux 6.14): a TLS 1.3 key update or the key limit closes the connection gracefully"
         };
-        write!(f, "{}; {TLS12_GCM_NONCES}; {keys}", self.ciphers)
+        // TLS 1.2 AES-GCM's nonces: see `tls12_gcm_first_kernel_nonce`.
+        write!(f, "{}; TLS 1.2 AES-GCM with explicit nonces disjoint from rustls's; {keys}", self.ciphers)
     }
 }
 
@@ -148,7 +145,7 @@ pub fn probe() -> Support {
         Ok(l) => l,
         Err(e) => return Support::Unavailable(format!("cannot open a loopback socket to probe it: {e}")),
     };
-    let mut ciphers = Ciphers::default();
+    let (mut ciphers, mut rekey) = (Ciphers::default(), false);
     for cipher in [Cipher::Aes128Gcm, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305] {
         let pair = listener.local_addr().and_then(std::net::TcpStream::connect).and_then(|c| Ok((c, listener.accept()?.0)));
         let (client, _server) = match pair {
@@ -166,6 +163,11 @@ pub fn probe() -> Support {
         let info = CryptoInfo::new(cipher, libc::TLS_1_3_VERSION, &vec![0; cipher.key_len()], &[0; 12], 0);
         let works =
             info.as_ref().is_ok_and(|info| set_crypto(fd, libc::TLS_TX, info).is_ok() && set_crypto(fd, libc::TLS_RX, info).is_ok());
+        // On the first socket that took a cipher, a second TLS_TX: a key
+        // update (Linux 6.14 and later); older kernels refuse it (EBUSY).
+        if works && ciphers == Ciphers::default() {
+            rekey = info.as_ref().is_ok_and(|info| set_crypto(fd, libc::TLS_TX, info).is_ok());
+        }
         match cipher {
             Cipher::Aes128Gcm => ciphers.aes_128_gcm = works,
             Cipher::Aes256Gcm => ciphers.aes_256_gcm = works,
@@ -175,18 +177,6 @@ pub fn probe() -> Support {
     if ciphers == Ciphers::default() {
         return Support::Unavailable("the kernel's `tls` module accepted none of AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305".into());
     }
-    // A second TLS_TX on a TLS 1.3 socket: a key update (Linux 6.14 and
-    // later); older kernels refuse it (EBUSY).
-    let pair = listener.local_addr().and_then(std::net::TcpStream::connect).and_then(|c| Ok((c, listener.accept()?.0)));
-    let rekey = pair.is_ok_and(|(client, _server)| {
-        let fd = client.as_raw_fd();
-        let cipher = [Cipher::Aes128Gcm, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305].into_iter().find(|c| ciphers.has(*c));
-        cipher.is_some_and(|cipher| {
-            let info = CryptoInfo::new(cipher, libc::TLS_1_3_VERSION, &vec![0; cipher.key_len()], &[0; 12], 0);
-            set_ulp(fd).is_ok()
-                && info.is_ok_and(|info| set_crypto(fd, libc::TLS_TX, &info).is_ok() && set_crypto(fd, libc::TLS_TX, &info).is_ok())
-        })
-    });
     Support::Available(KernelTls { ciphers, rekey })
 }
 
@@ -431,10 +421,6 @@ fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Resul
 /// Why a connection could not be moved to kernel TLS (it is then closed).
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
-    #[error("finishing rustls's last record: {0}")]
-    Drain(#[source] io::Error),
-    #[error("rustls refused the last records: {0}")]
-    Rustls(#[source] rustls::Error),
     #[error("the client closed the connection during the switch to kernel TLS")]
     Closed,
     #[error("extracting the traffic secrets: {0}")]
