@@ -529,7 +529,15 @@ async fn a_tenant_holds_no_more_than_its_part_of_the_workers_while_another_waits
     until(|| ten.load(&t("b")).queued == 1).await;
     // A worker frees: "b" waits and "a" is at its part (one of two), so
     // "b" gets it although "a"'s job was queued first.
-    let running = releases.iter_mut().position(|(_, started)| started.try_recv().is_ok()).expect("a job of a's runs");
+    // (A job counts as running once a worker took it, a moment before the
+    // worker starts it: wait for the start, bounded.)
+    let mut running = None;
+    until(|| {
+        running = running.or_else(|| releases.iter_mut().position(|(_, started)| started.try_recv().is_ok()));
+        running.is_some()
+    })
+    .await;
+    let running = running.expect("a job of a's runs");
     releases.remove(running).0.send(()).unwrap();
     until(|| ten.load(&t("b")).running == 1).await;
     assert_eq!(ten.load(&t("a")), TenantLoad { running: 1, queued: 1 });
